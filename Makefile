@@ -1,0 +1,53 @@
+# exportd: every target installs what it needs, idempotently.
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+APT_PACKAGES := fuse3 qemu-utils qemu-system-common fio util-linux
+BENCH_APT_PACKAGES := libfuse3-dev pkg-config
+PYTEST_ARGS ?=
+
+.PHONY: setup setup-system setup-venv test demo lint bench clean
+
+setup: setup-system setup-venv
+
+# Debian packages: installed only when one is missing; /dev/fuse opened to
+# non-root users (Debian's udev default 0666, needed by fusermount3).
+setup-system:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing </dev/null; \
+	fi
+	@if [ -c /dev/fuse ] && [ "$$(stat -c %a /dev/fuse)" != 666 ]; then \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; $$SUDO chmod 0666 /dev/fuse; fi
+	@grep -q '^user_allow_other' /etc/fuse.conf 2>/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && echo user_allow_other >> /etc/fuse.conf || true; }
+
+$(VENV)/.stamp: pyproject.toml
+	@[ -x $(VPY) ] || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test,lint,zstd]'
+	@touch $@
+
+setup-venv: $(VENV)/.stamp
+
+test: setup
+	$(VPY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check server clients tests bench
+
+demo: setup
+	$(VPY) -m exportd.demo
+
+bench: setup
+	@for p in $(BENCH_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BENCH_APT_PACKAGES) </dev/null; break; }; done
+	$(VPY) -m pip install -q -e '.[bench]'
+	$(VPY) bench/run.py $(if $(QUICK),--quick,)
+
+clean:
+	rm -rf $(VENV) build *.egg-info server/*.egg-info clients/*.egg-info .pytest_cache

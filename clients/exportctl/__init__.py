@@ -1,0 +1,1 @@
+"""exportctl: command-line client and asyncio client library for exportd."""
