@@ -1,0 +1,183 @@
+"""The single-file filesystem interface the FUSE session serves.
+
+A FUSE mount made by exportd.fuse has exactly one inode: the root, which is a
+regular file (mounted over an existing regular file, as QEMU does). The
+session decodes kernel requests and calls one `SingleFileFS` object:
+
+    class MyFile(SingleFileFS):
+        async def getattr(self) -> Attr: ...
+        async def read(self, fh, offset, size) -> bytes | memoryview: ...
+        ...
+
+    session = await FuseSession.start(MyFile(), "/path/to/file",
+                                      fsname="exportd:my-export",
+                                      read_only=False, allow_other=False,
+                                      passthrough=False)
+    ...
+    await session.close()          # unmount, idempotent
+
+Contract (stable; other modules code against it):
+
+- Every method is a coroutine run on the session's asyncio loop; many run at
+  once (a slow read must not stall a getattr). Each request is its own task;
+  an INTERRUPT from the kernel cancels it (CancelledError), and the session
+  replies EINTR. Handlers must not make syscalls on the mount itself.
+- Errors: raise OSError(errno, ...). The errno goes back to the kernel. Any
+  other exception is logged and answered with EIO; the session keeps serving.
+- `fh` is the value your `open()` put in OpenReply.fh; it comes back in read,
+  write, flush, fsync, release, fallocate, lseek (and setattr when the kernel
+  knows it).
+- `write(fh, offset, data)`: `data` is a memoryview into a receive buffer the
+  session shares with other sessions. It is valid until write() returns
+  (even across awaits); copy it (bytes(data)) if you keep it longer.
+- `read()` may return fewer bytes than asked only at end of file.
+- open(): flags are the open(2) flags (O_ACCMODE, O_TRUNC, O_APPEND, O_DIRECT,
+  O_SYNC...). The session negotiates FUSE_ATOMIC_O_TRUNC, so an
+  open(O_TRUNC) is NOT preceded by setattr(size=0): the handler truncates.
+  Return OpenReply(fh, flags) with FOPEN_* bits (re-exported here):
+  FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE, FOPEN_PARALLEL_DIRECT_WRITES,
+  FOPEN_NONSEEKABLE... For passthrough set backing_id to an id from
+  `session.open_backing(fd)`; the session adds FOPEN_PASSTHROUGH itself.
+- setattr(changes) gets a SetAttr whose fields are None when unchanged and
+  returns the new Attr.
+- fallocate(fh, offset, length, mode): mode bits are Linux's
+  FALLOC_FL_KEEP_SIZE / PUNCH_HOLE / ZERO_RANGE (constants below).
+- lseek(fh, offset, whence): only SEEK_DATA (3) and SEEK_HOLE (4) reach the
+  handler (the kernel does SEEK_SET/CUR/END itself). Return the offset or
+  raise OSError(ENXIO). Raising ENOSYS makes the kernel treat the whole file
+  as data from then on.
+- statfs() -> StatFs.
+- on_session_end(reason) is a plain callback called exactly once when the
+  session ends for any reason: "closed" (session.close()), "unmounted"
+  (unmounted from outside: the device read gave ENODEV), "destroy" (kernel
+  sent DESTROY), or "error: <text>" (protocol failure). `session.closed` is
+  an asyncio future resolving to the same reason string.
+
+Default implementations: flush/fsync/release do nothing, statfs returns a
+plausible empty filesystem, fallocate/lseek/setattr raise ENOSYS/EOPNOTSUPP.
+"""
+
+from __future__ import annotations
+
+import errno
+import stat
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+# FOPEN_* flags for OpenReply.flags (from include/uapi/linux/fuse.h).
+FOPEN_DIRECT_IO = 1 << 0
+FOPEN_KEEP_CACHE = 1 << 1
+FOPEN_NONSEEKABLE = 1 << 2
+FOPEN_CACHE_DIR = 1 << 3
+FOPEN_STREAM = 1 << 4
+FOPEN_NOFLUSH = 1 << 5
+FOPEN_PARALLEL_DIRECT_WRITES = 1 << 6
+FOPEN_PASSTHROUGH = 1 << 7
+
+# fallocate(2) mode bits.
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_COLLAPSE_RANGE = 0x08
+FALLOC_FL_ZERO_RANGE = 0x10
+FALLOC_FL_INSERT_RANGE = 0x20
+FALLOC_FL_UNSHARE_RANGE = 0x40
+
+SEEK_DATA = 3
+SEEK_HOLE = 4
+
+
+@dataclass(slots=True)
+class Attr:
+    """Attributes of the one file. Times in nanoseconds since the epoch."""
+
+    size: int
+    mode: int = stat.S_IFREG | 0o644  # S_IFREG is added if missing
+    uid: int = 0
+    gid: int = 0
+    atime_ns: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    blocks: int | None = None  # 512-byte units; None = derived from size
+    blksize: int = 4096
+    nlink: int = 1
+    # How long the kernel may cache these attributes (seconds).
+    valid_s: float = 1.0
+
+    @staticmethod
+    def now_ns() -> int:
+        return time.time_ns()
+
+
+@dataclass(slots=True)
+class SetAttr:
+    """Changes asked by a SETATTR request; None means 'leave as is'."""
+
+    size: int | None = None
+    mode: int | None = None  # permission bits (the kernel sends the full mode)
+    uid: int | None = None
+    gid: int | None = None
+    atime_ns: int | None = None  # already resolved when the caller asked for 'now'
+    mtime_ns: int | None = None
+    ctime_ns: int | None = None
+    fh: int | None = None  # the open file the change comes through, if known
+
+
+@dataclass(slots=True)
+class OpenReply:
+    fh: int = 0
+    flags: int = 0  # FOPEN_* bits
+    backing_id: int = 0  # from session.open_backing(); nonzero => passthrough
+
+
+@dataclass(slots=True)
+class StatFs:
+    blocks: int = 0
+    bfree: int = 0
+    bavail: int = 0
+    files: int = 1
+    ffree: int = 0
+    bsize: int = 4096
+    namelen: int = 255
+    frsize: int = 4096
+
+
+class SingleFileFS(ABC):
+    """The handler of one single-file FUSE mount. See the module docstring."""
+
+    @abstractmethod
+    async def getattr(self) -> Attr: ...
+
+    async def setattr(self, changes: SetAttr) -> Attr:
+        raise OSError(errno.EPERM, "setattr not supported")
+
+    @abstractmethod
+    async def open(self, flags: int) -> OpenReply: ...
+
+    @abstractmethod
+    async def read(self, fh: int, offset: int, size: int) -> bytes | bytearray | memoryview: ...
+
+    async def write(self, fh: int, offset: int, data: memoryview) -> int:
+        raise OSError(errno.EROFS, "read-only")
+
+    async def flush(self, fh: int) -> None:
+        return None
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        return None
+
+    async def release(self, fh: int, flags: int) -> None:
+        return None
+
+    async def fallocate(self, fh: int, offset: int, length: int, mode: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, "fallocate not supported")
+
+    async def lseek(self, fh: int, offset: int, whence: int) -> int:
+        raise OSError(errno.ENOSYS, "lseek not supported")
+
+    async def statfs(self) -> StatFs:
+        return StatFs()
+
+    def on_session_end(self, reason: str) -> None:
+        """Called once when the session ends (see module docstring)."""
+        return None
