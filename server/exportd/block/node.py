@@ -75,6 +75,15 @@ class BlockNode(ABC):
         self.children: dict[str, BlockNode] = {}  # role ("file", "backing") -> child
         self.users: list[NodeUser] = []
         self.request_alignment = 1  # smallest I/O unit the node wants (blksize hint)
+        # Filled in by the graph: the NodeUser this node holds on each child
+        # (same keys as `children`), the options it was opened with, and
+        # whether the monitor owns it (blockdev-add) or a parent does (#blockNNN).
+        self.child_users: dict[str, NodeUser] = {}
+        self.options: dict[str, Any] = {}
+        self.monitor_owned = False
+        self.cache_direct = False
+        self.cache_no_flush = False
+        self.force_share = False
 
     # --- life cycle -----------------------------------------------------
     @classmethod
@@ -84,15 +93,17 @@ class BlockNode(ABC):
         plus the common ones: read-only, cache, discard, ...). Children given as a
         node name or nested dict are resolved with graph.open_child()."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 (optional hook)
         """Release resources; the graph detaches children afterwards."""
 
     # --- permissions ------------------------------------------------------
     def attach(self, owner: object, perm: Perm, shared: Perm, role: str = "") -> NodeUser:
+        """Add a user; raises BlockError (and changes nothing) on a conflict with
+        another user, a read-only node, or what lower layers (file locks) refuse."""
         from exportd.errors import BlockError
 
         if perm & (Perm.WRITE | Perm.RESIZE) and self.read_only:
-            raise BlockError(f"Block node is read-only")
+            raise BlockError("Block node is read-only")
         for u in self.users:
             clash = (perm & ~u.shared) | (u.perm & ~shared)
             if clash:
@@ -102,12 +113,12 @@ class BlockNode(ABC):
                     f"'{perm_name(clash)}' on {self.node_name}"
                 )
         user = NodeUser(owner, perm, shared, role)
-        self.users.append(user)
-        self.permissions_changed()
+        self._commit_users([*self.users, user])
         return user
 
     def update(self, user: NodeUser, perm: Perm, shared: Perm) -> None:
-        """Change one user's permissions (e.g. take RESIZE for one truncate)."""
+        """Change one user's permissions (e.g. take RESIZE for one truncate).
+        Raises BlockError and leaves the old permissions on a conflict."""
         from exportd.errors import BlockError
 
         if perm & (Perm.WRITE | Perm.RESIZE) and self.read_only:
@@ -120,15 +131,39 @@ class BlockNode(ABC):
                 raise BlockError(
                     f"Conflicts with use by {describe_owner(u.owner)}: '{perm_name(clash)}' on {self.node_name}"
                 )
+        old = (user.perm, user.shared)
         user.perm, user.shared = perm, shared
-        self.permissions_changed()
+        try:
+            self._commit_users(self.users)
+        except BaseException:
+            user.perm, user.shared = old
+            raise
 
     def detach(self, user: NodeUser) -> None:
-        self.users = [u for u in self.users if u is not user]
+        remaining = [u for u in self.users if u is not user]
+        try:
+            self._commit_users(remaining)
+        except Exception:  # giving up permissions cannot fail; keep going
+            self.users = remaining
+            self.permissions_changed()
+
+    def _commit_users(self, users: list[NodeUser]) -> None:
+        perm, shared = Perm(0), Perm.ALL
+        for u in users:
+            perm |= u.perm
+            shared &= u.shared
+        self.apply_permissions(perm, shared)  # may raise: then nothing changed
+        self.users = users
         self.permissions_changed()
 
-    def permissions_changed(self) -> None:
-        """Hook: propagate the users' combined needs to children / file locks."""
+    def apply_permissions(self, perm: Perm, shared: Perm) -> None:  # noqa: B027 (optional hook)
+        """Hook, called before a change of users takes effect, with the combined
+        (perm, shared) the users would then hold. A node passes what it needs on
+        to its children (raw forwards them; file takes OFD locks) and raises
+        BlockError, leaving everything as it was, when that is refused."""
+
+    def permissions_changed(self) -> None:  # noqa: B027 (optional hook)
+        """Hook: called after the users changed (no failure possible here)."""
 
     @property
     def refcount(self) -> int:
@@ -153,10 +188,11 @@ class BlockNode(ABC):
     async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
         await self.write(offset, bytes(length))
 
-    async def discard(self, offset: int, length: int) -> None:
+    async def discard(self, offset: int, length: int) -> None:  # noqa: B027 (optional hook)
         """Advisory: may do nothing. Reads afterwards return old data or zeroes."""
 
-    async def flush(self) -> None: ...
+    async def flush(self) -> None:  # noqa: B027 (optional hook)
+        """Make completed writes durable."""
 
     async def truncate(self, size: int, *, prealloc: Prealloc = Prealloc.OFF, exact: bool = True) -> None:
         raise OSError(95, "truncate not supported")  # EOPNOTSUPP

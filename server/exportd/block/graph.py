@@ -1,0 +1,282 @@
+"""BlockGraph: the daemon's table of named block nodes (QEMU's -blockdev graph).
+
+Contract (used by commands/block.py, the exports and the format drivers):
+
+- `await graph.add(options)`: blockdev-add. `options` are blockdev-add arguments
+  with QEMU's member names (driver, node-name, read-only, auto-read-only,
+  force-share, discard ignore|unmap, cache {direct, no-flush}, detect-zeroes,
+  plus the driver's own members). The new node is owned by the monitor.
+- `await graph.open_child(ref, parent, role, perm, shared, *, read_only=...)`:
+  for a driver's open(). `ref` is a node name (that node is attached) or a
+  nested options dict (opened now, named `#blockNNN` unless it has a
+  node-name, owned by `parent` and deleted with it). The child is recorded in
+  `parent.children[role]` and the user handle in `parent.child_users[role]`.
+  `perm`/`shared` are what the parent needs from / allows on the child; a
+  driver may change them later with `child.update(parent.child_users[role], ...)`.
+  If the driver's open() fails afterwards, the graph releases what it opened.
+- `graph.get(name)`: the node, or BlockError `Cannot find device='' nor node-name='x'`.
+- `await graph.delete(name)`: blockdev-del, with QEMU's checks and texts.
+- `graph.nodes()`: every node, oldest first (children before their parents).
+- `await graph.close_all()`: at shutdown, after the exports are gone.
+
+Drivers come from the registry in exportd.block (see its docstring): a driver
+module defines a BlockNode subclass decorated with `@register_driver`, and
+`exportd.block.driver_class(name)` imports it on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from exportd.block import driver_class
+from exportd.block.node import BlockNode, NodeUser, Perm
+from exportd.errors import BlockError
+
+log = logging.getLogger(__name__)
+
+# QEMU's id_wellformed() plus the length limit of BlockDriverState.node_name[32]
+_NODE_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]*\Z")
+_NODE_NAME_MAX = 31
+
+# Members every driver accepts (BlockdevOptionsBase in qapi/block-core.json).
+COMMON_MEMBERS = frozenset(
+    {"driver", "node-name", "read-only", "auto-read-only", "force-share", "discard", "cache",
+     "detect-zeroes"}
+)
+
+# Options a nested child inherits from its parent unless it sets them itself
+# (cf. bdrv_inherited_options()).
+_INHERITED = ("read-only", "auto-read-only", "force-share", "discard", "cache", "detect-zeroes")
+
+
+def _check_bool(options: dict[str, Any], key: str) -> bool:
+    value = options.get(key, False)
+    if not isinstance(value, bool):
+        raise BlockError(f"Invalid parameter type for '{key}', expected: boolean")
+    return value
+
+
+def normalize_common(options: dict[str, Any]) -> dict[str, Any]:
+    """Check the members common to every driver and fill in their defaults.
+    The schema layer checks types first; this keeps the graph safe for
+    callers that bypass it (command line, tests, nested dicts)."""
+    opts = dict(options)
+    for key in ("read-only", "auto-read-only", "force-share"):
+        opts[key] = _check_bool(opts, key)
+    discard = opts.get("discard", "ignore")
+    if discard == "off":
+        discard = "ignore"
+    elif discard == "on":
+        discard = "unmap"
+    if discard not in ("ignore", "unmap"):
+        raise BlockError(f"Invalid discard option '{discard}'")
+    opts["discard"] = discard
+    cache = opts.get("cache", {})
+    if not isinstance(cache, dict):
+        raise BlockError("Invalid parameter type for 'cache', expected: object")
+    for key in cache:
+        if key not in ("direct", "no-flush"):
+            raise BlockError(f"Parameter 'cache.{key}' is unexpected")
+    opts["cache"] = {
+        "direct": _check_bool(cache, "direct"),
+        "no-flush": _check_bool(cache, "no-flush"),
+    }
+    dz = opts.get("detect-zeroes", "off")
+    if dz not in ("off", "on", "unmap"):
+        raise BlockError(f"Parameter 'detect-zeroes' does not accept value '{dz}'")
+    if dz == "unmap" and discard != "unmap":
+        raise BlockError("setting detect-zeroes to unmap is not allowed without setting discard operation to unmap")
+    opts["detect-zeroes"] = dz
+    if opts["force-share"] and not opts["read-only"]:
+        raise BlockError("force-share=on can only be used with read-only images")
+    return opts
+
+
+class BlockGraph:
+    def __init__(self, daemon: Any = None) -> None:
+        self.daemon = daemon
+        self._nodes: dict[str, BlockNode] = {}  # insertion order: children first
+        self._reserved: set[str] = set()  # names being opened right now
+        self._pending_opts: dict[str, dict[str, Any]] = {}  # options of nodes being opened
+        self._pending_parents: dict[str, BlockNode] = {}  # nodes being opened that took children
+        self._auto_counter = 0
+
+    # --- lookup -------------------------------------------------------------
+    def get(self, node_name: str) -> BlockNode:
+        node = self._nodes.get(node_name)
+        if node is None:
+            raise BlockError(f"Cannot find device='' nor node-name='{node_name}'")
+        return node
+
+    def find(self, node_name: str) -> BlockNode | None:
+        return self._nodes.get(node_name)
+
+    def nodes(self) -> list[BlockNode]:
+        return list(self._nodes.values())
+
+    def __contains__(self, node_name: object) -> bool:
+        return node_name in self._nodes
+
+    # --- blockdev-add -------------------------------------------------------
+    async def add(self, options: dict[str, Any]) -> BlockNode:
+        if "node-name" not in options:
+            raise BlockError("'node-name' must be specified for the root node")
+        node = await self._open(options)
+        node.monitor_owned = True
+        return node
+
+    async def _open(self, options: dict[str, Any]) -> BlockNode:
+        if not isinstance(options, dict):
+            raise BlockError("Block options must be an object")
+        driver = options.get("driver")
+        if not isinstance(driver, str):
+            raise BlockError("Parameter 'driver' is missing")
+        name = options.get("node-name")
+        if name is None:
+            name = self._generate_name()
+        else:
+            self._check_new_name(name)
+        cls = driver_class(driver)
+        if cls is None:
+            raise BlockError(f"Parameter 'driver' does not accept value '{driver}'")
+        opts = normalize_common(options)
+        opts["node-name"] = name
+        self._reserved.add(name)
+        self._pending_opts[name] = opts
+        try:
+            node = await cls.open(self, name, opts)
+        except BaseException:
+            # release the children the driver attached before it failed
+            half_open = self._pending_parents.pop(name, None)
+            if half_open is not None:
+                await self._release_children(half_open)
+            raise
+        finally:
+            self._pending_parents.pop(name, None)
+            self._pending_opts.pop(name, None)
+            self._reserved.discard(name)
+        node.options = opts
+        node.cache_direct = opts["cache"]["direct"]
+        node.cache_no_flush = opts["cache"]["no-flush"]
+        node.force_share = opts["force-share"]
+        self._nodes[name] = node
+        log.debug("opened node %s (driver %s)", name, driver)
+        return node
+
+    def _generate_name(self) -> str:
+        while True:
+            self._auto_counter += 1
+            name = f"#block{self._auto_counter:03d}"
+            if name not in self._nodes and name not in self._reserved:
+                return name
+
+    def _check_new_name(self, name: Any) -> None:
+        if not isinstance(name, str):
+            raise BlockError("Invalid parameter type for 'node-name', expected: string")
+        if not _NODE_NAME_RE.match(name):
+            raise BlockError(f"Invalid node-name: '{name}'")
+        if len(name) > _NODE_NAME_MAX:
+            raise BlockError("Node name too long")
+        if name in self._nodes or name in self._reserved:
+            raise BlockError(f"Duplicate nodes with node-name='{name}'")
+
+    # --- children -----------------------------------------------------------
+    async def open_child(
+        self,
+        ref: str | dict[str, Any],
+        parent: BlockNode,
+        role: str,
+        perm: Perm,
+        shared: Perm,
+        *,
+        read_only: bool,
+    ) -> BlockNode:
+        if parent.node_name in self._pending_opts:
+            self._pending_parents[parent.node_name] = parent
+        created = False
+        if isinstance(ref, str):
+            child = self._nodes.get(ref)
+            if child is None:
+                raise BlockError(f"Cannot find device='{ref}' nor node-name='{ref}'")
+        elif isinstance(ref, dict):
+            child_opts = dict(ref)
+            parent_opts = self._pending_opts.get(parent.node_name) or parent.options
+            for key in _INHERITED:
+                if key not in child_opts and key in parent_opts:
+                    child_opts[key] = parent_opts[key]
+            if "read-only" not in ref:
+                child_opts["read-only"] = read_only
+            child = await self._open(child_opts)
+            created = True
+        else:
+            raise BlockError(f"Invalid parameter type for '{role}', expected: object or string")
+        if read_only:
+            perm &= ~(Perm.WRITE | Perm.RESIZE)
+        try:
+            user = child.attach(parent, perm, shared, role)
+        except BaseException:
+            if created:
+                await self._destroy(child)
+            raise
+        parent.children[role] = child
+        parent.child_users[role] = user
+        return child
+
+    async def detach_child(self, parent: BlockNode, role: str) -> None:
+        """Drop `parent`'s child in `role`; a child the parent owned is deleted
+        when no one else uses it."""
+        child = parent.children.pop(role, None)
+        user = parent.child_users.pop(role, None)
+        if child is None:
+            return
+        if user is not None:
+            child.detach(user)
+        if not child.monitor_owned and child.refcount == 0:
+            await self._destroy(child)
+
+    async def _release_children(self, node: BlockNode) -> None:
+        for role in list(node.children):
+            await self.detach_child(node, role)
+
+    async def _destroy(self, node: BlockNode) -> None:
+        """Close `node`, forget it and release its children."""
+        try:
+            await node.close()
+        except Exception:
+            log.exception("closing node %s failed", node.node_name)
+        if self._nodes.get(node.node_name) is node:
+            del self._nodes[node.node_name]
+        await self._release_children(node)
+
+    # --- blockdev-del -------------------------------------------------------
+    async def delete(self, node_name: str) -> None:
+        node = self._nodes.get(node_name)
+        if node is None:
+            raise BlockError(f"Failed to find node with node-name='{node_name}'")
+        parents = [u for u in node.users if isinstance(u.owner, BlockNode)]
+        others = [u for u in node.users if not isinstance(u.owner, BlockNode)]
+        if others:  # an export (QEMU: a BlockBackend) uses it
+            raise BlockError(f"Node {node_name} is in use")
+        if not node.monitor_owned:
+            raise BlockError(f"Node {node_name} is not owned by the monitor")
+        if parents:
+            raise BlockError(f"Block device {node_name} is in use")
+        await self._destroy(node)
+
+    async def close_all(self) -> None:
+        """Close every node, parents before children; nothing is left after."""
+        for node in reversed(list(self._nodes.values())):
+            if node.node_name not in self._nodes:
+                continue  # already gone with its parent
+            for user in list(node.users):
+                if not isinstance(user.owner, BlockNode):
+                    log.warning("node %s still used by %r at shutdown", node.node_name, user.owner)
+                    node.detach(user)
+            await self._destroy(node)
+        self._nodes.clear()
+
+
+def parent_users(node: BlockNode) -> list[NodeUser]:
+    return [u for u in node.users if isinstance(u.owner, BlockNode)]
