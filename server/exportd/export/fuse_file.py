@@ -1,0 +1,306 @@
+"""ExportedFile: the one file a FUSE export presents, on a block node.
+
+Semantics follow QEMU's block/export/fuse.c (see docs/exports.md):
+attributes (mode 0400/0600, daemon's uid/gid, size = node length, blocks from
+the allocated size, blksize from the node's alignment, times = now), chmod and
+chown rules, short reads and writes at EOF, growth only when growable,
+truncate with a RESIZE permission held for that call, QEMU's fallocate rules,
+SEEK_DATA/SEEK_HOLE from block_status. Every request holds a reference on the
+export while it runs (BlockExport.request()).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from exportd.block.node import Perm, Prealloc, Status
+from exportd.errors import QMPError
+from exportd.fuse.filesystem import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    FOPEN_DIRECT_IO,
+    FOPEN_PARALLEL_DIRECT_WRITES,
+    SEEK_DATA,
+    SEEK_HOLE,
+    Attr,
+    OpenReply,
+    SetAttr,
+    SingleFileFS,
+    StatFs,
+)
+
+if TYPE_CHECKING:
+    from exportd.export.fuse import FuseExport
+
+log = logging.getLogger(__name__)
+
+ZERO_CHUNK = 64 * 1024 * 1024  # write_zeroes in pieces: bounded memory for drivers that write buffers
+SEEK_PROBE = 1 << 62  # "to the end" for block_status
+
+# errnos a client can act on pass through; anything else from a backend is EIO
+_PASS_ERRNOS = frozenset(
+    {
+        errno.EIO,
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EFBIG,
+        errno.EINVAL,
+        errno.EROFS,
+        errno.EACCES,
+        errno.EPERM,
+        errno.ENOMEM,
+        errno.EOPNOTSUPP,
+        errno.EINTR,
+    }
+)
+
+
+def backend_errno(e: OSError) -> OSError:
+    code = e.errno if e.errno in _PASS_ERRNOS else errno.EIO
+    return OSError(code, os.strerror(code))
+
+
+class ExportedFile(SingleFileFS):
+    def __init__(self, export: FuseExport) -> None:
+        self.export = export
+        self.mode = stat.S_IFREG | (0o600 if export.writable else 0o400)
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+        self._resize_holders = 0  # truncates in flight holding a temporary RESIZE
+
+    # --- helpers ----------------------------------------------------------------
+    @property
+    def node(self):  # noqa: ANN201 - BlockNode
+        return self.export.node
+
+    def length(self) -> int:
+        return self.export.current_length()
+
+    @asynccontextmanager
+    async def _resize_permission(self) -> AsyncIterator[None]:
+        """RESIZE for the duration of one truncate, unless the export holds it
+        for good (growable). Conflicts with other users give EPERM."""
+        exp = self.export
+        user = exp.node_user
+        if exp.growable or user is None:
+            yield
+            return
+        if self._resize_holders == 0:
+            try:
+                exp.node.update(user, user.perm | Perm.RESIZE, user.shared)
+            except QMPError as e:
+                log.info("export %s: no resize permission: %s", exp.id, e.desc)
+                raise OSError(errno.EPERM, e.desc) from None
+        self._resize_holders += 1
+        try:
+            yield
+        finally:
+            self._resize_holders -= 1
+            if self._resize_holders == 0 and exp.node_user is not None:
+                try:
+                    exp.node.update(user, user.perm & ~Perm.RESIZE, user.shared)
+                except QMPError:  # giving up a permission cannot conflict
+                    log.exception("export %s: dropping RESIZE failed", exp.id)
+
+    async def _truncate(self, size: int, prealloc: Prealloc = Prealloc.OFF) -> None:
+        async with self._resize_permission():
+            try:
+                await self.node.truncate(size, prealloc=prealloc, exact=True)
+            except OSError as e:
+                raise backend_errno(e) from None
+        self.export.length_changed()
+
+    async def _write_zeroes(self, offset: int, length: int, *, may_unmap: bool) -> None:
+        end = offset + length
+        while offset < end:
+            n = min(ZERO_CHUNK, end - offset)
+            try:
+                await self.node.write_zeroes(offset, n, may_unmap=may_unmap)
+            except OSError as e:
+                raise backend_errno(e) from None
+            offset += n
+
+    # --- attributes ---------------------------------------------------------------
+    async def getattr(self) -> Attr:
+        with self.export.request():
+            return await self._attr()
+
+    async def _attr(self) -> Attr:
+        length = self.length()
+        try:
+            allocated = await self.node.allocated_size()
+        except OSError:
+            allocated = -1
+        blocks = -(-(allocated if allocated > 0 else length) // 512)
+        now = time.time_ns()
+        return Attr(
+            size=length,
+            mode=self.mode,
+            uid=self.uid,
+            gid=self.gid,
+            atime_ns=now,
+            mtime_ns=now,
+            ctime_ns=now,
+            blocks=blocks,
+            blksize=max(1, self.node.request_alignment),
+            valid_s=1.0,
+        )
+
+    async def setattr(self, changes: SetAttr) -> Attr:
+        with self.export.request():
+            exp = self.export
+            if (changes.uid is not None or changes.gid is not None) and not exp.allow_other:
+                raise OSError(errno.ENOTSUP, "chown needs allow_other")
+            # check everything before changing anything
+            if changes.mode is not None:
+                if not exp.allow_other and changes.mode & (stat.S_IRWXG | stat.S_IRWXO):
+                    # without allow_other nobody else can open it: refuse to pretend
+                    raise OSError(errno.EPERM, "group/other bits need allow_other")
+                if not exp.writable and changes.mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+                    raise OSError(errno.EROFS, "read-only export")
+            if changes.size is not None:
+                if not exp.writable:
+                    raise OSError(errno.EACCES, "read-only export")
+                await self._truncate(changes.size)
+            if changes.mode is not None:
+                self.mode = stat.S_IFREG | (changes.mode & 0o7777)
+            if changes.uid is not None:
+                self.uid = changes.uid
+            if changes.gid is not None:
+                self.gid = changes.gid
+            # times are not stored: they always read as "now" (QEMU does the same)
+            return await self._attr()
+
+    # --- open / close -----------------------------------------------------------------
+    async def open(self, flags: int) -> OpenReply:
+        with self.export.request():
+            exp = self.export
+            wants_write = (flags & os.O_ACCMODE) != os.O_RDONLY
+            if wants_write and not exp.writable:
+                raise OSError(errno.EACCES, "read-only export")
+            if flags & os.O_TRUNC and wants_write and exp.growable:
+                await self._truncate(0)
+            backing_id = exp.backing_id
+            if backing_id:
+                return OpenReply(fh=0, flags=0, backing_id=backing_id)
+            return OpenReply(fh=0, flags=FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES)
+
+    async def release(self, fh: int, flags: int) -> None:
+        return None
+
+    # --- data ---------------------------------------------------------------------
+    async def read(self, fh: int, offset: int, size: int) -> bytes | bytearray | memoryview:
+        with self.export.request():
+            length = self.length()
+            if offset >= length or size <= 0:
+                return b""
+            size = min(size, length - offset)
+            try:
+                return await self.node.read(offset, size)
+            except OSError as e:
+                raise backend_errno(e) from None
+
+    async def write(self, fh: int, offset: int, data: memoryview) -> int:
+        with self.export.request():
+            exp = self.export
+            if not exp.writable:
+                raise OSError(errno.EACCES, "read-only export")
+            size = len(data)
+            length = self.length()
+            if offset + size > length:
+                if exp.growable:
+                    await self._truncate(offset + size)
+                elif offset >= length:
+                    return 0  # the kernel turns this into ENOSPC for the writer
+                else:
+                    size = length - offset
+                    data = data[:size]
+            try:
+                await self.node.write(offset, data)
+                if exp.writethrough:
+                    await self.node.flush()
+            except OSError as e:
+                raise backend_errno(e) from None
+            return size
+
+    async def fallocate(self, fh: int, offset: int, length: int, mode: int) -> None:
+        with self.export.request():
+            if not self.export.writable:
+                raise OSError(errno.EACCES, "read-only export")
+            size = self.length()
+            if mode & FALLOC_FL_KEEP_SIZE:
+                length = min(length, size - offset)
+            if mode == 0:
+                # plain allocation only grows the file (a truncate at EOF)
+                if offset < size:
+                    raise OSError(errno.EOPNOTSUPP, "fallocate inside the file")
+                if offset > size:
+                    await self._truncate(offset)
+                await self._truncate(offset + length, Prealloc.FALLOC)
+            elif mode & FALLOC_FL_PUNCH_HOLE:
+                if not mode & FALLOC_FL_KEEP_SIZE:
+                    raise OSError(errno.EINVAL, "punch hole needs keep size")
+                if length > 0:
+                    await self._write_zeroes(offset, length, may_unmap=True)
+            elif mode & FALLOC_FL_ZERO_RANGE:
+                if not mode & FALLOC_FL_KEEP_SIZE and offset + length > size:
+                    await self._truncate(offset + length)
+                if length > 0:
+                    await self._write_zeroes(offset, length, may_unmap=False)
+            else:
+                raise OSError(errno.EOPNOTSUPP, "fallocate mode not supported")
+
+    async def flush(self, fh: int) -> None:
+        with self.export.request():
+            if self.export.writable:
+                await self._flush()
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        with self.export.request():
+            await self._flush()
+
+    async def _flush(self) -> None:
+        try:
+            await self.node.flush()
+        except OSError as e:
+            raise backend_errno(e) from None
+
+    async def lseek(self, fh: int, offset: int, whence: int) -> int:
+        with self.export.request():
+            if whence not in (SEEK_DATA, SEEK_HOLE):
+                raise OSError(errno.EINVAL, "bad whence")
+            while True:
+                try:
+                    bs = await self.node.block_status(offset, SEEK_PROBE)
+                except OSError as e:
+                    raise backend_errno(e) from None
+                if bs.length <= 0 and bs.status & Status.EOF or offset >= self.length():
+                    # a hole between the real EOF and a rounded visible length;
+                    # nothing at or past the visible EOF
+                    if offset > self.length() or whence == SEEK_DATA:
+                        raise OSError(errno.ENXIO, "past end of file")
+                    return offset
+                if bs.status & Status.DATA:
+                    if whence == SEEK_DATA:
+                        return offset
+                elif whence == SEEK_HOLE:
+                    return offset
+                if bs.length <= 0:
+                    raise OSError(errno.ENXIO, "no progress")
+                offset += bs.length
+
+    async def statfs(self) -> StatFs:
+        with self.export.request():
+            bsize = max(512, self.node.request_alignment)
+            return StatFs(bsize=bsize, frsize=bsize, namelen=255)
+
+    def on_session_end(self, reason: str) -> None:
+        self.export.session_ended(reason)

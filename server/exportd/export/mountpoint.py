@@ -1,0 +1,142 @@
+"""Mountpoint checks for FUSE exports, safe against our own mounts.
+
+QEMU stat()s the mountpoint on its main loop; when an export of the same
+process already sits there under a different spelling (`mnt.raw` vs
+`/abs/mnt.raw`), that stat waits for a reply the blocked loop can never send.
+exportd never touches a mountpoint path from the loop thread: every path
+syscall runs in a worker thread with a timeout, and "ours" is decided by
+canonical path (realpath of the parent + last component) and by the mount
+table (/proc/self/mountinfo, a procfs read that never reaches a FUSE server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import stat
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from exportd.errors import QMPError
+
+T = TypeVar("T")
+
+PATH_TIMEOUT_S = 10.0  # a stat that takes longer is on a hung mount
+
+
+async def in_thread(fn: Callable[[], T], timeout: float = PATH_TIMEOUT_S) -> T:
+    """Run a blocking path syscall in its own daemon thread, waiting at most
+    `timeout`. A thread stuck on a dead mount is abandoned (it cannot be
+    interrupted), never the loop; a fresh thread per call keeps a stuck one
+    from starving later calls the way a shared pool would."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[T] = loop.create_future()
+
+    def deliver(ok: bool, value: object) -> None:
+        if fut.done():
+            return
+        if ok:
+            fut.set_result(value)  # type: ignore[arg-type]
+        else:
+            fut.set_exception(value)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result: object = fn()
+            ok = True
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
+            result, ok = e, False
+        try:
+            loop.call_soon_threadsafe(deliver, ok, result)
+        except RuntimeError:
+            pass  # loop closed meanwhile
+
+    threading.Thread(target=run, name="exportd-path", daemon=True).start()
+    try:
+        return await asyncio.wait_for(fut, timeout)
+    except TimeoutError:
+        raise OSError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT)) from None
+
+
+def canonical_path(path: str) -> str:
+    """realpath() of the parent plus the last component as given: the same
+    file however it is spelt, without following a symlink in the last
+    component (which we would then compare under its target's name)."""
+    absolute = os.path.abspath(path)
+    parent, last = os.path.split(absolute)
+    return os.path.join(os.path.realpath(parent), last)
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    mount_id: int
+    dev: tuple[int, int]
+    mountpoint: str
+    fstype: str
+    source: str
+    options: str
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo
+    if "\\" not in field:
+        return field
+    out, i = [], 0
+    while i < len(field):
+        c = field[i]
+        if c == "\\" and i + 4 <= len(field) and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def read_mountinfo(path: str = "/proc/self/mountinfo") -> list[MountEntry]:
+    """The mount table, in mount order (later entries cover earlier ones)."""
+    entries = []
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            try:
+                sep = fields.index("-")
+                major, minor = fields[2].split(":")
+                entries.append(
+                    MountEntry(
+                        mount_id=int(fields[0]),
+                        dev=(int(major), int(minor)),
+                        mountpoint=_unescape(fields[4]),
+                        fstype=fields[sep + 1],
+                        source=_unescape(fields[sep + 2]),
+                        options=fields[sep + 3] if len(fields) > sep + 3 else "",
+                    )
+                )
+            except (ValueError, IndexError):
+                continue  # a line we cannot parse is not one of ours
+    return entries
+
+
+def mounts_at(canonical: str, entries: list[MountEntry] | None = None) -> list[MountEntry]:
+    """Entries mounted exactly on `canonical`, bottom first."""
+    if entries is None:
+        entries = read_mountinfo()
+    return [e for e in entries if e.mountpoint == canonical]
+
+
+def is_fuse(entry: MountEntry) -> bool:
+    return entry.fstype == "fuse" or entry.fstype.startswith("fuse.")
+
+
+async def check_regular_file(path: str) -> None:
+    """QEMU's is_regular_file(), with its error texts, off the loop thread."""
+    try:
+        st = await in_thread(lambda: os.stat(path))
+    except OSError as e:
+        code = e.errno or errno.EIO
+        raise QMPError(f"Failed to stat '{path}': {os.strerror(code)}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise QMPError(f"'{path}' is not a regular file")
