@@ -42,6 +42,7 @@ DRIVER_MODULES: dict[str, str] = {
     "host_device": "exportd.block.file",
     "raw": "exportd.block.raw",
     "null-co": "exportd.block.null",
+    "null-aio": "exportd.block.null",
     "qcow2": "exportd.block.qcow2",
 }
 

@@ -220,6 +220,12 @@ class BlockNode(ABC):
         f = self.children.get("file")
         return f.filename() if f else ""
 
+    def host_fd(self) -> int | None:
+        """A descriptor of a plain host file whose bytes are exactly this node's
+        contents (same offsets, same length), or None. Lets an export hand the
+        data path to the kernel (FUSE passthrough). The node owns the fd."""
+        return None
+
     def info(self) -> dict[str, Any]:
         """Driver-specific extra members for query-named-block-nodes' `image`."""
         return {}

@@ -1,0 +1,457 @@
+"""Protocol drivers `file` (regular files) and `host_device` (block devices).
+
+The file is opened once, at blockdev-add; the descriptor is kept for the
+node's life and the path is never used again (an export may be mounted over
+the image file itself, after which the path names the export, not the file).
+
+Where I/O runs (numbers in exportd.block.posixio): reads that hit the page
+cache are served inline with preadv(RWF_NOWAIT); misses, writes, fallocate,
+fdatasync and lseek go to the I/O threads. Files on tmpfs/ramfs never wait
+for a disk and are served inline entirely. cache.direct (O_DIRECT) always
+uses threads. Option `x-io-policy=threads` turns the inline paths off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import stat
+from collections.abc import AsyncIterator
+from typing import Any
+
+from exportd.block import register_driver
+from exportd.block.locking import ImageLock, probe
+from exportd.block.node import BlockNode, BlockStatus, Perm, Prealloc, Status
+from exportd.block.options import check_members, get_enum, get_str
+from exportd.block.posixio import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    RAMFS_MAGIC,
+    TMPFS_MAGIC,
+    aligned_buffer,
+    blockdev_sector_size,
+    blockdev_size,
+    fallocate,
+    fs_magic,
+    in_thread,
+)
+from exportd.errors import BlockError
+
+FILE_MEMBERS = frozenset(
+    {"filename", "pr-manager", "locking", "aio", "aio-max-batch", "drop-cache",
+     "x-check-cache-dropped", "x-io-policy"}
+)
+DIRECT_ALIGNMENT = 4096  # safe for every logical block size up to 4 KiB
+ZERO_CHUNK = 1 << 20
+
+
+class _RangeLocks:
+    """Serialises overlapping O_DIRECT writes when one of them is a
+    read-modify-write of partial blocks (else it could undo the other)."""
+
+    def __init__(self) -> None:
+        self._active: list[tuple[int, int, bool, asyncio.Event]] = []
+
+    @contextlib.asynccontextmanager
+    async def hold(self, start: int, end: int, exclusive: bool) -> AsyncIterator[None]:
+        while True:
+            blocker = next(
+                (e for s, t, x, e in self._active if s < end and start < t and (x or exclusive)),
+                None,
+            )
+            if blocker is None:
+                break
+            await blocker.wait()
+        entry = (start, end, exclusive, asyncio.Event())
+        self._active.append(entry)
+        try:
+            yield
+        finally:
+            self._active.remove(entry)
+            entry[3].set()
+
+
+@register_driver
+class FileNode(BlockNode):
+    driver = "file"
+
+    def __init__(self, node_name: str, *, read_only: bool, fd: int, filename: str,
+                 size: int, direct: bool, discard_unmap: bool, lock: ImageLock | None,
+                 inline: bool, nowait_reads: bool, no_flush: bool) -> None:
+        super().__init__(node_name, read_only=read_only)
+        self.fd = fd  # exports may use it (e.g. FUSE passthrough); never closed early
+        self._filename = filename
+        self._size = size
+        self.direct = direct
+        self.discard_unmap = discard_unmap
+        self._lock = lock
+        self._inline = inline
+        self._nowait_reads = nowait_reads
+        self._no_flush = no_flush
+        self._ranges = _RangeLocks()
+        self.request_alignment = DIRECT_ALIGNMENT if direct else 1
+
+    # --- opening ----------------------------------------------------------
+    @classmethod
+    async def open(cls, graph: Any, node_name: str, options: dict[str, Any]) -> FileNode:
+        check_members(options, FILE_MEMBERS)
+        filename = get_str(options, "filename")
+        locking = get_enum(options, "locking", ("auto", "on", "off"), "auto")
+        aio = get_enum(options, "aio", ("threads", "native", "io_uring"), "threads")
+        policy = get_enum(options, "x-io-policy", ("auto", "threads"), "auto")
+        if aio != "threads":
+            raise BlockError(f"aio={aio} is not supported by exportd; use aio=threads")
+        read_only = options["read-only"]
+        direct = options["cache"]["direct"]
+        fd, read_only = await in_thread(
+            cls._open_fd, filename, read_only, direct, options.get("auto-read-only", False)
+        )
+        try:
+            st = os.fstat(fd)
+            size = cls._check_type(filename, fd, st)
+            lock = None
+            if locking != "off":
+                if probe(fd):
+                    lock = ImageLock(fd, filename)
+                elif locking == "on":
+                    raise BlockError(f"Could not open '{filename}': the file system does not support OFD locks")
+            magic = fs_magic(fd)
+            inline = policy == "auto" and not direct and magic in (TMPFS_MAGIC, RAMFS_MAGIC)
+            node = cls(
+                node_name, read_only=read_only, fd=fd, filename=filename, size=size,
+                direct=direct, discard_unmap=options["discard"] == "unmap", lock=lock,
+                inline=inline, nowait_reads=policy == "auto" and not direct and not inline,
+                no_flush=options["cache"]["no-flush"],
+            )
+            if direct and stat.S_ISBLK(st.st_mode):
+                node.request_alignment = max(blockdev_sector_size(fd), 512)
+            return node
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @staticmethod
+    def _open_fd(filename: str, read_only: bool, direct: bool, auto_ro: bool) -> tuple[int, bool]:
+        flags = os.O_CLOEXEC | (os.O_DIRECT if direct else 0)
+        try:
+            return os.open(filename, flags | (os.O_RDONLY if read_only else os.O_RDWR)), read_only
+        except OSError as e:
+            if not read_only and auto_ro and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+                try:
+                    return os.open(filename, flags | os.O_RDONLY), True
+                except OSError as e2:
+                    e = e2
+            raise BlockError(f"Could not open '{filename}': {os.strerror(e.errno or 0)}") from None
+
+    @classmethod
+    def _check_type(cls, filename: str, fd: int, st: os.stat_result) -> int:
+        if not stat.S_ISREG(st.st_mode):
+            raise BlockError(f"'file' driver requires '{filename}' to be a regular file")
+        return st.st_size
+
+    async def close(self) -> None:
+        if self.fd < 0:
+            return
+        if self._lock is not None:
+            self._lock.release()
+        os.close(self.fd)
+        self.fd = -1
+
+    # --- permissions -> image locks -----------------------------------------
+    def apply_permissions(self, perm: Perm, shared: Perm) -> None:
+        if self._lock is None:
+            return
+        if self.force_share:
+            shared = Perm.ALL
+        self._lock.change(perm, shared)
+
+    def lock_holders(self) -> dict[str, list[str]]:
+        """What other processes hold on this image (for diagnostics and tests)."""
+        return self._lock.holders() if self._lock else {"used": [], "unshared": []}
+
+    # --- introspection --------------------------------------------------------
+    def filename(self) -> str:
+        return self._filename
+
+    def host_fd(self) -> int | None:
+        return self.fd if self.fd >= 0 and not self.direct else None
+
+    def getlength(self) -> int:
+        return self._size
+
+    async def allocated_size(self) -> int:
+        return os.fstat(self.fd).st_blocks * 512
+
+    # --- reads ------------------------------------------------------------------
+    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        if length <= 0:
+            return b""
+        if self.direct:
+            return await in_thread(self._read_direct, offset, length)
+        buf = bytearray(length)
+        if self._inline:
+            self._pread_into(buf, 0, offset)
+            return buf
+        done = 0
+        if self._nowait_reads:
+            try:
+                done = os.preadv(self.fd, [buf], offset, os.RWF_NOWAIT)
+            except BlockingIOError:
+                done = 0
+            except OSError as e:
+                if e.errno != errno.EOPNOTSUPP:
+                    raise
+                self._nowait_reads = False  # file system without RWF_NOWAIT
+            if done == length:
+                return buf
+        await in_thread(self._pread_into, buf, done, offset + done)
+        return buf
+
+    def _pread_into(self, buf: bytearray | memoryview, start: int, offset: int) -> None:
+        """Fill buf[start:] from offset; what lies past EOF stays zero."""
+        view = memoryview(buf)
+        while start < len(view):
+            n = os.preadv(self.fd, [view[start:]], offset)
+            if n == 0:
+                return
+            start += n
+            offset += n
+
+    def _read_direct(self, offset: int, length: int) -> bytes:
+        a = self.request_alignment
+        start = offset - offset % a
+        end = -(-(offset + length) // a) * a
+        buf = aligned_buffer(end - start)
+        try:
+            self._pread_into(buf, 0, start)  # type: ignore[arg-type]
+            return buf[offset - start : offset - start + length]
+        finally:
+            buf.close()
+
+    # --- writes -----------------------------------------------------------------
+    def _check_writable(self) -> None:
+        if self.read_only or self.fd < 0:
+            raise OSError(errno.EROFS if self.read_only else errno.EBADF, "node is read-only")
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+        self._check_writable()
+        length = len(data)
+        if length == 0:
+            return
+        flags = os.RWF_DSYNC if fua and not self._no_flush else 0
+        if self.direct:
+            await self._write_direct(offset, data, flags)
+        elif self._inline:
+            self._pwrite_all(data, offset, flags)
+        else:
+            await in_thread(self._pwrite_all, data, offset, flags)
+        if offset + length > self._size:
+            self._size = offset + length
+
+    def _pwrite_all(self, data: bytes | bytearray | memoryview | Any, offset: int, flags: int = 0) -> None:
+        view = memoryview(data)
+        while len(view):
+            n = os.pwritev(self.fd, [view], offset, flags)
+            view = view[n:]
+            offset += n
+
+    async def _write_direct(self, offset: int, data: bytes | bytearray | memoryview, flags: int) -> None:
+        a = self.request_alignment
+        length = len(data)
+        start = offset - offset % a
+        end = -(-(offset + length) // a) * a
+        partial = start != offset or end != offset + length
+        async with self._ranges.hold(start, end, exclusive=partial):
+            await in_thread(self._write_direct_sync, offset, data, start, end, partial, flags)
+
+    def _write_direct_sync(self, offset: int, data: Any, start: int, end: int,
+                           partial: bool, flags: int) -> None:
+        buf = aligned_buffer(end - start)
+        try:
+            size_before = self._size
+            if partial:  # read-modify-write of the partial head and tail blocks
+                a = self.request_alignment
+                self._pread_into(memoryview(buf)[:a], 0, start)  # type: ignore[arg-type]
+                if end - a > start:
+                    self._pread_into(memoryview(buf)[end - start - a :], 0, end - a)  # type: ignore[arg-type]
+            buf[offset - start : offset - start + len(data)] = data
+            self._pwrite_all(buf, start, flags)
+            want = max(size_before, offset + len(data))
+            if end > want and stat.S_ISREG(os.fstat(self.fd).st_mode):
+                os.ftruncate(self.fd, want)  # the padding must not grow the file
+        finally:
+            buf.close()
+
+    async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
+        self._check_writable()
+        if length <= 0:
+            return
+        await self._run(self._write_zeroes_sync, offset, length, may_unmap)
+        if offset + length > self._size:
+            self._size = offset + length
+
+    def _write_zeroes_sync(self, offset: int, length: int, may_unmap: bool) -> None:
+        end = offset + length
+        size = self._size
+        try:
+            if may_unmap and self.discard_unmap and offset < size:
+                # a punched hole reads as zeroes and frees the space
+                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, min(end, size) - offset)
+                if end > size:
+                    os.ftruncate(self.fd, end)
+                return
+            fallocate(self.fd, FALLOC_FL_ZERO_RANGE, offset, length)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+        self._write_zero_bytes(offset, end)
+
+    def _write_zero_bytes(self, offset: int, end: int) -> None:
+        if self.direct:
+            zeros: Any = aligned_buffer(ZERO_CHUNK)
+        else:
+            zeros = bytes(ZERO_CHUNK)
+        try:
+            while offset < end:
+                n = min(ZERO_CHUNK, end - offset)
+                if self.direct and (offset % self.request_alignment or n % self.request_alignment):
+                    raise OSError(errno.EINVAL, "unaligned zero write with O_DIRECT")
+                self._pwrite_all(memoryview(zeros)[:n], offset)
+                offset += n
+        finally:
+            if self.direct:
+                zeros.close()
+
+    async def discard(self, offset: int, length: int) -> None:
+        if not self.discard_unmap or self.read_only or length <= 0:
+            return
+        end = min(offset + length, self._size)
+        if end <= offset:
+            return
+        try:
+            await self._run(fallocate, self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, end - offset)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+
+    async def flush(self) -> None:
+        if self._no_flush or self.fd < 0:
+            return
+        await self._run(os.fdatasync, self.fd)
+
+    async def truncate(self, size: int, *, prealloc: Prealloc = Prealloc.OFF, exact: bool = True) -> None:
+        self._check_writable()
+        prealloc = Prealloc(prealloc)
+        if prealloc == Prealloc.METADATA:
+            raise OSError(errno.ENOTSUP, "Unsupported preallocation mode: metadata")
+        if size < 0:
+            raise OSError(errno.EINVAL, "negative size")
+        await self._run(self._truncate_sync, size, prealloc)
+        self._size = size
+
+    def _truncate_sync(self, size: int, prealloc: Prealloc) -> None:
+        old = os.fstat(self.fd).st_size
+        os.ftruncate(self.fd, size)
+        if size <= old or prealloc == Prealloc.OFF:
+            return
+        try:
+            if prealloc == Prealloc.FALLOC:
+                fallocate(self.fd, 0, old, size - old)
+            else:  # full: really write the zeroes
+                self._write_zero_bytes_aligned(old, size)
+                os.fdatasync(self.fd)
+        except BaseException:
+            os.ftruncate(self.fd, old)
+            raise
+
+    def _write_zero_bytes_aligned(self, start: int, end: int) -> None:
+        if not self.direct:
+            self._write_zero_bytes(start, end)
+            return
+        a = self.request_alignment
+        head = start - start % a
+        if head != start:  # keep the existing bytes of the first partial block
+            block = self._read_direct(head, a)
+            buf = aligned_buffer(a)
+            try:
+                buf[: start - head] = block[: start - head]
+                self._pwrite_all(buf, head)
+            finally:
+                buf.close()
+        aligned_end = -(-end // a) * a
+        self._write_zero_bytes(head + (a if head != start else 0), aligned_end)
+        os.ftruncate(self.fd, end)
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        if self._inline:
+            return fn(*args)
+        return await in_thread(fn, *args)
+
+    # --- block status -------------------------------------------------------------
+    async def block_status(self, offset: int, length: int) -> BlockStatus:
+        size = self._size
+        if offset >= size:
+            return BlockStatus(Status.ZERO | Status.EOF, max(length, 1))
+        n = min(length, size - offset)
+        st, count = await self._run(self._seek_status, offset, n)
+        if offset + count >= size:
+            st |= Status.EOF
+        return BlockStatus(st | Status.ALLOCATED, count)
+
+    def _seek_status(self, offset: int, n: int) -> tuple[Status, int]:
+        try:
+            data = os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole from here to EOF
+                return Status.ZERO, n
+            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # no SEEK_DATA here
+                return Status.DATA, n
+            raise
+        if data > offset:
+            return Status.ZERO, min(n, data - offset)
+        try:
+            hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # file shrank under us
+                return Status.DATA, n
+            raise
+        return Status.DATA, max(1, min(n, hole - offset))
+
+
+@register_driver
+class HostDeviceNode(FileNode):
+    driver = "host_device"
+
+    @classmethod
+    def _check_type(cls, filename: str, fd: int, st: os.stat_result) -> int:
+        if not (stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+            raise BlockError(f"'host_device' driver requires '{filename}' to be either a character or block device")
+        return blockdev_size(fd)
+
+    async def allocated_size(self) -> int:
+        return -1
+
+    async def truncate(self, size: int, *, prealloc: Prealloc = Prealloc.OFF, exact: bool = True) -> None:
+        if Prealloc(prealloc) != Prealloc.OFF:
+            raise OSError(errno.ENOTSUP, "Preallocation mode is not supported for device files")
+        if size > self._size:
+            raise OSError(errno.EINVAL, "Cannot grow device files")
+        if exact and size != self._size:
+            raise OSError(errno.ENOTSUP, "Cannot resize device files")
+
+    def _write_zeroes_sync(self, offset: int, length: int, may_unmap: bool) -> None:
+        # block devices take fallocate only with KEEP_SIZE
+        mode = FALLOC_FL_KEEP_SIZE | (
+            FALLOC_FL_PUNCH_HOLE if may_unmap and self.discard_unmap else FALLOC_FL_ZERO_RANGE
+        )
+        try:
+            fallocate(self.fd, mode, offset, length)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+        self._write_zero_bytes(offset, offset + length)
