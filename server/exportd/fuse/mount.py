@@ -1,0 +1,369 @@
+"""Mounting, unmounting and stale-mount cleanup for single-file FUSE mounts.
+
+As root: open /dev/fuse and mount(2) with `fd=N,rootmode=100000,...`
+(filesystem type `fuse.exportd`, source = the fsname naming the export).
+Otherwise: `fusermount3`, which mounts and hands the /dev/fuse fd back over a
+socketpair (_FUSE_COMMFD, SCM_RIGHTS).
+
+Every function here may block on the mountpoint (path lookup of a FUSE
+mount): callers on the event loop run them in a worker thread
+(asyncio.to_thread), never on the loop that serves the mount.
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import socket
+import subprocess
+import threading
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+FS_SUBTYPE = "exportd"
+FS_TYPE = "fuse." + FS_SUBTYPE
+FUSERMOUNT = "fusermount3"
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOATIME = 1024
+MNT_FORCE = 1
+MNT_DETACH = 2
+UMOUNT_NOFOLLOW = 8
+
+FUSECTL_DIR = "/sys/fs/fuse/connections"
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_libc.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_char_p,
+]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+class MountError(OSError):
+    """Mounting failed; the message carries the kernel's or fusermount3's words."""
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    fsname: str
+    read_only: bool = False
+    allow_other: bool = False
+    default_permissions: bool = True
+    max_read: int = 1 << 20
+
+
+@dataclass(frozen=True)
+class MountInfo:
+    """One line of /proc/self/mountinfo."""
+
+    mount_id: int
+    dev: str  # "major:minor"; minor is the FUSE connection number
+    mountpoint: str
+    fstype: str
+    source: str
+    options: str
+
+    @property
+    def connection(self) -> int:
+        return int(self.dev.split(":")[1])
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo.
+    if "\\" not in field:
+        return field
+    out = []
+    i = 0
+    while i < len(field):
+        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def read_mountinfo(path: str = "/proc/self/mountinfo") -> list[MountInfo]:
+    result = []
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, sep, right = line.rstrip("\n").partition(" - ")
+            if not sep:
+                continue
+            a = left.split(" ")
+            b = right.split(" ")
+            if len(a) < 6 or len(b) < 3:
+                continue
+            result.append(
+                MountInfo(
+                    mount_id=int(a[0]),
+                    dev=a[2],
+                    mountpoint=_unescape(a[4]),
+                    fstype=b[0],
+                    source=_unescape(b[1]),
+                    options=a[5] + "," + b[2],
+                )
+            )
+    return result
+
+
+def exportd_mounts(mountpoint: str | None = None) -> list[MountInfo]:
+    """exportd FUSE mounts (optionally only at `mountpoint`), oldest first."""
+    target = os.path.abspath(mountpoint) if mountpoint else None
+    return [
+        m
+        for m in read_mountinfo()
+        if m.fstype == FS_TYPE and (target is None or m.mountpoint == target)
+    ]
+
+
+def find_mount(mountpoint: str, fsname: str) -> MountInfo | None:
+    """The newest exportd mount at `mountpoint` with source `fsname`."""
+    found = [m for m in exportd_mounts(mountpoint) if m.source == fsname]
+    return max(found, key=lambda m: m.mount_id) if found else None
+
+
+def _escape_opt(value: str) -> str:
+    # fusermount3 splits options at unescaped commas.
+    return value.replace("\\", "\\\\").replace(",", "\\,")
+
+
+def open_dev_fuse() -> int:
+    return os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+
+
+def mount_root(fd: int, mountpoint: str, opts: MountOptions) -> None:
+    """mount(2) as root with an already open /dev/fuse fd."""
+    st = os.stat(mountpoint)  # the target is a regular file: our root inode is one too
+    flags = MS_NOSUID | MS_NODEV | MS_NOATIME
+    if opts.read_only:
+        flags |= MS_RDONLY
+    data = [
+        f"fd={fd}",
+        "rootmode=100000" if not _is_dir(st.st_mode) else "rootmode=40000",
+        f"user_id={os.geteuid()}",
+        f"group_id={os.getegid()}",
+        f"max_read={opts.max_read}",
+    ]
+    if opts.default_permissions:
+        data.append("default_permissions")
+    if opts.allow_other:
+        data.append("allow_other")
+    rc = _libc.mount(
+        opts.fsname.encode(),
+        os.fsencode(mountpoint),
+        FS_TYPE.encode(),
+        flags,
+        ",".join(data).encode(),
+    )
+    if rc != 0:
+        e = ctypes.get_errno()
+        raise MountError(e, f"mount {mountpoint}: {os.strerror(e)}")
+
+
+def _is_dir(mode: int) -> bool:
+    import stat
+
+    return stat.S_ISDIR(mode)
+
+
+def mount_fusermount(mountpoint: str, opts: MountOptions) -> int:
+    """Mount through fusermount3; returns the /dev/fuse fd it sends back."""
+    options = [
+        "ro" if opts.read_only else "rw",
+        "nosuid",
+        "nodev",
+        "noatime",
+        f"fsname={_escape_opt(opts.fsname)}",
+        f"subtype={FS_SUBTYPE}",
+        f"max_read={opts.max_read}",
+    ]
+    if opts.default_permissions:
+        options.append("default_permissions")
+    if opts.allow_other:
+        options.append("allow_other")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
+        proc = subprocess.Popen(
+            [FUSERMOUNT, "-o", ",".join(options), "--", mountpoint],
+            env=env,
+            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        theirs.close()
+        fd = _receive_fd(ours)
+        _, err = proc.communicate(timeout=30)
+        text = err.decode(errors="replace").strip()
+        if fd is None:
+            raise MountError(errno.EIO, text or f"{FUSERMOUNT} failed (exit {proc.returncode})")
+        if proc.returncode != 0:
+            os.close(fd)
+            raise MountError(errno.EIO, text or f"{FUSERMOUNT} failed (exit {proc.returncode})")
+        os.set_blocking(fd, False)
+        os.set_inheritable(fd, False)
+        return fd
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def _receive_fd(sock: socket.socket) -> int | None:
+    fds = array.array("i")
+    try:
+        msg, ancdata, _flags, _addr = sock.recvmsg(1, socket.CMSG_SPACE(fds.itemsize))
+    except OSError:
+        return None
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
+    return fds[0] if fds else None
+
+
+def unmount(mountpoint: str, *, lazy: bool = False) -> bool:
+    """Unmount the top mount at `mountpoint`. False when nothing was mounted.
+
+    Root uses umount2 (EBUSY falls back to a lazy detach); others use
+    `fusermount3 -u` (with -z for lazy).
+    """
+    if os.geteuid() == 0:
+        flags = UMOUNT_NOFOLLOW | (MNT_DETACH if lazy else 0)
+        rc = _libc.umount2(os.fsencode(mountpoint), flags)
+        if rc == 0:
+            return True
+        e = ctypes.get_errno()
+        if e == errno.EBUSY and not lazy:
+            return unmount(mountpoint, lazy=True)
+        if e in (errno.EINVAL, errno.ENOENT):
+            return False  # not a mount point (any more)
+        raise OSError(e, f"umount {mountpoint}: {os.strerror(e)}")
+    args = [FUSERMOUNT, "-u", "-q"] + (["-z"] if lazy else []) + ["--", mountpoint]
+    proc = subprocess.run(args, capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+    if proc.returncode == 0:
+        return True
+    text = proc.stderr.decode(errors="replace").strip()
+    if "not found" in text or "not mounted" in text or "Invalid argument" in text:
+        return False
+    if not lazy and ("busy" in text.lower()):
+        return unmount(mountpoint, lazy=True)
+    raise OSError(errno.EIO, text or f"{FUSERMOUNT} -u failed")
+
+
+def unmount_if_ours(mountpoint: str, connection: int | None, *, lazy: bool = False) -> bool:
+    """Unmount only if the top exportd mount at `mountpoint` is `connection`."""
+    mounts = exportd_mounts(mountpoint)
+    if not mounts:
+        return False
+    top = max(mounts, key=lambda m: m.mount_id)
+    if connection is not None and top.connection != connection:
+        # Not on top: someone mounted over it or it is already gone.
+        if not any(m.connection == connection for m in mounts):
+            return False
+        log.warning("mount %s is covered by another mount; detaching lazily", mountpoint)
+        lazy = True
+    return unmount(mountpoint, lazy=lazy)
+
+
+def abort_connection(connection: int) -> bool:
+    """Write to /sys/fs/fuse/connections/N/abort (fusectl); False if unavailable."""
+    path = os.path.join(FUSECTL_DIR, str(connection), "abort")
+    try:
+        with open(path, "w") as f:
+            f.write("1")
+        return True
+    except OSError:
+        return False
+
+
+# --- stale mounts --------------------------------------------------------------
+
+
+def probe(mountpoint: str, timeout: float = 2.0) -> str:
+    """Stat `mountpoint` in a helper thread: 'alive', 'dead' (ENOTCONN) or 'hung'.
+
+    A daemon thread does the stat so a hung connection cannot hang the caller
+    (the thread itself stays blocked until the connection is aborted).
+    """
+    result: list[str] = []
+
+    def run() -> None:
+        try:
+            os.stat(mountpoint)
+            result.append("alive")
+        except OSError as e:
+            result.append(
+                "dead" if e.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.ENODEV) else "alive"
+            )
+
+    t = threading.Thread(target=run, name=f"probe {mountpoint}", daemon=True)
+    t.start()
+    t.join(timeout)
+    return result[0] if result else "hung"
+
+
+def find_stale_mounts(
+    mountpoints: list[str] | None = None, timeout: float = 2.0
+) -> list[MountInfo]:
+    """exportd mounts whose connection is dead (after a crash stat gives ENOTCONN).
+
+    Blocking; run it in a thread. `mountpoints` limits the search.
+    """
+    mounts = exportd_mounts()
+    if mountpoints is not None:
+        wanted = {os.path.abspath(p) for p in mountpoints}
+        mounts = [m for m in mounts if m.mountpoint in wanted]
+    stale = []
+    checked: dict[str, str] = {}
+    for m in mounts:
+        # Only the top mount at a path can be probed by path; lower ones are
+        # judged by their connection being gone from fusectl when it exists.
+        top = max((x for x in mounts if x.mountpoint == m.mountpoint), key=lambda x: x.mount_id)
+        if m is top:
+            state = checked.setdefault(m.mountpoint, probe(m.mountpoint, timeout))
+            if state == "dead":
+                stale.append(m)
+        elif os.path.isdir(FUSECTL_DIR) and not os.path.exists(
+            os.path.join(FUSECTL_DIR, str(m.connection))
+        ):
+            stale.append(m)
+    return stale
+
+
+def clean_stale_mounts(mountpoints: list[str] | None = None, timeout: float = 2.0) -> list[str]:
+    """Abort and lazily unmount dead exportd mounts; returns the mountpoints cleaned.
+
+    Blocking; run it in a thread. The daemon calls it at startup for every
+    mountpoint it is asked to use.
+    """
+    cleaned = []
+    for _ in range(8):  # stacked dead mounts at one path come off one by one
+        stale = find_stale_mounts(mountpoints, timeout)
+        if not stale:
+            break
+        progress = False
+        for m in sorted(stale, key=lambda m: -m.mount_id):
+            abort_connection(m.connection)
+            try:
+                if unmount(m.mountpoint, lazy=True):
+                    progress = True
+                    cleaned.append(m.mountpoint)
+                    log.info("removed stale FUSE mount %s (%s)", m.mountpoint, m.source)
+            except OSError as e:
+                log.warning("cannot remove stale mount %s: %s", m.mountpoint, e)
+        if not progress:
+            break
+    return cleaned

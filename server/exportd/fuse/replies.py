@@ -1,0 +1,103 @@
+"""Encoding of FUSE replies: the payload structs that follow fuse_out_header."""
+
+from __future__ import annotations
+
+import math
+import stat
+
+from . import abi
+from .filesystem import Attr, OpenReply, StatFs
+
+_NS = 1_000_000_000
+
+
+def _split_seconds(seconds: float) -> tuple[int, int]:
+    if seconds <= 0:
+        return 0, 0
+    frac, whole = math.modf(seconds)
+    return int(whole), int(frac * _NS)
+
+
+def attr(a: Attr, ino: int = abi.ROOT_ID) -> bytes:
+    """fuse_attr_out for the one file."""
+    mode = a.mode
+    if stat.S_IFMT(mode) == 0:
+        mode |= stat.S_IFREG
+    blocks = a.blocks if a.blocks is not None else (a.size + 511) // 512
+    valid_s, valid_ns = _split_seconds(a.valid_s)
+    return abi.ATTR_OUT.pack(
+        valid_s,
+        valid_ns,
+        0,
+        ino,
+        a.size,
+        blocks,
+        a.atime_ns // _NS,
+        a.mtime_ns // _NS,
+        a.ctime_ns // _NS,
+        a.atime_ns % _NS,
+        a.mtime_ns % _NS,
+        a.ctime_ns % _NS,
+        mode,
+        a.nlink,
+        a.uid,
+        a.gid,
+        0,
+        a.blksize,
+        0,
+    )
+
+
+def open_out(reply: OpenReply) -> bytes:
+    flags = reply.flags
+    if reply.backing_id:
+        flags |= abi.FOPEN_PASSTHROUGH
+    return abi.OPEN_OUT.pack(reply.fh, flags, reply.backing_id)
+
+
+def write_out(size: int) -> bytes:
+    return abi.WRITE_OUT.pack(size, 0)
+
+
+def lseek_out(offset: int) -> bytes:
+    return abi.LSEEK_OUT.pack(offset)
+
+
+def statfs_out(s: StatFs) -> bytes:
+    return abi.STATFS_OUT.pack(
+        s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize, 0
+    )
+
+
+def init_out(
+    *,
+    minor: int,
+    max_readahead: int,
+    flags: int,
+    max_background: int,
+    congestion_threshold: int,
+    max_write: int,
+    max_pages: int,
+    max_stack_depth: int,
+) -> bytes:
+    """fuse_init_out, cut to the size the kernel's minor knows."""
+    full = abi.INIT_OUT.pack(
+        abi.KERNEL_VERSION,
+        minor,
+        max_readahead,
+        flags & 0xFFFFFFFF,
+        max_background,
+        congestion_threshold,
+        max_write,
+        1,
+        max_pages,
+        0,
+        flags >> 32,
+        max_stack_depth,
+        0,
+    )
+    if minor < 5:
+        return full[: abi.INIT_OUT_COMPAT_SIZE]
+    if minor < 23:
+        return full[: abi.INIT_OUT_COMPAT_22_SIZE]
+    return full

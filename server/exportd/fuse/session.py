@@ -1,0 +1,606 @@
+"""One FUSE session: a mounted single-file filesystem served on the asyncio loop.
+
+    session = await FuseSession.start(fs, mountpoint, fsname="exportd:x",
+                                      read_only=False, allow_other=False,
+                                      passthrough=False)
+    reason = await session.closed        # or: await session.close()
+
+The /dev/fuse fd is nonblocking and watched with loop.add_reader. Each
+readiness callback reads a burst of requests (one per read(2)) into a buffer
+shared by all sessions on the loop (see buffers.py) and dispatches each one:
+its handler coroutine is started at once and, when it finishes without
+suspending (page-cache hits, in-memory data), answered inline; otherwise it
+continues as its own task, so a slow request never stalls the others.
+INTERRUPT cancels the task, which answers EINTR. Every reply is one writev.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Generator
+from typing import Any
+
+from . import abi, replies, requests
+from .buffers import BufferPool, pool_for
+from .filesystem import SingleFileFS
+from .mount import (
+    MountError,
+    MountOptions,
+    find_mount,
+    mount_fusermount,
+    mount_root,
+    open_dev_fuse,
+    unmount_if_ours,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_WRITE = 1 << 20
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+# Room for fuse_in_header + fuse_write_in + max_write, rounded up to a page.
+BUFFER_SIZE = MAX_WRITE + PAGE_SIZE
+# Requests handled per readiness callback before yielding to other sessions.
+BURST = 32
+# WRITE payloads up to this size are copied out of the shared buffer so the
+# buffer never waits on a slow handler; bigger ones keep it checked out.
+COPY_WRITE_MAX = 128 * 1024
+WANTED_FLAGS = (
+    abi.ASYNC_READ
+    | abi.ATOMIC_O_TRUNC
+    | abi.BIG_WRITES
+    | abi.ASYNC_DIO
+    | abi.AUTO_INVAL_DATA
+    | abi.MAX_PAGES
+    | abi.INIT_EXT
+    | abi.ABORT_ERROR
+    | abi.DIRECT_IO_ALLOW_MMAP
+)
+
+
+class PassthroughUnavailable(OSError):
+    """The kernel or our privileges refuse FUSE passthrough; serve reads ourselves."""
+
+
+class _Resume:
+    """Awaitable that keeps driving a coroutine that already suspended once.
+
+    This is what lets a request start eagerly in the read callback and move
+    to a task only when it really waits: the task resumes exactly where the
+    coroutine stopped (cancellation and exceptions are thrown into it).
+    """
+
+    __slots__ = ("_coro", "_pending")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], pending: Any) -> None:
+        self._coro = coro
+        self._pending = pending
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro = self._coro
+        value = self._pending
+        self._pending = None
+        while True:
+            try:
+                sent = yield value
+            except BaseException as exc:  # noqa: B036 - forwarded into the coroutine
+                try:
+                    value = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    value = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+
+class FuseSession:
+    """A mounted single-file FUSE filesystem served on one asyncio loop."""
+
+    def __init__(
+        self,
+        fs: SingleFileFS,
+        mountpoint: str,
+        options: MountOptions,
+        *,
+        passthrough: bool,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.fs = fs
+        self.mountpoint = os.path.abspath(mountpoint)
+        self.options = options
+        self.fsname = options.fsname
+        self.want_passthrough = passthrough
+        self.passthrough_available = False
+        self.connection: int | None = None  # FUSE connection number (fusectl)
+        self.proto_minor = 0
+        self.max_write = MAX_WRITE
+        self._loop = loop
+        self._pool: BufferPool = pool_for(loop, BUFFER_SIZE)
+        self._fd = -1
+        self._reading = False
+        self._inflight: dict[int, asyncio.Task[None]] = {}
+        self._backing_ids: set[int] = set()
+        self._counts = [0] * (abi.MAX_OPCODE + 1)
+        self._other_counts: dict[int, int] = {}
+        self._init_done: asyncio.Future[None] = loop.create_future()
+        self.closed: asyncio.Future[str] = loop.create_future()
+        self._closing = False
+        self._close_task: asyncio.Task[None] | None = None
+        self._ops: dict[int, Callable[[int, memoryview, int, int], bool]] = {
+            abi.GETATTR: self._op_getattr,
+            abi.SETATTR: self._op_setattr,
+            abi.OPEN: self._op_open,
+            abi.READ: self._op_read,
+            abi.WRITE: self._op_write,
+            abi.STATFS: self._op_statfs,
+            abi.RELEASE: self._op_release,
+            abi.FSYNC: self._op_fsync,
+            abi.FLUSH: self._op_flush,
+            abi.FALLOCATE: self._op_fallocate,
+            abi.LSEEK: self._op_lseek,
+            abi.LOOKUP: self._op_lookup,
+            abi.INTERRUPT: self._op_interrupt,
+            abi.FORGET: self._op_forget,
+            abi.BATCH_FORGET: self._op_forget,
+            abi.INIT: self._op_init,
+            abi.DESTROY: self._op_destroy,
+        }
+
+    # --- life cycle ---------------------------------------------------------------
+
+    @classmethod
+    async def start(
+        cls,
+        fs: SingleFileFS,
+        mountpoint: str,
+        *,
+        fsname: str,
+        read_only: bool = False,
+        allow_other: bool = False,
+        passthrough: bool = False,
+        loop: asyncio.AbstractEventLoop | None = None,
+        init_timeout: float = 10.0,
+    ) -> FuseSession:
+        """Mount `fs` over the regular file `mountpoint` and serve it.
+
+        Returns once the kernel's INIT is answered. Raises MountError (an
+        OSError) with the kernel's or fusermount3's message when mounting
+        fails, TimeoutError when INIT never comes.
+        """
+        loop = loop or asyncio.get_running_loop()
+        options = MountOptions(fsname=fsname, read_only=read_only, allow_other=allow_other)
+        self = cls(fs, mountpoint, options, passthrough=passthrough, loop=loop)
+        await self._mount()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._init_done), init_timeout)
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def _mount(self) -> None:
+        if os.geteuid() == 0:
+            # The fd only becomes readable once mount(2) attached it to a
+            # connection (before that, read gives EPERM); INIT waits queued.
+            self._fd = open_dev_fuse()
+            try:
+                await asyncio.to_thread(mount_root, self._fd, self.mountpoint, self.options)
+            except BaseException:
+                os.close(self._fd)
+                self._fd = -1
+                raise
+            self._start_reading()
+        else:
+            self._fd = await asyncio.to_thread(mount_fusermount, self.mountpoint, self.options)
+            self._start_reading()
+        found = find_mount(self.mountpoint, self.fsname)
+        self.connection = found.connection if found else None
+
+    async def close(self) -> None:
+        """Unmount and stop serving. Idempotent; safe from any task."""
+        if self.closed.done():
+            return
+        if self._close_task is None:
+            self._close_task = self._loop.create_task(self._shutdown("closed"))
+        await asyncio.shield(self._close_task)
+
+    async def _shutdown(self, reason: str) -> None:
+        self._closing = True
+        try:
+            await asyncio.to_thread(unmount_if_ours, self.mountpoint, self.connection)
+        except OSError as e:
+            log.warning("%s: unmount failed: %s", self.mountpoint, e)
+        self._end(reason)
+
+    def _end(self, reason: str) -> None:
+        """Release everything; tell the owner. Runs once."""
+        if self.closed.done():
+            return
+        self._stop_reading()
+        if not self._init_done.done():
+            self._init_done.set_exception(
+                MountError(errno.EIO, f"session ended before INIT: {reason}")
+            )
+            self._init_done.exception()  # mark retrieved
+        fd, self._fd = self._fd, -1
+        for backing_id in list(self._backing_ids):
+            self._backing_close_fd(fd, backing_id)
+        self._backing_ids.clear()
+        for task in list(self._inflight.values()):
+            task.cancel()
+        self._inflight.clear()
+        if fd >= 0:
+            os.close(fd)
+        self.closed.set_result(reason)
+        log.info("%s: FUSE session ended (%s)", self.mountpoint, reason)
+        try:
+            self.fs.on_session_end(reason)
+        except Exception:
+            log.exception("%s: on_session_end failed", self.mountpoint)
+
+    def _halt(self, reason: str) -> None:
+        """Stop trusting the device; unmount and end in the background."""
+        log.error("%s: halting FUSE session: %s", self.mountpoint, reason)
+        self._stop_reading()
+        if self._close_task is None and not self.closed.done():
+            self._close_task = self._loop.create_task(self._shutdown("error: " + reason))
+
+    def _gone(self) -> None:
+        """The device says the connection is over (unmounted or aborted)."""
+        reason = "closed" if self._closing else "unmounted"
+        self._stop_reading()
+        if self._closing:
+            return  # _shutdown finishes the job
+        self._end(reason)
+        # An aborted connection may leave its mount behind (ENOTCONN); drop it.
+        self._loop.create_task(self._drop_dead_mount())
+
+    async def _drop_dead_mount(self) -> None:
+        try:
+            await asyncio.to_thread(unmount_if_ours, self.mountpoint, self.connection, lazy=True)
+        except Exception as e:  # best effort
+            log.debug("%s: no dead mount to drop: %s", self.mountpoint, e)
+
+    # --- introspection -----------------------------------------------------------
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Requests seen per opcode name (only nonzero ones)."""
+        out = {abi.opcode_name(op): n for op, n in enumerate(self._counts) if n}
+        out.update({abi.opcode_name(op): n for op, n in self._other_counts.items()})
+        return out
+
+    def count(self, opcode_name: str) -> int:
+        return self.counters.get(opcode_name, 0)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    # --- passthrough ------------------------------------------------------------
+
+    def open_backing(self, fd: int) -> int:
+        """Register `fd` as a passthrough backing file; returns the backing id.
+
+        Raises PassthroughUnavailable when passthrough was not negotiated or
+        the kernel refuses (e.g. EPERM without CAP_SYS_ADMIN).
+        """
+        if not self.passthrough_available or self._fd < 0:
+            raise PassthroughUnavailable(
+                errno.EOPNOTSUPP, "FUSE passthrough not negotiated with the kernel"
+            )
+        arg = bytearray(abi.BACKING_MAP.pack(fd, 0, 0))
+        try:
+            backing_id = fcntl.ioctl(self._fd, abi.DEV_IOC_BACKING_OPEN, arg, True)
+        except OSError as e:
+            raise PassthroughUnavailable(
+                e.errno, f"FUSE_DEV_IOC_BACKING_OPEN refused: {e.strerror}"
+            ) from None
+        self._backing_ids.add(backing_id)
+        return backing_id
+
+    def close_backing(self, backing_id: int) -> None:
+        if backing_id in self._backing_ids:
+            self._backing_ids.discard(backing_id)
+            self._backing_close_fd(self._fd, backing_id)
+
+    @staticmethod
+    def _backing_close_fd(fd: int, backing_id: int) -> None:
+        if fd < 0:
+            return
+        try:
+            fcntl.ioctl(
+                fd, abi.DEV_IOC_BACKING_CLOSE, bytearray(backing_id.to_bytes(4, "little")), True
+            )
+        except OSError as e:
+            log.debug("FUSE_DEV_IOC_BACKING_CLOSE %d: %s", backing_id, e)
+
+    # --- reading and dispatch ------------------------------------------------------
+
+    def _start_reading(self) -> None:
+        self._loop.add_reader(self._fd, self._on_readable)
+        self._reading = True
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+
+    def _on_readable(self) -> None:
+        pool = self._pool
+        buf = pool.acquire()
+        try:
+            for _ in range(BURST):
+                if not self._reading:
+                    return
+                try:
+                    n = os.readv(self._fd, (buf,))
+                except BlockingIOError:
+                    return
+                except InterruptedError:
+                    continue
+                except OSError as e:
+                    if e.errno == errno.ENOENT:
+                        continue  # the request was interrupted before we got it
+                    if e.errno in (errno.ENODEV, errno.ECONNABORTED):
+                        self._gone()
+                    else:
+                        self._halt(f"read from /dev/fuse failed: {e}")
+                    return
+                if self._dispatch(buf, n):
+                    buf = pool.acquire()  # the old one belongs to a pending WRITE now
+        finally:
+            pool.release(buf)
+
+    def _dispatch(self, buf: memoryview, n: int) -> bool:
+        """Handle one request; True when `buf` must stay checked out."""
+        try:
+            opcode, unique, _nodeid, off = requests.header(buf, n)
+        except requests.ProtocolError as e:
+            self._halt(str(e))
+            return False
+        if opcode <= abi.MAX_OPCODE:
+            self._counts[opcode] += 1
+        else:
+            self._other_counts[opcode] = self._other_counts.get(opcode, 0) + 1
+        op = self._ops.get(opcode)
+        if op is None:
+            self._reply_error(unique, errno.ENOSYS)
+            return False
+        if not self._init_done.done() and opcode != abi.INIT:
+            log.warning("%s: %s before INIT", self.mountpoint, abi.opcode_name(opcode))
+            self._reply_error(unique, errno.EIO)
+            return False
+        try:
+            return op(unique, buf, off, n)
+        except requests.RequestError as e:
+            log.warning("%s: bad request: %s", self.mountpoint, e)
+            self._reply_error(unique, errno.EINVAL)
+            return False
+
+    def _run(
+        self, unique: int, coro: Coroutine[Any, Any, Any], buf: memoryview | None = None
+    ) -> bool:
+        """Start a handler coroutine; answer inline if it finishes at once."""
+        try:
+            pending = coro.send(None)
+        except StopIteration as stop:
+            self._reply_ok(unique, stop.value)
+            return False
+        except BaseException as exc:  # noqa: B036 - every failure becomes an errno
+            self._reply_exception(unique, exc)
+            return False
+        task = self._loop.create_task(self._finish(unique, _Resume(coro, pending), buf))
+        self._inflight[unique] = task
+        return buf is not None
+
+    async def _finish(self, unique: int, work: Awaitable[Any], buf: memoryview | None) -> None:
+        try:
+            result = await work
+        except BaseException as exc:  # noqa: B036
+            if self._fd >= 0:
+                self._reply_exception(unique, exc)
+        else:
+            if self._fd >= 0:
+                self._reply_ok(unique, result)
+        finally:
+            self._inflight.pop(unique, None)
+            if buf is not None:
+                self._pool.release(buf)
+
+    # --- replies -----------------------------------------------------------------
+
+    def _write(self, parts: tuple[Any, ...]) -> None:
+        if self._fd < 0:
+            return
+        try:
+            os.writev(self._fd, parts)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return  # request was interrupted/aborted meanwhile
+            if e.errno in (errno.ENODEV, errno.ECONNABORTED):
+                self._gone()
+                return
+            log.error("%s: reply rejected by the kernel: %s", self.mountpoint, e)
+
+    def _reply_ok(self, unique: int, payload: Any) -> None:
+        if payload is None:
+            self._write((abi.OUT_HEADER.pack(16, 0, unique),))
+        else:
+            self._write((abi.OUT_HEADER.pack(16 + len(payload), 0, unique), payload))
+
+    def _reply_error(self, unique: int, err: int) -> None:
+        self._write((abi.OUT_HEADER.pack(16, -err, unique),))
+
+    def _reply_exception(self, unique: int, exc: BaseException) -> None:
+        if isinstance(exc, asyncio.CancelledError):
+            err = errno.EINTR
+        elif isinstance(exc, OSError) and exc.errno and 0 < exc.errno < 4096:
+            err = exc.errno
+        else:
+            log.error("%s: request handler failed", self.mountpoint, exc_info=exc)
+            err = errno.EIO
+        self._reply_error(unique, err)
+        if not isinstance(exc, Exception | asyncio.CancelledError):
+            raise exc  # KeyboardInterrupt, SystemExit
+
+    # --- INIT / DESTROY / INTERRUPT / FORGET ------------------------------------
+
+    def _op_init(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
+        init = requests.init_in(buf, off, end)
+        if init.major > abi.KERNEL_VERSION:
+            # Tell the kernel our major; it retries INIT with it.
+            self._write(
+                (
+                    abi.OUT_HEADER.pack(16 + 8, 0, unique),
+                    abi.INIT_OUT.pack(
+                        abi.KERNEL_VERSION,
+                        abi.KERNEL_MINOR_VERSION,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                    )[:8],
+                )
+            )
+            return False
+        if init.major < abi.KERNEL_VERSION or init.minor < abi.MIN_KERNEL_MINOR:
+            self._reply_error(unique, errno.EPROTO)
+            self._halt(f"kernel FUSE protocol {init.major}.{init.minor} is too old")
+            return False
+        minor = min(init.minor, abi.KERNEL_MINOR_VERSION)
+        flags = WANTED_FLAGS
+        max_stack_depth = 0
+        if self.want_passthrough:
+            flags |= abi.PASSTHROUGH
+            max_stack_depth = 1  # backing files live on ordinary (unstacked) filesystems
+        flags &= init.flags
+        if not flags & abi.INIT_EXT:
+            flags &= 0xFFFFFFFF
+        self.passthrough_available = bool(flags & abi.PASSTHROUGH)
+        if not self.passthrough_available:
+            max_stack_depth = 0
+        self.proto_minor = minor
+        payload = replies.init_out(
+            minor=minor,
+            max_readahead=init.max_readahead,
+            flags=flags,
+            max_background=64,
+            congestion_threshold=48,
+            max_write=self.max_write,
+            max_pages=self.max_write // PAGE_SIZE,
+            max_stack_depth=max_stack_depth,
+        )
+        self._reply_ok(unique, payload)
+        log.debug("%s: INIT 7.%d flags %#x", self.mountpoint, minor, flags)
+        if not self._init_done.done():
+            self._init_done.set_result(None)
+        return False
+
+    def _op_destroy(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
+        self._reply_ok(unique, None)
+        self._stop_reading()
+        if not self._closing:
+            self._end("destroy")
+        return False
+
+    def _op_interrupt(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
+        (target,) = requests.body(abi.INTERRUPT_IN, buf, off, end, "INTERRUPT")
+        task = self._inflight.get(target)
+        if task is not None:
+            task.cancel()
+        # Unknown: already answered (we read requests in order). No reply either way.
+        return False
+
+    def _op_forget(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
+        return False  # one inode that never goes away; FORGET gets no reply
+
+    def _op_lookup(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
+        self._reply_error(unique, errno.ENOENT)  # the root is a file: nothing under it
+        return False
+
+    # --- file operations --------------------------------------------------------
+
+    def _op_getattr(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
+        return self._run(unique, self._getattr())
+
+    async def _getattr(self) -> bytes:
+        return replies.attr(await self.fs.getattr())
+
+    def _op_setattr(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
+        changes = requests.setattr_in(buf, off, end, time.time_ns())
+        return self._run(unique, self._setattr(changes))
+
+    async def _setattr(self, changes: Any) -> bytes:
+        return replies.attr(await self.fs.setattr(changes))
+
+    def _op_open(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
+        flags, _open_flags = requests.body(abi.OPEN_IN, buf, off, end, "OPEN")
+        return self._run(unique, self._open(flags))
+
+    async def _open(self, flags: int) -> bytes:
+        return replies.open_out(await self.fs.open(flags))
+
+    def _op_read(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
+        fh, offset, size, _rf, _lo, _flags, _pad = requests.body(abi.READ_IN, buf, off, end, "READ")
+        return self._run(unique, self._read(fh, offset, size))
+
+    async def _read(self, fh: int, offset: int, size: int) -> Any:
+        data = await self.fs.read(fh, offset, size)
+        if len(data) > size:
+            data = memoryview(data)[:size]
+        return data
+
+    def _op_write(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
+        fh, offset, data = requests.write_in(buf, off, end)
+        if len(data) <= COPY_WRITE_MAX:
+            return self._run(unique, self._write_op(fh, offset, memoryview(bytes(data)), len(data)))
+        return self._run(unique, self._write_op(fh, offset, data, len(data)), buf)
+
+    async def _write_op(self, fh: int, offset: int, data: memoryview, size: int) -> bytes:
+        written = await self.fs.write(fh, offset, data)
+        if not 0 <= written <= size:
+            raise OSError(errno.EIO, f"write handler returned {written} for {size} bytes")
+        return replies.write_out(written)
+
+    def _op_statfs(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
+        return self._run(unique, self._statfs())
+
+    async def _statfs(self) -> bytes:
+        return replies.statfs_out(await self.fs.statfs())
+
+    def _op_release(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
+        fh, flags, _rflags, _lo = requests.body(abi.RELEASE_IN, buf, off, end, "RELEASE")
+        return self._run(unique, self.fs.release(fh, flags))
+
+    def _op_flush(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
+        fh, _u, _p, _lo = requests.body(abi.FLUSH_IN, buf, off, end, "FLUSH")
+        return self._run(unique, self.fs.flush(fh))
+
+    def _op_fsync(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
+        fh, fsync_flags, _p = requests.body(abi.FSYNC_IN, buf, off, end, "FSYNC")
+        return self._run(unique, self.fs.fsync(fh, bool(fsync_flags & abi.FSYNC_FDATASYNC)))
+
+    def _op_fallocate(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
+        fh, offset, length, mode, _p = requests.body(abi.FALLOCATE_IN, buf, off, end, "FALLOCATE")
+        return self._run(unique, self.fs.fallocate(fh, offset, length, mode))
+
+    def _op_lseek(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
+        fh, offset, whence, _p = requests.body(abi.LSEEK_IN, buf, off, end, "LSEEK")
+        return self._run(unique, self._lseek(fh, offset, whence))
+
+    async def _lseek(self, fh: int, offset: int, whence: int) -> bytes:
+        return replies.lseek_out(await self.fs.lseek(fh, offset, whence))
