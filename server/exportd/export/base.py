@@ -57,7 +57,6 @@ class BlockExport(ABC):
         self.node_user: NodeUser | None = None
         self.deleted = asyncio.Event()
         self._delete_task: asyncio.Task[None] | None = None
-        self._requests: set[asyncio.Task[Any]] = set()
 
     # --- identity ---------------------------------------------------------
     def describe(self) -> str:
@@ -103,14 +102,9 @@ class BlockExport(ABC):
         if not self.user_owned:
             raise OSError(errno.EIO, "export is shutting down")
         self.ref()
-        task = asyncio.current_task()
-        if task is not None:
-            self._requests.add(task)
         try:
             yield
         finally:
-            if task is not None:
-                self._requests.discard(task)
             self.unref()
 
     # --- shutdown -----------------------------------------------------------
@@ -127,9 +121,12 @@ class BlockExport(ABC):
             log.exception("export %s: request_shutdown hook failed", self.id)
         self.user_owned = False
         if cancel_requests:
-            for task in list(self._requests):
-                task.cancel()
+            self.cancel_requests()
         self.unref()
+
+    def cancel_requests(self) -> None:
+        """Type hook: make requests in flight end now (mode=hard)."""
+        return None
 
     def _request_shutdown(self) -> None:
         """Type hook: stop accepting new requests (no I/O wait allowed here)."""

@@ -23,7 +23,7 @@ import logging
 import os
 from typing import Any
 
-from exportd.block.node import BlockNode, Perm
+from exportd.block.node import Perm
 from exportd.errors import QMPError
 from exportd.export import mountpoint as mp
 from exportd.export.base import BlockExport
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 HOLDER_WAIT_S = 10.0  # how long an add waits for a shutting-down export on its mountpoint
 UNMOUNT_TIMEOUT_S = 15.0
+STALE_CLEAN_TIMEOUT_S = 30.0
 
 
 class FuseExport(BlockExport):
@@ -49,6 +50,7 @@ class FuseExport(BlockExport):
         self.backing_id = 0
         self._backing_fd = -1
         self.session: Any = None
+        self._close_task: asyncio.Task[None] | None = None
         self.mount_dev: tuple[int, int] | None = None
         self.file = ExportedFile(self)
 
@@ -126,21 +128,17 @@ class FuseExport(BlockExport):
     async def _clean_stale(self, canonical: str) -> None:
         """A dead exportd mount on the mountpoint (its daemon was killed) is
         removed first; live mounts of other processes are left alone."""
+        from exportd.fuse import mount as fuse_mount
+
         try:
-            from exportd.fuse import mount as fuse_mount
-        except ImportError:
-            return
-        clean = getattr(fuse_mount, "clean_stale_mount", None) or getattr(
-            fuse_mount, "clean_stale", None
-        )
-        if clean is None:
-            return
-        try:
-            result = clean(canonical)
-            if asyncio.iscoroutine(result):
-                await result
+            cleaned = await mp.in_thread(
+                lambda: fuse_mount.clean_stale_mounts([canonical]), timeout=STALE_CLEAN_TIMEOUT_S
+            )
         except Exception as e:  # noqa: BLE001 - the stat below reports what is wrong
             log.warning("export %s: cleaning stale mount on %s failed: %s", self.id, canonical, e)
+            return
+        if cleaned:
+            log.info("export %s: removed stale mount(s) on %s", self.id, canonical)
 
     def _find_mount_dev(self) -> tuple[int, int] | None:
         entries = [e for e in mp.mounts_at(self.canonical) if mp.is_fuse(e)]
@@ -166,38 +164,60 @@ class FuseExport(BlockExport):
         self.allow_other = allow_other
 
     async def _unmount(self) -> None:
-        session, self.session = self.session, None
+        """Unmount and end the session (idempotent, shared by all callers)."""
+        if self._close_task is None:
+            self._close_task = asyncio.get_running_loop().create_task(self._close_session())
+        await asyncio.shield(self._close_task)
+
+    async def _close_session(self) -> None:
+        self._close_backing()  # before the session goes: it owns the device fd
+        session = self.session
         if session is None:
             return
         try:
             await asyncio.wait_for(session.close(), UNMOUNT_TIMEOUT_S)
         except Exception:  # noqa: BLE001
             log.exception("export %s: unmount of %s failed", self.id, self.mountpoint)
+        self.session = None
+
+    def cancel_requests(self) -> None:
+        # closing the session unmounts and cancels every handler in flight;
+        # each answers EINTR and drops its reference
+        if self.session is not None:
+            asyncio.get_running_loop().create_task(self._unmount())
 
     # --- passthrough ------------------------------------------------------------
-    def _passthrough_source(self) -> tuple[BlockNode | None, str]:
-        """The file node whose descriptor the kernel may use, or why not."""
+    def _passthrough_source(self) -> tuple[int | None, str]:
+        """The host descriptor the kernel may use directly, or why not."""
         node = self.node
         if node.driver == "raw":
-            offset = getattr(node, "offset", 0) or node.options.get("offset", 0)
-            has_size = getattr(node, "size_limited", None)
-            if has_size is None:
-                has_size = "size" in node.options
-            if offset or has_size:
+            if getattr(node, "has_window", False):
                 return None, "the raw node exposes a window (offset/size) of its file"
-            node = node.children.get("file")
-            if node is None:
-                return None, "the raw node has no file child"
-        if node.driver != "file":
+            file_node = node.children.get("file")
+            if file_node is None or file_node.driver != "file":
+                return None, "passthrough needs a raw node on a plain file"
+        elif node.driver != "file":
             return None, f"passthrough needs a raw export of a plain file (node is '{node.driver}')"
-        if _node_fd(node) is None:
-            return None, "the file node has no descriptor to pass"
+        host_fd = getattr(node, "host_fd", None)
+        fd = host_fd() if callable(host_fd) else None
+        if fd is None:
+            return None, "the node has no plain host descriptor (cache.direct=on?)"
         if self.writable and not self.growable:
             return None, (
                 "the kernel would let writes past the end grow the image; "
                 "make the export growable or read-only"
             )
-        return node, ""
+        if self.writable and self._length_follower() is None:
+            return None, "the block node cannot follow size changes made by the kernel"
+        return fd, ""
+
+    def _length_follower(self):  # noqa: ANN202 - callable or None
+        """The node hook that re-reads the file size after the kernel wrote
+        through passthrough (`refresh_length()` on the file node)."""
+        node = self.node
+        target = node.children.get("file") if node.driver == "raw" else node
+        fn = getattr(target, "refresh_length", None)
+        return fn if callable(fn) else None
 
     def _passthrough_wanted(self, mode: str) -> bool:
         if mode == "off":
@@ -214,10 +234,9 @@ class FuseExport(BlockExport):
     async def _setup_passthrough(self, mode: str, wanted: bool) -> None:
         if not wanted:
             return
-        source, _ = self._passthrough_source()
-        assert source is not None
+        host_fd, _ = self._passthrough_source()
         try:
-            fd = _reopen(_node_fd(source), self.writable, source, self.writethrough)
+            fd = _reopen(host_fd, self.writable, self.writethrough)
         except OSError as e:
             return self._passthrough_failed(mode, f"cannot reopen the image: {e.strerror}")
         try:
@@ -258,13 +277,11 @@ class FuseExport(BlockExport):
     # --- what the file handlers ask ------------------------------------------------
     def current_length(self) -> int:
         """The size clients see. Under writable passthrough the kernel writes
-        the file itself, so its size is the truth (fstat of our own backing
-        descriptor: a local file, never our mount)."""
-        if self.passthrough and self.writable and self._backing_fd >= 0:
-            try:
-                return os.fstat(self._backing_fd).st_size
-            except OSError:
-                pass
+        the file itself and may grow it: the file node re-reads its size."""
+        if self.passthrough and self.writable:
+            follow = self._length_follower()
+            if follow is not None:
+                follow()
         return self.node.getlength()
 
     def length_changed(self) -> None:
@@ -278,7 +295,6 @@ class FuseExport(BlockExport):
 
     # --- shutdown --------------------------------------------------------------------
     async def _delete(self) -> None:
-        self._close_backing()  # before the unmount: the session closes the id
         await self._unmount()
 
     def extra_info(self) -> dict[str, Any]:
@@ -291,21 +307,12 @@ class FuseExport(BlockExport):
         }
 
 
-def _node_fd(node: BlockNode) -> int | None:
-    for name in ("fd", "_fd"):
-        fd = getattr(node, name, None)
-        if isinstance(fd, int) and fd >= 0:
-            return fd
-    return None
-
-
-def _reopen(fd: int | None, writable: bool, node: BlockNode, writethrough: bool) -> int:
-    """A descriptor of our own on the node's file, for the kernel to use."""
+def _reopen(fd: int | None, writable: bool, writethrough: bool) -> int:
+    """A descriptor of our own on the node's file, for the kernel to use
+    (writethrough: every write the kernel passes through is O_DSYNC)."""
     if fd is None:
         raise OSError(errno.EBADF, "no descriptor")
     flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
-    if getattr(node, "cache_direct", False):
-        flags |= os.O_DIRECT
     if writethrough:
         flags |= os.O_DSYNC
     return os.open(f"/proc/self/fd/{fd}", flags)

@@ -145,9 +145,7 @@ class ExportTable:
             for exp in exports:
                 if not exp.deleted.is_set():
                     log.warning("export %s: cancelling requests still in flight", exp.id)
-                    exp.request_shutdown(cancel_requests=True)
-                    for task in list(exp._requests):
-                        task.cancel()
+                    exp.cancel_requests()
             done, rest = await asyncio.wait(rest, timeout=SHUTDOWN_GRACE_S)
             for fut in rest:
                 fut.cancel()
