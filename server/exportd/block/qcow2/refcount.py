@@ -1,0 +1,217 @@
+"""Refcount table and blocks: lookups, updates, cluster allocation, table growth.
+
+Crash-safety rules kept here (docs/interop/qcow2.txt; refcounts may be too
+high, never too low):
+- a new refcount block is written to disk before the table entry pointing to
+  it, and the table entry is durable before any L2 entry relies on it (the
+  driver's writeback writes blocks, fsyncs, writes the table, fsyncs, then L2);
+- a grown refcount table is written and fsynced before the header points to it;
+- decrements are applied only after the metadata that dropped the reference is
+  durable (the driver queues them and calls `add(..., -1)` after its fsync).
+"""
+
+from __future__ import annotations
+
+import errno
+from array import array
+from typing import TYPE_CHECKING
+
+from exportd.block.qcow2 import refcount_codec
+from exportd.block.qcow2.l2cache import decode_table, encode_table
+
+if TYPE_CHECKING:
+    from exportd.block.qcow2.driver import Qcow2Node
+
+REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
+MAX_CACHED_BLOCKS = 512
+
+
+class RefBlock:
+    __slots__ = ("offset", "values", "dirty")
+
+    def __init__(self, offset: int, values: array, dirty: bool = False) -> None:
+        self.offset = offset
+        self.values = values
+        self.dirty = dirty
+
+
+class Refcounts:
+    def __init__(self, node: Qcow2Node, table: array, order: int) -> None:
+        self.node = node
+        self.cbits = node.cluster_bits
+        self.cs = 1 << self.cbits
+        self.bits = 1 << order
+        self.max_value = (1 << self.bits) - 1
+        self.block_shift = self.cbits + 3 - order  # log2(refcounts per block)
+        self.per_block = 1 << self.block_shift
+        self.table = table
+        self.table_dirty = False
+        self.blocks: dict[int, RefBlock] = {}
+        self.free_hint = 0
+
+    @classmethod
+    def table_from_bytes(cls, data: bytes) -> array:
+        return decode_table(data)
+
+    # --- blocks -----------------------------------------------------------
+    async def _block(self, bi: int) -> RefBlock | None:
+        b = self.blocks.get(bi)
+        if b is not None:
+            return b
+        if bi >= len(self.table):
+            return None
+        off = self.table[bi] & REFT_OFFSET_MASK
+        if not off:
+            return None
+        if off & (self.cs - 1) or off + self.cs > self.node.file_end:
+            raise self.node.corruption(f"refcount block {bi} at 0x{off:x} is outside the image or misaligned")
+        data = await self.node.pread(off, self.cs)
+        b = RefBlock(off, refcount_codec.decode(data, self.bits))
+        if len(self.blocks) >= MAX_CACHED_BLOCKS:
+            for k in [k for k, v in self.blocks.items() if not v.dirty][: MAX_CACHED_BLOCKS // 4]:
+                del self.blocks[k]
+        self.blocks[bi] = b
+        return b
+
+    async def get(self, ci: int) -> int:
+        b = await self._block(ci >> self.block_shift)
+        return b.values[ci & (self.per_block - 1)] if b is not None else 0
+
+    async def add(self, ci: int, delta: int) -> int:
+        """Change one cluster's refcount (its block must exist for increments)."""
+        b = await self._block(ci >> self.block_shift)
+        if b is None:
+            if delta < 0:
+                return 0  # already zero: image was inconsistent; never go below 0
+            b = await self._create_block(ci >> self.block_shift, ci)
+        i = ci & (self.per_block - 1)
+        v = b.values[i] + delta
+        if v < 0:
+            v = 0
+        if v > self.max_value:
+            raise OSError(errno.EMFILE, "qcow2: refcount overflow")
+        b.values[i] = v
+        b.dirty = True
+        if v == 0:
+            self.free_hint = min(self.free_hint, ci)
+        return v
+
+    async def _create_block(self, bi: int, at: int) -> RefBlock:
+        """A new block for range `bi`, placed at free cluster `at` of that range
+        (so it counts itself). Written now; its table entry is written at writeback."""
+        if bi >= len(self.table):
+            await self._grow_table(at)
+            b = self.blocks.get(bi)
+            assert b is not None
+            return b
+        assert at >> self.block_shift == bi
+        values = refcount_codec.decode(bytes(self.cs), self.bits)
+        values[at & (self.per_block - 1)] = 1
+        off = at << self.cbits
+        b = RefBlock(off, values)
+        await self.node.pwrite(off, refcount_codec.encode(values, self.bits))
+        self.blocks[bi] = b
+        self.table[bi] = off
+        self.table_dirty = True
+        self.node.meta_clusters.add(at)
+        return b
+
+    async def _grow_table(self, start: int) -> None:
+        """Move the refcount table to a bigger one at cluster `start` (which lies
+        beyond everything the old table covers, so every cluster from there on is
+        free), followed by the new blocks that cover the table and themselves."""
+        old_slots = len(self.table)
+        t_clusters = 1
+        n_blocks = 0
+        while True:
+            last = start + t_clusters + n_blocks - 1
+            need_slots = (last >> self.block_shift) + 1
+            want_slots = max(need_slots, old_slots * 2, 1)
+            t_new = -(-want_slots * 8 // self.cs)
+            b_new = need_slots - old_slots
+            if t_new == t_clusters and b_new == n_blocks:
+                break
+            t_clusters, n_blocks = max(t_clusters, t_new), max(n_blocks, b_new)
+        if t_clusters * self.cs > 8 * 1024 * 1024:
+            raise OSError(errno.EFBIG, "qcow2: refcount table would exceed 8 MiB")
+        table = array("Q", self.table)
+        table.extend([0] * (t_clusters * self.cs // 8 - len(table)))
+        used_end = start + t_clusters + n_blocks
+        new_blocks: dict[int, RefBlock] = {}
+        for k in range(n_blocks):
+            bi = old_slots + k
+            ci = start + t_clusters + k
+            values = refcount_codec.decode(bytes(self.cs), self.bits)
+            lo, hi = bi << self.block_shift, (bi + 1) << self.block_shift
+            for c in range(max(lo, start), min(hi, used_end)):
+                values[c - lo] = 1
+            b = RefBlock(ci << self.cbits, values)
+            new_blocks[bi] = b
+            table[bi] = b.offset
+            await self.node.pwrite(b.offset, refcount_codec.encode(values, self.bits))
+        tbl_off = start << self.cbits
+        await self.node.pwrite(tbl_off, encode_table(table))
+        await self.node.fsync()
+        old_off, old_clusters = self.node.header.refcount_table_offset, self.node.header.refcount_table_clusters
+        self.node.header.refcount_table_offset = tbl_off
+        self.node.header.refcount_table_clusters = t_clusters
+        await self.node.write_header()
+        await self.node.fsync()
+        self.table = table
+        self.table_dirty = False
+        self.blocks.update(new_blocks)
+        for c in range(start, used_end):
+            self.node.meta_clusters.add(c)
+        old_ci = old_off >> self.cbits
+        for c in range(old_ci, old_ci + old_clusters):
+            self.node.meta_clusters.discard(c)
+            self.node.defer_free(c << self.cbits, 1)
+
+    # --- allocation ---------------------------------------------------------
+    async def alloc(self, n: int = 1) -> int:
+        """Allocate `n` contiguous free clusters (refcount 1 each); returns the
+        host offset of the first."""
+        ci = self.free_hint
+        meta = self.node.meta_clusters
+        while True:
+            run_ok = True
+            for j in range(n):
+                c = ci + j
+                if c in meta or await self.get(c):
+                    ci = c + 1
+                    run_ok = False
+                    break
+            if not run_ok:
+                continue
+            # every cluster of the run needs an existing refcount block
+            restarted = False
+            for j in range(n):
+                c = ci + j
+                if await self._block(c >> self.block_shift) is None:
+                    await self._create_block(c >> self.block_shift, c)
+                    restarted = True
+                    break
+            if restarted:
+                continue  # the new block took a cluster; search again
+            for j in range(n):
+                await self.add(ci + j, 1)
+            self.free_hint = ci + n
+            return ci << self.cbits
+
+    # --- writeback ------------------------------------------------------------
+    def dirty(self) -> bool:
+        return self.table_dirty or any(b.dirty for b in self.blocks.values())
+
+    async def write_blocks(self) -> bool:
+        wrote = False
+        for b in self.blocks.values():
+            if b.dirty:
+                await self.node.pwrite(b.offset, refcount_codec.encode(b.values, self.bits))
+                b.dirty = False
+                wrote = True
+        return wrote
+
+    async def write_table(self) -> None:
+        if self.table_dirty:
+            await self.node.pwrite(self.node.header.refcount_table_offset, encode_table(self.table))
+            self.table_dirty = False
