@@ -1,0 +1,61 @@
+"""Run I/O on a mount from another process, off the serving event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+PRELUDE = """
+import ctypes, errno, json, mmap, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+def fallocate(fd, mode, off, length):
+    if libc.fallocate(fd, mode, off, length) != 0:
+        e = ctypes.get_errno(); raise OSError(e, os.strerror(e))
+def pattern(n, seed=0):
+    return bytes((i * 7 + seed) & 0xFF for i in range(n))
+def out(obj):
+    print(json.dumps(obj)); sys.stdout.flush()
+"""
+
+
+def _run(argv: list[str], timeout: float, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+async def child(code: str, *args: Any, timeout: float = 60, check: bool = True, **kw: Any) -> Any:
+    """Run a Python snippet in a fresh process (in a thread, so the loop keeps serving).
+
+    Positional args arrive as sys.argv[1:]; the snippet's last stdout line is
+    parsed as JSON when it can be.
+    """
+    argv = [sys.executable, "-c", PRELUDE + textwrap.dedent(code), *map(str, args)]
+    proc = await asyncio.to_thread(_run, argv, timeout, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"child failed ({proc.returncode}):\n{proc.stderr}\n{proc.stdout}")
+    lines = proc.stdout.strip().splitlines()
+    if not check:
+        return proc
+    try:
+        return json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:
+        return proc.stdout
+
+
+async def command(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run a program (cp, dd, ...) in a thread; fails the test on a nonzero exit."""
+    proc = await asyncio.to_thread(_run, list(argv), timeout)
+    assert proc.returncode == 0, f"{argv} failed: {proc.stderr}"
+    return proc
+
+
+def pattern(n: int, seed: int = 0) -> bytes:
+    return bytes((i * 7 + seed) & 0xFF for i in range(n))
+
+
+def dump(obj: Any) -> str:
+    return json.dumps(obj)
