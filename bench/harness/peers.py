@@ -1,0 +1,288 @@
+"""The peers the benchmark compares: how each one starts, where fio aims, how it stops.
+
+A peer that cannot start is not an error of the run: start() raises
+PeerUnavailable with a one-line reason, the run goes on without it and the
+report says "unavailable: <reason>".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .images import Images
+from .mounts import force_unmount, is_mounted
+from .scratch import Scratch, stop_process
+
+READY_TIMEOUT_S = 20.0
+NULL_SIZE = 1024**3
+
+
+class PeerUnavailable(Exception):
+    """The peer cannot run here; str(exc) is the reason shown in the report."""
+
+
+@dataclass
+class PeerEnv:
+    """What peers need from the run."""
+    scratch: Scratch
+    images: Images
+    exportd_cmd: list[str] | None          # None: no exportd executable found
+    exportd_missing_reason: str
+    pyfuse3_python: str                    # interpreter that has pyfuse3 and trio
+    pyfuse3_script: Path
+    null_size: int = NULL_SIZE
+
+
+@dataclass
+class Peer:
+    name: str
+    label: str
+    family: str                            # raw | qcow2 | null-co
+    status: str = "new"                    # new | ok | unavailable | failed | stopped
+    reason: str = ""
+    info: dict = field(default_factory=dict)
+
+    def start(self, env: PeerEnv) -> None:
+        raise NotImplementedError
+
+    def fio_paths(self, two_exports: bool) -> list[Path]:
+        raise NotImplementedError
+
+    def alive(self) -> bool:
+        return True
+
+    def kill(self) -> None:
+        """Abort hard (a hung server): pending I/O on its mounts must fail."""
+
+    def stop(self) -> None:
+        pass
+
+    @property
+    def pid(self) -> int | None:
+        return None
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+class DirectPeer(Peer):
+    """fio straight on the raw image file: the physical limit."""
+
+    def start(self, env: PeerEnv) -> None:
+        self.path = env.images.raw()
+        self.info["image"] = str(self.path)
+
+    def fio_paths(self, two_exports: bool) -> list[Path]:
+        return [self.path, self.path] if two_exports else [self.path]
+
+
+class ProcessPeer(Peer):
+    """A peer that is a server process exposing mountpoints (regular files)."""
+
+    def __post_init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.mountpoints: list[Path] = []
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def _launch(self, env: PeerEnv, cmd: list[str], workdir: Path) -> None:
+        self.info["command"] = cmd
+        self.log_path = workdir / "server.log"
+        with self.log_path.open("wb") as log:
+            # Own session: a Ctrl-C on the harness must not kill servers under
+            # fio's feet; the harness stops them itself, in order.
+            self.proc = env.scratch.track(subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True))
+
+    def _wait_ready(self, extra_ready=lambda: True) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            status = self.proc.poll()
+            if status is not None:
+                last = _last_line(self.log_path)
+                self._unmount_leftovers()
+                raise PeerUnavailable(f"exited with status {status}" + (f": {last}" if last else ""))
+            if all(is_mounted(m) for m in self.mountpoints) and extra_ready():
+                return
+            if time.monotonic() > deadline:
+                last = _last_line(self.log_path)
+                self.stop()
+                raise PeerUnavailable(f"not serving after {READY_TIMEOUT_S:.0f} s"
+                                      + (f": {last}" if last else ""))
+            time.sleep(0.05)
+
+    def _unmount_leftovers(self) -> None:
+        for m in self.mountpoints:
+            if is_mounted(m):
+                force_unmount(m)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._unmount_leftovers()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            status = stop_process(self.proc, grace=10.0)
+            self.info["exit_status"] = status
+        self._unmount_leftovers()
+
+
+class Pyfuse3Peer(ProcessPeer):
+    """bench/peers/pyfuse3_file.py mounted over a file, serving the raw image."""
+
+    def start(self, env: PeerEnv) -> None:
+        probe = subprocess.run([env.pyfuse3_python, "-c", "import pyfuse3, trio"],
+                               capture_output=True, text=True)
+        if probe.returncode != 0:
+            raise PeerUnavailable("pyfuse3/trio not importable by "
+                                  f"{env.pyfuse3_python} (pip install -e '.[bench]')")
+        workdir = env.scratch.dir(self.name)
+        mountpoint = workdir / "export0.raw"
+        mountpoint.touch()
+        self.mountpoints = [mountpoint]
+        image = env.images.raw()
+        self._launch(env, [env.pyfuse3_python, str(env.pyfuse3_script), str(image), str(mountpoint)],
+                     workdir)
+        self._wait_ready()
+
+    def fio_paths(self, two_exports: bool) -> list[Path]:
+        # One mount per process is all pyfuse3 offers: both jobs share it.
+        m = self.mountpoints[0]
+        return [m, m] if two_exports else [m]
+
+
+def blockdev_args(family: str, image: Path | None, null_size: int) -> tuple[list[str], str]:
+    """--blockdev options for a family and the node name to export."""
+    if family == "raw":
+        return ["--blockdev", f"driver=file,node-name=file0,filename={image}"], "file0"
+    if family == "qcow2":
+        return ["--blockdev", f"driver=file,node-name=file0,filename={image}",
+                "--blockdev", "driver=qcow2,node-name=qcow0,file=file0"], "qcow0"
+    if family == "null-co":
+        return ["--blockdev", f"driver=null-co,node-name=null0,size={null_size}"], "null0"
+    raise ValueError(family)
+
+
+class DaemonPeer(ProcessPeer):
+    """qemu-storage-daemon or exportd: same blockdev/export/monitor arguments.
+
+    export_count FUSE exports of one node (two, for the two-exports workload);
+    0 for the control-plane daemons, which get their exports over QMP.
+    """
+
+    export_count: int = 2
+    extra_export_options: str = ""
+    private_image: bool = False
+
+    def program(self, env: PeerEnv) -> list[str]:
+        raise NotImplementedError
+
+    def start(self, env: PeerEnv) -> None:
+        program = self.program(env)
+        workdir = env.scratch.dir(self.name)
+        image = None
+        if self.family != "null-co":
+            image = (env.images.private_copy(self.family, self.name) if self.private_image
+                     else env.images.base(self.family))
+        blockdevs, self.node_name = blockdev_args(self.family, image, env.null_size)
+        self.mountpoints = []
+        exports = []
+        for i in range(self.export_count):
+            mountpoint = workdir / f"export{i}.raw"
+            mountpoint.touch()
+            self.mountpoints.append(mountpoint)
+            exports += ["--export", f"type=fuse,id=export{i},node-name={self.node_name},"
+                        f"mountpoint={mountpoint},writable=on{self.extra_export_options}"]
+        self.qmp_path = workdir / "qmp.sock"
+        monitor = ["--chardev", f"socket,id=mon0,path={self.qmp_path},server=on,wait=off",
+                   "--monitor", "chardev=mon0"]
+        self._launch(env, program + blockdevs + exports + monitor, workdir)
+        self._wait_ready(extra_ready=self.qmp_path.exists)
+        self.info["query-block-exports"] = self._query_exports()
+
+    def _query_exports(self) -> object:
+        from .qmp import qmp_execute
+        try:
+            return asyncio.run(qmp_execute(self.qmp_path, "query-block-exports"))
+        except Exception as exc:  # informational only: the mounts already serve
+            return f"error: {exc}"
+
+    def fio_paths(self, two_exports: bool) -> list[Path]:
+        return self.mountpoints[:2] if two_exports else self.mountpoints[:1]
+
+
+class QsdPeer(DaemonPeer):
+    def program(self, env: PeerEnv) -> list[str]:
+        import shutil
+        qsd = shutil.which("qemu-storage-daemon")
+        if qsd is None:
+            raise PeerUnavailable("qemu-storage-daemon not installed (qemu-system-common)")
+        return [qsd]
+
+
+class ExportdPeer(DaemonPeer):
+    private_image = True  # exportd locks images its own way: never share with another daemon
+
+    def __init__(self, *args, passthrough: str | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.passthrough = passthrough
+        if passthrough is not None:
+            self.extra_export_options = f",passthrough={passthrough}"
+
+    def program(self, env: PeerEnv) -> list[str]:
+        if env.exportd_cmd is None:
+            raise PeerUnavailable(env.exportd_missing_reason)
+        return list(env.exportd_cmd)
+
+
+def fio_peers() -> list[Peer]:
+    """Every peer of the I/O workloads, in the order they run within a repetition."""
+    return [
+        DirectPeer("direct", "direct access", "raw"),
+        QsdPeer("qsd-raw", "qemu-storage-daemon, raw", "raw"),
+        Pyfuse3Peer("pyfuse3", "pyfuse3 single-file FS, raw", "raw"),
+        ExportdPeer("exportd-raw-pt", "exportd, raw, passthrough=on", "raw", passthrough="on"),
+        ExportdPeer("exportd-raw", "exportd, raw, passthrough=off", "raw", passthrough="off"),
+        QsdPeer("qsd-qcow2", "qemu-storage-daemon, qcow2", "qcow2"),
+        ExportdPeer("exportd-qcow2", "exportd, qcow2", "qcow2"),
+        QsdPeer("qsd-null-co", "qemu-storage-daemon, null-co", "null-co"),
+        ExportdPeer("exportd-null-co", "exportd, null-co", "null-co"),
+    ]
+
+
+def control_peers() -> list[DaemonPeer]:
+    """One daemon of each kind with a null-co node and no export, for the QMP figures."""
+    qsd = QsdPeer("qsd", "qemu-storage-daemon", "null-co")
+    exportd = ExportdPeer("exportd", "exportd", "null-co")
+    for peer in (qsd, exportd):
+        peer.export_count = 0
+    return [qsd, exportd]
+
+
+def select(peers: list[Peer], only: list[str] | None) -> list[Peer]:
+    """--only takes peer names or families (raw, qcow2, null-co)."""
+    if not only:
+        return peers
+    return [p for p in peers if p.name in only or p.family in only]
+
+
+def python_for_pyfuse3() -> str:
+    return sys.executable

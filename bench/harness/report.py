@@ -1,0 +1,177 @@
+"""latest.md from a run record (latest.json): figures, ratios, targets, peers."""
+
+from __future__ import annotations
+
+from .figures import CONTROL_METRICS, Figures, median
+
+REASON_CHARS = 90
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _short(text: str, limit: int = REASON_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _num(value: float, unit: str) -> str:
+    if unit in ("IOPS", "MiB/s"):
+        return f"{value:,.0f}"
+    return f"{value:,.2f}" if value < 100 else f"{value:,.1f}"
+
+
+def _ratio(r: float | None) -> str:
+    return "" if r is None else f"{r:.2f}x"
+
+
+def figures_from_record(record: dict) -> Figures:
+    figures = Figures({name: p["family"] for name, p in record["peers"].items()})
+    for key, value in record["figures"].items():
+        peer, metric = key.split("/", 1)
+        figures.set(peer, metric, value)
+    return figures
+
+
+def _targets_by_row(record: dict) -> dict[tuple[str, str], list[dict]]:
+    rows: dict[tuple[str, str], list[dict]] = {}
+    for t in record["targets"]:
+        rows.setdefault((t["peer"], t["metric"]), []).append(t)
+    return rows
+
+
+def _target_cells(targets: list[dict]) -> tuple[str, str]:
+    if not targets:
+        return "", ""
+    described = "<br>".join(t["target"] for t in targets)
+    statuses = []
+    for t in targets:
+        if t["value"] is None:
+            statuses.append("n/a")
+        elif t["target"].startswith("<"):
+            statuses.append(f"**{t['status']}**" if t["status"] == "missed" else t["status"])
+        else:
+            shown = f"{t['status']} ({t['value']:.2f}x)"
+            statuses.append(f"**{shown}**" if t["status"] == "missed" else shown)
+    return described, "<br>".join(statuses)
+
+
+def _unavailable(peer: dict) -> str:
+    if peer["status"] in ("unavailable", "failed"):
+        word = "unavailable" if peer["status"] == "unavailable" else "failed"
+        return f"{word}: {_short(peer['reason'])}"
+    return ""
+
+
+def _header(record: dict) -> list[str]:
+    s, m = record["settings"], record["machine"]
+    size = s["image_size"]
+    size_text = f"{size // 2**30} GiB" if size >= 2**30 else f"{size // 2**20} MiB"
+    counts: dict[str, int] = {}
+    for t in record["targets"]:
+        counts[t["status"]] = counts.get(t["status"], 0) + 1
+    exportd = m.get("exportd", "")
+    lines = [
+        "# exportd benchmark: latest run",
+        "",
+        f"{record['mode']} run started {record['started']}, {record['duration_s'] / 60:.1f} min; "
+        f"images on tmpfs: {size_text}; fio {s['runtime_s']:g} s per run, "
+        f"{s['reps']} repetition(s) interleaved across peers, medians shown; "
+        f"control plane: {s['control_cycles']} add+del cycles x {s['control_reps']}, "
+        f"{s['memory_exports']} exports for memory."
+        + (f" Peers restricted to: {', '.join(record['only'])}." if record.get("only") else ""),
+        "",
+        f"Machine: {m['cpu']} ({m['cpus']} CPUs), {(m['mem_total_kib'] or 0) / 2**20:.1f} GiB RAM, "
+        f"kernel {m['kernel']}, {m['os']}; load average {m['loadavg_start'][0]:.2f} at start, "
+        f"{m.get('loadavg_end', [0])[0]:.2f} at end. Tools: {m['fio']}; {m['qemu_storage_daemon']}; "
+        f"pyfuse3 {m['pyfuse3']}; exportd {exportd}; commit {m['git_commit'][:12]}"
+        + (" (uncommitted changes)" if m.get("git_dirty") else "") + ".",
+        "",
+        "Ratios: > 1 means better than the reference (throughput and IOPS: peer / reference; "
+        "time and memory: reference / peer). *vs qsd* compares with qemu-storage-daemon on the "
+        "same kind of node (raw, qcow2, null-co); *vs direct* with fio on the raw image file itself.",
+        "",
+        "Targets (issue 7): " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+        + ("; n/a means the peer or its reference did not run." if counts.get("n/a") else "."),
+        "",
+    ]
+    return lines
+
+
+def render_markdown(record: dict) -> str:
+    figures = figures_from_record(record)
+    targets = _targets_by_row(record)
+    peers = record["peers"]
+    lines = _header(record)
+
+    io_peers = [name for name, p in peers.items() if p["role"] == "io"]
+    if io_peers:
+        lines += ["## I/O (fio, direct=1)", "",
+                  "| workload | peer | median | vs qsd | vs direct | target | status |",
+                  "|---|---|---:|---:|---:|---|---|"]
+        for w in record["workloads"]:
+            first = True
+            for name in io_peers:
+                entry = record["fio"].get(w["key"], {}).get(name, {"runs": [], "errors": []})
+                values = [r["value"] for r in entry["runs"]]
+                if values:
+                    med = median(values)
+                    cell = f"{_num(med, w['unit'])} {w['unit']}"
+                    if len(values) > 1:
+                        cell += f" [{_num(min(values), w['unit'])}–{_num(max(values), w['unit'])}]"
+                else:
+                    cell = _unavailable(peers[name]) or (
+                        f"error: {_short(entry['errors'][0])}" if entry["errors"] else "no data")
+                target, status = _target_cells(targets.get((name, w["key"]), []))
+                lines.append("| " + " | ".join(_cell(c) for c in (
+                    w["title"] if first else "", peers[name]["label"], cell,
+                    _ratio(figures.ratio(name, w["key"], "qsd")),
+                    _ratio(figures.ratio(name, w["key"], "direct")), target, status)) + " |")
+                first = False
+        lines.append("")
+
+    ctl_peers = [name for name, p in peers.items() if p["role"] == "control"]
+    if ctl_peers:
+        lines += ["## Control plane (QMP, null-co node)", "",
+                  "| figure | daemon | value | vs qsd | target | status |",
+                  "|---|---|---:|---:|---|---|"]
+        for key, (title, unit) in CONTROL_METRICS.items():
+            first = True
+            for name in ctl_peers:
+                value = figures.get(name, key)
+                entry = record["control"].get(name, {})
+                if value is not None:
+                    cell = f"{_num(value, unit)} {unit}"
+                    if key == "memory":
+                        rss = entry["memory"]["rss_kib"]
+                        n = entry["memory"]["exports"]
+                        cell += f" (RSS {rss['1']:,} → {rss[str(n)]:,} KiB)"
+                    elif len(entry.get("cycle_ms", [])) > 1:
+                        cell += f" [{min(entry['cycle_ms']):.2f}–{max(entry['cycle_ms']):.2f}]"
+                else:
+                    wanted = "memory" if key == "memory" else "cycles"
+                    errors = [e for e in entry.get("errors", []) if e.startswith(wanted)]
+                    cell = _unavailable(peers[name]) or (
+                        f"unavailable: {_short(errors[0].split(': ', 1)[1])}" if errors else "no data")
+                target, status = _target_cells(targets.get((name, key), []))
+                lines.append("| " + " | ".join(_cell(c) for c in (
+                    title if first else "", peers[name]["label"], cell,
+                    _ratio(figures.ratio(name, key, "qsd")), target, status)) + " |")
+                first = False
+        lines.append("")
+
+    lines += ["## Peers", "", "| peer | status | how it runs |", "|---|---|---|"]
+    for name, p in peers.items():
+        status = p["status"] if p["status"] == "ok" else f"{p['status']}: {p['reason']}"
+        command = p["info"].get("command")
+        how = " ".join(command) if command else p["info"].get("image", "")
+        exports = p["info"].get("query-block-exports")
+        if isinstance(exports, list) and exports:
+            extra = {k: v for k, v in exports[0].items() if k not in ("id", "type", "node-name",
+                                                                   "shutting-down")}
+            if extra:
+                how += f" (query-block-exports extras: {extra})"
+        lines.append(f"| {name} | {_cell(status)} | `{_cell(how)}` |" if how
+                     else f"| {name} | {_cell(status)} | |")
+    lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,261 @@
+"""One benchmark run: start the peers, run the workloads interleaved, measure
+the control plane, stop everything, and return the raw record (latest.json)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .control import measure_cycles, measure_memory
+from .figures import CONTROL_METRICS, Figures, issue7_targets, median
+from .fio import FioError, run_fio
+from .images import Images
+from .machine import load_average, machine_info
+from .peers import DaemonPeer, Peer, PeerEnv, PeerUnavailable, control_peers, fio_peers, select
+from .scratch import Scratch, sweep_stale
+from .workloads import WORKLOADS
+
+RECORD_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class Settings:
+    mode: str                 # quick | full
+    image_size: int
+    runtime_s: float          # per fio run
+    reps: int                 # fio repetitions, interleaved across peers
+    control_cycles: int
+    memory_exports: int
+    control_reps: int
+
+    @staticmethod
+    def for_mode(quick: bool) -> Settings:
+        if quick:
+            return Settings("quick", 64 * 2**20, 1.0, 1, 100, 100, 1)
+        # 4 s rather than 5: 9 peers x 6 workloads x 3 repetitions must fit in 15 min.
+        return Settings("full", 2**30, 4.0, 3, 100, 100, 3)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().replace("\n", " ")
+    return text if isinstance(exc, PeerUnavailable) else f"{type(exc).__name__}: {text}"
+
+
+def start_peer(peer: Peer, env: PeerEnv) -> None:
+    try:
+        peer.start(env)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # any failure to start makes the peer unavailable, not the run
+        peer.status, peer.reason = "unavailable", _describe(exc)
+        log(f"  {peer.name}: unavailable: {peer.reason}")
+        return
+    peer.status = "ok"
+    log(f"  {peer.name}: ready" + (f" (pid {peer.pid})" if peer.pid else ""))
+
+
+def _mark_dead(peer: Peer) -> None:
+    last = ""
+    log_path = getattr(peer, "log_path", None)
+    if log_path is not None and log_path.exists():
+        lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+        last = lines[-1].strip() if lines else ""
+    peer.status = "failed"
+    peer.reason = "server died during the run" + (f": {last}" if last else "")
+    peer.kill()
+    log(f"  {peer.name}: {peer.reason}")
+
+
+class BenchRun:
+    def __init__(self, settings: Settings, only: list[str] | None, control: bool,
+                 exportd_cmd: list[str] | None, exportd_missing_reason: str,
+                 pyfuse3_python: str, repo: Path) -> None:
+        self.settings = settings
+        self.only = only
+        self.control = control
+        self.exportd_cmd = exportd_cmd
+        self.exportd_missing_reason = exportd_missing_reason
+        self.pyfuse3_python = pyfuse3_python
+        self.repo = repo
+        self.peers = select(fio_peers(), only)
+        self.ctl_peers: list[DaemonPeer] = control_peers() if control else []
+        self.fio_record: dict[str, dict[str, dict]] = {}
+        self.control_record: dict[str, dict] = {}
+
+    def estimate_s(self) -> float:
+        return len(WORKLOADS) * self.settings.reps * len(self.peers) * (self.settings.runtime_s + 0.4)
+
+    def run(self) -> dict:
+        started, t0 = _now(), time.monotonic()
+        machine = machine_info(self.repo, self.exportd_cmd, self.pyfuse3_python)
+        for stale in sweep_stale():
+            log(f"removed stale scratch directory {stale}")
+        scratch = Scratch()
+        log(f"scratch directory {scratch.path}; at most ~{self.estimate_s() / 60:.1f} min of fio")
+        try:
+            images = Images(scratch.dir("images"), self.settings.image_size)
+            env = PeerEnv(scratch=scratch, images=images, exportd_cmd=self.exportd_cmd,
+                          exportd_missing_reason=self.exportd_missing_reason,
+                          pyfuse3_python=self.pyfuse3_python,
+                          pyfuse3_script=self.repo / "bench" / "peers" / "pyfuse3_file.py")
+            self._io_phase(env, scratch)
+            if self.ctl_peers:
+                self._control_phase(env, scratch)
+            image_facts = images.facts
+        finally:
+            for peer in self.peers + self.ctl_peers:
+                try:
+                    peer.stop()
+                except Exception as exc:  # keep cleaning up the others
+                    log(f"  {peer.name}: stop failed: {exc}")
+            scratch.cleanup()
+        machine["loadavg_end"] = load_average()
+        return self._record(started, time.monotonic() - t0, machine, image_facts)
+
+    # I/O workloads ---------------------------------------------------------
+
+    def _io_phase(self, env: PeerEnv, scratch: Scratch) -> None:
+        if not self.peers:
+            return
+        families = {p.family for p in self.peers}
+        log(f"making images ({self.settings.image_size // 2**20} MiB) for {sorted(families)}")
+        try:
+            env.images.prepare(families)
+        except Exception as exc:  # peers needing the images will report it
+            log(f"  images: {_describe(exc)}")
+        log("starting peers")
+        for peer in self.peers:
+            start_peer(peer, env)
+        active = [p for p in self.peers if p.status == "ok"]
+        for w in WORKLOADS:
+            self.fio_record[w.key] = {p.name: {"runs": [], "errors": []} for p in self.peers}
+        total = len(WORKLOADS) * self.settings.reps * len(active)
+        done = 0
+        for w in WORKLOADS:
+            for rep in range(self.settings.reps):
+                for peer in active:  # A B C A B C: drift hits every peer alike
+                    done += 1
+                    if peer.status != "ok":
+                        continue
+                    if not peer.alive():
+                        _mark_dead(peer)
+                        continue
+                    entry = self.fio_record[w.key][peer.name]
+                    output = scratch.file(f"fio-{w.key}-{peer.name}-{rep}.json")
+                    try:
+                        result = run_fio(w, peer.fio_paths(w.two_exports), self.settings.runtime_s,
+                                         output, on_hang=peer.kill)
+                    except FioError as exc:
+                        entry["errors"].append(str(exc))
+                        log(f"[{done}/{total}] {w.key} #{rep + 1} {peer.name}: fio error: {exc}")
+                        if not peer.alive():
+                            _mark_dead(peer)
+                        continue
+                    entry["runs"].append(result.as_dict() | {"value": result.value(w.metric)})
+                    log(f"[{done}/{total}] {w.key} #{rep + 1} {peer.name}: "
+                        f"{result.value(w.metric):,.0f} {w.unit}")
+        for peer in self.peers:
+            peer.stop()
+
+    # control plane -----------------------------------------------------------
+
+    def _control_phase(self, env: PeerEnv, scratch: Scratch) -> None:
+        log("control plane")
+        for peer in self.ctl_peers:
+            start_peer(peer, env)
+            self.control_record[peer.name] = {"cycle_ms": [], "errors": []}
+        ready = [p for p in self.ctl_peers if p.status == "ok"]
+        for peer in ready:
+            entry = self.control_record[peer.name]
+            try:
+                entry["memory"] = asyncio.run(measure_memory(
+                    peer.qmp_path, peer.node_name, peer.pid, scratch.dir(f"{peer.name}-memory"),
+                    self.settings.memory_exports))
+                log(f"  {peer.name}: {entry['memory']['per_export_kib']:.1f} KiB per extra export")
+            except Exception as exc:  # reported per peer; the other daemon still runs
+                entry["errors"].append(f"memory: {_describe(exc)}")
+                log(f"  {peer.name}: memory: {_describe(exc)}")
+        mountpoints = {}
+        for peer in ready:
+            mountpoints[peer.name] = scratch.dir(f"{peer.name}-cycle") / "cycle.raw"
+            mountpoints[peer.name].touch()
+        for rep in range(self.settings.control_reps):
+            for peer in ready:
+                entry = self.control_record[peer.name]
+                if entry["errors"] and not entry["cycle_ms"] and rep > 0:
+                    continue
+                try:
+                    ms = asyncio.run(measure_cycles(peer.qmp_path, peer.node_name,
+                                                    mountpoints[peer.name],
+                                                    self.settings.control_cycles))
+                except Exception as exc:
+                    entry["errors"].append(f"cycles: {_describe(exc)}")
+                    log(f"  {peer.name}: cycles: {_describe(exc)}")
+                    continue
+                entry["cycle_ms"].append(ms)
+                log(f"  {peer.name}: {ms:.2f} ms per add+del cycle")
+        for peer in self.ctl_peers:
+            peer.stop()
+
+    # the record ---------------------------------------------------------------
+
+    def _record(self, started: str, duration: float, machine: dict, image_facts: dict) -> dict:
+        families = {p.name: p.family for p in self.peers + self.ctl_peers}
+        figures = Figures(families)
+        wl_by_key = {w.key: w for w in WORKLOADS}
+        for key, per_peer in self.fio_record.items():
+            for name, entry in per_peer.items():
+                entry["median"] = median([r["value"] for r in entry["runs"]])
+                entry["unit"] = wl_by_key[key].unit
+                figures.set(name, key, entry["median"])
+        for name, entry in self.control_record.items():
+            entry["cycle_ms_median"] = median(entry["cycle_ms"])
+            figures.set(name, "cycle", entry["cycle_ms_median"])
+            if "memory" in entry:
+                figures.set(name, "memory", entry["memory"]["per_export_kib"])
+        targets = []
+        for t in issue7_targets():
+            if t.peer not in families:
+                continue
+            status, value = t.evaluate(figures)
+            targets.append({"peer": t.peer, "metric": t.key, "target": t.describe(),
+                            "status": status, "value": value})
+        ratios: dict[str, dict] = {}
+        for (peer, key) in figures.values:
+            ratios.setdefault(peer, {})[key] = {
+                kind: figures.ratio(peer, key, kind) for kind in ("qsd", "direct")}
+        return {
+            "schema": RECORD_SCHEMA,
+            "mode": self.settings.mode,
+            "settings": asdict(self.settings),
+            "only": self.only,
+            "started": started,
+            "duration_s": round(duration, 1),
+            "machine": machine,
+            "images": image_facts,
+            "workloads": [asdict(w) | {"unit": w.unit} for w in WORKLOADS],
+            "control_metrics": {k: {"title": t, "unit": u} for k, (t, u) in CONTROL_METRICS.items()},
+            "peers": {p.name: {"label": p.label, "family": p.family, "status": p.status,
+                               "reason": p.reason, "info": p.info, "role": "io"}
+                      for p in self.peers}
+                     | {p.name: {"label": p.label, "family": p.family, "status": p.status,
+                                 "reason": p.reason, "info": p.info, "role": "control"}
+                        for p in self.ctl_peers},
+            "fio": self.fio_record,
+            "control": self.control_record,
+            "figures": {f"{peer}/{key}": v for (peer, key), v in figures.values.items()},
+            "ratios": ratios,
+            "targets": targets,
+        }

@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""exportd benchmark harness (`make bench`, `make bench QUICK=1`). See bench/README.md.
+
+Runs fio workloads and QMP control-plane measurements against exportd and its
+peers (direct access, qemu-storage-daemon, a pyfuse3 filesystem) on tmpfs
+images, and writes latest.json, latest.md and latest.png into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+DEFAULT_OUT = BENCH_DIR / "results"
+README = BENCH_DIR / "README.md"
+README_BEGIN = "<!-- latest-results:begin (written by bench/run.py) -->"
+README_END = "<!-- latest-results:end -->"
+
+sys.path.insert(0, str(BENCH_DIR))
+
+from harness.plot import plot_ratios  # noqa: E402
+from harness.report import render_markdown  # noqa: E402
+from harness.scratch import Interrupted, raise_on_termination_signals  # noqa: E402
+from harness.session import BenchRun, Settings, log  # noqa: E402
+
+
+def find_exportd(explicit: str | None) -> tuple[list[str] | None, str]:
+    """The exportd command, or None and the reason it is missing."""
+    if explicit:
+        return [explicit], ""
+    candidate = REPO / ".venv" / "bin" / "exportd"
+    if candidate.exists():
+        return [str(candidate)], ""
+    found = shutil.which("exportd")
+    if found:
+        return [found], ""
+    return None, f"no exportd executable ({candidate} missing: run make setup)"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 64 MiB images, 1 s per fio run, 1 repetition")
+    p.add_argument("--only", default="",
+                   help="comma-separated peer names or families (raw, qcow2, null-co); "
+                        "the control plane runs when unrestricted or with null-co or 'control'")
+    p.add_argument("--no-control", action="store_true", help="skip the QMP control-plane figures")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
+    p.add_argument("--runtime", type=float, help="seconds per fio run (overrides the mode)")
+    p.add_argument("--reps", type=int, help="fio repetitions (overrides the mode)")
+    p.add_argument("--image-mib", type=int, help="image size in MiB (overrides the mode)")
+    p.add_argument("--exportd", help="exportd executable (default: .venv/bin/exportd)")
+    p.add_argument("--pyfuse3-python", default=sys.executable,
+                   help="interpreter with pyfuse3 and trio for the pyfuse3 peer")
+    p.add_argument("--render", type=Path, metavar="JSON",
+                   help="only re-render latest.md/png from an existing record")
+    return p.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    s = Settings.for_mode(args.quick)
+    overrides = {}
+    if args.runtime is not None:
+        overrides["runtime_s"] = args.runtime
+    if args.reps is not None:
+        overrides["reps"] = max(1, args.reps)
+        overrides["control_reps"] = max(1, args.reps)
+    if args.image_mib is not None:
+        overrides["image_size"] = args.image_mib * 2**20
+    return dataclasses.replace(s, **overrides)
+
+
+def update_readme(markdown: str) -> None:
+    """Show the latest table and chart in bench/README.md, between the markers."""
+    if not README.exists():
+        return
+    text = README.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        return
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    body = markdown.replace("\n## ", "\n#### ").replace("# exportd benchmark: latest run\n", "")
+    block = f"{README_BEGIN}\n\n![ratios](results/latest.png)\n{body}\n{README_END}"
+    README.write_text(head + block + tail)
+
+
+def write_outputs(record: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(record, indent=1, sort_keys=False) + "\n")
+    markdown = render_markdown(record)
+    (out / "latest.md").write_text(markdown)
+    if plot_ratios(record, out / "latest.png"):
+        log(f"wrote {out / 'latest.png'}")
+    else:
+        log("matplotlib not installed: no chart")
+    log(f"wrote {out / 'latest.json'} and {out / 'latest.md'}")
+    if out.resolve() == DEFAULT_OUT.resolve():
+        update_readme(markdown)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    if args.render:
+        write_outputs(json.loads(args.render.read_text()), args.out)
+        return 0
+    only = [x.strip() for x in args.only.split(",") if x.strip()] or None
+    control = not args.no_control and (only is None or "control" in only or "null-co" in only)
+    exportd_cmd, missing = find_exportd(args.exportd)
+    for tool in ("fio",):
+        if shutil.which(tool) is None:
+            print(f"{tool} is not installed", file=sys.stderr)
+            return 1
+    raise_on_termination_signals()
+    run = BenchRun(settings_from(args), only, control, exportd_cmd, missing,
+                   args.pyfuse3_python, REPO)
+    try:
+        record = run.run()
+    except (KeyboardInterrupt, Interrupted) as exc:
+        log(f"interrupted ({exc or 'SIGINT'}): cleaned up, no results written")
+        return 130
+    write_outputs(record, args.out)
+    print(render_markdown(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
