@@ -37,7 +37,9 @@ Contract (stable; other modules code against it):
   Return OpenReply(fh, flags) with FOPEN_* bits (re-exported here):
   FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE, FOPEN_PARALLEL_DIRECT_WRITES,
   FOPEN_NONSEEKABLE... For passthrough set backing_id to an id from
-  `session.open_backing(fd)`; the session adds FOPEN_PASSTHROUGH itself.
+  `session.open_backing(fd)`; the session adds FOPEN_PASSTHROUGH itself and
+  drops flags the kernel refuses with passthrough (KEEP_CACHE and others
+  besides DIRECT_IO, PARALLEL_DIRECT_WRITES, NOFLUSH).
 - setattr(changes) gets a SetAttr whose fields are None when unchanged and
   returns the new Attr.
 - fallocate(fh, offset, length, mode): mode bits are Linux's

@@ -19,6 +19,7 @@ import errno
 import logging
 import os
 import socket
+import stat
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -144,15 +145,27 @@ def open_dev_fuse() -> int:
     return os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
 
 
+def check_target(mountpoint: str) -> None:
+    """The mountpoint must be an existing regular file (the root inode is one)."""
+    try:
+        st = os.stat(mountpoint)
+    except OSError as e:
+        raise MountError(
+            e.errno, f"cannot use {mountpoint!r} as mountpoint: {e.strerror}"
+        ) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise MountError(errno.EINVAL, f"{mountpoint!r} is not a regular file")
+
+
 def mount_root(fd: int, mountpoint: str, opts: MountOptions) -> None:
     """mount(2) as root with an already open /dev/fuse fd."""
-    st = os.stat(mountpoint)  # the target is a regular file: our root inode is one too
+    check_target(mountpoint)
     flags = MS_NOSUID | MS_NODEV | MS_NOATIME
     if opts.read_only:
         flags |= MS_RDONLY
     data = [
         f"fd={fd}",
-        "rootmode=100000" if not _is_dir(st.st_mode) else "rootmode=40000",
+        "rootmode=100000",
         f"user_id={os.geteuid()}",
         f"group_id={os.getegid()}",
         f"max_read={opts.max_read}",
@@ -173,14 +186,9 @@ def mount_root(fd: int, mountpoint: str, opts: MountOptions) -> None:
         raise MountError(e, f"mount {mountpoint}: {os.strerror(e)}")
 
 
-def _is_dir(mode: int) -> bool:
-    import stat
-
-    return stat.S_ISDIR(mode)
-
-
 def mount_fusermount(mountpoint: str, opts: MountOptions) -> int:
     """Mount through fusermount3; returns the /dev/fuse fd it sends back."""
+    check_target(mountpoint)
     options = [
         "ro" if opts.read_only else "rw",
         "nosuid",

@@ -9,6 +9,12 @@ from . import abi
 from .filesystem import Attr, OpenReply, StatFs
 
 _NS = 1_000_000_000
+PASSTHROUGH_FLAGS_ALLOWED = (
+    abi.FOPEN_PASSTHROUGH
+    | abi.FOPEN_DIRECT_IO
+    | abi.FOPEN_PARALLEL_DIRECT_WRITES
+    | abi.FOPEN_NOFLUSH
+)
 
 
 def _split_seconds(seconds: float) -> tuple[int, int]:
@@ -51,7 +57,9 @@ def attr(a: Attr, ino: int = abi.ROOT_ID) -> bytes:
 def open_out(reply: OpenReply) -> bytes:
     flags = reply.flags
     if reply.backing_id:
-        flags |= abi.FOPEN_PASSTHROUGH
+        # The kernel refuses (EIO on open) passthrough combined with page
+        # cache users such as KEEP_CACHE; keep only the flags it accepts.
+        flags = (flags & PASSTHROUGH_FLAGS_ALLOWED) | abi.FOPEN_PASSTHROUGH
     return abi.OPEN_OUT.pack(reply.fh, flags, reply.backing_id)
 
 

@@ -209,7 +209,9 @@ class FileFS(SingleFileFS):
     async def open(self, flags: int) -> OpenReply:
         if flags & os.O_TRUNC:
             os.ftruncate(self.fd, 0)
-        return OpenReply(fh=0, flags=FOPEN_KEEP_CACHE, backing_id=self.backing_id)
+        return OpenReply(
+            fh=0, flags=0 if self.backing_id else FOPEN_KEEP_CACHE, backing_id=self.backing_id
+        )
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         return os.pread(self.fd, size, offset)

@@ -1,0 +1,229 @@
+"""Sessions: many at once, INTERRUPT, passthrough, ends from outside, stale mounts."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from exportd.fuse import mount as fuse_mount
+from exportd.fuse.buffers import pool_for
+from exportd.fuse.mount import MountError
+from exportd.fuse.session import BUFFER_SIZE, FuseSession, PassthroughUnavailable
+from exportd.fuse.toy import FileFS, MemoryFS
+
+from .conftest import serving
+from .helpers import child, command, pattern
+
+
+async def test_twenty_sessions_on_one_loop(workdir):
+    n = 20
+    targets, filesystems, sessions = [], [], []
+    try:
+        for i in range(n):
+            t = workdir / f"e{i}.img"
+            t.write_bytes(b"")
+            fs = MemoryFS(256 * 1024)
+            fs.data[:] = pattern(len(fs.data), seed=i)
+            fs.allocated.update(range(64))
+            targets.append(str(t))
+            filesystems.append(fs)
+            sessions.append(await FuseSession.start(fs, str(t), fsname=f"exportd:e{i}"))
+        res = await child(
+            """
+            import threading
+            paths = sys.argv[1:]; bad = []
+            def worker(i, p):
+                fd = os.open(p, os.O_RDWR)
+                for k in range(10):
+                    off = k * 20000
+                    if os.pread(fd, 30000, off) != pattern(256 * 1024, i)[off:off + 30000]:
+                        bad.append([i, off])
+                os.pwrite(fd, b"session %d" % i, 100)
+                os.close(fd)
+            ts = [threading.Thread(target=worker, args=(i, p)) for i, p in enumerate(paths)]
+            [t.start() for t in ts]; [t.join() for t in ts]
+            out(bad)
+            """,
+            *targets,
+        )
+        assert res == []
+        for i, (fs, s) in enumerate(zip(filesystems, sessions, strict=True)):
+            assert bytes(fs.data[100 : 100 + len(b"session %d" % i)]) == b"session %d" % i
+            assert s.count("READ") >= 1 and s.count("WRITE") >= 1
+        # All sessions share the loop's receive buffers instead of owning one each.
+        assert pool_for(asyncio.get_running_loop(), BUFFER_SIZE).allocated <= 4
+        assert len(fuse_mount.exportd_mounts()) >= n
+    finally:
+        await asyncio.gather(*(s.close() for s in sessions))
+    assert all(fs.ended == "closed" for fs in filesystems)
+
+
+INTERRUPTED_READ = """
+import signal
+signal.signal(signal.SIGUSR1, lambda *a: None)   # a handler without SA_RESTART
+fd = os.open(sys.argv[1], os.O_RDONLY)
+buf = ctypes.create_string_buffer(4096)
+libc.pread.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_long]
+libc.pread.restype = ctypes.c_ssize_t
+n = libc.pread(fd, buf, 4096, 0)
+out([n, ctypes.get_errno()])
+"""
+
+
+async def test_interrupt_cancels_a_handler_that_never_finishes(target):
+    fs = MemoryFS(65536, direct_io=True)  # direct I/O: the read waits interruptibly
+    fs.data[:] = pattern(65536)
+    async with serving(fs, target) as session:
+        fs.hang_reads = True
+        from .helpers import PRELUDE
+
+        proc = subprocess.Popen(
+            [sys.executable, "-c", PRELUDE + INTERRUPTED_READ, target],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            await asyncio.wait_for(fs.hung.wait(), 20)
+            assert session.in_flight == 1
+            os.kill(proc.pid, signal.SIGUSR1)
+            stdout, stderr = await asyncio.to_thread(proc.communicate, timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert json.loads(stdout.strip().splitlines()[-1]) == [-1, errno.EINTR], stderr
+        assert session.count("INTERRUPT") == 1
+        assert session.in_flight == 0
+        # The session keeps working.
+        fs.hang_reads = False
+        assert (
+            await child("out(open(sys.argv[1], 'rb').read(10).hex())", target) == pattern(10).hex()
+        )
+        assert not session.closed.done()
+
+
+async def test_passthrough_serves_reads_without_the_daemon(workdir, target):
+    backing = workdir / "backing.raw"
+    content = os.urandom(4 * 1024 * 1024 + 4096)
+    backing.write_bytes(content)
+    fs = FileFS(str(backing))
+    try:
+        async with serving(fs, target, passthrough=True) as session:
+            assert session.passthrough_available, "6.18 offers FUSE_PASSTHROUGH"
+            fs.backing_id = session.open_backing(fs.fd)
+            assert fs.backing_id > 0
+            res = await child(
+                """
+                import hashlib
+                p = sys.argv[1]
+                with open(p, "rb") as f:
+                    h = hashlib.sha256(f.read()).hexdigest()
+                fd = os.open(p, os.O_RDONLY | os.O_DIRECT)
+                m = mmap.mmap(-1, 1 << 20)
+                n = os.preadv(fd, [m], 1 << 20)
+                os.close(fd)
+                out([h, n, hashlib.sha256(m).hexdigest()])
+                """,
+                target,
+            )
+            assert res[0] == hashlib.sha256(content).hexdigest()
+            assert res[1:] == [1 << 20, hashlib.sha256(content[1 << 20 : 2 << 20]).hexdigest()]
+            assert session.count("OPEN") >= 2
+            assert session.count("READ") == 0, session.counters
+            session.close_backing(fs.backing_id)
+    finally:
+        fs.close()
+
+
+async def test_passthrough_refusal_is_reported(target):
+    async with serving(MemoryFS(4096), target) as session:
+        assert not session.passthrough_available
+        with pytest.raises(PassthroughUnavailable):
+            session.open_backing(0)
+
+
+async def test_unmount_from_outside_ends_the_session(target):
+    fs = MemoryFS(4096)
+    session = await FuseSession.start(fs, target, fsname="exportd:outside")
+    try:
+        assert await child("out(os.stat(sys.argv[1]).st_size)", target) == 4096
+        await command("umount", "-l", target)
+        assert await asyncio.wait_for(session.closed, 10) == "unmounted"
+        assert fs.ended == "unmounted"
+    finally:
+        await session.close()  # idempotent after the end
+    assert not fuse_mount.exportd_mounts(target)
+
+
+async def test_close_is_idempotent_and_concurrent(target):
+    fs = MemoryFS(4096)
+    session = await FuseSession.start(fs, target, fsname="exportd:twice")
+    await asyncio.gather(session.close(), session.close())
+    await session.close()
+    assert session.closed.result() == "closed" and fs.ended == "closed"
+    assert not fuse_mount.exportd_mounts(target)
+
+
+async def test_mount_errors_are_clear(workdir):
+    with pytest.raises(MountError, match="not a regular file"):
+        await FuseSession.start(MemoryFS(1), str(workdir), fsname="exportd:dir")
+    with pytest.raises(MountError, match="No such file"):
+        await FuseSession.start(MemoryFS(1), str(workdir / "missing"), fsname="exportd:missing")
+
+
+def _start_toy(target: str, *extra: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "exportd.fuse.toy", target, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline() if proc.stdout else ""
+    if line.strip() != "ready":
+        proc.kill()
+        raise AssertionError(
+            f"toy server did not start: {line} {proc.stderr.read() if proc.stderr else ''}"
+        )
+    return proc
+
+
+def test_killed_daemon_leaves_a_stale_mount_that_is_found_and_cleaned(target):
+    proc = _start_toy(target, "--fill", "--size", "65536", "--fsname", "exportd:crashy", "--uvloop")
+    try:
+        with open(target, "rb") as f:  # served by the other process: fine here
+            assert f.read(4) == bytes(range(4))  # toy --fill pattern
+        proc.kill()
+        proc.wait(timeout=10)
+        # The mount stays, dead: stat gives ENOTCONN rather than hanging.
+        assert fuse_mount.probe(target) == "dead"
+        stale = fuse_mount.find_stale_mounts([target])
+        assert [m.source for m in stale] == ["exportd:crashy"]
+        assert fuse_mount.clean_stale_mounts([target]) == [os.path.abspath(target)]
+        assert not fuse_mount.exportd_mounts(target)
+        assert os.stat(target).st_size == 0  # the file underneath is back
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_live_mounts_are_not_taken_for_stale(target):
+    proc = _start_toy(target, "--size", "4096", "--fsname", "exportd:alive")
+    try:
+        assert fuse_mount.find_stale_mounts([target]) == []
+        assert fuse_mount.clean_stale_mounts([target]) == []
+        assert len(fuse_mount.exportd_mounts(target)) == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    assert "ended closed" in out
+    assert not fuse_mount.exportd_mounts(target)
