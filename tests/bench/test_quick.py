@@ -1,0 +1,136 @@
+"""The benchmark harness (bench/run.py) keeps working: one QUICK run on null-co.
+
+It runs the real harness in its own process (real qemu-storage-daemon, real
+exportd, real fio, real FUSE mounts), writing into tmp_path, never into
+bench/results/. It checks that the outputs exist and parse, that fio really
+moved data, that exportd is either measured or reported unavailable with a
+reason, and that nothing is left mounted or on tmpfs afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+RUN = REPO / "bench" / "run.py"
+WORKLOAD_KEYS = {"seq-read", "seq-write", "rand-read", "rand-write", "rand-read-qd16", "two-exports"}
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which("fio") is None, reason="fio not installed"),
+    pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None,
+                       reason="qemu-storage-daemon not installed"),
+    pytest.mark.skipif(not os.access("/dev/fuse", os.R_OK | os.W_OK), reason="no /dev/fuse"),
+    pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm"),
+]
+
+
+def _mounts_under(directory: str) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    return [p for p in points if p == directory or p.startswith(directory + "/")]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path_factory.mktemp("bench-out")
+    proc = subprocess.run(
+        [sys.executable, str(RUN), "--quick", "--only", "null-co", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=170,
+    )
+    return proc, out
+
+
+def test_harness_exits_cleanly(quick_run) -> None:
+    proc, _ = quick_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_scratch_directory_and_mounts_are_gone(quick_run) -> None:
+    proc, _ = quick_run
+    match = re.search(r"scratch directory (/dev/shm/exportd-bench-\d+)", proc.stderr)
+    assert match, proc.stderr[-2000:]
+    scratch = match.group(1)
+    assert not os.path.exists(scratch)
+    assert _mounts_under(scratch) == []
+
+
+def test_json_record_has_real_fio_figures(quick_run) -> None:
+    _, out = quick_run
+    record = json.loads((out / "latest.json").read_text())
+    assert record["mode"] == "quick"
+    assert record["only"] == ["null-co"]
+    assert record["machine"]["fio"].startswith("fio-")
+    assert record["machine"]["kernel"]
+    assert set(record["peers"]) == {"qsd-null-co", "exportd-null-co", "qsd", "exportd"}
+    assert set(record["fio"]) == WORKLOAD_KEYS
+
+    assert record["peers"]["qsd-null-co"]["status"] == "ok"
+    for key in WORKLOAD_KEYS:
+        runs = record["fio"][key]["qsd-null-co"]["runs"]
+        assert len(runs) == 1, (key, record["fio"][key]["qsd-null-co"]["errors"])
+        assert runs[0]["iops"] > 0 and runs[0]["ios"] > 0 and runs[0]["bw_bytes"] > 0
+        assert record["figures"][f"qsd-null-co/{key}"] == runs[0]["value"]
+
+
+def test_exportd_is_measured_or_explained(quick_run) -> None:
+    _, out = quick_run
+    record = json.loads((out / "latest.json").read_text())
+    peer = record["peers"]["exportd-null-co"]
+    if peer["status"] == "ok":
+        for key in WORKLOAD_KEYS:
+            entry = record["fio"][key]["exportd-null-co"]
+            assert entry["runs"] or entry["errors"], key
+            for run in entry["runs"]:
+                assert run["iops"] > 0
+    else:
+        assert peer["status"] in ("unavailable", "failed")
+        assert peer["reason"]
+        assert all(not record["fio"][k]["exportd-null-co"]["runs"] for k in WORKLOAD_KEYS)
+    targets = {(t["peer"], t["metric"]): t for t in record["targets"]}
+    assert targets[("exportd-null-co", "seq-read")]["target"] == "> 1x qsd"
+    assert targets[("exportd", "memory")]["target"] == "< 128 KiB"
+
+
+def test_control_plane_measured_for_qemu_storage_daemon(quick_run) -> None:
+    _, out = quick_run
+    record = json.loads((out / "latest.json").read_text())
+    qsd = record["control"]["qsd"]
+    assert qsd["errors"] == []
+    assert len(qsd["cycle_ms"]) == 1 and qsd["cycle_ms"][0] > 0
+    memory = qsd["memory"]
+    assert memory["exports"] == 100
+    assert set(memory["rss_kib"]) == {"0", "1", "100"}
+    assert memory["rss_kib"]["100"] > 0
+    exportd = record["control"].get("exportd", {})
+    if record["peers"]["exportd"]["status"] == "ok":
+        assert exportd.get("cycle_ms") or exportd.get("errors")
+
+
+def test_markdown_table(quick_run) -> None:
+    _, out = quick_run
+    md = (out / "latest.md").read_text()
+    assert "| workload | peer | median | vs qsd | vs direct | target | status |" in md
+    assert "qemu-storage-daemon, null-co" in md
+    assert re.search(r"\| qemu-storage-daemon, null-co \| [\d,]+ MiB/s \| 1\.00x \|", md)
+    assert "## Control plane" in md
+    record = json.loads((out / "latest.json").read_text())
+    if record["peers"]["exportd-null-co"]["status"] != "ok":
+        assert "unavailable: " in md or "failed: " in md
+
+
+def test_chart_only_with_matplotlib(quick_run) -> None:
+    _, out = quick_run
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert not (out / "latest.png").exists()
+    else:
+        assert (out / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
