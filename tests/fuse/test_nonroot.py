@@ -1,0 +1,154 @@
+"""The toy mounted by an unprivileged user (`nobody`) through fusermount3."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from exportd.fuse import mount as fuse_mount
+
+from .helpers import PRELUDE
+
+# The venv's interpreter may live under /root (0700); the system Python runs
+# the toy as well: it needs only the standard library.
+SYSTEM_PYTHON = "/usr/bin/python3"
+SERVER_DIR = str(Path(__file__).resolve().parents[2] / "server")
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to nobody"),
+    pytest.mark.skipif(shutil.which("fusermount3") is None, reason="fusermount3 missing"),
+    pytest.mark.skipif(not os.access(SYSTEM_PYTHON, os.X_OK), reason=f"{SYSTEM_PYTHON} missing"),
+]
+
+
+@pytest.fixture
+def nobody_dir():
+    user = pwd.getpwnam("nobody")
+    d = tempfile.mkdtemp(prefix="exportd-fuse-nonroot-", dir="/tmp")
+    os.chmod(d, 0o755)
+    os.chown(d, user.pw_uid, user.pw_gid)
+    try:
+        yield d, user
+    finally:
+        for m in fuse_mount.exportd_mounts():
+            if m.mountpoint.startswith(d + os.sep):
+                subprocess.run(["umount", "-l", m.mountpoint], check=False, capture_output=True)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def as_user(user, argv, **kw):
+    env = {"PYTHONPATH": SERVER_DIR, "PATH": "/usr/bin:/bin", "HOME": "/"}
+    return dict(
+        args=argv, user=user.pw_uid, group=user.pw_gid, extra_groups=[], env=env, cwd="/", **kw
+    )
+
+
+def test_nobody_mounts_serves_and_unmounts_via_fusermount3(nobody_dir):
+    d, user = nobody_dir
+    target = os.path.join(d, "export.img")
+    counters = os.path.join(d, "counters.json")
+    open(target, "wb").close()
+    os.chown(target, user.pw_uid, user.pw_gid)
+    server = subprocess.Popen(
+        **as_user(
+            user,
+            [
+                SYSTEM_PYTHON,
+                "-m",
+                "exportd.fuse.toy",
+                target,
+                "--fill",
+                "--size",
+                "100000",
+                "--fsname",
+                "exportd:nobody",
+                "--counters",
+                counters,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    )
+    try:
+        line = server.stdout.readline()
+        assert line.strip() == "ready", server.stderr.read()
+        (m,) = fuse_mount.exportd_mounts(target)
+        assert m.source == "exportd:nobody" and f"user_id={user.pw_uid}" in m.options
+        io = subprocess.run(
+            **as_user(
+                user,
+                [
+                    SYSTEM_PYTHON,
+                    "-c",
+                    PRELUDE
+                    + """
+p = sys.argv[1]
+data = open(p, "rb").read()
+fd = os.open(p, os.O_RDWR); os.pwrite(fd, b"nobody was here", 1000); os.fsync(fd); os.close(fd)
+out([len(data), data[:300] == bytes(range(256)) + bytes(range(44)), open(p, "rb").read()[1000:1015].decode()])
+""",
+                    target,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        )
+        assert io.returncode == 0, io.stderr
+        assert json.loads(io.stdout.strip().splitlines()[-1]) == [100000, True, "nobody was here"]
+        server.send_signal(signal.SIGTERM)
+        out, err = server.communicate(timeout=30)
+        assert "ended closed" in out, err
+        assert json.load(open(counters))["counters"]["WRITE"] >= 1
+        assert not fuse_mount.exportd_mounts(target)  # fusermount3 -u removed it
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def test_fusermount3_refusal_reaches_the_caller(nobody_dir):
+    d, user = nobody_dir
+    target = os.path.join(d, "root-owned.img")
+    open(target, "wb").close()
+    os.chmod(target, 0o644)  # owned by root: nobody may not mount over it
+    proc = subprocess.run(
+        **as_user(
+            user,
+            [
+                SYSTEM_PYTHON,
+                "-c",
+                """
+import asyncio, sys
+from exportd.fuse.session import FuseSession
+from exportd.fuse.toy import MemoryFS
+from exportd.fuse.mount import MountError
+async def main():
+    try:
+        await FuseSession.start(MemoryFS(1), sys.argv[1], fsname="exportd:refused")
+    except MountError as e:
+        print("MountError:", e)
+asyncio.run(main())
+""",
+                target,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "MountError:" in proc.stdout
+    assert "fusermount3: failed to open" in proc.stdout and "Permission denied" in proc.stdout, (
+        proc.stdout
+    )
+    assert not fuse_mount.exportd_mounts(target)
