@@ -68,8 +68,7 @@ class ExportTable:
         writable = bool(options.get("writable", False))
         if writable and node.read_only:
             raise QMPError("Cannot export read-only node as writable")
-        if "iothread" in options:
-            raise QMPError(f'iothread "{options["iothread"]}" not found')
+        # iothread/fixed-iothread are accepted and ignored: one loop serves all
 
         self._pending.add(export_id)
         try:
