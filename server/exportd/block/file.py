@@ -102,6 +102,8 @@ class FileNode(BlockNode):
         locking = get_enum(options, "locking", ("auto", "on", "off"), "auto")
         aio = get_enum(options, "aio", ("threads", "native", "io_uring"), "threads")
         policy = get_enum(options, "x-io-policy", ("auto", "threads"), "auto")
+        if aio == "native" and not options["cache"]["direct"]:
+            raise BlockError("aio=native was specified, but it requires cache.direct=on, which was not specified.")
         if aio != "threads":
             raise BlockError(f"aio={aio} is not supported by exportd; use aio=threads")
         read_only = options["read-only"]
@@ -180,6 +182,15 @@ class FileNode(BlockNode):
         return self.fd if self.fd >= 0 and not self.direct else None
 
     def getlength(self) -> int:
+        return self._size
+
+    def refresh_length(self) -> int:
+        """Re-read the size from the descriptor, after someone else (the kernel
+        under FUSE passthrough, a process sharing resize) changed it."""
+        if self.fd >= 0:
+            st = os.fstat(self.fd)
+            if stat.S_ISREG(st.st_mode):
+                self._size = st.st_size
         return self._size
 
     async def allocated_size(self) -> int:

@@ -51,10 +51,10 @@ COMMON_MEMBERS = frozenset(
 _INHERITED = ("read-only", "auto-read-only", "force-share", "discard", "cache", "detect-zeroes")
 
 
-def _check_bool(options: dict[str, Any], key: str) -> bool:
+def _check_bool(options: dict[str, Any], key: str, prefix: str = "") -> bool:
     value = options.get(key, False)
     if not isinstance(value, bool):
-        raise BlockError(f"Invalid parameter type for '{key}', expected: boolean")
+        raise BlockError(f"Invalid parameter type for '{prefix}{key}', expected: boolean")
     return value
 
 
@@ -71,7 +71,7 @@ def normalize_common(options: dict[str, Any]) -> dict[str, Any]:
     elif discard == "on":
         discard = "unmap"
     if discard not in ("ignore", "unmap"):
-        raise BlockError(f"Invalid discard option '{discard}'")
+        raise BlockError(f"Parameter 'discard' does not accept value '{discard}'")
     opts["discard"] = discard
     cache = opts.get("cache", {})
     if not isinstance(cache, dict):
@@ -80,8 +80,8 @@ def normalize_common(options: dict[str, Any]) -> dict[str, Any]:
         if key not in ("direct", "no-flush"):
             raise BlockError(f"Parameter 'cache.{key}' is unexpected")
     opts["cache"] = {
-        "direct": _check_bool(cache, "direct"),
-        "no-flush": _check_bool(cache, "no-flush"),
+        "direct": _check_bool(cache, "direct", "cache."),
+        "no-flush": _check_bool(cache, "no-flush", "cache."),
     }
     dz = opts.get("detect-zeroes", "off")
     if dz not in ("off", "on", "unmap"):
