@@ -1,0 +1,7 @@
+"""`python -m exportd`: the daemon."""
+
+import sys
+
+from exportd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,189 @@
+"""The daemon object every command handler receives.
+
+Members others rely on (keep them stable):
+  daemon.loop        the one asyncio loop (uvloop when installed)
+  daemon.graph       exportd.block.graph.BlockGraph (or a stand-in while that
+                     module does not exist yet)
+  daemon.exports     exportd.export.table.ExportTable (likewise)
+  daemon.emit_event(name, data)  an event to every negotiated client of
+                     every monitor, with a timestamp
+  await daemon.shutdown(reason)  shut exports down, then graph.close_all(),
+                     emit SHUTDOWN, stop the monitors; the process then exits
+  await daemon.execute(name, args)  schema validation + the command's
+                     handler: the one path for QMP and the command line
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+from typing import Any
+
+from exportd import __version__, commands
+from exportd.errors import CommandNotFound, QMPError
+from exportd.monitor.server import Monitor
+from exportd.monitor.session import event_message
+from exportd.qapi import schema
+
+log = logging.getLogger(__name__)
+
+# The QEMU release whose QMP exportd speaks (clients read this to decide
+# which commands and arguments exist).
+QEMU_VERSION = {"major": 9, "minor": 2, "micro": 0}
+
+# At shutdown, a command still running on another monitor gets this long.
+SHUTDOWN_COMMAND_WAIT_S = 10.0
+
+
+def _optional(module: str, attr: str) -> Any:
+    """A class from a module another part of the project provides, if present."""
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        return None
+
+
+class _NoGraph:
+    """Stand-in until exportd.block.graph exists."""
+
+    async def close_all(self) -> None:
+        return None
+
+
+class _NoExports:
+    """Stand-in until exportd.export.table exists."""
+
+    async def shutdown_all(self) -> None:
+        return None
+
+    def __iter__(self):
+        return iter(())
+
+
+class Daemon:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.loop = loop or asyncio.get_running_loop()
+        self.monitors: list[Monitor] = []
+        self.command_lock = asyncio.Lock()  # commands run one at a time, as under QEMU's BQL
+        self.stopped = asyncio.Event()
+        self.pidfile: str | None = None
+        self._pidfile_fd: int | None = None
+        self._shutdown_task: asyncio.Task[None] | None = None
+        self.schema = schema()
+        commands.load_all()
+        graph_cls = _optional("exportd.block.graph", "BlockGraph")
+        self.graph: Any = graph_cls(self) if graph_cls else _NoGraph()
+        table_cls = _optional("exportd.export.table", "ExportTable")
+        self.exports: Any = table_cls(self) if table_cls else _NoExports()
+
+    # --- QMP --------------------------------------------------------------------
+    def greeting(self) -> dict[str, Any]:
+        return {
+            "QMP": {
+                "version": {"qemu": dict(QEMU_VERSION), "package": f"exportd {__version__}"},
+                "capabilities": [],
+            }
+        }
+
+    def version_info(self) -> dict[str, Any]:
+        return {"qemu": dict(QEMU_VERSION), "package": f"exportd {__version__}"}
+
+    def implemented_commands(self) -> list[str]:
+        return sorted(commands.COMMANDS)
+
+    async def execute(self, name: str, args: dict[str, Any] | None = None) -> Any:
+        """Validate `args` against schema/ and run the command's handler."""
+        args = {} if args is None else args
+        cmd = commands.COMMANDS.get(name)
+        if cmd is None:
+            if name in self.schema.commands:
+                raise QMPError(f"Command {name} is not implemented yet")
+            raise CommandNotFound(f"The command {name} has not been found")
+        self.schema.validate(name, args)
+        async with self.command_lock:
+            return await cmd.handler(self, args)
+
+    def emit_event(self, name: str, data: dict[str, Any] | None = None) -> None:
+        message = event_message(name, data)
+        for monitor in list(self.monitors):
+            monitor.broadcast(message)
+
+    # --- monitors -----------------------------------------------------------------
+    async def add_monitor(self, path: str, *, pretty: bool = False, name: str = "") -> Monitor:
+        monitor = Monitor(self, path, pretty=pretty, name=name)
+        await monitor.start()
+        self.monitors.append(monitor)
+        return monitor
+
+    # --- pidfile --------------------------------------------------------------------
+    def write_pidfile(self, path: str) -> None:
+        """Create and lock the pidfile (a second daemon with it fails)."""
+        import fcntl
+
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            raise QMPError(f"Cannot lock pid file: {os.strerror(e.errno or 0)}") from e
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.pidfile, self._pidfile_fd = os.path.abspath(path), fd
+
+    def _remove_pidfile(self) -> None:
+        if self.pidfile is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.pidfile)
+            self.pidfile = None
+        if self._pidfile_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._pidfile_fd)
+            self._pidfile_fd = None
+
+    # --- shutdown ---------------------------------------------------------------------
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutdown_task is not None
+
+    def request_shutdown(self, reason: str) -> None:
+        """Start shutting down soon (after the current reply has been queued)."""
+        if self._shutdown_task is None:
+            self._shutdown_task = self.loop.create_task(self._shutdown(reason))
+
+    async def shutdown(self, reason: str | None) -> None:
+        """Shut everything down; reason None: no SHUTDOWN event (failed startup)."""
+        if self._shutdown_task is None:
+            self._shutdown_task = self.loop.create_task(self._shutdown(reason))
+        await asyncio.shield(self._shutdown_task)
+
+    async def _shutdown(self, reason: str | None) -> None:
+        # let a command running on another monitor finish first
+        locked = False
+        try:
+            await asyncio.wait_for(self.command_lock.acquire(), SHUTDOWN_COMMAND_WAIT_S)
+            locked = True
+        except TimeoutError:
+            log.warning("a command is still running; shutting down anyway")
+        try:
+            try:
+                await self.exports.shutdown_all()
+            except Exception:
+                log.exception("shutting the exports down failed")
+            try:
+                await self.graph.close_all()
+            except Exception:
+                log.exception("closing the block nodes failed")
+            if reason is not None:
+                self.emit_event("SHUTDOWN", {"guest": False, "reason": reason})
+            for monitor in list(self.monitors):
+                await monitor.close()
+            self._remove_pidfile()
+        finally:
+            if locked:
+                self.command_lock.release()
+            self.stopped.set()

@@ -1,0 +1,394 @@
+"""QMP input framing: a JSON stream, not lines.
+
+Bytes arrive in arbitrary chunks. A message may be split across chunks, or
+several may share one; QMP also accepts single-quoted strings. Like QEMU's
+json-lexer/json-streamer, tokens are counted: a message ends when the brace
+and bracket counts return to zero (a top-level scalar is a message of its
+own), or go negative (which is an error). A syntax error inside a message is
+reported once, when its brackets balance, so the rest of a bad message does
+not produce a cascade of errors. Limits bound memory: the size of one
+message, its token count and its nesting depth.
+
+feed(bytes) returns a list of items: either a parsed value, or a
+ParseError whose .desc is the QMP error text (QEMU's wording).
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+from dataclasses import dataclass
+from typing import Any
+
+MAX_MESSAGE_SIZE = 64 << 20  # QEMU: MAX_TOKEN_SIZE
+MAX_TOKEN_COUNT = 1 << 20  # QEMU allows 2 Mi; every token here is a Python object
+MAX_NESTING = 1024  # QEMU: MAX_NESTING
+
+
+@dataclass(frozen=True)
+class ParseError:
+    desc: str
+
+
+_SPACE = re.compile(r"[ \t\r\n]+")
+_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+_NUMBER_PREFIX = re.compile(r"-?[0-9]*(?:\.[0-9]*)?(?:[eE][+-]?[0-9]*)?")
+_MAX_ATOM = 4096  # longer numbers/keywords are not waited for
+_WORD = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+_STRING_STOP = {'"': re.compile(r'["\\]'), "'": re.compile(r"['\\]")}
+_ESCAPES = {
+    '"': '"', "'": "'", "\\": "\\", "/": "/",
+    "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t",
+}
+_KEYWORDS = {"true": True, "false": False, "null": None}
+_PUNCT = "{}[]:,"
+
+# Sentinel token kinds for the incremental parser.
+_VALUE = "value"
+
+
+class _SyntaxError(Exception):
+    pass
+
+
+def _decode_string(body: str) -> str:
+    """Decode the inside of a quoted string (escapes, surrogate pairs)."""
+    if "\\" not in body:
+        for ch in body:
+            if ch < " ":
+                raise _SyntaxError("control character in string")
+        return body
+    out: list[str] = []
+    i, n = 0, len(body)
+    while i < n:
+        ch = body[i]
+        if ch != "\\":
+            if ch < " ":
+                raise _SyntaxError("control character in string")
+            out.append(ch)
+            i += 1
+            continue
+        esc = body[i + 1]
+        if esc in _ESCAPES:
+            out.append(_ESCAPES[esc])
+            i += 2
+            continue
+        if esc != "u":
+            raise _SyntaxError(f"invalid escape sequence '\\{esc}' in string")
+        code, i = _hex4(body, i + 2)
+        if 0xD800 <= code < 0xDC00:
+            # a high surrogate must be followed by \u of a low one
+            if body[i : i + 2] == "\\u":
+                low, j = _hex4(body, i + 2)
+                if 0xDC00 <= low < 0xE000:
+                    code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00)
+                    i = j
+                else:
+                    raise _SyntaxError(f"\\u{code:04x} is not a valid Unicode character")
+            else:
+                raise _SyntaxError(f"\\u{code:04x} is not a valid Unicode character")
+        elif 0xDC00 <= code < 0xE000:
+            raise _SyntaxError(f"\\u{code:04x} is not a valid Unicode character")
+        out.append(chr(code))
+    return "".join(out)
+
+
+def _hex4(body: str, i: int) -> tuple[int, int]:
+    digits = body[i : i + 4]
+    if len(digits) != 4 or any(c not in "0123456789abcdefABCDEF" for c in digits):
+        raise _SyntaxError("invalid hex escape sequence in string")
+    return int(digits, 16), i + 4
+
+
+def _string_end(s: str, i: int, quote: str, escaped: bool) -> tuple[int, bool]:
+    """(index of the closing quote in s from i, or -1; whether s ends mid-escape)."""
+    if escaped:
+        if i >= len(s):
+            return -1, True
+        i += 1
+    stop = _STRING_STOP[quote]
+    while True:
+        m = stop.search(s, i)
+        if m is None:
+            return -1, False
+        j = m.start()
+        if s[j] != "\\":
+            return j, False
+        if j + 1 >= len(s):
+            return -1, True
+        i = j + 2
+
+
+def _number(text: str) -> int | float:
+    if any(c in text for c in ".eE"):
+        return float(text)
+    return int(text)
+
+
+class _Parser:
+    """Incremental parser: takes tokens one by one, builds the value."""
+
+    def __init__(self) -> None:
+        self.stack: list[list[Any]] = []  # frames: [container, state, pending_key]
+        self.result: Any = None
+        self.done = False
+
+    def token(self, kind: str, value: Any = None) -> None:
+        if self.done:
+            raise _SyntaxError("expecting value")  # cannot happen: framing splits
+        if not self.stack:
+            self._top(kind, value)
+            return
+        frame = self.stack[-1]
+        container, state = frame[0], frame[1]
+        if isinstance(container, dict):
+            if state == "key_or_end":
+                if kind == "}":
+                    self._close()
+                elif kind == _VALUE and isinstance(value, str):
+                    frame[2], frame[1] = value, "colon"
+                elif kind == _VALUE or kind in "{[":
+                    raise _SyntaxError("key is not a string in object")
+                else:
+                    raise _SyntaxError("expecting value")
+            elif state == "key":
+                if kind == _VALUE and isinstance(value, str):
+                    frame[2], frame[1] = value, "colon"
+                elif kind == _VALUE or kind in "{[":
+                    raise _SyntaxError("key is not a string in object")
+                else:
+                    raise _SyntaxError("expecting value")
+            elif state == "colon":
+                if kind != ":":
+                    raise _SyntaxError("missing : in object pair")
+                frame[1] = "value"
+            elif state == "value":
+                self._value(kind, value)
+            else:  # comma_or_end
+                if kind == ",":
+                    frame[1] = "key"
+                elif kind == "}":
+                    self._close()
+                else:
+                    raise _SyntaxError("expected separator in dict")
+        else:
+            if state == "value_or_end":
+                if kind == "]":
+                    self._close()
+                else:
+                    self._value(kind, value)
+            elif state == "value":
+                self._value(kind, value)
+            else:  # comma_or_end
+                if kind == ",":
+                    frame[1] = "value"
+                elif kind == "]":
+                    self._close()
+                else:
+                    raise _SyntaxError("expected separator in array")
+
+    def _top(self, kind: str, value: Any) -> None:
+        if kind == _VALUE:
+            self.result, self.done = value, True
+        elif kind == "{":
+            self.stack.append([{}, "key_or_end", None])
+        elif kind == "[":
+            self.stack.append([[], "value_or_end", None])
+        else:
+            raise _SyntaxError("expecting value")
+
+    def _value(self, kind: str, value: Any) -> None:
+        if kind == "{":
+            self.stack.append([{}, "key_or_end", None])
+        elif kind == "[":
+            self.stack.append([[], "value_or_end", None])
+        elif kind == _VALUE:
+            self._store(value)
+        else:
+            raise _SyntaxError("expecting value")
+
+    def _store(self, value: Any) -> None:
+        if not self.stack:
+            self.result, self.done = value, True
+            return
+        frame = self.stack[-1]
+        if isinstance(frame[0], dict):
+            frame[0][frame[2]] = value
+        else:
+            frame[0].append(value)
+        frame[1] = "comma_or_end"
+
+    def _close(self) -> None:
+        container = self.stack.pop()[0]
+        self._store(container)
+
+
+class JsonStream:
+    """Feed raw bytes; get back complete messages (values or ParseError)."""
+
+    def __init__(
+        self,
+        max_size: int = MAX_MESSAGE_SIZE,
+        max_tokens: int = MAX_TOKEN_COUNT,
+        max_nesting: int = MAX_NESTING,
+    ) -> None:
+        self.max_size = max_size
+        self.max_tokens = max_tokens
+        self.max_nesting = max_nesting
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._buf = ""  # an unfinished number or keyword
+        self._quote: str | None = None  # set while a string spans chunks
+        self._escaped = False  # that string's last chunk ended in a lone backslash
+        self._parts: list[str] = []
+        self._parts_len = 0
+        self._reset_message()
+
+    def _reset_message(self) -> None:
+        self._parser = _Parser()
+        self._error: str | None = None
+        self._braces = 0
+        self._brackets = 0
+        self._size = 0
+        self._tokens = 0
+
+    def feed(self, data: bytes) -> list[Any]:
+        out: list[Any] = []
+        text: str | None = self._decoder.decode(data)
+        if self._quote is not None:
+            text = self._continue_string(text, out)
+            if text is None:
+                return out
+        buf = self._buf + text if self._buf else text
+        self._buf = ""
+        self._scan(buf, out)
+        return out
+
+    # --- lexing -----------------------------------------------------------
+    def _scan(self, buf: str, out: list[Any]) -> None:
+        n = len(buf)
+        pos = 0
+        while True:
+            m = _SPACE.match(buf, pos)
+            if m:
+                pos = m.end()
+            if pos >= n:
+                return
+            ch = buf[pos]
+            if ch in _PUNCT:
+                pos += 1
+                self._emit_token(ch, None, 1, out)
+            elif ch == '"' or ch == "'":
+                end, escaped = _string_end(buf, pos + 1, ch, False)
+                if end < 0:
+                    # the rest of the string comes in later chunks
+                    self._quote, self._escaped = ch, escaped
+                    self._parts = [buf[pos + 1 :]]
+                    self._parts_len = n - pos - 1
+                    self._check_pending(out)
+                    return
+                self._string_token(buf[pos + 1 : end], out)
+                pos = end + 1
+            elif ch == "-" or "0" <= ch <= "9":
+                prefix = _NUMBER_PREFIX.match(buf, pos)
+                if prefix is not None and prefix.end() == n and n - pos < _MAX_ATOM:
+                    self._buf = buf[pos:]  # a number may continue in the next chunk
+                    return
+                m = _NUMBER.match(buf, pos)
+                if m is None:
+                    pos += 1
+                    self._stray(ch, out)
+                    continue
+                pos = m.end()
+                self._emit_token(_VALUE, _number(m.group()), pos - m.start(), out)
+            elif ch.isascii() and (ch.isalpha() or ch == "_"):
+                m = _WORD.match(buf, pos)
+                assert m is not None
+                if m.end() == n and n - pos < _MAX_ATOM:
+                    self._buf = buf[pos:]  # a keyword may continue in the next chunk
+                    return
+                pos = m.end()
+                word = m.group()
+                if word in _KEYWORDS:
+                    self._emit_token(_VALUE, _KEYWORDS[word], len(word), out)
+                else:
+                    self._fail(f"invalid keyword '{word}'")
+                    self._emit_token(_VALUE, None, len(word), out)
+            else:
+                pos += 1
+                self._stray(ch, out)
+
+    def _continue_string(self, text: str, out: list[Any]) -> str | None:
+        """Feed text to an unfinished string; return what follows it, or None."""
+        assert self._quote is not None
+        end, escaped = _string_end(text, 0, self._quote, self._escaped)
+        if end < 0:
+            self._parts.append(text)
+            self._parts_len += len(text)
+            self._escaped = escaped
+            self._check_pending(out)
+            return None
+        self._parts.append(text[:end])
+        body = "".join(self._parts)
+        self._quote, self._parts, self._parts_len = None, [], 0
+        self._string_token(body, out)
+        return text[end + 1 :]
+
+    def _check_pending(self, out: list[Any]) -> None:
+        if self._size + self._parts_len > self.max_size:
+            # one unfinished string alone is past the limit: drop it
+            self._quote, self._parts, self._parts_len = None, [], 0
+            self._reset_message()
+            out.append(ParseError("JSON token size limit exceeded"))
+
+    def _string_token(self, body: str, out: list[Any]) -> None:
+        try:
+            value: Any = _decode_string(body)
+        except _SyntaxError as e:
+            self._fail(str(e))
+            value = ""
+        self._emit_token(_VALUE, value, len(body) + 2, out)
+
+    def _stray(self, ch: str, out: list[Any]) -> None:
+        # QEMU drops the message in progress and reports the character
+        self._reset_message()
+        out.append(ParseError(f"JSON parse error, stray '{ch}'"))
+
+    def _fail(self, reason: str) -> None:
+        if self._error is None:
+            self._error = reason
+
+    # --- streaming ---------------------------------------------------------
+    def _emit_token(self, kind: str, value: Any, size: int, out: list[Any]) -> None:
+        if kind == "{":
+            self._braces += 1
+        elif kind == "}":
+            self._braces -= 1
+        elif kind == "[":
+            self._brackets += 1
+        elif kind == "]":
+            self._brackets -= 1
+        self._size += size
+        self._tokens += 1
+        if self._error is None:
+            try:
+                self._parser.token(kind, value)
+            except _SyntaxError as e:
+                self._error = str(e)
+                self._parser = _Parser()
+        if self._braces < 0 or self._brackets < 0 or (self._braces == 0 and self._brackets == 0):
+            if self._error is not None:
+                out.append(ParseError(f"JSON parse error, {self._error}"))
+            elif self._parser.done:
+                out.append(self._parser.result)
+            else:
+                out.append(ParseError("JSON parse error, expecting value"))
+            self._reset_message()
+        elif self._size > self.max_size:
+            self._reset_message()
+            out.append(ParseError("JSON token size limit exceeded"))
+        elif self._tokens > self.max_tokens:
+            self._reset_message()
+            out.append(ParseError("JSON token count limit exceeded"))
+        elif self._braces + self._brackets > self.max_nesting:
+            self._reset_message()
+            out.append(ParseError("JSON nesting depth limit exceeded"))

@@ -1,0 +1,121 @@
+"""A QMP monitor: a listening UNIX socket whose clients each get a Session."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+from typing import TYPE_CHECKING, Any
+
+from exportd.monitor.session import Session
+
+if TYPE_CHECKING:
+    from exportd.daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+
+class MonitorError(Exception):
+    pass
+
+
+def bind_unix_socket(path: str) -> socket.socket:
+    """A listening socket at `path`, mode 0600.
+
+    A leftover socket file from a dead daemon is replaced; one that a live
+    process still answers on is not taken over.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise MonitorError(f"Failed to bind socket to {path}: File exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale: nobody listens
+        else:
+            raise MonitorError(f"Failed to bind socket to {path}: another daemon is listening there")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)  # the socket file is created 0600
+    try:
+        sock.bind(path)
+    except OSError as e:
+        sock.close()
+        raise MonitorError(f"Failed to bind socket to {path}: {os.strerror(e.errno or errno.EIO)}") from e
+    finally:
+        os.umask(old)
+    sock.listen(16)
+    sock.setblocking(False)
+    return sock
+
+
+class Monitor:
+    def __init__(self, daemon: Daemon, path: str, *, pretty: bool = False, name: str = "") -> None:
+        self.daemon = daemon
+        self.path = path
+        self.pretty = pretty
+        self.name = name
+        self.sessions: set[Session] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._inode: tuple[int, int] | None = None
+
+    async def start(self) -> None:
+        sock = bind_unix_socket(self.path)
+        st = os.stat(self.path)
+        self._inode = (st.st_dev, st.st_ino)
+        self._server = await asyncio.start_unix_server(self._client, sock=sock)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        session = Session(self.daemon, reader, writer, pretty=self.pretty)
+        self.sessions.add(session)
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            await session.run()
+        finally:
+            self.sessions.discard(session)
+            if task is not None:
+                self._tasks.discard(task)
+
+    def broadcast(self, message: dict[str, Any]) -> None:
+        for session in list(self.sessions):
+            session.send_event(message)
+
+    async def close(self) -> None:
+        """Stop listening, flush and close every client, remove the socket file."""
+        if self._server is not None:
+            self._server.close()
+        self._remove_socket_file()
+        writers = []
+        for session in list(self.sessions):
+            session.close()
+            writers.append(session.writer)
+        for w in writers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(w.wait_closed(), 2.0)
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current:
+                task.cancel()
+
+    def _remove_socket_file(self) -> None:
+        # only our own socket: another daemon may have replaced it since
+        try:
+            st = os.lstat(self.path)
+        except OSError:
+            return
+        if self._inode == (st.st_dev, st.st_ino):
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
