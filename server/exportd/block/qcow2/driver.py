@@ -856,6 +856,17 @@ class Qcow2Node(BlockNode):
                     bs = await b.block_status(offset, min(run, blen - offset))
                     st = bs.status & (Status.DATA | Status.ZERO)
                     ln = max(1, min(bs.length, run))
+        elif kind == K_DATA:
+            # like QEMU, ask the file: an allocated cluster over a file hole reads as zeroes
+            run, host = exts[0][2], exts[0][3]
+            st, ln = Status.DATA | Status.ALLOCATED, run
+            if host >= self.file_end:
+                st |= Status.ZERO
+            else:
+                fs = await self.file.block_status(host, min(run, self.file_end - host))
+                if fs.status & Status.ZERO:
+                    st |= Status.ZERO
+                ln = max(1, min(fs.length, run))
         else:
             st = Status.ZERO | Status.ALLOCATED if kind == K_ZERO else Status.DATA | Status.ALLOCATED
             ln = 0
