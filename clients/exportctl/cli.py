@@ -1,0 +1,435 @@
+"""exportctl: the exportd command-line client.
+
+    exportctl [-s SOCKET] [--json] COMMAND ...
+
+Human output by default, --json for scripts. Exit status: 0 success,
+1 the daemon answered with an error (printed as `error: <desc>`), 2 usage
+error, 3 the daemon could not be reached or the connection broke.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from exportctl.client import Client, ConnectError, QMPError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONNECT = 0, 1, 2, 3
+
+
+class UsageError(Exception):
+    pass
+
+
+def default_socket() -> str:
+    env = os.environ.get("EXPORTD_SOCKET")
+    if env:
+        return env
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return os.path.join(runtime, "exportd.sock")
+    return "/run/exportd.sock"
+
+
+def parse_size(text: str) -> int:
+    """512, 64K, 1.5G, 10GiB, 1T (binary units)."""
+    from exportd.qapi import parse_size as qemu_size
+
+    t = text.strip()
+    for tail in ("iB", "ib", "B") if len(t) > 1 and not t[-2].isdigit() else ():
+        if t.endswith(tail):
+            t = t[: -len(tail)]
+            break
+    value = qemu_size(t)
+    if value is None:
+        raise UsageError(f"invalid size '{text}' (use a number with an optional K, M, G, T suffix)")
+    return value
+
+
+def human_size(n: int | None) -> str:
+    if n is None or n < 0:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:g} {unit}" if unit == "B" else f"{n:.1f} {unit}".replace(".0 ", " ")
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+    return "\n".join(lines)
+
+
+# --- arguments from the command line ---------------------------------------------------------
+def keyval_arguments(command: str, words: Sequence[str]) -> dict[str, Any]:
+    """`key=value ...` (dotted keys nest, `key:=JSON` is a typed value) or one '{json}'."""
+    from exportd.keyval import KeyvalError, parse, parse_option
+    from exportd.qapi import schema
+
+    if len(words) == 1 and words[0].lstrip().startswith("{"):
+        try:
+            return parse_option(words[0])[0]
+        except KeyvalError as e:
+            raise UsageError(str(e)) from None
+    args: dict[str, Any] = {}
+    typed: list[tuple[list[str], Any]] = []
+    for word in words:
+        key, sep, raw = word.partition(":=")
+        if sep and "=" not in key:
+            try:
+                typed.append((key.split("."), json.loads(raw)))
+            except ValueError as e:
+                raise UsageError(f"invalid JSON for '{key}': {e}") from None
+            continue
+        try:
+            _merge(args, parse(word.replace(",", ",,")))
+        except KeyvalError as e:
+            raise UsageError(str(e)) from None
+    args = schema().coerce_keyval(command, args)
+    for path, value in typed:
+        cur = args
+        for part in path[:-1]:
+            cur = cur.setdefault(part, {})
+        cur[path[-1]] = value
+    return args
+
+
+def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
+
+
+def blockdev_arguments(words: Sequence[str]) -> dict[str, Any]:
+    from exportd.keyval import KeyvalError, parse_option
+    from exportd.qapi import schema
+
+    if len(words) == 1:
+        try:
+            args, is_keyval = parse_option(words[0])
+        except KeyvalError as e:
+            raise UsageError(str(e)) from None
+        return schema().coerce_keyval("blockdev-add", args) if is_keyval else args
+    return keyval_arguments("blockdev-add", words)
+
+
+# --- output -------------------------------------------------------------------------------
+class Output:
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+
+    def result(self, value: Any, human: str | None = None) -> None:
+        if self.as_json:
+            print(json.dumps(value, indent=None))
+        elif human is not None:
+            print(human)
+        elif value not in (None, {}):
+            print(json.dumps(value, indent=2))
+
+
+def format_event(ev: dict[str, Any]) -> str:
+    ts = ev.get("timestamp", {})
+    try:
+        when = datetime.datetime.fromtimestamp(
+            ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6
+        ).strftime("%H:%M:%S.%f")[:-3]
+    except (TypeError, ValueError, OverflowError):
+        when = "?"
+    data = ev.get("data")
+    return f"{when} {ev.get('event')}" + (f" {json.dumps(data)}" if data else "")
+
+
+# --- commands -----------------------------------------------------------------------------
+async def cmd_version(c: Client, a: argparse.Namespace, out: Output) -> int:
+    v = await c.execute("query-version")
+    q = v.get("qemu", {})
+    out.result(v, f"{v.get('package')} (QMP of QEMU {q.get('major')}.{q.get('minor')}.{q.get('micro')})")
+    return EXIT_OK
+
+
+async def cmd_list(c: Client, a: argparse.Namespace, out: Output) -> int:
+    exports = await c.execute("query-block-exports")
+    if out.as_json:
+        out.result(exports)
+        return EXIT_OK
+    if not exports:
+        print("no exports")
+        return EXIT_OK
+    extra = [k for k in ("mountpoint", "writable", "passthrough") if any(k in e for e in exports)]
+    header = ["ID", "TYPE", "NODE", *[k.upper() for k in extra], "STATE"]
+    rows = []
+    for e in exports:
+        cells = [e.get("id", ""), e.get("type", ""), e.get("node-name", "")]
+        for k in extra:
+            v = e.get(k, "")
+            cells.append(("yes" if v else "no") if isinstance(v, bool) else str(v))
+        cells.append("shutting down" if e.get("shutting-down") else "active")
+        rows.append(cells)
+    print(table(rows, header))
+    return EXIT_OK
+
+
+async def cmd_nodes(c: Client, a: argparse.Namespace, out: Output) -> int:
+    nodes = await c.execute("query-named-block-nodes", {"flat": True})
+    if out.as_json:
+        out.result(nodes)
+        return EXIT_OK
+    if not nodes:
+        print("no block nodes")
+        return EXIT_OK
+    rows = []
+    for n in nodes:
+        image = n.get("image", {}) or {}
+        rows.append([
+            n.get("node-name", ""), n.get("drv", ""), "ro" if n.get("ro") else "rw",
+            human_size(image.get("virtual-size")), n.get("file", ""),
+        ])
+    print(table(rows, ["NODE", "DRIVER", "MODE", "SIZE", "FILE"]))
+    return EXIT_OK
+
+
+async def cmd_add(c: Client, a: argparse.Namespace, out: Output) -> int:
+    args: dict[str, Any] = {
+        "type": "fuse", "id": a.id or a.node, "node-name": a.node,
+        "mountpoint": os.path.abspath(a.mountpoint),
+    }
+    for flag in ("writable", "growable", "writethrough"):
+        if getattr(a, flag):
+            args[flag] = True
+    if a.allow_other:
+        args["allow-other"] = a.allow_other
+    if a.passthrough:
+        args["passthrough"] = a.passthrough
+    result = await c.execute("block-export-add", args)
+    out.result(result, f"exported {a.node} at {args['mountpoint']} (id {args['id']})")
+    return EXIT_OK
+
+
+async def cmd_del(c: Client, a: argparse.Namespace, out: Output) -> int:
+    args = {"id": a.id, "mode": "hard" if a.hard else "safe"}
+    result = await c.execute("block-export-del", args)
+    if a.no_wait:
+        out.result(result, f"removal of export {a.id} requested")
+        return EXIT_OK
+    # the id is free only once BLOCK_EXPORT_DELETED arrives
+    deleted = await _wait_deleted(c, a.id, a.timeout)
+    if deleted:
+        out.result(result, f"export {a.id} deleted")
+    else:
+        out.result(result, f"removal of export {a.id} requested; it is still shutting down")
+    return EXIT_OK
+
+
+async def _wait_deleted(c: Client, export_id: str, timeout: float) -> bool:
+    async def wait() -> bool:
+        async for ev in c.events():
+            if ev.get("event") == "BLOCK_EXPORT_DELETED" and ev.get("data", {}).get("id") == export_id:
+                return True
+        return False
+
+    async def gone() -> bool:
+        # the event may have come before we listened: ask the table too
+        while True:
+            exports = await c.execute("query-block-exports")
+            if all(e.get("id") != export_id for e in exports):
+                return True
+            await asyncio.sleep(0.1)
+
+    tasks = [asyncio.ensure_future(wait()), asyncio.ensure_future(gone())]
+    try:
+        done, _ = await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        return any(t.result() for t in done if not t.exception())
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def cmd_blockdev_add(c: Client, a: argparse.Namespace, out: Output) -> int:
+    args = blockdev_arguments(a.options)
+    result = await c.execute("blockdev-add", args)
+    name = args.get("node-name", "(auto-named)")
+    out.result(result, f"added node {name}")
+    return EXIT_OK
+
+
+async def cmd_blockdev_del(c: Client, a: argparse.Namespace, out: Output) -> int:
+    result = await c.execute("blockdev-del", {"node-name": a.node})
+    out.result(result, f"deleted node {a.node}")
+    return EXIT_OK
+
+
+async def cmd_events(c: Client, a: argparse.Namespace, out: Output) -> int:
+    async def follow() -> int:
+        count = 0
+        async for ev in c.events():
+            print(json.dumps(ev) if out.as_json else format_event(ev), flush=True)
+            count += 1
+            if not a.follow and count >= a.count:
+                return EXIT_OK
+        return EXIT_OK
+
+    try:
+        return await asyncio.wait_for(follow(), a.timeout)
+    except TimeoutError:
+        return EXIT_OK if a.follow else EXIT_ERROR
+
+
+async def cmd_quit(c: Client, a: argparse.Namespace, out: Output) -> int:
+    result = await c.execute("quit")
+    out.result(result, "exportd is shutting down")
+    return EXIT_OK
+
+
+async def cmd_qmp(c: Client, a: argparse.Namespace, out: Output) -> int:
+    words = list(a.words)
+    if words[0].lstrip().startswith("{"):
+        if len(words) != 1:
+            raise UsageError("give either one JSON object or CMD [key=value ...]")
+        try:
+            msg = json.loads(words[0])
+        except ValueError as e:
+            raise UsageError(f"invalid JSON: {e}") from None
+        if not isinstance(msg, dict) or not isinstance(msg.get("execute"), str):
+            raise UsageError('the JSON form is {"execute": CMD, "arguments": {...}}')
+        command, args = msg["execute"], msg.get("arguments") or {}
+    else:
+        command, args = words[0], keyval_arguments(words[0], words[1:])
+    result = await c.execute(command, args)
+    if out.as_json:
+        out.result(result)
+    else:
+        print(json.dumps(result, indent=2))
+    return EXIT_OK
+
+
+def cmd_create(a: argparse.Namespace, out: Output) -> int:
+    try:
+        from exportd.block.create import create_image
+    except ModuleNotFoundError as e:
+        if e.name not in ("exportd.block.create", "exportd.block"):
+            raise
+        print("error: image creation is not available in this build (exportd.block.create is missing)",
+              file=sys.stderr)
+        return EXIT_ERROR
+    size = parse_size(a.size)
+    cluster = parse_size(a.cluster_size) if a.cluster_size else None
+    if a.backing_format and not a.backing:
+        raise UsageError("--backing-format needs --backing")
+    try:
+        result = create_image(a.file, size, a.format, cluster, a.backing, a.backing_format, a.preallocation)
+        if asyncio.iscoroutine(result):
+            asyncio.run(result)
+    except (OSError, ValueError, QMPError) as e:
+        print(f"error: {_error_text(e)}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as e:
+        desc = getattr(e, "desc", None)
+        if desc is None:
+            raise
+        print(f"error: {desc}", file=sys.stderr)
+        return EXIT_ERROR
+    info = {"filename": a.file, "format": a.format, "size": size}
+    out.result(info, f"created {a.file} ({a.format}, {human_size(size)})")
+    return EXIT_OK
+
+
+def _error_text(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    return getattr(e, "desc", None) or str(e)
+
+
+COMMANDS = {
+    "version": cmd_version, "list": cmd_list, "nodes": cmd_nodes, "add": cmd_add, "del": cmd_del,
+    "blockdev-add": cmd_blockdev_add, "blockdev-del": cmd_blockdev_del, "events": cmd_events,
+    "quit": cmd_quit, "qmp": cmd_qmp,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="exportctl", description="Control an exportd daemon over QMP.")
+    p.add_argument("-s", "--socket", help="the daemon's QMP socket (default: $EXPORTD_SOCKET, "
+                   "$XDG_RUNTIME_DIR/exportd.sock, or /run/exportd.sock)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--connect-timeout", type=float, default=30.0, help="connection timeout in seconds")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub.add_parser("version", help="the daemon's version")
+    sub.add_parser("list", help="exports, as a table")
+    sub.add_parser("nodes", help="block nodes, as a table")
+    s = sub.add_parser("add", help="export a block node through FUSE")
+    s.add_argument("node", help="the node-name to export")
+    s.add_argument("mountpoint", help="a regular file to mount the export over")
+    s.add_argument("--id", help="export id (default: the node name)")
+    s.add_argument("--writable", action="store_true")
+    s.add_argument("--growable", action="store_true")
+    s.add_argument("--writethrough", action="store_true")
+    s.add_argument("--allow-other", choices=("on", "off", "auto"))
+    s.add_argument("--passthrough", choices=("on", "off", "auto"))
+    s = sub.add_parser("del", help="remove an export")
+    s.add_argument("id")
+    s.add_argument("--hard", action="store_true", help="remove even while in use")
+    s.add_argument("--no-wait", action="store_true", help="do not wait for BLOCK_EXPORT_DELETED")
+    s.add_argument("--timeout", type=float, default=30.0, help="how long to wait for the deletion")
+    s = sub.add_parser("blockdev-add", help="add a block node (keyval, key=value words, or JSON)")
+    s.add_argument("options", nargs="+", metavar="OPTIONS")
+    s = sub.add_parser("blockdev-del", help="delete a block node")
+    s.add_argument("node")
+    s = sub.add_parser("events", help="print events (the next one, or all with --follow)")
+    s.add_argument("--follow", "-f", action="store_true", help="keep printing until the daemon exits")
+    s.add_argument("--count", type=int, default=1, help="without --follow: how many events to wait for")
+    s.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    sub.add_parser("quit", help="shut the daemon down")
+    s = sub.add_parser("qmp", help="any QMP command: qmp CMD [key=value ...] or qmp '{json}'")
+    s.add_argument("words", nargs="+", metavar="CMD|JSON")
+    s = sub.add_parser("create", help="create an image file (no daemon needed)")
+    s.add_argument("file")
+    s.add_argument("size")
+    s.add_argument("--format", "-f", default="raw", choices=("raw", "qcow2"))
+    s.add_argument("--cluster-size")
+    s.add_argument("--backing", "-b")
+    s.add_argument("--backing-format", "-F")
+    s.add_argument("--preallocation", default="off", choices=("off", "metadata", "falloc", "full"))
+    return p
+
+
+async def _run(a: argparse.Namespace, out: Output) -> int:
+    path = a.socket or default_socket()
+    async with Client() as c:
+        await c.connect(path, timeout=a.connect_timeout)
+        return await COMMANDS[a.command](c, a, out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    out = Output(a.json)
+    try:
+        if a.command == "create":
+            return cmd_create(a, out)
+        return asyncio.run(_run(a, out))
+    except UsageError as e:
+        print(f"exportctl: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except QMPError as e:
+        print(f"error: {e.desc}", file=sys.stderr)
+        return EXIT_ERROR
+    except ConnectError as e:
+        print(f"exportctl: {e}", file=sys.stderr)
+        return EXIT_CONNECT
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # the reader (e.g. `| head`) went away: not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
