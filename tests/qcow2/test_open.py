@@ -1,0 +1,187 @@
+"""Open-time behaviour: refusals naming the feature, corrupt images read-only,
+backing options, truncate, introspection."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from exportd.block.graph import BlockGraph
+from exportd.errors import BlockError
+from tests.qcow2.qhelpers import MiB, check_clean, info, open_qcow2, read_all, run, to_raw
+
+
+def _set_u64(path: Path, off: int, value: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(off)
+        f.write(struct.pack(">Q", value))
+
+
+def _get_u64(path: Path, off: int) -> int:
+    with open(path, "rb") as f:
+        f.seek(off)
+        return struct.unpack(">Q", f.read(8))[0]
+
+
+async def test_refuses_encryption(graph, tmp_path: Path) -> None:
+    img = tmp_path / "enc.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=s0,data=pw",
+        "-o", "encrypt.format=luks,encrypt.key-secret=s0", str(img), "1M")
+    with pytest.raises(BlockError, match="encryption"):
+        await open_qcow2(graph, img)
+    assert "q" not in graph and not graph.nodes()  # the file child was released too
+
+
+async def test_refuses_external_data_file(graph, tmp_path: Path) -> None:
+    img = tmp_path / "df.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={tmp_path / 'df.raw'}",
+        str(img), "1M")
+    with pytest.raises(BlockError, match="external data file"):
+        await open_qcow2(graph, img)
+
+
+async def test_refuses_extended_l2(graph, tmp_path: Path) -> None:
+    img = tmp_path / "x.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on", str(img), "1M")
+    with pytest.raises(BlockError, match="extended L2"):
+        await open_qcow2(graph, img)
+
+
+async def test_refuses_unknown_incompatible_bit(graph, tmp_path: Path) -> None:
+    img = tmp_path / "u.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(img), "1M")
+    _set_u64(img, 72, 1 << 40)
+    with pytest.raises(BlockError, match="Unknown incompatible feature: 10000000000"):
+        await open_qcow2(graph, img)
+
+
+async def test_corrupt_image_only_read_only(graph, tmp_path: Path) -> None:
+    img = tmp_path / "c.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(img), "1M")
+    run("qemu-io", "-c", "write -P 7 0 64k", str(img))
+    _set_u64(img, 72, _get_u64(img, 72) | 2)
+    with pytest.raises(BlockError, match="corrupt"):
+        await open_qcow2(graph, img)
+    node = await open_qcow2(graph, img, **{"read-only": True})
+    assert bytes(await node.read(0, 4)) == b"\x07" * 4
+    assert node.info()["format-specific"]["data"]["corrupt"] is True
+
+
+async def test_default_backing_chain_and_null(graph, tmp_path: Path) -> None:
+    base = tmp_path / "base.qcow2"
+    mid = tmp_path / "sub" / "mid.qcow2"
+    mid.parent.mkdir()
+    top = tmp_path / "sub" / "top.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(base), "1M")
+    run("qemu-io", "-c", "write -P 1 0 1M", str(base))
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "../base.qcow2", "-F", "qcow2", str(mid))
+    run("qemu-io", "-c", "write -P 2 0 512k", str(mid))
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", str(top))
+    run("qemu-io", "-c", "write -P 3 0 64k", str(top))
+    node = await open_qcow2(graph, top)
+    data = await read_all(node)
+    assert data == b"\x03" * 65536 + b"\x02" * (512 * 1024 - 65536) + b"\x01" * (512 * 1024)
+    mid_node = node.backing
+    assert mid_node is not None and mid_node.read_only
+    assert mid_node.backing is not None and mid_node.backing.filename() == str(mid.parent / "../base.qcow2")  # as QEMU combines
+    names = [n.node_name for n in graph.nodes()]
+    assert "q" in names and len(names) == 6  # 3 x (qcow2 + file)
+    info_ = node.info()
+    assert info_["backing-filename"] == "mid.qcow2"
+    # backing: null -> no backing, unallocated reads as zeroes
+    ro = {"read-only": True, "force-share": True}  # the writer above does not share 'write'
+    with pytest.raises(BlockError, match="lock"):
+        await open_qcow2(graph, top, name="nob", backing=None, **{"read-only": True})
+    node2 = await open_qcow2(graph, top, name="nob", backing=None, **ro)
+    assert node2.backing is None
+    assert bytes(await node2.read(65536, 10)) == bytes(10)
+    # backing by node name
+    node3 = await open_qcow2(graph, top, name="byname", backing=mid_node.node_name, **ro)
+    assert node3.backing is mid_node
+    # a second writer of the same image is refused by the file locks
+    with pytest.raises(BlockError):
+        await open_qcow2(graph, top, name="second")
+
+
+async def test_truncate_grow_l1_and_shrink(tmp_path: Path) -> None:
+    img = tmp_path / "t.qcow2"
+    base = tmp_path / "tb.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(base), "8M")
+    run("qemu-io", "-c", "write -P 9 0 8M", str(base))
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", "-b", base.name,
+        "-F", "qcow2", str(img), "2M")
+    run("qemu-io", "-c", "write -P 5 0 1M", str(img))
+    g = BlockGraph(None)
+    try:
+        node = await open_qcow2(g, img)
+        l1_before = node.header.l1_table_offset
+        await node.truncate(6 * MiB)  # 512-byte clusters: L1 must move
+        assert node.header.l1_table_offset != l1_before
+        assert node.getlength() == 6 * MiB
+        # the grown area reads zeroes, not the (larger) backing file's data
+        assert bytes(await node.read(2 * MiB, 4 * MiB)) == bytes(4 * MiB)
+        await node.write(5 * MiB, b"\xaa" * 4096)
+        with pytest.raises(OSError):
+            await node.truncate(4 * MiB)  # data at 5 MiB would be lost
+        with pytest.raises(OSError):
+            await node.truncate(1000)  # not a multiple of 512
+        await node.truncate(5 * MiB + 8192)  # only unallocated/zero space dropped
+        assert node.getlength() == 5 * MiB + 8192
+    finally:
+        await g.close_all()
+    check_clean(img)
+    assert info(img)["virtual-size"] == 5 * MiB + 8192
+    raw = to_raw(img, tmp_path / "t.raw")
+    assert raw[: MiB] == b"\x05" * MiB and raw[MiB : 2 * MiB] == b"\x09" * MiB
+    assert raw[2 * MiB : 5 * MiB] == bytes(3 * MiB) and raw[5 * MiB : 5 * MiB + 4096] == b"\xaa" * 4096
+
+
+async def test_truncate_refused_with_snapshots_shrink(graph, tmp_path: Path) -> None:
+    img = tmp_path / "s.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(img), "2M")
+    run("qemu-img", "snapshot", "-c", "s", str(img))
+    node = await open_qcow2(graph, img)
+    with pytest.raises(OSError, match="snapshots"):
+        await node.truncate(1 * MiB)
+    await node.truncate(3 * MiB)
+    await graph.close_all()
+    check_clean(img)
+    assert info(img)["virtual-size"] == 3 * MiB
+
+
+async def test_header_extensions_preserved(tmp_path: Path) -> None:
+    base = tmp_path / "b.qcow2"
+    img = tmp_path / "i.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(base), "1M")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", str(img), "1M")
+    before = img.read_bytes()[:65536]
+    g = BlockGraph(None)
+    try:
+        node = await open_qcow2(g, img)
+        await node.write(0, b"x" * 70000)
+        await node.truncate(2 * MiB)
+    finally:
+        await g.close_all()
+    after = img.read_bytes()[:65536]
+    # only the size field (24..31) changed in the first cluster
+    assert before[:24] == after[:24] and before[32:] == after[32:]
+    check_clean(img)
+    assert info(img)["backing-filename-format"] == "qcow2"
+
+
+async def test_bitmaps_autoclear_bit_cleared_on_write_open(tmp_path: Path) -> None:
+    img = tmp_path / "bm.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(img), "1M")
+    run("qemu-img", "bitmap", "--add", str(img), "b0")
+    assert _get_u64(img, 88) & 1
+    g = BlockGraph(None)
+    try:
+        node = await open_qcow2(g, img)
+        await node.write(0, b"abc")
+    finally:
+        await g.close_all()
+    assert _get_u64(img, 88) == 0
+    r = run("qemu-img", "check", str(img), check=False)
+    assert r.returncode in (0, 3), r.stdout + r.stderr  # leaks of the stale bitmap at most
