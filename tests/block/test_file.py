@@ -237,3 +237,23 @@ async def test_io_policy_threads_matches_auto(graph: BlockGraph, imgdir: Path) -
     expect_inline = "shm" in str(imgdir)
     assert auto._inline == expect_inline and auto._nowait_reads != expect_inline
     assert bytes(await auto.read(12345, 54321)) == bytes(model[12345 : 12345 + 54321])
+
+
+async def test_detect_zeroes(graph: BlockGraph, imgdir: Path) -> None:
+    path = imgdir / "dz.img"
+    model = make_image(path, MiB)
+    f = await graph.add({"driver": "file", "node-name": "f", "filename": str(path),
+                         "discard": "unmap", "detect-zeroes": "unmap"})
+    await f.write(256 * 1024, bytes(256 * 1024))  # becomes a punched hole
+    st = await f.block_status(256 * 1024, MiB)
+    assert st.status & Status.ZERO and st.length == 256 * 1024
+    await f.write(5, b"\0\0x\0")  # not all zero: written as is
+    model[256 * 1024 : 512 * 1024] = bytes(256 * 1024)
+    model[5:9] = b"\0\0x\0"
+    assert path.read_bytes() == bytes(model)
+    g = await graph.add({"driver": "file", "node-name": "g", "filename": str(path), "detect-zeroes": "on"})
+    await g.write(600 * 1024, bytes(5000), fua=True)
+    model[600 * 1024 : 600 * 1024 + 5000] = bytes(5000)
+    assert path.read_bytes() == bytes(model)
+    with pytest.raises(BlockError, match="detect-zeroes to unmap"):
+        await graph.add({"driver": "file", "node-name": "h", "filename": str(path), "detect-zeroes": "unmap"})

@@ -29,6 +29,7 @@ from exportd.block.posixio import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
+    LOCAL_FS_MAGICS,
     RAMFS_MAGIC,
     TMPFS_MAGIC,
     aligned_buffer,
@@ -92,6 +93,7 @@ class FileNode(BlockNode):
         self._nowait_reads = nowait_reads
         self._no_flush = no_flush
         self._ranges = _RangeLocks()
+        self._local_fs = False  # fstat never blocks (set at open)
         self.request_alignment = DIRECT_ALIGNMENT if direct else 1
 
     # --- opening ----------------------------------------------------------
@@ -108,19 +110,19 @@ class FileNode(BlockNode):
             raise BlockError(f"aio={aio} is not supported by exportd; use aio=threads")
         read_only = options["read-only"]
         direct = options["cache"]["direct"]
-        fd, read_only = await in_thread(
-            cls._open_fd, filename, read_only, direct, options.get("auto-read-only", False)
+        # everything that touches the file runs in a thread: it may live on a
+        # FUSE mount, even one this daemon serves
+        fd, read_only, st, magic, lockable = await in_thread(
+            cls._open_fd, filename, read_only, direct, options.get("auto-read-only", False),
+            locking != "off",
         )
         try:
-            st = os.fstat(fd)
             size = cls._check_type(filename, fd, st)
             lock = None
-            if locking != "off":
-                if probe(fd):
-                    lock = ImageLock(fd, filename)
-                elif locking == "on":
-                    raise BlockError(f"Could not open '{filename}': the file system does not support OFD locks")
-            magic = fs_magic(fd)
+            if lockable:
+                lock = ImageLock(fd, filename)
+            elif locking == "on":
+                raise BlockError(f"Could not open '{filename}': the file system does not support OFD locks")
             inline = policy == "auto" and not direct and magic in (TMPFS_MAGIC, RAMFS_MAGIC)
             node = cls(
                 node_name, read_only=read_only, fd=fd, filename=filename, size=size,
@@ -128,6 +130,7 @@ class FileNode(BlockNode):
                 inline=inline, nowait_reads=policy == "auto" and not direct and not inline,
                 no_flush=options["cache"]["no-flush"],
             )
+            node._local_fs = magic in LOCAL_FS_MAGICS
             if direct and stat.S_ISBLK(st.st_mode):
                 node.request_alignment = max(blockdev_sector_size(fd), 512)
             return node
@@ -136,17 +139,25 @@ class FileNode(BlockNode):
             raise
 
     @staticmethod
-    def _open_fd(filename: str, read_only: bool, direct: bool, auto_ro: bool) -> tuple[int, bool]:
+    def _open_fd(filename: str, read_only: bool, direct: bool, auto_ro: bool,
+                 want_locks: bool) -> tuple[int, bool, os.stat_result, int, bool]:
         flags = os.O_CLOEXEC | (os.O_DIRECT if direct else 0)
         try:
-            return os.open(filename, flags | (os.O_RDONLY if read_only else os.O_RDWR)), read_only
+            fd = os.open(filename, flags | (os.O_RDONLY if read_only else os.O_RDWR))
         except OSError as e:
+            fd = -1
             if not read_only and auto_ro and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
                 try:
-                    return os.open(filename, flags | os.O_RDONLY), True
+                    fd, read_only = os.open(filename, flags | os.O_RDONLY), True
                 except OSError as e2:
                     e = e2
-            raise BlockError(f"Could not open '{filename}': {os.strerror(e.errno or 0)}") from None
+            if fd < 0:
+                raise BlockError(f"Could not open '{filename}': {os.strerror(e.errno or 0)}") from None
+        try:
+            return fd, read_only, os.fstat(fd), fs_magic(fd), want_locks and probe(fd)
+        except BaseException:
+            os.close(fd)
+            raise
 
     @classmethod
     def _check_type(cls, filename: str, fd: int, st: os.stat_result) -> int:
@@ -194,7 +205,9 @@ class FileNode(BlockNode):
         return self._size
 
     async def allocated_size(self) -> int:
-        return os.fstat(self.fd).st_blocks * 512
+        if self._local_fs:
+            return os.fstat(self.fd).st_blocks * 512
+        return (await in_thread(os.fstat, self.fd)).st_blocks * 512
 
     # --- reads ------------------------------------------------------------------
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:

@@ -161,6 +161,8 @@ class BlockGraph:
         node.cache_direct = opts["cache"]["direct"]
         node.cache_no_flush = opts["cache"]["no-flush"]
         node.force_share = opts["force-share"]
+        if opts["detect-zeroes"] != "off":
+            _install_detect_zeroes(node, unmap=opts["detect-zeroes"] == "unmap")
         self._nodes[name] = node
         log.debug("opened node %s (driver %s)", name, driver)
         return node
@@ -276,6 +278,31 @@ class BlockGraph:
                     node.detach(user)
             await self._destroy(node)
         self._nodes.clear()
+
+
+def is_zero(data: bytes | bytearray | memoryview) -> bool:
+    if not isinstance(data, (bytes, bytearray)):
+        data = bytes(data)
+    n = len(data)
+    return n > 0 and data[0] == 0 and data[-1] == 0 and data.count(0) == n
+
+
+def _install_detect_zeroes(node: BlockNode, *, unmap: bool) -> None:
+    """detect-zeroes=on|unmap: a write of zeroes becomes write_zeroes (which
+    may punch a hole when unmap is allowed), as QEMU does on the node."""
+    if type(node).write_zeroes is BlockNode.write_zeroes:
+        return  # the driver would only write the zeroes back: nothing to gain
+    plain_write = node.write
+
+    async def write(offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+        if is_zero(data):
+            await node.write_zeroes(offset, len(data), may_unmap=unmap)
+            if fua:
+                await node.flush()
+            return
+        await plain_write(offset, data, fua=fua)
+
+    node.write = write  # type: ignore[method-assign]
 
 
 def parent_users(node: BlockNode) -> list[NodeUser]:

@@ -4,7 +4,7 @@ block device ioctls, page-aligned buffers and the I/O thread pool.
 Where blocking I/O runs (measured on this project's 2-core VM, Python 3.11,
 4 KiB reads, see tests/block/test_file.py::test_io_paths for the paths):
   inline os.preadv(RWF_NOWAIT) on a page-cache hit  ~1.2 us
-  loop.run_in_executor() round trip                 ~35-55 us
+  a round trip through the I/O threads               ~35-55 us
 So the file driver serves page-cache hits inline with RWF_NOWAIT (the kernel
 answers EAGAIN instead of blocking) and hands everything else to threads;
 tmpfs files, which never wait for a disk, are served inline entirely.
@@ -17,9 +17,10 @@ import ctypes
 import ctypes.util
 import mmap
 import os
+import queue
 import struct
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -30,6 +31,15 @@ FALLOC_FL_ZERO_RANGE = 0x10
 
 TMPFS_MAGIC = 0x01021994
 RAMFS_MAGIC = 0x858458F6
+# Local disk file systems: fstat on an open descriptor is answered from the
+# in-memory inode and never waits (unlike FUSE, NFS, ...).
+LOCAL_FS_MAGICS = frozenset({
+    TMPFS_MAGIC, RAMFS_MAGIC,
+    0xEF53,  # ext2/3/4
+    0x58465342,  # xfs
+    0x9123683E,  # btrfs
+    0xF2F52010,  # f2fs
+})
 BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268
 
@@ -78,16 +88,76 @@ def aligned_buffer(length: int) -> mmap.mmap:
     return mmap.mmap(-1, max(length, 1))
 
 
-_pool: ThreadPoolExecutor | None = None
 POOL_THREADS = 16  # many requests in flight; the threads mostly sleep in the kernel
 
 
-def io_pool() -> ThreadPoolExecutor:
+class IOThreads:
+    """A lean worker pool for blocking system calls. Compared with
+    loop.run_in_executor() it skips the concurrent.futures layer: a worker
+    takes (loop, future, fn, args) from a SimpleQueue and completes the asyncio
+    future with one call_soon_threadsafe. Measured on the 2-core VM (uvloop,
+    4 KiB pwrite): 58 vs 80 us per request at depth 1, 13 vs 31 us at depth 16.
+    """
+
+    def __init__(self, threads: int = POOL_THREADS) -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._threads = threads
+        self._started = 0
+        self._idle = 0
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._queue.put((loop, fut, fn, args))
+        if self._idle == 0 and self._started < self._threads:
+            self._spawn()
+        return fut
+
+    def _spawn(self) -> None:
+        with self._lock:
+            if self._started >= self._threads:
+                return
+            self._started += 1
+        threading.Thread(target=self._work, name=f"exportd-io-{self._started}", daemon=True).start()
+
+    def _work(self) -> None:
+        get = self._queue.get
+        lock = self._lock
+        while True:
+            with lock:
+                self._idle += 1
+            loop, fut, fn, args = get()
+            with lock:
+                self._idle -= 1
+            try:
+                result, error = fn(*args), None
+            except BaseException as e:  # delivered to the awaiting coroutine
+                result, error = None, e
+            try:
+                loop.call_soon_threadsafe(_complete, fut, result, error)
+            except RuntimeError:
+                pass  # the loop is closed: nobody waits any more
+
+
+def _complete(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if fut.done():  # cancelled meanwhile
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
+
+
+_pool: IOThreads | None = None
+
+
+def io_pool() -> IOThreads:
     global _pool
     if _pool is None:
-        _pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="exportd-io")
+        _pool = IOThreads()
     return _pool
 
 
 async def in_thread(fn: Callable[..., T], *args: Any) -> T:
-    return await asyncio.get_running_loop().run_in_executor(io_pool(), fn, *args)
+    return await io_pool().submit(fn, *args)
