@@ -227,3 +227,17 @@ def test_live_mounts_are_not_taken_for_stale(target):
         out, _ = proc.communicate(timeout=20)
     assert "ended closed" in out
     assert not fuse_mount.exportd_mounts(target)
+
+
+async def test_mountpoint_reached_through_a_symlink(workdir):
+    (workdir / "real").mkdir()
+    (workdir / "link").symlink_to(workdir / "real")
+    (workdir / "real" / "f.img").write_bytes(b"")
+    fs = MemoryFS(10)
+    async with serving(fs, str(workdir / "link" / "f.img")) as session:
+        assert session.mountpoint == str(workdir / "real" / "f.img")
+        assert session.connection is not None
+        assert (
+            await child("out(os.stat(sys.argv[1]).st_size)", str(workdir / "link" / "f.img")) == 10
+        )
+    assert not fuse_mount.exportd_mounts(str(workdir / "real" / "f.img"))

@@ -132,25 +132,6 @@ class FuseSession:
         self.closed: asyncio.Future[str] = loop.create_future()
         self._closing = False
         self._close_task: asyncio.Task[None] | None = None
-        self._ops: dict[int, Callable[[int, memoryview, int, int], bool]] = {
-            abi.GETATTR: self._op_getattr,
-            abi.SETATTR: self._op_setattr,
-            abi.OPEN: self._op_open,
-            abi.READ: self._op_read,
-            abi.WRITE: self._op_write,
-            abi.STATFS: self._op_statfs,
-            abi.RELEASE: self._op_release,
-            abi.FSYNC: self._op_fsync,
-            abi.FLUSH: self._op_flush,
-            abi.FALLOCATE: self._op_fallocate,
-            abi.LSEEK: self._op_lseek,
-            abi.LOOKUP: self._op_lookup,
-            abi.INTERRUPT: self._op_interrupt,
-            abi.FORGET: self._op_forget,
-            abi.BATCH_FORGET: self._op_forget,
-            abi.INIT: self._op_init,
-            abi.DESTROY: self._op_destroy,
-        }
 
     # --- life cycle ---------------------------------------------------------------
 
@@ -185,6 +166,9 @@ class FuseSession:
         return self
 
     async def _mount(self) -> None:
+        # mountinfo lists the resolved path; resolve it before the mount
+        # exists (afterwards a lookup of it would be served by this loop).
+        self.mountpoint = await asyncio.to_thread(os.path.realpath, self.mountpoint)
         if os.geteuid() == 0:
             # The fd only becomes readable once mount(2) attached it to a
             # connection (before that, read gives EPERM); INIT waits queued.
@@ -369,7 +353,7 @@ class FuseSession:
             self._counts[opcode] += 1
         else:
             self._other_counts[opcode] = self._other_counts.get(opcode, 0) + 1
-        op = self._ops.get(opcode)
+        op = _OPS.get(opcode)
         if op is None:
             self._reply_error(unique, errno.ENOSYS)
             return False
@@ -378,7 +362,7 @@ class FuseSession:
             self._reply_error(unique, errno.EIO)
             return False
         try:
-            return op(unique, buf, off, n)
+            return op(self, unique, buf, off, n)
         except requests.RequestError as e:
             log.warning("%s: bad request: %s", self.mountpoint, e)
             self._reply_error(unique, errno.EINVAL)
@@ -604,3 +588,26 @@ class FuseSession:
 
     async def _lseek(self, fh: int, offset: int, whence: int) -> bytes:
         return replies.lseek_out(await self.fs.lseek(fh, offset, whence))
+
+
+# opcode -> handler, shared by all sessions (a per-session table of bound
+# methods would cost memory for every export).
+_OPS: dict[int, Callable[[FuseSession, int, memoryview, int, int], bool]] = {
+    abi.GETATTR: FuseSession._op_getattr,
+    abi.SETATTR: FuseSession._op_setattr,
+    abi.OPEN: FuseSession._op_open,
+    abi.READ: FuseSession._op_read,
+    abi.WRITE: FuseSession._op_write,
+    abi.STATFS: FuseSession._op_statfs,
+    abi.RELEASE: FuseSession._op_release,
+    abi.FSYNC: FuseSession._op_fsync,
+    abi.FLUSH: FuseSession._op_flush,
+    abi.FALLOCATE: FuseSession._op_fallocate,
+    abi.LSEEK: FuseSession._op_lseek,
+    abi.LOOKUP: FuseSession._op_lookup,
+    abi.INTERRUPT: FuseSession._op_interrupt,
+    abi.FORGET: FuseSession._op_forget,
+    abi.BATCH_FORGET: FuseSession._op_forget,
+    abi.INIT: FuseSession._op_init,
+    abi.DESTROY: FuseSession._op_destroy,
+}
