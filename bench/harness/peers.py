@@ -241,11 +241,14 @@ class QsdPeer(DaemonPeer):
 class ExportdPeer(DaemonPeer):
     private_image = True  # exportd locks images its own way: never share with another daemon
 
-    def __init__(self, *args, passthrough: str | None = None, **kwargs) -> None:
+    def __init__(self, *args, passthrough: str | None = None, growable: bool = False,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.passthrough = passthrough
+        if growable:
+            self.extra_export_options += ",growable=on"
         if passthrough is not None:
-            self.extra_export_options = f",passthrough={passthrough}"
+            self.extra_export_options += f",passthrough={passthrough}"
 
     def program(self, env: PeerEnv) -> list[str]:
         if env.exportd_cmd is None:
@@ -259,7 +262,11 @@ def fio_peers() -> list[Peer]:
         DirectPeer("direct", "direct access", "raw"),
         QsdPeer("qsd-raw", "qemu-storage-daemon, raw", "raw"),
         Pyfuse3Peer("pyfuse3", "pyfuse3 single-file FS, raw", "raw"),
-        ExportdPeer("exportd-raw-pt", "exportd, raw, passthrough=on", "raw", passthrough="on"),
+        # growable=on: exportd refuses passthrough on a writable, non-growable
+        # export (the kernel would let writes past EOF grow the file); fio
+        # never writes past EOF, so this changes nothing else.
+        ExportdPeer("exportd-raw-pt", "exportd, raw, passthrough=on", "raw", passthrough="on",
+                    growable=True),
         ExportdPeer("exportd-raw", "exportd, raw, passthrough=off", "raw", passthrough="off"),
         QsdPeer("qsd-qcow2", "qemu-storage-daemon, qcow2", "qcow2"),
         ExportdPeer("exportd-qcow2", "exportd, qcow2", "qcow2"),

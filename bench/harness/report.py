@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
 from .figures import CONTROL_METRICS, Figures, median
 
 REASON_CHARS = 90
+
+
+def _scratchless(text: str) -> str:
+    """Scratch paths differ per run and say nothing: shorten them."""
+    return re.sub(r"/dev/shm/exportd-bench-\d+", "$SCRATCH", text)
 
 
 def _cell(text: str) -> str:
@@ -84,7 +91,7 @@ def _header(record: dict) -> list[str]:
         f"Machine: {m['cpu']} ({m['cpus']} CPUs), {(m['mem_total_kib'] or 0) / 2**20:.1f} GiB RAM, "
         f"kernel {m['kernel']}, {m['os']}; load average {m['loadavg_start'][0]:.2f} at start, "
         f"{m.get('loadavg_end', [0])[0]:.2f} at end. Tools: {m['fio']}; {m['qemu_storage_daemon']}; "
-        f"pyfuse3 {m['pyfuse3']}; exportd {exportd}; commit {m['git_commit'][:12]}"
+        f"pyfuse3 {m['pyfuse3']}; {exportd if exportd.startswith('exportd') else 'exportd ' + exportd}; commit {m['git_commit'][:12]}"
         + (" (uncommitted changes)" if m.get("git_dirty") else "") + ".",
         "",
         "Ratios: > 1 means better than the reference (throughput and IOPS: peer / reference; "
@@ -171,6 +178,7 @@ def render_markdown(record: dict) -> str:
                                                                    "shutting-down")}
             if extra:
                 how += f" (query-block-exports extras: {extra})"
+        how = _scratchless(how)
         lines.append(f"| {name} | {_cell(status)} | `{_cell(how)}` |" if how
                      else f"| {name} | {_cell(status)} | |")
     lines.append("")

@@ -23,13 +23,12 @@ PREFIX = "exportd-bench-"
 
 
 def _pid_alive(pid: int) -> bool:
+    """True for a running process; a zombie (killed, not yet reaped) is dead."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _cmdline(pid: int) -> str:
@@ -121,3 +120,6 @@ def raise_on_termination_signals() -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGHUP, handler)
+    # A shell starting us in the background may have ignored SIGINT; Ctrl-C
+    # or kill -INT must still end the run through the cleanup path.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
