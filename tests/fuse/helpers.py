@@ -17,7 +17,8 @@ def fallocate(fd, mode, off, length):
     if libc.fallocate(fd, mode, off, length) != 0:
         e = ctypes.get_errno(); raise OSError(e, os.strerror(e))
 def pattern(n, seed=0):
-    return bytes((i * 7 + seed) & 0xFF for i in range(n))
+    period = bytes((i * 7 + seed) & 0xFF for i in range(256))
+    return (period * (n // 256 + 1))[:n]
 def out(obj):
     print(json.dumps(obj)); sys.stdout.flush()
 """
@@ -54,7 +55,9 @@ async def command(*argv: str, timeout: float = 60) -> subprocess.CompletedProces
 
 
 def pattern(n: int, seed: int = 0) -> bytes:
-    return bytes((i * 7 + seed) & 0xFF for i in range(n))
+    """Byte i is (7 * i + seed) mod 256 (the same in the child processes)."""
+    period = bytes((i * 7 + seed) & 0xFF for i in range(256))
+    return (period * (n // 256 + 1))[:n]
 
 
 def dump(obj: Any) -> str:

@@ -379,3 +379,44 @@ async def test_slow_read_does_not_stall_getattr(target):
         proc = await reader
         assert proc.returncode != 0
     assert fs.ended == "closed"
+
+
+class SlowWriteFS(MemoryFS):
+    """Writes wait before touching the data: large payloads must stay intact
+    in the shared receive buffer while other requests are read meanwhile."""
+
+    largest = 0
+
+    async def write(self, fh, offset, data):
+        self.largest = max(self.largest, len(data))
+        await asyncio.sleep(0.002)
+        await asyncio.sleep(0)
+        return await super().write(fh, offset, data)
+
+
+async def test_large_writes_in_flight_keep_their_buffers(target):
+    fs = SlowWriteFS(16 << 20, direct_io=True)
+    async with serving(fs, target) as session:
+        await child(
+            """
+            import threading
+            p = sys.argv[1]
+            def worker(k):
+                fd = os.open(p, os.O_WRONLY)
+                m = mmap.mmap(-1, 1 << 20)  # page-aligned: one request per write
+                for i in range(4):
+                    off = (k * 4 + i) << 20
+                    m[:] = pattern(1 << 20, k * 4 + i)
+                    os.pwrite(fd, m, off)
+                os.close(fd)
+            ts = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+            [t.start() for t in ts]; [t.join() for t in ts]
+            out(1)
+            """,
+            target,
+        )
+        assert session.count("WRITE") == 16
+        assert session.in_flight == 0
+    assert fs.largest == 1 << 20  # 1 MiB requests (max_pages) reached the handler whole
+    for j in range(16):
+        assert bytes(fs.data[j << 20 : (j + 1) << 20]) == pattern(1 << 20, j), j
