@@ -131,6 +131,8 @@ async def test_passthrough_serves_reads_without_the_daemon(workdir, target):
                 m = mmap.mmap(-1, 1 << 20)
                 n = os.preadv(fd, [m], 1 << 20)
                 os.close(fd)
+                with open(p, "r+b") as f:  # writes go to the backing file too
+                    f.seek(4096); f.write(b"written by the kernel"); f.flush(); os.fsync(f.fileno())
                 out([h, n, hashlib.sha256(m).hexdigest()])
                 """,
                 target,
@@ -139,6 +141,8 @@ async def test_passthrough_serves_reads_without_the_daemon(workdir, target):
             assert res[1:] == [1 << 20, hashlib.sha256(content[1 << 20 : 2 << 20]).hexdigest()]
             assert session.count("OPEN") >= 2
             assert session.count("READ") == 0, session.counters
+            assert session.count("WRITE") == 0, session.counters
+            assert backing.read_bytes()[4096 : 4096 + 21] == b"written by the kernel"
             session.close_backing(fs.backing_id)
     finally:
         fs.close()
