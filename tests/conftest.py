@@ -12,12 +12,24 @@ daemon                       Factory: start a real exportd process.
                              It waits until the socket accepts connections (or the
                              process exits: then DaemonStartError with its stderr).
                              Teardown: SIGTERM (shuts down like quit), then SIGKILL by pid
-                             after 15 s. Extra keyword `env` adds environment variables.
+                             after 15 s. Extra keyword `env` adds environment variables;
+                             with_socket=False leaves out --socket (you give the monitor).
+
+module_daemon                One plain daemon (no extra args) shared by a whole test
+                             module; a DaemonProcess as above. Do not quit it.
 
 qmp                          Async factory: a connected, negotiated qemu.qmp.QMPClient.
                                  client = await qmp(d)            # or qmp("/path/to.sock")
                                  await client.execute("query-version")
                              Disconnected at teardown.
+
+raw_qmp                      Factory: a plain-socket QMP connection (bytes level).
+                                 c = raw_qmp(d)                    # greeting already read
+                                 c.send(b'{"execute": "qmp_capabilities"}')
+                                 c.recv_msg() -> dict              # one CRLF-terminated message
+                                 c.cmd("query-version") -> reply dict (negotiate first)
+                                 c.negotiate(); c.close()
+                             Closed at teardown.
 
 exportctl                    Run the exportctl CLI against a daemon:
                                  r = exportctl(d, "list", "--json")   # CompletedProcess (text)
@@ -133,44 +145,65 @@ def short_dir(tmp_path: Path) -> Path:
     return d
 
 
+def spawn_daemon(exportd_bin: Path, workdir: Path, logdir: Path, *args: str, wait: bool = True,
+                 socket_name: str = "qmp.sock", env: dict[str, str] | None = None,
+                 with_socket: bool = True) -> DaemonProcess:
+    """Start exportd with `--socket workdir/<n>-socket_name` plus args."""
+    n = len(list(logdir.glob("exportd-*.stderr")))
+    sock = str(workdir / f"{n}-{socket_name}")
+    stderr_path = logdir / f"exportd-{n}.stderr"
+    cmd = [str(exportd_bin)]
+    if with_socket:
+        cmd += ["--socket", sock]
+    cmd += list(args)
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    with open(stderr_path, "wb") as err:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=full_env)
+    d = DaemonProcess(proc, sock, stderr_path, workdir)
+    if wait and with_socket:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not socket_accepts(sock):
+            if proc.poll() is not None:
+                raise DaemonStartError(f"exportd exited with {proc.returncode}: {d.stderr}")
+            if time.monotonic() > deadline:
+                d.terminate()
+                raise DaemonStartError(f"exportd did not listen within {START_TIMEOUT_S}s: {d.stderr}")
+            time.sleep(0.02)
+    return d
+
+
 @pytest.fixture
 def daemon(exportd_bin: Path, tmp_path: Path):
     started: list[DaemonProcess] = []
-    cleanup_dirs: list[Path] = []
+    workdir = short_dir(tmp_path)
 
-    def start(*args: str, wait: bool = True, socket_name: str = "qmp.sock",
-              env: dict[str, str] | None = None, with_socket: bool = True) -> DaemonProcess:
-        workdir = short_dir(tmp_path)
-        if workdir != tmp_path:
-            cleanup_dirs.append(workdir)
-        sock = str(workdir / f"{len(started)}-{socket_name}")
-        stderr_path = tmp_path / f"exportd-{len(started)}.stderr"
-        cmd = [str(exportd_bin)]
-        if with_socket:
-            cmd += ["--socket", sock]
-        cmd += list(args)
-        full_env = dict(os.environ)
-        if env:
-            full_env.update(env)
-        with open(stderr_path, "wb") as err:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=full_env)
-        d = DaemonProcess(proc, sock, stderr_path, workdir)
+    def start(*args: str, **kw: Any) -> DaemonProcess:
+        try:
+            d = spawn_daemon(exportd_bin, workdir, tmp_path, *args, **kw)
+        except DaemonStartError:
+            raise
         started.append(d)
-        if wait and with_socket:
-            deadline = time.monotonic() + START_TIMEOUT_S
-            while not socket_accepts(sock):
-                if proc.poll() is not None:
-                    raise DaemonStartError(f"exportd exited with {proc.returncode}: {d.stderr}")
-                if time.monotonic() > deadline:
-                    raise DaemonStartError(f"exportd did not listen within {START_TIMEOUT_S}s: {d.stderr}")
-                time.sleep(0.02)
         return d
 
     yield start
     for d in started:
         d.terminate()
-    for p in cleanup_dirs:
-        shutil.rmtree(p, ignore_errors=True)
+    if workdir != tmp_path:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def module_daemon(exportd_bin: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One plain daemon shared by a test module (do not quit it)."""
+    logdir = tmp_path_factory.mktemp("exportd")
+    workdir = short_dir(logdir)
+    d = spawn_daemon(exportd_bin, workdir, logdir)
+    yield d
+    d.terminate()
+    if workdir != logdir:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -192,6 +225,72 @@ async def qmp():
             await c.disconnect()
         except Exception:
             pass
+
+
+class RawQMP:
+    """A QMP connection over a plain socket, for byte-level tests."""
+
+    def __init__(self, path: str, timeout: float = 15.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.buf = b""
+        self.greeting = self.recv_msg()
+
+    def send(self, data: bytes | str) -> None:
+        self.sock.sendall(data.encode() if isinstance(data, str) else data)
+
+    def recv_line(self) -> bytes:
+        """One server message with its CRLF; b"" when the server closed."""
+        while b"\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                rest, self.buf = self.buf, b""
+                return rest
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line + b"\r\n"
+
+    def recv_msg(self) -> dict[str, Any]:
+        import json
+
+        line = self.recv_line()
+        if not line:
+            raise EOFError("the server closed the connection")
+        return json.loads(line)
+
+    def cmd(self, name: str, args: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+        import json
+
+        msg: dict[str, Any] = {"execute": name, **extra}
+        if args is not None:
+            msg["arguments"] = args
+        self.send(json.dumps(msg))
+        while True:
+            reply = self.recv_msg()
+            if "event" not in reply:
+                return reply
+
+    def negotiate(self) -> None:
+        assert self.cmd("qmp_capabilities") == {"return": {}}
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def raw_qmp():
+    conns: list[RawQMP] = []
+
+    def connect(target: DaemonProcess | str, timeout: float = 15.0) -> RawQMP:
+        path = target.socket if isinstance(target, DaemonProcess) else str(target)
+        c = RawQMP(path, timeout)
+        conns.append(c)
+        return c
+
+    yield connect
+    for c in conns:
+        c.close()
 
 
 @pytest.fixture

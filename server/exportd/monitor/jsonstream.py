@@ -241,6 +241,7 @@ class JsonStream:
         self._escaped = False  # that string's last chunk ended in a lone backslash
         self._parts: list[str] = []
         self._parts_len = 0
+        self._discarding = False  # swallowing the rest of an oversized string
         self._reset_message()
 
     def _reset_message(self) -> None:
@@ -321,6 +322,12 @@ class JsonStream:
         """Feed text to an unfinished string; return what follows it, or None."""
         assert self._quote is not None
         end, escaped = _string_end(text, 0, self._quote, self._escaped)
+        if self._discarding:
+            if end < 0:
+                self._escaped = escaped
+                return None
+            self._quote, self._discarding = None, False
+            return text[end + 1 :]
         if end < 0:
             self._parts.append(text)
             self._parts_len += len(text)
@@ -335,8 +342,10 @@ class JsonStream:
 
     def _check_pending(self, out: list[Any]) -> None:
         if self._size + self._parts_len > self.max_size:
-            # one unfinished string alone is past the limit: drop it
-            self._quote, self._parts, self._parts_len = None, [], 0
+            # one unfinished string alone is past the limit: drop it, and
+            # swallow the rest of it as it arrives
+            self._parts, self._parts_len = [], 0
+            self._discarding = True
             self._reset_message()
             out.append(ParseError("JSON token size limit exceeded"))
 
