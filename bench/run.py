@@ -85,7 +85,7 @@ def update_readme(markdown: str) -> None:
         return
     head, rest = text.split(README_BEGIN, 1)
     _, tail = rest.split(README_END, 1)
-    body = markdown.replace("\n## ", "\n#### ").replace("# exportd benchmark: latest run\n", "")
+    body = markdown.replace("\n## ", "\n### ").replace("# exportd benchmark: latest run\n", "")
     block = f"{README_BEGIN}\n\n![ratios](results/latest.png)\n{body}\n{README_END}"
     README.write_text(head + block + tail)
 

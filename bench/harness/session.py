@@ -17,7 +17,7 @@ from .images import Images
 from .machine import load_average, machine_info
 from .peers import DaemonPeer, Peer, PeerEnv, PeerUnavailable, control_peers, fio_peers, select
 from .scratch import Scratch, sweep_stale
-from .workloads import WORKLOADS
+from .workloads import WARMUP, WORKLOADS
 
 RECORD_SCHEMA = 1
 
@@ -139,6 +139,12 @@ class BenchRun:
         for peer in self.peers:
             start_peer(peer, env)
         active = [p for p in self.peers if p.status == "ok"]
+        for peer in active:
+            try:
+                run_fio(WARMUP, peer.fio_paths(False), min(0.5, self.settings.runtime_s),
+                        scratch.file(f"fio-warmup-{peer.name}.json"), on_hang=peer.kill)
+            except FioError as exc:  # the measured runs will show it again
+                log(f"  {peer.name}: warm-up: {exc}")
         for w in WORKLOADS:
             self.fio_record[w.key] = {p.name: {"runs": [], "errors": []} for p in self.peers}
         total = len(WORKLOADS) * self.settings.reps * len(active)

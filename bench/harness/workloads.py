@@ -36,3 +36,7 @@ WORKLOADS: tuple[Workload, ...] = (
 )
 
 BY_KEY = {w.key: w for w in WORKLOADS}
+
+# Run once per peer before measuring, unrecorded: first-touch costs (page
+# faults, buffer pools, lazily built state) should not land in one workload.
+WARMUP = Workload("warmup", "warm-up", "randrw", "64k", "psync", 1, "iops")
