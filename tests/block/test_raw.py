@@ -62,6 +62,7 @@ async def test_window_to_end_follows_the_file(graph: BlockGraph, tmp_path: Path)
     assert r.getlength() == 32 * KiB - 1000
     assert r.filename().startswith("json:") and '"offset": 1000' in r.filename()
     assert bytes(await r.read(0, 100)) == bytes(model[1000:1100])
+    r.attach("export", Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE, Perm.ALL)
     await r.truncate(64 * KiB)
     assert path.stat().st_size == 64 * KiB + 1000 and r.getlength() == 64 * KiB
     plain = await graph.add({"driver": "raw", "node-name": "p", "file": "f"})
@@ -125,3 +126,17 @@ async def test_raw_over_read_only_file(graph: BlockGraph, tmp_path: Path) -> Non
     r2 = await graph.add({"driver": "raw", "node-name": "r2", "read-only": True,
                           "file": {"driver": "file", "filename": str(path)}})
     assert r2.children["file"].read_only
+
+
+async def test_resize_needs_the_permission(graph: BlockGraph, tmp_path: Path) -> None:
+    path = tmp_path / "rs.img"
+    make_image(path, 8 * KiB)
+    await graph.add({"driver": "file", "node-name": "f", "filename": str(path)})
+    r = await graph.add({"driver": "raw", "node-name": "r", "file": "f"})
+    user = r.attach("export", Perm.CONSISTENT_READ | Perm.WRITE, Perm.ALL)
+    with pytest.raises(OSError) as e:
+        await r.truncate(16 * KiB)
+    assert e.value.errno == errno.EPERM and path.stat().st_size == 8 * KiB
+    r.update(user, user.perm | Perm.RESIZE, user.shared)  # as an export does for one truncate
+    await r.truncate(16 * KiB)
+    assert path.stat().st_size == 16 * KiB and r.getlength() == 16 * KiB

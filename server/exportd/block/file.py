@@ -374,6 +374,7 @@ class FileNode(BlockNode):
 
     async def truncate(self, size: int, *, prealloc: Prealloc = Prealloc.OFF, exact: bool = True) -> None:
         self._check_writable()
+        self.check_resize_allowed()
         prealloc = Prealloc(prealloc)
         if prealloc == Prealloc.METADATA:
             raise OSError(errno.ENOTSUP, "Unsupported preallocation mode: metadata")
@@ -465,6 +466,7 @@ class HostDeviceNode(FileNode):
         return -1
 
     async def truncate(self, size: int, *, prealloc: Prealloc = Prealloc.OFF, exact: bool = True) -> None:
+        self.check_resize_allowed()
         if Prealloc(prealloc) != Prealloc.OFF:
             raise OSError(errno.ENOTSUP, "Preallocation mode is not supported for device files")
         if size > self._size:

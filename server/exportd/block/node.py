@@ -165,6 +165,14 @@ class BlockNode(ABC):
     def permissions_changed(self) -> None:  # noqa: B027 (optional hook)
         """Hook: called after the users changed (no failure possible here)."""
 
+    def check_resize_allowed(self) -> None:
+        """Drivers call this in truncate(): a node that has users can only be
+        resized while one of them holds Perm.RESIZE (as QEMU asserts)."""
+        if self.users and not self.combined_perm()[0] & Perm.RESIZE:
+            import errno
+
+            raise OSError(errno.EPERM, f"resizing node '{self.node_name}' needs the resize permission")
+
     @property
     def refcount(self) -> int:
         return len(self.users)

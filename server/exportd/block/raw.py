@@ -134,6 +134,7 @@ class RawNode(BlockNode):
             raise OSError(errno.EROFS, "node is read-only")
         if self.size is not None:
             raise OSError(errno.ENOTSUP, "Cannot resize fixed-size raw disks")
+        self.check_resize_allowed()
         await self.file.truncate(self.offset + size, prealloc=prealloc, exact=exact)
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
