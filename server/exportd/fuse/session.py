@@ -21,6 +21,7 @@ import errno
 import fcntl
 import logging
 import os
+import struct
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any
@@ -133,6 +134,7 @@ class FuseSession:
         self._counts = [0] * (abi.MAX_OPCODE + 1)
         self._other_counts: dict[int, int] = {}
         self._init_done: asyncio.Future[None] = loop.create_future()
+        self._ready = False  # INIT answered
         self.closed: asyncio.Future[str] = loop.create_future()
         self._closing = False
         self._close_task: asyncio.Task[None] | None = None
@@ -367,10 +369,12 @@ class FuseSession:
 
     def _dispatch(self, buf: memoryview, n: int) -> bool:
         """Handle one request; True when `buf` must stay checked out."""
-        try:
-            opcode, unique, _nodeid, off = requests.header(buf, n)
-        except requests.ProtocolError as e:
-            self._halt(str(e))
+        if n < 40:
+            self._halt(f"short read of {n} bytes (header is 40)")
+            return False
+        length, opcode, unique = _HEAD.unpack_from(buf)
+        if length != n:
+            self._halt(f"header length {length} != {n} bytes read (opcode {opcode})")
             return False
         if opcode <= abi.MAX_OPCODE:
             self._counts[opcode] += 1
@@ -380,42 +384,67 @@ class FuseSession:
         if op is None:
             self._reply_error(unique, errno.ENOSYS)
             return False
-        if not self._init_done.done() and opcode != abi.INIT:
+        if not self._ready and opcode != abi.INIT:
             log.warning("%s: %s before INIT", self.mountpoint, abi.opcode_name(opcode))
             self._reply_error(unique, errno.EIO)
             return False
         try:
-            return op(self, unique, buf, off, n)
+            return op(self, unique, buf, 40, n)
         except requests.RequestError as e:
             log.warning("%s: bad request: %s", self.mountpoint, e)
             self._reply_error(unique, errno.EINVAL)
             return False
 
     def _run(
-        self, unique: int, coro: Coroutine[Any, Any, Any], buf: memoryview | None = None
+        self,
+        unique: int,
+        coro: Coroutine[Any, Any, Any],
+        encode: Callable[[Any, int], Any] | None = None,
+        arg: int = 0,
+        buf: memoryview | None = None,
     ) -> bool:
-        """Start a handler coroutine; answer inline if it finishes at once."""
+        """Start a handler coroutine; answer inline if it finishes at once.
+
+        `encode(result, arg)` turns the handler's result into the reply
+        payload (None: an empty reply). When the handler suspends it goes on
+        as a task; `buf` then stays checked out until it is done.
+        """
         try:
             pending = coro.send(None)
         except StopIteration as stop:
-            self._reply_ok(unique, stop.value)
+            try:
+                payload = stop.value if encode is None else encode(stop.value, arg)
+            except Exception as exc:
+                self._reply_exception(unique, exc)
+                return False
+            self._reply_ok(unique, payload)
             return False
         except BaseException as exc:  # noqa: B036 - every failure becomes an errno
             self._reply_exception(unique, exc)
             return False
-        task = self._loop.create_task(self._finish(unique, _Resume(coro, pending), buf))
+        task = self._loop.create_task(
+            self._finish(unique, _Resume(coro, pending), encode, arg, buf)
+        )
         self._inflight[unique] = task
         return buf is not None
 
-    async def _finish(self, unique: int, work: Awaitable[Any], buf: memoryview | None) -> None:
+    async def _finish(
+        self,
+        unique: int,
+        work: Awaitable[Any],
+        encode: Callable[[Any, int], Any] | None,
+        arg: int,
+        buf: memoryview | None,
+    ) -> None:
         try:
             result = await work
+            payload = result if encode is None else encode(result, arg)
         except BaseException as exc:  # noqa: B036
             if self._fd >= 0:
                 self._reply_exception(unique, exc)
         else:
             if self._fd >= 0:
-                self._reply_ok(unique, result)
+                self._reply_ok(unique, payload)
         finally:
             self._inflight.pop(unique, None)
             if buf is not None:
@@ -438,12 +467,12 @@ class FuseSession:
 
     def _reply_ok(self, unique: int, payload: Any) -> None:
         if payload is None:
-            self._write((abi.OUT_HEADER.pack(16, 0, unique),))
+            self._write((_OUT.pack(16, 0, unique),))
         else:
-            self._write((abi.OUT_HEADER.pack(16 + len(payload), 0, unique), payload))
+            self._write((_OUT.pack(16 + len(payload), 0, unique), payload))
 
     def _reply_error(self, unique: int, err: int) -> None:
-        self._write((abi.OUT_HEADER.pack(16, -err, unique),))
+        self._write((_OUT.pack(16, -err, unique),))
 
     def _reply_exception(self, unique: int, exc: BaseException) -> None:
         if isinstance(exc, asyncio.CancelledError):
@@ -513,6 +542,7 @@ class FuseSession:
         )
         self._reply_ok(unique, payload)
         log.debug("%s: INIT 7.%d flags %#x", self.mountpoint, minor, flags)
+        self._ready = True
         if not self._init_done.done():
             self._init_done.set_result(None)
         return False
@@ -542,75 +572,92 @@ class FuseSession:
     # --- file operations --------------------------------------------------------
 
     def _op_getattr(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
-        return self._run(unique, self._getattr())
-
-    async def _getattr(self) -> bytes:
-        return replies.attr(await self.fs.getattr())
+        return self._run(unique, self.fs.getattr(), _encode_attr)
 
     def _op_setattr(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
         changes = requests.setattr_in(buf, off, end, time.time_ns())
-        return self._run(unique, self._setattr(changes))
-
-    async def _setattr(self, changes: Any) -> bytes:
-        return replies.attr(await self.fs.setattr(changes))
+        return self._run(unique, self.fs.setattr(changes), _encode_attr)
 
     def _op_open(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
         flags, _open_flags = requests.body(abi.OPEN_IN, buf, off, end, "OPEN")
-        return self._run(unique, self._open(flags))
-
-    async def _open(self, flags: int) -> bytes:
-        return replies.open_out(await self.fs.open(flags))
+        return self._run(unique, self.fs.open(flags), _encode_open)
 
     def _op_read(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
-        fh, offset, size, _rf, _lo, _flags, _pad = requests.body(abi.READ_IN, buf, off, end, "READ")
-        return self._run(unique, self._read(fh, offset, size))
-
-    async def _read(self, fh: int, offset: int, size: int) -> Any:
-        data = await self.fs.read(fh, offset, size)
-        if len(data) > size:
-            data = memoryview(data)[:size]
-        return data
+        if end - off < 40:
+            raise requests.RequestError(f"READ: body of {end - off} bytes, need 40")
+        fh, offset, size = _READ_HEAD.unpack_from(buf, off)
+        return self._run(unique, self.fs.read(fh, offset, size), _encode_read, size)
 
     def _op_write(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
         fh, offset, data = requests.write_in(buf, off, end)
-        if len(data) <= COPY_WRITE_MAX:
-            return self._run(unique, self._write_op(fh, offset, memoryview(bytes(data)), len(data)))
-        return self._run(unique, self._write_op(fh, offset, data, len(data)), buf)
-
-    async def _write_op(self, fh: int, offset: int, data: memoryview, size: int) -> bytes:
-        written = await self.fs.write(fh, offset, data)
-        if not 0 <= written <= size:
-            raise OSError(errno.EIO, f"write handler returned {written} for {size} bytes")
-        return replies.write_out(written)
+        size = len(data)
+        if size <= COPY_WRITE_MAX:
+            return self._run(
+                unique, self.fs.write(fh, offset, memoryview(bytes(data))), _encode_write, size
+            )
+        return self._run(unique, self.fs.write(fh, offset, data), _encode_write, size, buf)
 
     def _op_statfs(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
-        return self._run(unique, self._statfs())
-
-    async def _statfs(self) -> bytes:
-        return replies.statfs_out(await self.fs.statfs())
+        return self._run(unique, self.fs.statfs(), _encode_statfs)
 
     def _op_release(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
         fh, flags, _rflags, _lo = requests.body(abi.RELEASE_IN, buf, off, end, "RELEASE")
-        return self._run(unique, self.fs.release(fh, flags))
+        return self._run(unique, self.fs.release(fh, flags), _encode_nothing)
 
     def _op_flush(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
         fh, _u, _p, _lo = requests.body(abi.FLUSH_IN, buf, off, end, "FLUSH")
-        return self._run(unique, self.fs.flush(fh))
+        return self._run(unique, self.fs.flush(fh), _encode_nothing)
 
     def _op_fsync(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
         fh, fsync_flags, _p = requests.body(abi.FSYNC_IN, buf, off, end, "FSYNC")
-        return self._run(unique, self.fs.fsync(fh, bool(fsync_flags & abi.FSYNC_FDATASYNC)))
+        datasync = bool(fsync_flags & abi.FSYNC_FDATASYNC)
+        return self._run(unique, self.fs.fsync(fh, datasync), _encode_nothing)
 
     def _op_fallocate(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
         fh, offset, length, mode, _p = requests.body(abi.FALLOCATE_IN, buf, off, end, "FALLOCATE")
-        return self._run(unique, self.fs.fallocate(fh, offset, length, mode))
+        return self._run(unique, self.fs.fallocate(fh, offset, length, mode), _encode_nothing)
 
     def _op_lseek(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
         fh, offset, whence, _p = requests.body(abi.LSEEK_IN, buf, off, end, "LSEEK")
-        return self._run(unique, self._lseek(fh, offset, whence))
+        return self._run(unique, self.fs.lseek(fh, offset, whence), _encode_lseek)
 
-    async def _lseek(self, fh: int, offset: int, whence: int) -> bytes:
-        return replies.lseek_out(await self.fs.lseek(fh, offset, whence))
+
+# --- reply payload encoders: (handler result, request argument) -> payload -------
+_HEAD = struct.Struct("<IIQ")  # len, opcode, unique: the start of fuse_in_header
+_OUT = abi.OUT_HEADER
+_READ_HEAD = struct.Struct("<QQI")  # fh, offset, size: the start of fuse_read_in
+
+
+def _encode_attr(result: Any, _arg: int) -> bytes:
+    return replies.attr(result)
+
+
+def _encode_open(result: Any, _arg: int) -> bytes:
+    return replies.open_out(result)
+
+
+def _encode_statfs(result: Any, _arg: int) -> bytes:
+    return replies.statfs_out(result)
+
+
+def _encode_lseek(result: Any, _arg: int) -> bytes:
+    return replies.lseek_out(result)
+
+
+def _encode_nothing(_result: Any, _arg: int) -> None:
+    return None
+
+
+def _encode_read(data: Any, size: int) -> Any:
+    if len(data) > size:
+        data = memoryview(data)[:size]
+    return data
+
+
+def _encode_write(written: int, size: int) -> bytes:
+    if not 0 <= written <= size:
+        raise OSError(errno.EIO, f"write handler returned {written} for {size} bytes")
+    return replies.write_out(written)
 
 
 # opcode -> handler, shared by all sessions (a per-session table of bound
