@@ -73,6 +73,7 @@ class Exportd:
         self.proc: subprocess.Popen | None = None
         self.client: QMPClient | None = None
         self.events = EventListener()
+        self._backlog: list[Any] = []
         self.log = workdir / "exportd.log"
 
     async def start(self, *extra: str) -> Exportd:
@@ -114,15 +115,23 @@ class Exportd:
         try:
             result = await self.cmd(name, args)
         except ExecuteError as e:
-            return e.error.desc
+            return e.error.error.desc
         raise AssertionError(f"{name} succeeded unexpectedly: {result!r}")
 
     async def event(self, name: str, timeout: float = 15) -> dict[str, Any]:
+        """The next event called `name`; others seen meanwhile stay queued
+        for later calls (event order between names is not assumed)."""
+        for i, ev in enumerate(self._backlog):
+            if ev["event"] == name:
+                del self._backlog[i]
+                return ev.get("data", {})
+
         async def wait() -> dict[str, Any]:
             while True:
                 ev = await self.events.get()
                 if ev["event"] == name:
                     return ev.get("data", {})
+                self._backlog.append(ev)
 
         return await asyncio.wait_for(wait(), timeout)
 
