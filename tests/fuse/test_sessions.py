@@ -214,10 +214,85 @@ def test_killed_daemon_leaves_a_stale_mount_that_is_found_and_cleaned(target):
         assert fuse_mount.clean_stale_mounts([target]) == [os.path.abspath(target)]
         assert not fuse_mount.exportd_mounts(target)
         assert os.stat(target).st_size == 0  # the file underneath is back
+        # ... and a new daemon can mount there again.
+        proc = _start_toy(target, "--fill", "--size", "4096", "--fsname", "exportd:again")
+        with open(target, "rb") as f:
+            assert f.read(3) == bytes(range(3))
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=20)
+    assert not fuse_mount.exportd_mounts(target)
+
+
+def test_reader_blocked_in_a_killed_daemon_gets_an_error(target):
+    proc = _start_toy(target, "--direct-io", "--hang-reads", "--fsname", "exportd:stuck")
+    reader = None
+    try:
+        reader = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); os.pread(fd, 10, 0)",
+                target,
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        with pytest.raises(subprocess.TimeoutExpired):
+            reader.wait(timeout=0.5)  # stuck in the never-finishing handler
+        proc.kill()
+        proc.wait(timeout=10)
+        _, err = reader.communicate(timeout=20)  # no hang: the request fails
+        assert reader.returncode != 0
+        assert (
+            "Transport endpoint is not connected" in err
+            or "Software caused connection abort" in err
+        ), err
+    finally:
+        for p in (reader, proc):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+        fuse_mount.clean_stale_mounts([target])
+    assert not fuse_mount.exportd_mounts(target)
+
+
+async def test_close_with_the_file_still_open_detaches_without_hanging(target):
+    fs = MemoryFS(4096, direct_io=True)  # no page cache: reads must reach the daemon
+    fs.data[:5] = b"hello"
+    session = await FuseSession.start(fs, target, fsname="exportd:busy")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            """
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+print(os.pread(fd, 5, 0).decode(), flush=True)
+sys.stdin.readline()             # hold the file open until told
+try:
+    os.pread(fd, 5, 0); print("read ok")
+except OSError as e:
+    print("error", e.errno)
+""",
+            target,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert (await asyncio.to_thread(holder.stdout.readline)).strip() == "hello"
+        await asyncio.wait_for(session.close(), 20)  # EBUSY -> lazy detach, connection closed
+        assert not fuse_mount.exportd_mounts(target)
+        out, _ = await asyncio.to_thread(holder.communicate, "go\n", 20)
+        assert out.startswith("error"), out
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        await session.close()
 
 
 def test_live_mounts_are_not_taken_for_stale(target):

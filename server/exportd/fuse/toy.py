@@ -258,6 +258,7 @@ async def _serve(args: argparse.Namespace) -> int:
         fs = FileFS(args.file, read_only=args.read_only)
     else:
         fs = MemoryFS(args.size, direct_io=args.direct_io)
+        fs.hang_reads = args.hang_reads
         if args.fill:
             fs.data[:] = (bytes(range(256)) * (args.size // 256 + 1))[: args.size]
             fs.allocated.update(range((args.size + BLOCK - 1) // BLOCK))
@@ -309,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-other", action="store_true")
     p.add_argument("--passthrough", action="store_true")
     p.add_argument("--direct-io", action="store_true")
+    p.add_argument("--hang-reads", action="store_true", help="reads never finish (tests)")
     p.add_argument("--counters", help="where SIGUSR1 writes the opcode counters (JSON)")
     p.add_argument("--uvloop", action="store_true")
     args = p.parse_args(argv)
