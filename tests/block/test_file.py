@@ -257,3 +257,15 @@ async def test_detect_zeroes(graph: BlockGraph, imgdir: Path) -> None:
     assert path.read_bytes() == bytes(model)
     with pytest.raises(BlockError, match="detect-zeroes to unmap"):
         await graph.add({"driver": "file", "node-name": "h", "filename": str(path), "detect-zeroes": "unmap"})
+
+
+async def test_aio_modes_accepted(graph: BlockGraph, tmp_path: Path) -> None:
+    path = tmp_path / "aio.img"
+    model = make_image(path, 65536)
+    with pytest.raises(BlockError) as e:
+        await graph.add({"driver": "file", "node-name": "a", "filename": str(path), "aio": "native"})
+    assert e.value.desc == "aio=native was specified, but it requires cache.direct=on, which was not specified."
+    a = await graph.add({"driver": "file", "node-name": "a", "filename": str(path), "aio": "native",
+                         "cache": {"direct": True}})
+    b = await graph.add({"driver": "file", "node-name": "b", "filename": str(path), "aio": "io_uring"})
+    assert bytes(await a.read(3, 5000)) == bytes(await b.read(3, 5000)) == bytes(model[3:5003])

@@ -38,6 +38,7 @@ from exportd.block.posixio import (
     fallocate,
     fs_magic,
     in_thread,
+    io_pool,
 )
 from exportd.errors import BlockError
 
@@ -75,6 +76,11 @@ class _RangeLocks:
             entry[3].set()
 
 
+def _close_opened(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        os.close(fut.result()[0])
+
+
 @register_driver
 class FileNode(BlockNode):
     driver = "file"
@@ -106,16 +112,22 @@ class FileNode(BlockNode):
         policy = get_enum(options, "x-io-policy", ("auto", "threads"), "auto")
         if aio == "native" and not options["cache"]["direct"]:
             raise BlockError("aio=native was specified, but it requires cache.direct=on, which was not specified.")
-        if aio != "threads":
-            raise BlockError(f"aio={aio} is not supported by exportd; use aio=threads")
+        # aio=native|io_uring are accepted for compatibility with QEMU's
+        # clients (libvirt asks for native with cache.direct) and served by the
+        # same I/O threads; query shows what was asked.
         read_only = options["read-only"]
         direct = options["cache"]["direct"]
         # everything that touches the file runs in a thread: it may live on a
         # FUSE mount, even one this daemon serves
-        fd, read_only, st, magic, lockable = await in_thread(
+        opening = io_pool().submit(
             cls._open_fd, filename, read_only, direct, options.get("auto-read-only", False),
             locking != "off",
         )
+        try:
+            fd, read_only, st, magic, lockable = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            opening.add_done_callback(_close_opened)  # the caller is gone: no fd leak
+            raise
         try:
             size = cls._check_type(filename, fd, st)
             lock = None
