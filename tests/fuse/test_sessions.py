@@ -320,3 +320,32 @@ async def test_mountpoint_reached_through_a_symlink(workdir):
             await child("out(os.stat(sys.argv[1]).st_size)", str(workdir / "link" / "f.img")) == 10
         )
     assert not fuse_mount.exportd_mounts(str(workdir / "real" / "f.img"))
+
+
+def test_serves_on_uvloop(target):
+    uvloop = pytest.importorskip("uvloop")
+
+    class Slow(MemoryFS):
+        async def read(self, fh, offset, size):
+            await asyncio.sleep(0.001)  # suspends: the request continues as a task
+            return await super().read(fh, offset, size)
+
+    async def scenario():
+        fs = Slow(1 << 20, direct_io=True)
+        fs.data[:] = pattern(1 << 20)
+        async with serving(fs, target) as session:
+            got = await child(
+                """
+                fd = os.open(sys.argv[1], os.O_RDWR)
+                os.pwrite(fd, b"uv", 10)
+                out(os.pread(fd, 1 << 20, 0).hex())
+                """,
+                target,
+            )
+            assert session.count("READ") >= 1 and session.in_flight == 0
+        return bytes.fromhex(got), fs
+
+    data, fs = uvloop.run(scenario())
+    want = bytearray(pattern(1 << 20))
+    want[10:12] = b"uv"
+    assert data == bytes(want) and fs.ended == "closed"
