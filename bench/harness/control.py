@@ -3,12 +3,16 @@
 A cycle is block-export-add, block-export-del, and the BLOCK_EXPORT_DELETED
 event: only then is the export really gone (unmounted) and its id free again.
 Memory is the daemon's VmRSS with 1 export and with N exports of one node;
-the cost of one more export is (RSS_N - RSS_1) / (N - 1).
+the cost of one more export is (RSS_N - RSS_1) / (N - 1), measured idle
+(right after the mounts) and again after one 1 MiB write and read on every
+export, so that per-export buffers touched only by I/O show up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import mmap
+import os
 import time
 from pathlib import Path
 
@@ -34,10 +38,10 @@ class ExportControl:
         self.deleted = EventListener(names=("BLOCK_EXPORT_DELETED",))
         client.register_listener(self.deleted)
 
-    async def add(self, export_id: str, mountpoint: Path) -> None:
+    async def add(self, export_id: str, mountpoint: Path, writable: bool = False) -> None:
         await asyncio.wait_for(self.client.execute("block-export-add", {
             "type": "fuse", "id": export_id, "node-name": self.node_name,
-            "mountpoint": str(mountpoint), "writable": False,
+            "mountpoint": str(mountpoint), "writable": writable,
         }), QMP_TIMEOUT_S)
 
     async def delete(self, export_id: str) -> None:
@@ -77,9 +81,33 @@ async def measure_cycles(socket_path: Path, node_name: str, mountpoint: Path, cy
     return elapsed * 1000.0 / cycles
 
 
+TOUCH_SIZE = 1024 * 1024
+
+
+def touch_export(mountpoint: Path) -> None:
+    """One 1 MiB O_DIRECT write and read: buffers a server allocates or
+    faults in lazily, per export, become resident. Runs in the harness
+    process, never in the daemon measured."""
+    buf = mmap.mmap(-1, TOUCH_SIZE)  # page-aligned, as O_DIRECT wants
+    buf.write(b"\xa5" * TOUCH_SIZE)
+    fd = os.open(mountpoint, os.O_RDWR | os.O_DIRECT)
+    try:
+        os.pwritev(fd, [buf], 0)
+        os.preadv(fd, [buf], 0)
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+async def _settled_rss(pid: int) -> int:
+    await asyncio.sleep(0.2)
+    return rss_kib(pid)
+
+
 async def measure_memory(socket_path: Path, node_name: str, pid: int, mount_dir: Path,
                          count: int) -> dict:
-    """RSS with 0, 1 and count exports; deletes them all again afterwards."""
+    """RSS with 0, 1 and count exports, idle and after one 1 MiB write and
+    read on each export; deletes the exports again afterwards."""
     mountpoints = []
     for i in range(count):
         m = mount_dir / f"mem{i:03d}.raw"
@@ -88,21 +116,27 @@ async def measure_memory(socket_path: Path, node_name: str, pid: int, mount_dir:
     client, control = await _session(socket_path, node_name)
     added: list[str] = []
     try:
-        await asyncio.sleep(0.2)
-        rss = {"0": rss_kib(pid)}
+        rss = {"0": await _settled_rss(pid)}
         for i, m in enumerate(mountpoints):
-            await control.add(f"mem{i}", m)
+            await control.add(f"mem{i}", m, writable=True)
             added.append(f"mem{i}")
             if i == 0:
-                await asyncio.sleep(0.2)
-                rss["1"] = rss_kib(pid)
-        await asyncio.sleep(0.2)
-        rss[str(count)] = rss_kib(pid)
+                rss["1"] = await _settled_rss(pid)
+                await asyncio.wait_for(asyncio.to_thread(touch_export, m), QMP_TIMEOUT_S)
+                rss["1-after-io"] = await _settled_rss(pid)
+        rss[str(count)] = await _settled_rss(pid)
+        for m in mountpoints[1:]:
+            await asyncio.wait_for(asyncio.to_thread(touch_export, m), QMP_TIMEOUT_S)
+        rss[f"{count}-after-io"] = await _settled_rss(pid)
         for export_id in list(added):
             await control.delete(export_id)
             added.remove(export_id)
     finally:
         control.close()
         await client.disconnect()
-    per_export = (rss[str(count)] - rss["1"]) / (count - 1)
-    return {"rss_kib": rss, "exports": count, "per_export_kib": per_export}
+    return {
+        "rss_kib": rss,
+        "exports": count,
+        "per_export_kib": (rss[str(count)] - rss["1"]) / (count - 1),
+        "per_export_after_io_kib": (rss[f"{count}-after-io"] - rss["1-after-io"]) / (count - 1),
+    }

@@ -149,14 +149,16 @@ def render_markdown(record: dict) -> str:
                 entry = record["control"].get(name, {})
                 if value is not None:
                     cell = f"{_num(value, unit)} {unit}"
-                    if key == "memory":
+                    if key.startswith("memory"):
                         rss = entry["memory"]["rss_kib"]
                         n = entry["memory"]["exports"]
-                        cell += f" (RSS {rss['1']:,} → {rss[str(n)]:,} KiB)"
+                        suffix = "-after-io" if key == "memory-io" else ""
+                        cell += (f" (RSS {rss['1' + suffix]:,} → {rss[str(n) + suffix]:,} KiB"
+                                 f" with 1 → {n} exports)")
                     elif len(entry.get("cycle_ms", [])) > 1:
                         cell += f" [{min(entry['cycle_ms']):.2f}–{max(entry['cycle_ms']):.2f}]"
                 else:
-                    wanted = "memory" if key == "memory" else "cycles"
+                    wanted = "memory" if key.startswith("memory") else "cycles"
                     errors = [e for e in entry.get("errors", []) if e.startswith(wanted)]
                     cell = _unavailable(peers[name]) or (
                         f"unavailable: {_short(errors[0].split(': ', 1)[1])}" if errors else "no data")

@@ -231,6 +231,7 @@ class BenchRun:
             figures.set(name, "cycle", entry["cycle_ms_median"])
             if "memory" in entry:
                 figures.set(name, "memory", entry["memory"]["per_export_kib"])
+                figures.set(name, "memory-io", entry["memory"]["per_export_after_io_kib"])
         targets = []
         for t in issue7_targets():
             if t.peer not in families:
