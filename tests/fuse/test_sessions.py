@@ -349,3 +349,20 @@ def test_serves_on_uvloop(target):
     want = bytearray(pattern(1 << 20))
     want[10:12] = b"uv"
     assert data == bytes(want) and fs.ended == "closed"
+
+
+async def test_cancelled_start_leaves_no_mount(target):
+    for yields in range(1, 15, 2):  # cancel at different points of mount + INIT
+        task = asyncio.ensure_future(
+            FuseSession.start(MemoryFS(10), target, fsname="exportd:cancel")
+        )
+        for _ in range(yields):
+            await asyncio.sleep(0)
+        task.cancel()
+        try:
+            session = await task
+        except asyncio.CancelledError:
+            pass
+        else:
+            await session.close()
+        assert not fuse_mount.exportd_mounts(target), yields

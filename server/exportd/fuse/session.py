@@ -178,19 +178,34 @@ class FuseSession:
         if os.geteuid() == 0:
             # The fd only becomes readable once mount(2) attached it to a
             # connection (before that, read gives EPERM); INIT waits queued.
-            self._fd = open_dev_fuse()
+            fd = open_dev_fuse()
             try:
-                await asyncio.to_thread(mount_root, self._fd, self.mountpoint, self.options)
+                await self._in_mount_thread(mount_root, fd, self.mountpoint, self.options)
             except BaseException:
-                os.close(self._fd)
-                self._fd = -1
+                os.close(fd)
                 raise
-            self._start_reading()
+            self._fd = fd
         else:
-            self._fd = await asyncio.to_thread(mount_fusermount, self.mountpoint, self.options)
-            self._start_reading()
+            self._fd = await self._in_mount_thread(mount_fusermount, self.mountpoint, self.options)
+        self._start_reading()
         found = find_mount(self.mountpoint, self.fsname)
         self.connection = found.connection if found else None
+
+    async def _in_mount_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a mount call in a thread. If we are cancelled meanwhile, the
+        thread still finishes: undo its mount so nothing stale stays behind."""
+        work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            try:
+                result = await work
+            except Exception:
+                raise asyncio.CancelledError from None
+            if isinstance(result, int):
+                os.close(result)  # the fd fusermount3 handed over
+            await asyncio.to_thread(unmount_if_ours, self.mountpoint, None, lazy=True)
+            raise
 
     async def close(self) -> None:
         """Unmount and stop serving. Idempotent; safe from any task."""
