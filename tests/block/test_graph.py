@@ -100,3 +100,20 @@ async def test_registry_lazy_and_pluggable() -> None:
     node = await g.add({"driver": "x-test-echo", "node-name": "e"})
     assert await node.read(0, 3) == b"eee"
     await g.close_all()
+
+
+async def test_failed_format_open_releases_its_file(graph: BlockGraph, tmp_path: Path) -> None:
+    if driver_class("qcow2") is None:
+        pytest.skip("qcow2 driver not present")
+    path = tmp_path / "not-qcow2.img"
+    make_image(path, 65536)
+    with pytest.raises(BlockError):
+        await graph.add({"driver": "qcow2", "node-name": "q",
+                         "file": {"driver": "file", "filename": str(path)}})
+    assert graph.nodes() == []
+    f = await graph.add({"driver": "file", "node-name": "f", "filename": str(path)})
+    with pytest.raises(BlockError):
+        await graph.add({"driver": "qcow2", "node-name": "q", "file": "f"})
+    # no user left on f, and none of the lock bytes the format had taken
+    assert [n.node_name for n in graph.nodes()] == ["f"] and f.refcount == 0
+    assert not f._lock.perm and not f._lock.unshared
