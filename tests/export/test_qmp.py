@@ -1,0 +1,149 @@
+"""block-export-add/del and query-block-exports over QMP against a real
+exportd: QEMU's error texts verbatim, newest-first listing, the id free only
+after BLOCK_EXPORT_DELETED, one event per export on quit, --export on the
+command line, and the mountpoint case that deadlocks QEMU."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from .conftest import Exportd, arun, athread, fuse_mounts_under, make_image
+
+
+async def test_error_texts(exportd: Exportd, workdir: Path) -> None:
+    d = exportd
+    img = workdir / "img.raw"
+    make_image(img, 1 << 20)
+    mnt = workdir / "mnt.raw"
+    mnt.touch()
+    await d.blockdev_file("f", img)
+    await d.cmd("blockdev-add", {"driver": "null-co", "node-name": "ro", "read-only": True})
+
+    def add(**kw: object) -> dict[str, object]:
+        args = {"type": "fuse", "id": "e", "node-name": "f", "mountpoint": str(mnt)}
+        args.update(kw)
+        return args
+
+    assert await d.error("block-export-add", add(**{"node-name": "nope"})) == (
+        "Cannot find device='' nor node-name='nope'"
+    )
+    assert await d.error("block-export-add", add(**{"node-name": "ro", "writable": True})) == (
+        "Cannot export read-only node as writable"
+    )
+    assert await d.error("block-export-add", add(id="-bad")) == "Invalid block export id"
+    await d.cmd("block-export-add", add())
+    assert await d.error("block-export-add", add(mountpoint=str(workdir / "other"))) == (
+        "Block export id 'e' is already in use"
+    )
+    assert await d.error("block-export-del", {"id": "nope"}) == "Export 'nope' is not found"
+    # a failed add left nothing: only 'e' is listed, and it is listed once
+    assert [e["id"] for e in await d.exports()] == ["e"]
+    assert len(fuse_mounts_under(str(workdir))) == 1
+    await d.del_export("e")
+    assert await d.exports() == []
+    assert fuse_mounts_under(str(workdir)) == []
+    await d.cmd("blockdev-del", {"node-name": "f"})  # no export holds it any more
+
+
+async def test_query_newest_first_and_id_reuse(exportd: Exportd, workdir: Path) -> None:
+    d = exportd
+    await d.cmd("blockdev-add", {"driver": "null-co", "node-name": "n", "size": 1 << 20})
+    for name in ("one", "two", "three"):
+        (workdir / name).touch()
+        await d.add_export(name, "n", workdir / name)
+    got = await d.exports()
+    assert [(e["id"], e["type"], e["node-name"], e["shutting-down"]) for e in got] == [
+        ("three", "fuse", "n", False),
+        ("two", "fuse", "n", False),
+        ("one", "fuse", "n", False),
+    ]
+    assert got[0]["mountpoint"] == str(workdir / "three")
+    await d.cmd("block-export-del", {"id": "two"})
+    assert await d.event("BLOCK_EXPORT_DELETED") == {"id": "two"}
+    # after the event the id and the mountpoint can be used again at once
+    await d.add_export("two", "n", workdir / "two", writable=True)
+    assert [e["id"] for e in await d.exports()] == ["two", "three", "one"]
+
+
+async def test_quit_deletes_every_export(exportd: Exportd, workdir: Path) -> None:
+    d = exportd
+    await d.cmd("blockdev-add", {"driver": "null-co", "node-name": "n", "size": 1 << 20})
+    for i in range(4):
+        (workdir / f"m{i}").touch()
+        await d.add_export(f"e{i}", "n", workdir / f"m{i}")
+    await d.cmd("quit")
+    deleted = sorted([(await d.event("BLOCK_EXPORT_DELETED"))["id"] for _ in range(4)])
+    assert deleted == ["e0", "e1", "e2", "e3"]
+    assert await d.event("SHUTDOWN") == {"guest": False, "reason": "host-qmp-quit"}
+    await d.disconnect()
+    assert d.proc is not None and await asyncio.to_thread(d.proc.wait, 20) == 0
+    assert fuse_mounts_under(str(workdir)) == []
+
+
+async def test_sigterm_unmounts_everything(exportd: Exportd, workdir: Path) -> None:
+    d = exportd
+    await d.cmd("blockdev-add", {"driver": "null-co", "node-name": "n", "size": 1 << 20})
+    for i in range(3):
+        (workdir / f"m{i}").touch()
+        await d.add_export(f"e{i}", "n", workdir / f"m{i}")
+    assert d.proc is not None
+    d.proc.terminate()
+    assert await asyncio.to_thread(d.proc.wait, 20) == 0
+    assert fuse_mounts_under(str(workdir)) == []
+
+
+async def test_relative_and_absolute_mountpoint_no_deadlock(exportd: Exportd, workdir: Path) -> None:
+    """QEMU hangs forever here (it stats its own mount on its only thread)."""
+    d = exportd
+    img = workdir / "img.raw"
+    make_image(img, 1 << 20)
+    (workdir / "mnt.raw").touch()
+    await d.blockdev_file("f", img)
+    await d.add_export("abs", "f", workdir / "mnt.raw")
+    # the daemon runs in workdir: "mnt.raw" is the same file
+    assert os.readlink(f"/proc/{d.pid}/cwd") == str(workdir)
+    for spelling in ("mnt.raw", "./mnt.raw", str(workdir / "." / "mnt.raw")):
+        desc = await asyncio.wait_for(
+            d.error(
+                "block-export-add",
+                {"type": "fuse", "id": "rel", "node-name": "f", "mountpoint": spelling},
+            ),
+            30,
+        )
+        assert desc == f"There already is a FUSE export on '{spelling}'"
+    # still serving: QMP answers and the mount reads
+    await asyncio.wait_for(d.cmd("query-version"), 5)
+    data = await athread((workdir / "mnt.raw").read_bytes)
+    assert data == img.read_bytes()
+
+
+async def test_export_on_the_command_line(workdir: Path) -> None:
+    img = workdir / "img.raw"
+    data = make_image(img, 1 << 20)
+    (workdir / "mnt.raw").touch()
+    d = Exportd(workdir)
+    await d.start(
+        "--blockdev", f"driver=file,node-name=f,filename={img}",
+        "--export", f"type=fuse,id=cli,node-name=f,mountpoint={workdir / 'mnt.raw'},writable=on",
+    )
+    try:
+        exports = await d.exports()
+        assert [(e["id"], e["writable"]) for e in exports] == [("cli", True)]
+        assert await athread((workdir / "mnt.raw").read_bytes) == data
+    finally:
+        await d.stop()
+    assert fuse_mounts_under(str(workdir)) == []
+
+
+async def test_export_on_the_command_line_failure(workdir: Path) -> None:
+    r = await arun(
+        [sys.executable, "-m", "exportd", "--socket", str(workdir / "s"),
+         "--blockdev", "driver=null-co,node-name=n",
+         "--export", f"type=fuse,id=x,node-name=n,mountpoint={workdir / 'missing'}"],
+        timeout=30,
+    )
+    assert r.returncode == 1
+    assert f"Failed to stat '{workdir / 'missing'}': No such file or directory" in r.stderr
