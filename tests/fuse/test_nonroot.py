@@ -152,3 +152,48 @@ asyncio.run(main())
         proc.stdout
     )
     assert not fuse_mount.exportd_mounts(target)
+
+
+def test_passthrough_refused_without_privileges_falls_back(nobody_dir):
+    d, user = nobody_dir
+    target = os.path.join(d, "export.img")
+    backing = os.path.join(d, "backing.raw")
+    counters = os.path.join(d, "counters.json")
+    open(target, "wb").close()
+    with open(backing, "wb") as f:
+        f.write(bytes(range(256)) * 64)
+    for p in (target, backing):
+        os.chown(p, user.pw_uid, user.pw_gid)
+    server = subprocess.Popen(
+        **as_user(
+            user,
+            [
+                SYSTEM_PYTHON,
+                "-m",
+                "exportd.fuse.toy",
+                target,
+                "--file",
+                backing,
+                "--passthrough",
+                "--counters",
+                counters,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    )
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        io = subprocess.run(**as_user(user, ["/bin/cat", target], capture_output=True, timeout=60))
+        assert io.returncode == 0 and io.stdout == bytes(range(256)) * 64
+        server.send_signal(signal.SIGTERM)
+        out, err = server.communicate(timeout=30)
+        # FUSE_DEV_IOC_BACKING_OPEN needs CAP_SYS_ADMIN: the toy serves reads itself.
+        assert "passthrough unavailable" in err and "Operation not permitted" in err, err
+        stats = json.load(open(counters))
+        assert stats["passthrough"] is False and stats["counters"]["READ"] >= 1
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
