@@ -70,9 +70,22 @@ out(bad)
 """
 
 
+class ScatterFS(MemoryFS):
+    """Answers reads with a list of buffers, the last one running past the
+    requested size (the session must cut it)."""
+
+    async def read(self, fh, offset, size):
+        view = memoryview(self.data)
+        k = min(size, 1000)
+        return [bytes(view[offset : offset + k]), view[offset + k : offset + size + 4096]]
+
+
 @pytest.mark.parametrize("direct_io", [False, True], ids=["cached", "direct_io"])
-async def test_read_every_alignment(target, direct_io):
-    async with serving(filled(direct_io=direct_io), target) as session:
+@pytest.mark.parametrize("fs_class", [MemoryFS, ScatterFS], ids=["bytes", "scatter"])
+async def test_read_every_alignment(target, direct_io, fs_class):
+    fs = fs_class(SIZE, direct_io=direct_io)
+    fs.data[:] = pattern(SIZE)
+    async with serving(fs, target) as session:
         assert await child(READ_CODE, target, int(direct_io)) == []
         assert session.count("READ") >= 1
 

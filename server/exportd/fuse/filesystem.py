@@ -30,7 +30,9 @@ Contract (stable; other modules code against it):
 - `write(fh, offset, data)`: `data` is a memoryview into a receive buffer the
   session shares with other sessions. It is valid until write() returns
   (even across awaits); copy it (bytes(data)) if you keep it longer.
-- `read()` may return fewer bytes than asked only at end of file.
+- `read()` may return fewer bytes than asked only at end of file. It may
+  return one bytes-like object or a list of them (sent with one writev,
+  never joined); anything beyond `size` is cut off.
 - open(): flags are the open(2) flags (O_ACCMODE, O_TRUNC, O_APPEND, O_DIRECT,
   O_SYNC...). The session negotiates FUSE_ATOMIC_O_TRUNC, so an
   open(O_TRUNC) is NOT preceded by setattr(size=0): the handler truncates.
@@ -157,7 +159,9 @@ class SingleFileFS(ABC):
     async def open(self, flags: int) -> OpenReply: ...
 
     @abstractmethod
-    async def read(self, fh: int, offset: int, size: int) -> bytes | bytearray | memoryview: ...
+    async def read(
+        self, fh: int, offset: int, size: int
+    ) -> bytes | bytearray | memoryview | list[bytes | bytearray | memoryview]: ...
 
     async def write(self, fh: int, offset: int, data: memoryview) -> int:
         raise OSError(errno.EROFS, "read-only")

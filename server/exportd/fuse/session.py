@@ -483,6 +483,8 @@ class FuseSession:
     def _reply_ok(self, unique: int, payload: Any) -> None:
         if payload is None:
             self._write((_OUT.pack(16, 0, unique),))
+        elif type(payload) is _ScatterReply:
+            self._write((_OUT.pack(16 + payload.length, 0, unique), *payload.parts))
         else:
             self._write((_OUT.pack(16 + len(payload), 0, unique), payload))
 
@@ -664,9 +666,34 @@ def _encode_nothing(_result: Any, _arg: int) -> None:
 
 
 def _encode_read(data: Any, size: int) -> Any:
+    if type(data) is list:
+        return _ScatterReply(data, size)
     if len(data) > size:
         data = memoryview(data)[:size]
     return data
+
+
+class _ScatterReply:
+    """A read answered from several buffers, written with one writev (no join)."""
+
+    __slots__ = ("parts", "length")
+
+    def __init__(self, parts: list[Any], size: int) -> None:
+        out = []
+        length = 0
+        for part in parts:
+            n = len(part)
+            if length + n > size:
+                out.append(memoryview(part)[: size - length])
+                length = size
+                break
+            out.append(part)
+            length += n
+        self.parts = out
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
 
 
 def _encode_write(written: int, size: int) -> bytes:
