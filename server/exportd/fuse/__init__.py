@@ -1,1 +1,40 @@
+"""exportd's own FUSE kernel protocol layer (pure Python, asyncio).
 
+Serves single-file filesystems: each mount's root inode is a regular file,
+mounted over an existing regular file, as QEMU's FUSE export does.
+
+    abi.py         constants and struct layouts of include/uapi/linux/fuse.h (7.45)
+    requests.py    decoding of requests read from /dev/fuse
+    replies.py     encoding of reply payloads
+    filesystem.py  SingleFileFS: the handler interface an export implements
+    session.py     FuseSession: mount, INIT, dispatch on the loop, passthrough, close
+    buffers.py     receive buffers shared by all sessions of one loop
+    mount.py       mount(2) / fusermount3, unmount, stale-mount finder and cleaner
+    toy.py         reference filesystems (in-memory, plain file) and a tiny server
+
+Public API:
+
+    from exportd.fuse import FuseSession, SingleFileFS, Attr, SetAttr, OpenReply, StatFs
+    session = await FuseSession.start(fs, mountpoint, fsname=..., read_only=...,
+                                      allow_other=..., passthrough=...)
+    session.closed            # future -> "closed" | "unmounted" | "destroy" | "error: ..."
+    session.counters          # {"READ": n, ...}
+    session.passthrough_available; session.open_backing(fd) -> id; session.close_backing(id)
+    await session.close()     # unmount; idempotent
+    mount.clean_stale_mounts([paths])  # blocking: run in a thread
+"""
+
+from .filesystem import Attr, OpenReply, SetAttr, SingleFileFS, StatFs
+from .mount import MountError
+from .session import FuseSession, PassthroughUnavailable
+
+__all__ = [
+    "Attr",
+    "FuseSession",
+    "MountError",
+    "OpenReply",
+    "PassthroughUnavailable",
+    "SetAttr",
+    "SingleFileFS",
+    "StatFs",
+]
