@@ -1,0 +1,233 @@
+"""exportctl: the client library and the CLI against a real daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from exportctl.client import Client, ConnectError, QMPError
+
+
+# --- library ---------------------------------------------------------------------------------
+async def test_client_execute_errors_and_concurrency(module_daemon):
+    async with Client() as c:
+        greeting = await c.connect(module_daemon.socket)
+        assert greeting["QMP"]["capabilities"] == []
+        info = await c.execute("query-version")
+        assert info["package"].startswith("exportd")
+        with pytest.raises(QMPError) as ei:
+            await c.execute("query-version", {"bogus": True})
+        assert (ei.value.cls, ei.value.desc) == ("GenericError", "Parameter 'bogus' is unexpected")
+        with pytest.raises(QMPError) as ei:
+            await c.execute("nope")
+        assert ei.value.cls == "CommandNotFound"
+        many = await asyncio.gather(*(c.execute("query-commands") for _ in range(30)))
+        assert all(m == many[0] for m in many)
+
+
+async def test_client_without_negotiation(module_daemon):
+    async with Client() as c:
+        await c.connect(module_daemon.socket, negotiate=False)
+        with pytest.raises(QMPError) as ei:
+            await c.execute("query-version")
+        assert ei.value.desc == "Expecting capabilities negotiation with 'qmp_capabilities'"
+        await c.execute("qmp_capabilities")
+        assert "package" in await c.execute("query-version")
+
+
+async def test_client_connect_errors(tmp_path):
+    with pytest.raises(ConnectError) as ei:
+        await Client().connect(str(tmp_path / "absent.sock"))
+    assert "No such file or directory" in str(ei.value)
+
+
+async def test_client_events_and_connection_end(daemon):
+    d = daemon()
+    async with Client() as watcher, Client() as quitter:
+        await watcher.connect(d.socket)
+        await quitter.connect(d.socket)
+        await quitter.execute("quit")
+        events = [ev async for ev in watcher.events()]  # ends when the daemon closes
+        assert [e["event"] for e in events] == ["SHUTDOWN"]
+        assert events[0]["data"]["reason"] == "host-qmp-quit"
+        with pytest.raises(ConnectError):
+            await watcher.execute("query-version")
+    assert await asyncio.to_thread(d.wait, 15) == 0
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+def test_version(module_daemon, exportctl):
+    r = exportctl(module_daemon, "version")
+    assert r.returncode == 0 and r.stdout.startswith("exportd ")
+    r = exportctl(module_daemon, "--json", "version")
+    assert r.returncode == 0 and json.loads(r.stdout)["package"].startswith("exportd")
+
+
+def test_connection_problems_have_their_own_status(exportctl, tmp_path):
+    r = exportctl(str(tmp_path / "absent.sock"), "version")
+    assert r.returncode == 3
+    assert "cannot connect to" in r.stderr and "No such file or directory" in r.stderr
+    not_qmp = tmp_path / "plain"
+    not_qmp.write_text("x")
+    r = exportctl(str(not_qmp), "version")
+    assert r.returncode == 3
+
+
+def test_default_socket_from_environment(module_daemon, exportctl_bin):
+    env = dict(os.environ, EXPORTD_SOCKET=module_daemon.socket)
+    r = subprocess.run([str(exportctl_bin), "version"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def test_qmp_passthrough_forms(module_daemon, exportctl):
+    r = exportctl(module_daemon, "qmp", "query-version")
+    assert r.returncode == 0 and json.loads(r.stdout)["package"].startswith("exportd")
+    r = exportctl(module_daemon, "qmp", '{"execute": "query-commands"}')
+    assert {"name": "quit"} in json.loads(r.stdout)
+    r = exportctl(module_daemon, "qmp", "query-version", "bogus=1")
+    assert (r.returncode, r.stderr.strip()) == (1, "error: Parameter 'bogus' is unexpected")
+    r = exportctl(module_daemon, "qmp", "no-such")
+    assert (r.returncode, r.stderr.strip()) == (1, "error: The command no-such has not been found")
+    r = exportctl(module_daemon, "qmp", "{not json")
+    assert r.returncode == 2
+
+
+def test_errors_print_desc_and_exit_1(module_daemon, exportctl):
+    r = exportctl(module_daemon, "blockdev-add", "driver=raw,file.driver=file")
+    assert (r.returncode, r.stderr.strip()) == (1, "error: Parameter 'file.filename' is missing")
+    r = exportctl(module_daemon, "blockdev-del", "never-existed")
+    assert r.returncode == 1 and r.stderr.startswith("error: ")
+    r = exportctl(module_daemon, "del", "never-existed")
+    assert r.returncode == 1 and r.stderr.startswith("error: ")
+
+
+def test_blockdev_add_nodes_and_del(daemon, exportctl):
+    d = daemon()
+    r = exportctl(d, "blockdev-add", "driver=null-co,node-name=kv,size=2M,read-zeroes=on")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "added node kv"
+    r = exportctl(d, "blockdev-add", "driver=null-co", "node-name=words", "size=64K")
+    assert r.returncode == 0, r.stderr
+    r = exportctl(d, "blockdev-add", '{"driver": "null-co", "node-name": "js", "size": 4096}')
+    assert r.returncode == 0, r.stderr
+    r = exportctl(d, "--json", "nodes")
+    assert r.returncode == 0, r.stderr
+    sizes = {n["node-name"]: n["image"]["virtual-size"] for n in json.loads(r.stdout)}
+    assert sizes == {"kv": 2 << 20, "words": 64 << 10, "js": 4096}
+    r = exportctl(d, "nodes")
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["NODE", "DRIVER", "MODE", "SIZE", "FILE"]
+    assert any(line.split()[:2] == ["kv", "null-co"] and "2 MiB" in line for line in lines[1:])
+    r = exportctl(d, "blockdev-del", "js")
+    assert r.returncode == 0 and r.stdout.strip() == "deleted node js"
+    r = exportctl(d, "--json", "nodes")
+    assert "js" not in {n["node-name"] for n in json.loads(r.stdout)}
+
+
+def test_list_without_exports(module_daemon, exportctl):
+    r = exportctl(module_daemon, "list")
+    assert (r.returncode, r.stdout.strip()) == (0, "no exports")
+    r = exportctl(module_daemon, "--json", "list")
+    assert json.loads(r.stdout) == []
+
+
+def test_add_list_del_export(daemon, exportctl, tmp_path):
+    d = daemon("--blockdev", "driver=null-co,node-name=n0,size=1M,read-zeroes=on")
+    mnt = tmp_path / "mnt.raw"
+    mnt.write_bytes(b"")
+    r = exportctl(d, "add", "n0", str(mnt), "--id", "e0")
+    if r.returncode != 0 and "not implemented yet" in r.stderr:
+        pytest.skip("block-export-add is not implemented yet")
+    try:
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == f"exported n0 at {mnt} (id e0)"
+        r = exportctl(d, "list")
+        lines = r.stdout.splitlines()
+        assert lines[0].split()[:3] == ["ID", "TYPE", "NODE"]
+        assert lines[1].split()[:3] == ["e0", "fuse", "n0"]
+        r = exportctl(d, "--json", "list")
+        assert [e["id"] for e in json.loads(r.stdout)] == ["e0"]
+    finally:
+        r = exportctl(d, "del", "e0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "export e0 deleted"
+    assert json.loads(exportctl(d, "--json", "list").stdout) == []
+
+
+def test_events_follow_and_quit(daemon, exportctl_bin, exportctl):
+    d = daemon()
+    follower = subprocess.Popen([str(exportctl_bin), "-s", d.socket, "--json", "events", "--follow"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # wait until the follower is connected and negotiated (it then receives events)
+        deadline = time.monotonic() + 30
+        while True:
+            r = exportctl(d, "qmp", "query-version")
+            assert r.returncode == 0
+            if _connections(d.pid) >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        time.sleep(0.3)
+        r = exportctl(d, "quit")
+        assert (r.returncode, r.stdout.strip()) == (0, "exportd is shutting down")
+        out, err = follower.communicate(timeout=30)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+    assert follower.returncode == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert events and events[-1]["event"] == "SHUTDOWN"
+    assert events[-1]["data"] == {"guest": False, "reason": "host-qmp-quit"}
+    assert d.wait(15) == 0
+
+
+def _connections(pid: int) -> int:
+    """How many sockets the daemon holds (listening socket included)."""
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                n += 1
+        except OSError:
+            pass
+    return n
+
+
+def test_events_timeout_without_follow(module_daemon, exportctl):
+    r = exportctl(module_daemon, "events", "--timeout", "0.5")
+    assert r.returncode == 1 and r.stdout == ""
+
+
+def test_create_raw_and_qcow2(exportctl, tmp_path):
+    pytest.importorskip("exportd.block.create")
+    raw = tmp_path / "a.raw"
+    r = exportctl(None, "create", str(raw), "3M")
+    assert r.returncode == 0, r.stderr
+    assert raw.stat().st_size == 3 << 20
+    q = tmp_path / "a.qcow2"
+    r = exportctl(None, "--json", "create", str(q), "1G", "--format", "qcow2", "--cluster-size", "64K")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"filename": str(q), "format": "qcow2", "size": 1 << 30}
+    info = subprocess.run(["qemu-img", "info", "--output=json", str(q)], capture_output=True, text=True)
+    if info.returncode == 0:
+        meta = json.loads(info.stdout)
+        assert (meta["format"], meta["virtual-size"], meta["cluster-size"]) == ("qcow2", 1 << 30, 65536)
+    top = tmp_path / "top.qcow2"
+    r = exportctl(None, "create", str(top), "1G", "-f", "qcow2", "--backing", str(q), "--backing-format", "qcow2")
+    assert r.returncode == 0, r.stderr
+
+
+def test_create_errors(exportctl, tmp_path):
+    r = exportctl(None, "create", str(tmp_path / "x.raw"), "lots")
+    assert r.returncode == 2 and "invalid size 'lots'" in r.stderr
+    r = exportctl(None, "create", str(tmp_path / "x.raw"), "1M", "--backing-format", "raw")
+    assert r.returncode == 2
+    pytest.importorskip("exportd.block.create")
+    r = exportctl(None, "create", str(tmp_path / "no" / "such" / "dir.raw"), "1M")
+    assert r.returncode == 1 and r.stderr.startswith("error: ")
