@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-
-from exportd.block.node import Status
 from tests.qcow2.qhelpers import open_qcow2, read_all, run, to_raw
 from tests.qcow2.variants import VARIANTS, build
+
+from exportd.block.node import Status
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -253,6 +253,8 @@ class Qcow2Node(BlockNode):
             name = self.header.backing_file
             if not name:
                 return
+            if "\0" in name:
+                raise BlockError("qcow2: invalid backing file name in the image header")
             if name.startswith("json:"):
                 raise BlockError("qcow2: 'json:' backing file names are not supported")
             path = name

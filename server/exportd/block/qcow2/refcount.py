@@ -168,16 +168,30 @@ class Refcounts:
             self.node.defer_free(c << self.cbits, 1)
 
     # --- allocation ---------------------------------------------------------
+    async def _next_free(self, ci: int) -> int:
+        """The first cluster index >= ci with refcount 0 (searched at C speed)."""
+        mask = self.per_block - 1
+        while True:
+            bi = ci >> self.block_shift
+            b = await self._block(bi)
+            if b is None:
+                return ci
+            try:
+                return (bi << self.block_shift) + b.values.index(0, ci & mask)
+            except ValueError:
+                ci = (bi + 1) << self.block_shift
+
     async def alloc(self, n: int = 1) -> int:
         """Allocate `n` contiguous free clusters (refcount 1 each); returns the
         host offset of the first."""
         ci = self.free_hint
         meta = self.node.meta_clusters
         while True:
+            ci = await self._next_free(ci)
             run_ok = True
             for j in range(n):
                 c = ci + j
-                if c in meta or await self.get(c):
+                if c in meta or (j and await self.get(c)):
                     ci = c + 1
                     run_ok = False
                     break
