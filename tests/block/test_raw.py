@@ -118,8 +118,13 @@ async def test_raw_over_read_only_file(graph: BlockGraph, tmp_path: Path) -> Non
     path = tmp_path / "ro.img"
     make_image(path, 4096)
     await graph.add({"driver": "file", "node-name": "f", "filename": str(path), "read-only": True})
-    with pytest.raises(BlockError, match="read-only"):
-        await graph.add({"driver": "raw", "node-name": "r", "file": "f"})
+    # opens, as in QEMU; a writer is refused when it attaches
+    rw = await graph.add({"driver": "raw", "node-name": "rw", "file": "f"})
+    assert not rw.read_only
+    with pytest.raises(BlockError, match="Block node is read-only"):
+        rw.attach("export", Perm.CONSISTENT_READ | Perm.WRITE, Perm.ALL)
+    assert rw.refcount == 0
+    rw.attach("reader", Perm.CONSISTENT_READ, Perm.ALL)
     r = await graph.add({"driver": "raw", "node-name": "r", "file": "f", "read-only": True})
     assert r.read_only
     # a nested child inherits read-only from its parent

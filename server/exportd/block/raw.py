@@ -39,8 +39,8 @@ class RawNode(BlockNode):
         read_only = options["read-only"]
         node = cls(node_name, read_only=read_only, offset=offset, size=size)
         child = await graph.open_child(options["file"], node, "file", Perm(0), Perm.ALL, read_only=read_only)
-        if child.read_only and not read_only:
-            raise BlockError("Block node is read-only")
+        # a writable raw node over a read-only file opens (as in QEMU); taking
+        # the write permission later fails with "Block node is read-only"
         real = child.getlength()
         if offset > real:
             raise BlockError(f"Offset ({offset}) cannot be greater than size of the containing file ({real})")
