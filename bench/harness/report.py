@@ -172,14 +172,23 @@ def render_markdown(record: dict) -> str:
     lines += ["## Peers", "", "| peer | status | how it runs |", "|---|---|---|"]
     for name, p in peers.items():
         status = p["status"] if p["status"] == "ok" else f"{p['status']}: {p['reason']}"
+        exit_status = p["info"].get("exit_status", 0)
+        if p["status"] == "ok" and exit_status != 0:
+            # SIGTERM should end a daemon cleanly; anything else is worth a look.
+            status += (" (did not exit on SIGTERM, killed)" if exit_status is None
+                       else f" (exit status {exit_status} on SIGTERM)")
         command = p["info"].get("command")
         how = " ".join(command) if command else p["info"].get("image", "")
         exports = p["info"].get("query-block-exports")
         if isinstance(exports, list) and exports:
-            extra = {k: v for k, v in exports[0].items() if k not in ("id", "type", "node-name",
-                                                                   "shutting-down")}
+            # Only what the command line does not already say (e.g. exportd's
+            # passthrough mode, an extension field).
+            known = {"id", "type", "node-name", "shutting-down", "mountpoint", "writable",
+                     "growable", "allow-other", "writethrough"}
+            extra = {k: v for k, v in exports[0].items() if k not in known}
             if extra:
-                how += f" (query-block-exports extras: {extra})"
+                status += " (query-block-exports: " + ", ".join(
+                    f"{k}={v}" for k, v in extra.items()) + ")"
         how = _scratchless(how)
         lines.append(f"| {name} | {_cell(status)} | `{_cell(how)}` |" if how
                      else f"| {name} | {_cell(status)} | |")

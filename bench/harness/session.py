@@ -169,7 +169,9 @@ class BenchRun:
                         if not peer.alive():
                             _mark_dead(peer)
                         continue
-                    entry["runs"].append(result.as_dict() | {"value": result.value(w.metric)})
+                    entry["runs"].append(result.as_dict() | {
+                        "value": result.value(w.metric), "rep": rep,
+                        "loadavg_1min": round(load_average()[0], 2)})
                     log(f"[{done}/{total}] {w.key} #{rep + 1} {peer.name}: "
                         f"{result.value(w.metric):,.0f} {w.unit}")
         for peer in self.peers:
