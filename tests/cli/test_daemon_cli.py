@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 
-
 def run_exportd(exportd_bin, *args, timeout=30, env=None):
     full_env = dict(os.environ)
     if env:

@@ -10,7 +10,7 @@ import socket
 import subprocess
 
 import pytest
-from qemu.qmp import EventListener, ExecuteError, QMPClient
+from qemu.qmp import EventListener, ExecuteError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from exportd.qapi import schema

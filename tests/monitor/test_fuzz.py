@@ -110,7 +110,7 @@ def test_random_bytes(daemon):
         payload = b"".join(random_bytes(rng) for _ in range(per_connection))
         # write and read at once: replies must not be able to block the writer
         reader_out: list[bytes] = []
-        t = threading.Thread(target=lambda: reader_out.append(read_all(s)))
+        t = threading.Thread(target=lambda out=reader_out, sock=s: out.append(read_all(sock)))
         t.start()
         try:
             s.sendall(payload)

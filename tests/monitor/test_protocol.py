@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import threading
 
@@ -275,3 +277,49 @@ def test_not_implemented_yet(daemon, raw_qmp, tmp_path):
     assert c.cmd("x-later", {"a": "b"}, id=1) == {"id": 1, **err("Command x-later is not implemented yet")}
     commands = {x["name"] for x in c.cmd("query-commands")["return"]}
     assert "x-later" not in commands
+
+
+def test_disconnect_mid_command_completes_it(daemon, raw_qmp):
+    """A client that leaves before its reply: the command still completes
+    (no half-done state) and everyone else goes on."""
+    d = daemon()
+    observer = raw_qmp(d)
+    observer.negotiate()
+    leaver = raw_qmp(d)
+    leaver.negotiate()
+    leaver.send(json.dumps({"execute": "blockdev-add",
+                            "arguments": {"driver": "null-co", "node-name": "orphan", "size": 4096}}))
+    leaver.close()  # gone before the reply
+    import time
+
+    deadline = time.monotonic() + 15
+    while True:
+        reply = observer.cmd("query-named-block-nodes")
+        assert "return" in reply, reply
+        if any(n["node-name"] == "orphan" for n in reply["return"]):
+            break
+        assert time.monotonic() < deadline, "the command of the departed client never completed"
+        time.sleep(0.05)
+    assert observer.cmd("blockdev-del", {"node-name": "orphan"}) == {"return": {}}
+    assert d.alive
+
+
+def test_events_reach_every_negotiated_client_on_every_monitor(daemon, raw_qmp, tmp_path):
+    second = str(tmp_path / "second.sock")
+    d = daemon("--socket", second)
+    import time
+
+    deadline = time.monotonic() + 15
+    while not os.path.exists(second):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    clients = [raw_qmp(d), raw_qmp(d), raw_qmp(second), raw_qmp(second)]
+    for c in clients:
+        c.negotiate()
+    os.kill(d.pid, signal.SIGTERM)
+    for c in clients:
+        ev = c.recv_msg()
+        assert ev["event"] == "SHUTDOWN" and ev["data"]["reason"] == "host-signal"
+        assert c.recv_line() == b""  # then the connection closes
+    assert d.wait(15) == 0
+    assert not os.path.exists(second)
