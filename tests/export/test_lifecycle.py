@@ -191,12 +191,14 @@ async def test_same_mountpoint_other_spellings(host: Host, workdir: Path) -> Non
     mnt = workdir / "e.raw"
     (workdir / "sub").mkdir()
     (workdir / "link").symlink_to(workdir)
+    (workdir / "alias.raw").symlink_to(mnt)
     spellings = [
         str(mnt),
         os.path.relpath(mnt),
         str(workdir / "sub" / ".." / "e.raw"),
         str(workdir / "link" / "e.raw"),
         str(workdir) + "//e.raw",
+        str(workdir / "alias.raw"),  # mount(2) would follow it onto e.raw
     ]
     for spelling in spellings:
         with pytest.raises(QMPError) as err:

@@ -197,24 +197,36 @@ class ExportedFile(SingleFileFS):
         return None
 
     # --- data ---------------------------------------------------------------------
+    # read and write are the hot path: the reference is taken inline rather
+    # than through the request() context manager (same semantics)
     async def read(self, fh: int, offset: int, size: int) -> bytes | bytearray | memoryview:
-        with self.export.request():
-            length = self.length()
+        exp = self.export
+        if not exp.user_owned:
+            raise OSError(errno.EIO, "export is shutting down")
+        exp.refcount += 1
+        try:
+            length = exp.current_length()
             if offset >= length or size <= 0:
                 return b""
-            size = min(size, length - offset)
+            if offset + size > length:
+                size = length - offset
             try:
-                return await self.node.read(offset, size)
+                return await exp.node.read(offset, size)
             except OSError as e:
                 raise backend_errno(e) from None
+        finally:
+            exp.unref()
 
     async def write(self, fh: int, offset: int, data: memoryview) -> int:
-        with self.export.request():
-            exp = self.export
+        exp = self.export
+        if not exp.user_owned:
+            raise OSError(errno.EIO, "export is shutting down")
+        exp.refcount += 1
+        try:
             if not exp.writable:
                 raise OSError(errno.EACCES, "read-only export")
             size = len(data)
-            length = self.length()
+            length = exp.current_length()
             if offset + size > length:
                 if exp.growable:
                     await self._truncate(offset + size)
@@ -224,12 +236,14 @@ class ExportedFile(SingleFileFS):
                     size = length - offset
                     data = data[:size]
             try:
-                await self.node.write(offset, data)
+                await exp.node.write(offset, data)
                 if exp.writethrough:
-                    await self.node.flush()
+                    await exp.node.flush()
             except OSError as e:
                 raise backend_errno(e) from None
             return size
+        finally:
+            exp.unref()
 
     async def fallocate(self, fh: int, offset: int, length: int, mode: int) -> None:
         with self.export.request():

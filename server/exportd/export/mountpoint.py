@@ -62,12 +62,16 @@ async def in_thread(fn: Callable[[], T], timeout: float = PATH_TIMEOUT_S) -> T:
 
 
 def canonical_path(path: str) -> str:
-    """realpath() of the parent plus the last component as given: the same
-    file however it is spelt, without following a symlink in the last
-    component (which we would then compare under its target's name)."""
+    """realpath() of the parent plus the last component: the same file
+    however it is spelt. A symlink as last component is resolved too, since
+    mount(2) follows it and mounts on its target. Blocking: call it through
+    in_thread(), the lstat may reach one of our own mounts."""
     absolute = os.path.abspath(path)
     parent, last = os.path.split(absolute)
-    return os.path.join(os.path.realpath(parent), last)
+    canonical = os.path.join(os.path.realpath(parent), last)
+    if os.path.islink(canonical):
+        canonical = os.path.realpath(canonical)
+    return canonical
 
 
 @dataclass(frozen=True)
