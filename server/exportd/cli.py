@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,8 +71,14 @@ class _Ordered(argparse.Action):
         namespace.ordered = items
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        # startup errors all look alike: `exportd: <desc>`, status 1
+        self.exit(1, f"exportd: {message} (see exportd --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="exportd",
         description="Export disk images and block devices as raw files through FUSE, "
         "controlled over QMP (qemu-storage-daemon compatible command line).",

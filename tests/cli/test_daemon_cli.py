@@ -33,6 +33,19 @@ def test_version_and_help(exportd_bin):
         assert opt in r.stdout
 
 
+def test_unknown_option(exportd_bin):
+    r = run_exportd(exportd_bin, "--nbd-server", "addr.type=unix")
+    assert r.returncode == 1
+    assert r.stderr.startswith("exportd: unrecognized arguments: --nbd-server")
+
+
+def test_python_dash_m(exportd_bin):
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "exportd", "-V"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("exportd ")
+
+
 def test_socket_mode_and_removal(daemon):
     d = daemon()
     st = os.stat(d.socket)
