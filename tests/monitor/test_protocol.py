@@ -323,3 +323,14 @@ def test_events_reach_every_negotiated_client_on_every_monitor(daemon, raw_qmp, 
         assert c.recv_line() == b""  # then the connection closes
     assert d.wait(15) == 0
     assert not os.path.exists(second)
+
+
+def test_huge_numbers(d, raw_qmp):
+    c = raw_qmp(d)
+    c.negotiate()
+    c.send(b'{"execute": "query-version", "id": ' + b"9" * 5000 + b"}")
+    reply = c.recv_msg()
+    assert "return" in reply and "id" in reply
+    c.send(b'{"execute": "query-version", "id": 1e400}')
+    assert "return" in c.recv_msg()
+    assert c.cmd("query-version", id="still")["id"] == "still"

@@ -122,7 +122,10 @@ def _string_end(s: str, i: int, quote: str, escaped: bool) -> tuple[int, bool]:
 def _number(text: str) -> int | float:
     if any(c in text for c in ".eE"):
         return float(text)
-    return int(text)
+    try:
+        return int(text)
+    except ValueError:  # past Python's int digit limit: approximate, as QEMU does
+        return float(text)
 
 
 class _Parser:

@@ -118,6 +118,8 @@ class Session:
                         break
         except (ConnectionError, OSError):
             pass
+        except Exception:  # a bug here ends this client only
+            log.exception("QMP session failed")
         finally:
             self.close()
 
