@@ -56,6 +56,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--reps", type=int, help="fio repetitions (overrides the mode)")
     p.add_argument("--image-mib", type=int, help="image size in MiB (overrides the mode)")
     p.add_argument("--exportd", help="exportd executable (default: .venv/bin/exportd)")
+    p.add_argument("--exportd-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="environment for the exportd peers, e.g. a lever's switch (repeatable)")
+    p.add_argument("--note", default="", help="free text recorded with the results (which lever...)")
     p.add_argument("--pyfuse3-python", default=sys.executable,
                    help="interpreter with pyfuse3 and trio for the pyfuse3 peer")
     p.add_argument("--render", type=Path, metavar="JSON",
@@ -116,9 +119,16 @@ def main(argv: list[str]) -> int:
         if shutil.which(tool) is None:
             print(f"{tool} is not installed", file=sys.stderr)
             return 1
+    exportd_env = {}
+    for item in args.exportd_env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            print(f"--exportd-env wants NAME=VALUE, not {item!r}", file=sys.stderr)
+            return 2
+        exportd_env[name] = value
     raise_on_termination_signals()
     run = BenchRun(settings_from(args), only, control, exportd_cmd, missing,
-                   args.pyfuse3_python, REPO)
+                   args.pyfuse3_python, REPO, exportd_env=exportd_env, note=args.note)
     try:
         record = run.run()
     except (KeyboardInterrupt, Interrupted) as exc:

@@ -8,6 +8,7 @@ report says "unavailable: <reason>".
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -36,6 +37,7 @@ class PeerEnv:
     pyfuse3_python: str                    # interpreter that has pyfuse3 and trio
     pyfuse3_script: Path
     null_size: int = NULL_SIZE
+    exportd_env: dict[str, str] = field(default_factory=dict)  # e.g. a lever's switch
 
 
 @dataclass
@@ -97,15 +99,18 @@ class ProcessPeer(Peer):
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
-    def _launch(self, env: PeerEnv, cmd: list[str], workdir: Path) -> None:
+    def _launch(self, env: PeerEnv, cmd: list[str], workdir: Path,
+                extra_environ: dict[str, str] | None = None) -> None:
         self.info["command"] = cmd
+        if extra_environ:
+            self.info["environment"] = dict(extra_environ)
         self.log_path = workdir / "server.log"
         with self.log_path.open("wb") as log:
             # Own session: a Ctrl-C on the harness must not kill servers under
             # fio's feet; the harness stops them itself, in order.
             self.proc = env.scratch.track(subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True))
+                start_new_session=True, env=os.environ | (extra_environ or {})))
 
     def _wait_ready(self, extra_ready=lambda: True) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -195,6 +200,9 @@ class DaemonPeer(ProcessPeer):
     def program(self, env: PeerEnv) -> list[str]:
         raise NotImplementedError
 
+    def environment(self, env: PeerEnv) -> dict[str, str]:
+        return {}
+
     def start(self, env: PeerEnv) -> None:
         program = self.program(env)
         workdir = env.scratch.dir(self.name)
@@ -214,7 +222,7 @@ class DaemonPeer(ProcessPeer):
         self.qmp_path = workdir / "qmp.sock"
         monitor = ["--chardev", f"socket,id=mon0,path={self.qmp_path},server=on,wait=off",
                    "--monitor", "chardev=mon0"]
-        self._launch(env, program + blockdevs + exports + monitor, workdir)
+        self._launch(env, program + blockdevs + exports + monitor, workdir, self.environment(env))
         self._wait_ready(extra_ready=self.qmp_path.exists)
         self.info["query-block-exports"] = self._query_exports()
 
@@ -254,6 +262,9 @@ class ExportdPeer(DaemonPeer):
         if env.exportd_cmd is None:
             raise PeerUnavailable(env.exportd_missing_reason)
         return list(env.exportd_cmd)
+
+    def environment(self, env: PeerEnv) -> dict[str, str]:
+        return dict(env.exportd_env)
 
 
 def fio_peers() -> list[Peer]:

@@ -83,10 +83,13 @@ def _header(record: dict) -> list[str]:
         "",
         f"{record['mode']} run started {record['started']}, {record['duration_s'] / 60:.1f} min; "
         f"images on tmpfs: {size_text}; fio {s['runtime_s']:g} s per run, "
-        f"{s['reps']} repetition(s) interleaved across peers, medians shown; "
-        f"control plane: {s['control_cycles']} add+del cycles x {s['control_reps']}, "
-        f"{s['memory_exports']} exports for memory."
-        + (f" Peers restricted to: {', '.join(record['only'])}." if record.get("only") else ""),
+        f"{s['reps']} repetition(s) interleaved across peers, medians shown"
+        + (f"; control plane: {s['control_cycles']} add+del cycles x {s['control_reps']}, "
+           f"{s['memory_exports']} exports for memory." if record.get("control") else ".")
+        + (f" Peers restricted to: {', '.join(record['only'])}." if record.get("only") else "")
+        + (f" exportd environment: {' '.join(f'{k}={v}' for k, v in record['exportd_env'].items())}."
+           if record.get("exportd_env") else "")
+        + (f" Note: {record['note']}" if record.get("note") else ""),
         "",
         f"Machine: {m['cpu']} ({m['cpus']} CPUs), {(m['mem_total_kib'] or 0) / 2**20:.1f} GiB RAM, "
         f"kernel {m['kernel']}, {m['os']}; load average {m['loadavg_start'][0]:.2f} at start, "

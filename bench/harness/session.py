@@ -41,7 +41,11 @@ class Settings:
 
 
 def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    # Progress only: a closed stderr (`| head`) must not abort the run or its cleanup.
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 def _now() -> str:
@@ -81,7 +85,10 @@ def _mark_dead(peer: Peer) -> None:
 class BenchRun:
     def __init__(self, settings: Settings, only: list[str] | None, control: bool,
                  exportd_cmd: list[str] | None, exportd_missing_reason: str,
-                 pyfuse3_python: str, repo: Path) -> None:
+                 pyfuse3_python: str, repo: Path, exportd_env: dict[str, str] | None = None,
+                 note: str = "") -> None:
+        self.exportd_env = exportd_env or {}
+        self.note = note
         self.settings = settings
         self.only = only
         self.control = control
@@ -109,18 +116,21 @@ class BenchRun:
             env = PeerEnv(scratch=scratch, images=images, exportd_cmd=self.exportd_cmd,
                           exportd_missing_reason=self.exportd_missing_reason,
                           pyfuse3_python=self.pyfuse3_python,
-                          pyfuse3_script=self.repo / "bench" / "peers" / "pyfuse3_file.py")
+                          pyfuse3_script=self.repo / "bench" / "peers" / "pyfuse3_file.py",
+                          exportd_env=self.exportd_env)
             self._io_phase(env, scratch)
             if self.ctl_peers:
                 self._control_phase(env, scratch)
             image_facts = images.facts
         finally:
-            for peer in self.peers + self.ctl_peers:
-                try:
-                    peer.stop()
-                except Exception as exc:  # keep cleaning up the others
-                    log(f"  {peer.name}: stop failed: {exc}")
-            scratch.cleanup()
+            try:
+                for peer in self.peers + self.ctl_peers:
+                    try:
+                        peer.stop()
+                    except Exception as exc:  # keep cleaning up the others
+                        log(f"  {peer.name}: stop failed: {exc}")
+            finally:
+                scratch.cleanup()
         machine["loadavg_end"] = load_average()
         return self._record(started, time.monotonic() - t0, machine, image_facts)
 
@@ -250,6 +260,8 @@ class BenchRun:
             "mode": self.settings.mode,
             "settings": asdict(self.settings),
             "only": self.only,
+            "note": self.note,
+            "exportd_env": self.exportd_env,
             "started": started,
             "duration_s": round(duration, 1),
             "machine": machine,
