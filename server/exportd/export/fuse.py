@@ -207,6 +207,8 @@ class FuseExport(BlockExport):
                 "the kernel would let writes past the end grow the image; "
                 "make the export growable or read-only"
             )
+        if self.writable and self.writethrough:
+            return None, "writethrough needs the daemon to flush after every write"
         if self.writable and self._length_follower() is None:
             return None, "the block node cannot follow size changes made by the kernel"
         return fd, ""
@@ -236,7 +238,7 @@ class FuseExport(BlockExport):
             return
         host_fd, _ = self._passthrough_source()
         try:
-            fd = _reopen(host_fd, self.writable, self.writethrough)
+            fd = _reopen(host_fd, self.writable)
         except OSError as e:
             return self._passthrough_failed(mode, f"cannot reopen the image: {e.strerror}")
         try:
@@ -307,12 +309,9 @@ class FuseExport(BlockExport):
         }
 
 
-def _reopen(fd: int | None, writable: bool, writethrough: bool) -> int:
-    """A descriptor of our own on the node's file, for the kernel to use
-    (writethrough: every write the kernel passes through is O_DSYNC)."""
+def _reopen(fd: int | None, writable: bool) -> int:
+    """A descriptor of our own on the node's file, for the kernel to use."""
     if fd is None:
         raise OSError(errno.EBADF, "no descriptor")
     flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
-    if writethrough:
-        flags |= os.O_DSYNC
     return os.open(f"/proc/self/fd/{fd}", flags)
