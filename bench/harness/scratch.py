@@ -20,6 +20,7 @@ from .mounts import force_unmount, mounts_under
 
 SCRATCH_ROOT = Path("/dev/shm")
 PREFIX = "exportd-bench-"
+STALE_AFTER_S = 30.0
 
 
 def _pid_alive(pid: int) -> bool:
@@ -94,6 +95,13 @@ def sweep_stale(root: Path = SCRATCH_ROOT) -> list[Path]:
         except ValueError:
             continue
         if owner == os.getpid() or _pid_alive(owner):
+            continue
+        try:
+            # A run in another pid namespace would look dead: leave any
+            # directory that was written to recently.
+            if time.time() - d.stat().st_mtime < STALE_AFTER_S:
+                continue
+        except OSError:
             continue
         pid_file = d / "pids.txt"
         if pid_file.exists():
