@@ -167,6 +167,7 @@ class Schema:
         """Check a command's arguments; raise QMPError with QEMU's text if wrong."""
         if command not in self.commands:
             return args
+        _check_depth(args)
         errors = list(self.validator("commands", command).iter_errors(args))
         if errors:
             raise QMPError(self.describe(errors))
@@ -303,6 +304,27 @@ class Schema:
         from exportd.monitor.introspect import build
 
         return build(self, commands, events)
+
+
+# Real arguments nest a few levels (a qcow2 over a file, a backing chain);
+# validation time grows faster than linearly with depth, and it runs on the
+# loop, so absurd nesting is refused before it is looked at.
+MAX_ARGUMENT_DEPTH = 64
+
+
+def _check_depth(args: Any) -> None:
+    stack: list[tuple[Any, list[str | int]]] = [(args, [])]
+    while stack:
+        value, path = stack.pop()
+        if len(path) > MAX_ARGUMENT_DEPTH:
+            raise QMPError(
+                f"Parameter '{param_name(path[:MAX_ARGUMENT_DEPTH])}' nests deeper than "
+                f"{MAX_ARGUMENT_DEPTH} levels"
+            )
+        if isinstance(value, dict):
+            stack.extend((v, [*path, k]) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((v, [*path, i]) for i, v in enumerate(value))
 
 
 def _range_text(qtype: str, schema: dict[str, Any]) -> str:

@@ -231,3 +231,15 @@ def test_check_returns(s):
     s.check_returns("query-version", {"qemu": {"major": 9, "minor": 2, "micro": 0}, "package": "exportd 0"})
     with pytest.raises(QMPError):
         s.check_returns("query-version", {"qemu": {"major": 9}, "package": "x"})
+
+
+def test_absurd_nesting_is_refused_quickly(s):
+    node: dict = {"driver": "null-co"}
+    for _ in range(200):
+        node = {"driver": "raw", "file": node}
+    text = err(s, "blockdev-add", node)
+    assert text.startswith("Parameter 'file.file.") and text.endswith("nests deeper than 64 levels")
+    ok: dict = {"driver": "null-co"}
+    for _ in range(10):
+        ok = {"driver": "raw", "file": ok}
+    s.validate("blockdev-add", ok)
