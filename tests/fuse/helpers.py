@@ -62,3 +62,20 @@ def pattern(n: int, seed: int = 0) -> bytes:
 
 def dump(obj: Any) -> str:
     return json.dumps(obj)
+
+
+def start_toy(target: str, *extra: str) -> subprocess.Popen[str]:
+    """Start `python -m exportd.fuse.toy` and wait until it serves."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "exportd.fuse.toy", target, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline() if proc.stdout else ""
+    if line.strip() != "ready":
+        proc.kill()
+        raise AssertionError(
+            f"toy server did not start: {line} {proc.stderr.read() if proc.stderr else ''}"
+        )
+    return proc

@@ -20,7 +20,7 @@ from exportd.fuse.session import BUFFER_SIZE, FuseSession, PassthroughUnavailabl
 from exportd.fuse.toy import FileFS, MemoryFS
 
 from .conftest import serving
-from .helpers import child, command, pattern
+from .helpers import child, command, pattern, start_toy
 
 
 async def test_twenty_sessions_on_one_loop(workdir):
@@ -184,24 +184,8 @@ async def test_mount_errors_are_clear(workdir):
         await FuseSession.start(MemoryFS(1), str(workdir / "missing"), fsname="exportd:missing")
 
 
-def _start_toy(target: str, *extra: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "exportd.fuse.toy", target, *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    line = proc.stdout.readline() if proc.stdout else ""
-    if line.strip() != "ready":
-        proc.kill()
-        raise AssertionError(
-            f"toy server did not start: {line} {proc.stderr.read() if proc.stderr else ''}"
-        )
-    return proc
-
-
 def test_killed_daemon_leaves_a_stale_mount_that_is_found_and_cleaned(target):
-    proc = _start_toy(target, "--fill", "--size", "65536", "--fsname", "exportd:crashy", "--uvloop")
+    proc = start_toy(target, "--fill", "--size", "65536", "--fsname", "exportd:crashy", "--uvloop")
     try:
         with open(target, "rb") as f:  # served by the other process: fine here
             assert f.read(4) == bytes(range(4))  # toy --fill pattern
@@ -215,7 +199,7 @@ def test_killed_daemon_leaves_a_stale_mount_that_is_found_and_cleaned(target):
         assert not fuse_mount.exportd_mounts(target)
         assert os.stat(target).st_size == 0  # the file underneath is back
         # ... and a new daemon can mount there again.
-        proc = _start_toy(target, "--fill", "--size", "4096", "--fsname", "exportd:again")
+        proc = start_toy(target, "--fill", "--size", "4096", "--fsname", "exportd:again")
         with open(target, "rb") as f:
             assert f.read(3) == bytes(range(3))
     finally:
@@ -226,7 +210,7 @@ def test_killed_daemon_leaves_a_stale_mount_that_is_found_and_cleaned(target):
 
 
 def test_reader_blocked_in_a_killed_daemon_gets_an_error(target):
-    proc = _start_toy(target, "--direct-io", "--hang-reads", "--fsname", "exportd:stuck")
+    proc = start_toy(target, "--direct-io", "--hang-reads", "--fsname", "exportd:stuck")
     reader = None
     try:
         reader = subprocess.Popen(
@@ -296,7 +280,7 @@ except OSError as e:
 
 
 def test_live_mounts_are_not_taken_for_stale(target):
-    proc = _start_toy(target, "--size", "4096", "--fsname", "exportd:alive")
+    proc = start_toy(target, "--size", "4096", "--fsname", "exportd:alive")
     try:
         assert fuse_mount.find_stale_mounts([target]) == []
         assert fuse_mount.clean_stale_mounts([target]) == []
