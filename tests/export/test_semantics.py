@@ -350,3 +350,24 @@ async def test_cp_and_qemu_img_compare(exportd: Exportd, workdir: Path) -> None:
     assert copy.read_bytes() == img.read_bytes()
     r = await arun(["qemu-img", "compare", "-U", "-f", "raw", "-F", "raw", str(mnt), str(img)])
     assert r.returncode == 0 and "Images are identical." in r.stdout, r.stdout + r.stderr
+
+
+async def test_size_current_across_exports_of_one_node(exportd: Exportd, workdir: Path) -> None:
+    img, mnt, _ = await export_image(exportd, workdir, writable=True)
+    ro = workdir / "ro.raw"
+    ro.touch()
+    await exportd.add_export("exp-ro", "file0", ro)
+    assert (await athread(os.stat, ro)).st_size == SIZE
+    r = await arun(["truncate", "-s", str(SIZE * 3), str(mnt)])
+    assert r.returncode == 0, r.stderr
+    # no waiting for an attribute cache to expire
+    assert (await athread(os.stat, ro)).st_size == SIZE * 3
+
+    def seek_end() -> int:
+        fd = os.open(ro, os.O_RDONLY)
+        try:
+            return os.lseek(fd, 0, os.SEEK_END)
+        finally:
+            os.close(fd)
+
+    assert await athread(seek_end) == SIZE * 3

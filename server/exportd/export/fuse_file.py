@@ -151,8 +151,18 @@ class ExportedFile(SingleFileFS):
             ctime_ns=now,
             blocks=blocks,
             blksize=max(1, self.node.request_alignment),
-            valid_s=1.0,
+            valid_s=self._attr_validity(),
         )
+
+    def _attr_validity(self) -> float:
+        """How long the kernel may cache the size: QEMU's one second, unless
+        someone else may resize or write the node (another export, a parent
+        node), so that the size this mount shows is always the current one."""
+        mine = self.export.node_user
+        for user in self.node.users:
+            if user is not mine and user.perm & (Perm.WRITE | Perm.RESIZE):
+                return 0.0
+        return 1.0
 
     async def setattr(self, changes: SetAttr) -> Attr:
         with self.export.request():
