@@ -25,11 +25,16 @@ def _get_u64(path: Path, off: int) -> int:
         return struct.unpack(">Q", f.read(8))[0]
 
 
-async def test_refuses_encryption(graph, tmp_path: Path) -> None:
+@pytest.mark.parametrize("method,name", [(1, "AES"), (2, "LUKS")])
+async def test_refuses_encryption(graph, tmp_path: Path, method: int, name: str) -> None:
+    # crypt_method set in a plain image (qemu-img's LUKS creation benchmarks the
+    # CPU and fails on a busy machine); the driver refuses on the field alone
     img = tmp_path / "enc.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=s0,data=pw",
-        "-o", "encrypt.format=luks,encrypt.key-secret=s0", str(img), "1M")
-    with pytest.raises(BlockError, match="encryption"):
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(img), "1M")
+    with open(img, "r+b") as f:
+        f.seek(32)
+        f.write(struct.pack(">I", method))
+    with pytest.raises(BlockError, match=f"encryption \\({name}\\)"):
         await open_qcow2(graph, img)
     assert "q" not in graph and not graph.nodes()  # the file child was released too
 

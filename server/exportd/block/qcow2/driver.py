@@ -390,6 +390,15 @@ class Qcow2Node(BlockNode):
                 return bytes(length)
             head = await self.read(offset, size - offset)
             return bytes(head) + bytes(offset + length - size)
+        if (offset ^ (offset + length - 1)) >> self.cluster_bits == 0:
+            # hot path: one cluster, standard data, L2 table cached
+            l1i = offset >> self.l1_shift
+            t = self.l2cache.tables.get(self.l1[l1i] & OFFSET_MASK)
+            if t is not None:
+                e = t.entries[(offset >> self.cluster_bits) & self.l2_mask]
+                h = e & OFFSET_MASK
+                if h and not e & (COMPRESSED | ZERO | L2_RESERVED) and not h & self.cmask:
+                    return await self.pread(h + (offset & self.cmask), length)
         exts = await self._extents(offset, length)
         if len(exts) == 1 and exts[0][0] == K_DATA:
             return await self.pread(exts[0][3], length)
@@ -456,6 +465,18 @@ class Qcow2Node(BlockNode):
         self._check_write(offset, n)
         if not n:
             return
+        if (offset ^ (offset + n - 1)) >> self.cluster_bits == 0 and not fua:
+            # hot path: one cluster that is ours alone (COPIED), L2 table cached
+            l1e = self.l1[offset >> self.l1_shift]
+            if l1e & COPIED:
+                t = self.l2cache.tables.get(l1e & OFFSET_MASK)
+                if t is not None:
+                    e = t.entries[(offset >> self.cluster_bits) & self.l2_mask]
+                    h = e & OFFSET_MASK
+                    if e & (COPIED | COMPRESSED | ZERO | L2_RESERVED) == COPIED and h \
+                            and not h & self.cmask and h < self.file_end:
+                        await self.file.write(h + (offset & self.cmask), data)
+                        return
         runs = await self._inplace_runs(offset, n)
         if runs is not None:
             mv = memoryview(data).cast("B") if not isinstance(data, bytes) else data
@@ -627,8 +648,10 @@ class Qcow2Node(BlockNode):
             return
         if offset < a:
             await self._write_zero_bytes(offset, a)
+        # as QEMU: unmapping on write-zeroes needs discard=unmap on the node
+        unmap = may_unmap and self._discard_unmap
         async with self._lock:
-            await self._set_clusters(a, b, "zero-unmap" if may_unmap else "zero")
+            await self._set_clusters(a, b, "zero-unmap" if unmap else "zero")
             await self._relieve_cache()
         if end > b:
             await self._write_zero_bytes(b, end)
