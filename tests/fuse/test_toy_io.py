@@ -433,3 +433,35 @@ async def test_large_writes_in_flight_keep_their_buffers(target):
     assert fs.largest == 1 << 20  # 1 MiB requests (max_pages) reached the handler whole
     for j in range(16):
         assert bytes(fs.data[j << 20 : (j + 1) << 20]) == pattern(1 << 20, j), j
+
+
+class MisbehavingFS(MemoryFS):
+    """Breaks the contract in ways a buggy export could."""
+
+    def read(self, fh, offset, size):  # not a coroutine
+        return b"oops"
+
+    async def statfs(self):
+        return None  # not a StatFs
+
+
+async def test_contract_violations_become_eio_not_hangs(target, caplog):
+    fs = MisbehavingFS(4096, direct_io=True)
+    async with serving(fs, target) as session:
+        res = await child(
+            """
+            r = []
+            fd = os.open(sys.argv[1], os.O_RDWR)
+            for call in (lambda: os.pread(fd, 4, 0), lambda: os.statvfs(sys.argv[1])):
+                try:
+                    call(); r.append(0)
+                except OSError as e:
+                    r.append(e.errno)
+            r.append(os.pwrite(fd, b"ok", 0))
+            out(r)
+            """,
+            target,
+        )
+        assert res == [errno.EIO, errno.EIO, 2]
+        assert caplog.text.count("request handler failed") == 2
+        assert not session.closed.done()

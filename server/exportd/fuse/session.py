@@ -409,6 +409,11 @@ class FuseSession:
             log.warning("%s: bad request: %s", self.mountpoint, e)
             self._reply_error(unique, errno.EINVAL)
             return False
+        except Exception:
+            # A bug here must not leave the caller waiting for an answer.
+            log.exception("%s: %s request failed", self.mountpoint, abi.opcode_name(opcode))
+            self._reply_error(unique, errno.EIO)
+            return False
 
     def _run(
         self,
