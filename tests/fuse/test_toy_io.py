@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import signal
 import stat
 
 import pytest
@@ -465,3 +466,72 @@ async def test_contract_violations_become_eio_not_hangs(target, caplog):
         assert res == [errno.EIO, errno.EIO, 2]
         assert caplog.text.count("request handler failed") == 2
         assert not session.closed.done()
+
+
+class ThreadedWriteFS(MemoryFS):
+    """Large writes copied in a worker thread, as a disk-backed node would."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.hang_writes = False
+
+    async def write(self, fh, offset, data):
+        if self.hang_writes:
+            self.hung.set()
+            await asyncio.get_running_loop().create_future()
+        return await asyncio.to_thread(self._write_now, offset, bytes(data))
+
+    def _write_now(self, offset, data):
+        self.data[offset : offset + len(data)] = data
+        return len(data)
+
+
+async def test_interrupted_large_write_does_not_recycle_its_buffer(target):
+    fs = ThreadedWriteFS(4 << 20, direct_io=True)
+    async with serving(fs, target) as session:
+        from exportd.fuse.buffers import pool_for
+        from exportd.fuse.session import BUFFER_SIZE
+
+        pool = pool_for(asyncio.get_running_loop(), BUFFER_SIZE)
+        fs.hang_writes = True
+        writer = asyncio.create_task(
+            child(
+                """
+                import signal
+                signal.signal(signal.SIGUSR1, lambda *a: None)
+                libc.pwrite.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_long]
+                libc.pwrite.restype = ctypes.c_ssize_t
+                fd = os.open(sys.argv[1], os.O_WRONLY)
+                m = mmap.mmap(-1, 1 << 20)
+                buf = (ctypes.c_char * (1 << 20)).from_buffer(m)
+                n = libc.pwrite(fd, buf, 1 << 20, 0)
+                out([n, ctypes.get_errno()])
+                """,
+                target,
+                timeout=30,
+            )
+        )
+        await asyncio.wait_for(fs.hung.wait(), 20)
+        allocated = pool.allocated
+        assert allocated >= 2  # the read loop moved on to another buffer
+        pid = next(int(p) for p in os.listdir("/proc") if p.isdigit() and _is_writer(p, target))
+        os.kill(pid, signal.SIGUSR1)
+        assert await writer == [-1, errno.EINTR]
+        assert pool.allocated == allocated - 1  # dropped, not returned for reuse
+        fs.hang_writes = False
+        assert (
+            await child(
+                "out(os.pwrite(os.open(sys.argv[1], os.O_WRONLY), b'x' * 300000, 0))", target
+            )
+            == 300000
+        )
+        assert session.count("INTERRUPT") == 1
+
+
+def _is_writer(pid: str, target: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read()
+    except OSError:
+        return False
+    return b"libc.pwrite" in cmd and target.encode() in cmd

@@ -44,6 +44,11 @@ class BufferPool:
             except BufferError:
                 pass  # a handler still holds a view; the GC unmaps it later
 
+    def discard(self, buf: memoryview) -> None:
+        """Forget a buffer someone may still be reading (it is freed with the
+        last reference to it, never reused)."""
+        self.allocated -= 1
+
     @property
     def free(self) -> int:
         return len(self._free)

@@ -456,10 +456,14 @@ class FuseSession:
         arg: int,
         buf: memoryview | None,
     ) -> None:
+        reuse = True
         try:
             result = await work
             payload = result if encode is None else encode(result, arg)
         except BaseException as exc:  # noqa: B036
+            # A cancelled handler may have left work behind (a thread still
+            # copying from `buf`): never hand that buffer to another request.
+            reuse = not isinstance(exc, asyncio.CancelledError)
             if self._fd >= 0:
                 self._reply_exception(unique, exc)
         else:
@@ -468,7 +472,10 @@ class FuseSession:
         finally:
             self._inflight.pop(unique, None)
             if buf is not None:
-                self._pool.release(buf)
+                if reuse:
+                    self._pool.release(buf)
+                else:
+                    self._pool.discard(buf)
 
     # --- replies -----------------------------------------------------------------
 
