@@ -112,3 +112,34 @@ def test_create_refuses(tmp_path: Path, kwargs: dict, msg: str) -> None:
     args.update(kwargs)
     with pytest.raises(BlockError, match=msg):
         create_image(str(tmp_path / "x.img"), **args)
+
+
+@pytest.mark.parametrize("prealloc", ["off", "metadata", "full"])
+async def test_create_on_node(tmp_path: Path, prealloc: str) -> None:
+    """The blockdev-create path: format an opened file node."""
+    from exportd.block.create import create_qcow2_on_node
+
+    base = tmp_path / "b.qcow2"
+    create_image(str(base), MiB)
+    img = tmp_path / "n.qcow2"
+    img.write_bytes(b"junk" * 100000)  # formatting replaces old contents
+    g = BlockGraph(None)
+    try:
+        f = await g.add({"driver": "file", "node-name": "f", "filename": str(img)})
+        if prealloc == "off":
+            await create_qcow2_on_node(f, 3 * MiB, cluster_size=4096, backing_file="b.qcow2",
+                                       refcount_bits=8)
+        else:
+            await create_qcow2_on_node(f, 3 * MiB, cluster_size=4096, version="v2",
+                                       preallocation=prealloc)
+    finally:
+        await g.close_all()
+    check_clean(img)
+    i = info(img)
+    assert i["virtual-size"] == 3 * MiB and i["cluster-size"] == 4096
+    if prealloc == "off":
+        assert i["backing-filename"] == "b.qcow2" and i["backing-filename-format"] == "qcow2"
+        assert i["format-specific"]["data"]["refcount-bits"] == 8
+    else:
+        assert i["format-specific"]["data"]["compat"] == "0.10"
+    assert to_raw(img, tmp_path / "n.raw") == bytes(3 * MiB)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 from array import array
+from dataclasses import dataclass
 
+from exportd.block.node import BlockNode, Prealloc
 from exportd.block.qcow2 import header as hdr
 from exportd.block.qcow2 import refcount_codec
 from exportd.block.qcow2.l2cache import encode_table
@@ -79,8 +81,8 @@ def _create_raw(path: str, size: int, prealloc: str) -> None:
         os.close(fd)
 
 
-def _probe_backing(path: str, backing: str) -> str:
-    full = backing if os.path.isabs(backing) else os.path.join(os.path.dirname(os.path.abspath(path)), backing)
+def _probe_backing(base_dir: str, backing: str) -> str:
+    full = backing if os.path.isabs(backing) else os.path.join(base_dir, backing)
     try:
         with open(full, "rb") as f:
             return "qcow2" if f.read(4) == hdr.MAGIC else "raw"
@@ -91,6 +93,38 @@ def _probe_backing(path: str, backing: str) -> str:
 def _create_qcow2(path: str, size: int, cluster_size: int | None, backing: str | None,
                   backing_fmt: str | None, prealloc: str, refcount_bits: int, compat: str,
                   lazy_refcounts: bool, compression_type: str) -> None:
+    lay = qcow2_layout(size, cluster_size, backing, backing_fmt, prealloc, refcount_bits, compat,
+                       lazy_refcounts, compression_type,
+                       base_dir=os.path.dirname(os.path.abspath(path)))
+    fd = _open_new(path)
+    try:
+        for off, data in lay.writes:
+            os.pwrite(fd, data, off)
+        os.ftruncate(fd, lay.end)
+        _fill(fd, lay.data_start, lay.end, prealloc)
+        os.fsync(fd)
+    except OSError as e:
+        raise BlockError(f"Could not create '{path}': {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Qcow2Layout:
+    writes: list[tuple[int, bytes]]  # metadata: (file offset, bytes)
+    end: int  # file length
+    data_start: int  # preallocated data clusters: [data_start, end)
+
+
+def qcow2_layout(size: int, cluster_size: int | None = None, backing: str | None = None,
+                 backing_fmt: str | None = None, prealloc: str = "off", refcount_bits: int = 16,
+                 compat: str = "1.1", lazy_refcounts: bool = False,
+                 compression_type: str = "zlib", *, base_dir: str = ".") -> Qcow2Layout:
+    """Validate the options and compute a new qcow2 image's metadata."""
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise BlockError("Image size must be a non-negative integer")
+    if prealloc not in PREALLOC_MODES:
+        raise BlockError(f"Parameter 'preallocation' does not accept value '{prealloc}'")
     cs = 65536 if cluster_size is None else cluster_size
     if not isinstance(cs, int) or cs < 512 or cs > 2 * 1024 * 1024 or cs & (cs - 1):
         raise BlockError("Cluster size must be a power of two between 512 and 2048k")
@@ -120,7 +154,7 @@ def _create_qcow2(path: str, size: int, cluster_size: int | None, backing: str |
         if len(backing.encode()) > hdr.MAX_BACKING_NAME:
             raise BlockError("Backing file name too long")
         if backing_fmt is None:
-            backing_fmt = _probe_backing(path, backing)
+            backing_fmt = _probe_backing(base_dir, backing)
     elif backing_fmt is not None:
         raise BlockError("Backing format cannot be used without backing file")
 
@@ -199,21 +233,33 @@ def _create_qcow2(path: str, size: int, cluster_size: int | None, backing: str |
                     ents[j] = (data_off + g * cs) | COPIED
             l2_data += encode_table(ents)
 
-    fd = _open_new(path)
-    try:
-        os.pwrite(fd, head, 0)
-        os.pwrite(fd, encode_table(table), rt_off)
-        os.pwrite(fd, bytes(blocks), rb_off)
-        if l1_size:
-            l1b = encode_table(l1)
-            os.pwrite(fd, l1b + bytes(l1_clusters * cs - len(l1b)), l1_off)
-        if l2_data:
-            os.pwrite(fd, bytes(l2_data), l2_off)
-        end = data_off + data_clusters * cs
-        os.ftruncate(fd, max(end, meta_clusters * cs))
-        _fill(fd, data_off, end, prealloc)
-        os.fsync(fd)
-    except OSError as e:
-        raise BlockError(f"Could not create '{path}': {e.strerror}") from None
-    finally:
-        os.close(fd)
+    writes = [(0, head), (rt_off, encode_table(table)), (rb_off, bytes(blocks))]
+    if l1_size:
+        l1b = encode_table(l1)
+        writes.append((l1_off, l1b + bytes(l1_clusters * cs - len(l1b))))
+    if l2_data:
+        writes.append((l2_off, bytes(l2_data)))
+    end = max(data_off + data_clusters * cs, meta_clusters * cs)
+    return Qcow2Layout(writes, end, data_off)
+
+
+async def create_qcow2_on_node(node: BlockNode, size: int, *, cluster_size: int | None = None,
+                               version: str = "v3", backing_file: str | None = None,
+                               backing_fmt: str | None = None, preallocation: str = "off",
+                               lazy_refcounts: bool = False, refcount_bits: int = 16,
+                               compression_type: str = "zlib") -> None:
+    """Format an opened, writable node (QMP blockdev-create driver=qcow2: the
+    caller attaches to `node` with WRITE and RESIZE first)."""
+    base = os.path.dirname(node.filename()) or "."
+    compat = {"v2": "0.10", "v3": "1.1"}.get(version)
+    if compat is None:
+        raise BlockError(f"Parameter 'version' does not accept value '{version}'")
+    lay = qcow2_layout(size, cluster_size, backing_file, backing_fmt, preallocation, refcount_bits,
+                       compat, lazy_refcounts, compression_type, base_dir=base)
+    await node.truncate(0)
+    mode = Prealloc(preallocation) if preallocation in ("falloc", "full") else Prealloc.OFF
+    await node.truncate(lay.data_start)
+    await node.truncate(lay.end, prealloc=mode)
+    for off, data in lay.writes:
+        await node.write(off, data)
+    await node.flush()

@@ -442,7 +442,7 @@ class Qcow2Node(BlockNode):
         cs = self.cs
         if e & COMPRESSED:
             return await self._decompressed(e)
-        if e & ZERO and self.version >= 3:
+        if e & ZERO:
             return bytes(cs)
         h = e & OFFSET_MASK
         if h:
