@@ -89,11 +89,12 @@ class FuseExport(BlockExport):
         self.mount_dev = self._find_mount_dev()
 
     async def _claim_mountpoint(self) -> None:
+        """Check the mountpoint and reserve it in the export table. One worker
+        thread computes the canonical path and stats the path (a stat that
+        reaches one of our own mounts is answered by this loop meanwhile);
+        the loop thread itself only reads the table and /proc/self/mountinfo."""
         path = self.mountpoint
-        try:
-            canonical = await mp.in_thread(lambda: mp.canonical_path(path))
-        except OSError as e:
-            raise QMPError(f"Failed to stat '{path}': {os.strerror(e.errno or errno.EIO)}") from None
+        canonical, st = await self._probe(path)
         table = self.table
         holder = table.mountpoints.get(canonical)
         if holder is not None and holder.shutting_down:
@@ -103,20 +104,32 @@ class FuseExport(BlockExport):
             except TimeoutError:
                 pass
             holder = table.mountpoints.get(canonical)
+            if holder is None:
+                canonical, st = await self._probe(path)  # what is there now
         if holder is not None:
             raise QMPError(f"There already is a FUSE export on '{path}'")
         entries = mp.mounts_at(canonical)
-        if entries and mp.is_fuse(entries[-1]) and entries[-1].dev in self._our_devs():
+        top = entries[-1] if entries and mp.is_fuse(entries[-1]) else None
+        if top is not None and top.dev in self._our_devs():
             raise QMPError(f"There already is a FUSE export on '{path}'")
         table.mountpoints[canonical] = self  # reserved from here on
         self.canonical = canonical
         try:
-            if entries and mp.is_fuse(entries[-1]):
+            if top is not None and isinstance(st, OSError) and st.errno in mp.DEAD_MOUNT_ERRNOS:
+                # a dead exportd mount left by a killed daemon: clean, look again
                 await self._clean_stale(canonical)
-            await mp.check_regular_file(path)
+                canonical, st = await self._probe(path)
+            mp.check_regular_file_stat(path, st)
         except BaseException:
-            table.mountpoints.pop(canonical, None)
+            table.mountpoints.pop(self.canonical, None)
             raise
+
+    @staticmethod
+    async def _probe(path: str) -> tuple[str, os.stat_result | OSError]:
+        try:
+            return await mp.in_thread(lambda: mp.probe_path(path))
+        except OSError as e:  # the worker thread timed out: a hung mount
+            raise QMPError(f"Failed to stat '{path}': {os.strerror(e.errno or errno.EIO)}") from None
 
     def _our_devs(self) -> set[tuple[int, int]]:
         return {
@@ -141,6 +154,10 @@ class FuseExport(BlockExport):
             log.info("export %s: removed stale mount(s) on %s", self.id, canonical)
 
     def _find_mount_dev(self) -> tuple[int, int] | None:
+        # FUSE superblocks are anonymous devices: major 0, minor = connection
+        connection = getattr(self.session, "connection", None)
+        if connection is not None:
+            return (0, connection)
         entries = [e for e in mp.mounts_at(self.canonical) if mp.is_fuse(e)]
         return entries[-1].dev if entries else None
 

@@ -135,12 +135,33 @@ def is_fuse(entry: MountEntry) -> bool:
     return entry.fstype == "fuse" or entry.fstype.startswith("fuse.")
 
 
+# what stat says on a FUSE mount whose server is gone
+DEAD_MOUNT_ERRNOS = frozenset({errno.ENOTCONN, errno.ECONNABORTED})
+
+
+def probe_path(path: str) -> tuple[str, os.stat_result | OSError]:
+    """Blocking (run through in_thread): the canonical path, and what stat()
+    says about the path (its result or its error)."""
+    canonical = canonical_path(path)
+    try:
+        return canonical, os.stat(path)
+    except OSError as e:
+        return canonical, e
+
+
+def check_regular_file_stat(path: str, st: os.stat_result | OSError) -> None:
+    """QEMU's is_regular_file() on a stat result, with its error texts."""
+    if isinstance(st, OSError):
+        code = st.errno or errno.EIO
+        raise QMPError(f"Failed to stat '{path}': {os.strerror(code)}")
+    if not stat.S_ISREG(st.st_mode):
+        raise QMPError(f"'{path}' is not a regular file")
+
+
 async def check_regular_file(path: str) -> None:
     """QEMU's is_regular_file(), with its error texts, off the loop thread."""
     try:
-        st = await in_thread(lambda: os.stat(path))
+        st: os.stat_result | OSError = await in_thread(lambda: os.stat(path))
     except OSError as e:
-        code = e.errno or errno.EIO
-        raise QMPError(f"Failed to stat '{path}': {os.strerror(code)}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise QMPError(f"'{path}' is not a regular file")
+        st = e
+    check_regular_file_stat(path, st)
