@@ -251,7 +251,10 @@ async def test_fsync_and_flush(target):
         )
         assert session.count("FSYNC") == 2
         assert session.count("FLUSH") >= 1
-        await asyncio.sleep(0.05)  # RELEASE is sent asynchronously after close
+        for _ in range(500):  # RELEASE is sent asynchronously after close
+            if session.count("RELEASE"):
+                break
+            await asyncio.sleep(0.01)
         assert session.count("RELEASE") >= 1
 
 

@@ -63,6 +63,13 @@ WANTED_FLAGS = (
 )
 
 
+def _env_seconds_from_us(name: str) -> float:
+    try:
+        return max(0.0, float(os.environ.get(name, "0")) / 1e6)
+    except ValueError:
+        return 0.0
+
+
 class PassthroughUnavailable(OSError):
     """The kernel or our privileges refuse FUSE passthrough; serve reads ourselves."""
 
@@ -105,7 +112,7 @@ class FuseSession:
 
     # Seconds to spin on the fd after a burst before going back to epoll
     # (0 = off). Class-wide default; set per session to experiment.
-    busy_poll_s: float = float(os.environ.get("EXPORTD_FUSE_BUSY_POLL_US", "0")) / 1e6
+    busy_poll_s: float = _env_seconds_from_us("EXPORTD_FUSE_BUSY_POLL_US")
 
     def __init__(
         self,
