@@ -190,3 +190,25 @@ async def test_bitmaps_autoclear_bit_cleared_on_write_open(tmp_path: Path) -> No
     assert _get_u64(img, 88) == 0
     r = run("qemu-img", "check", str(img), check=False)
     assert r.returncode in (0, 3), r.stdout + r.stderr  # leaks of the stale bitmap at most
+
+
+async def test_query_named_block_nodes_shows_chain(graph, tmp_path: Path) -> None:
+    from exportd.block.query import named_block_nodes
+
+    base = tmp_path / "base.qcow2"
+    top = tmp_path / "top.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(base), "1M")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", str(top))
+    run("qemu-img", "snapshot", "-c", "snap1", str(top))
+    await open_qcow2(graph, top, name="top")
+    nodes = await named_block_nodes(graph.nodes())
+    top_info = next(n for n in nodes if n["node-name"] == "top")
+    assert top_info["backing_file_depth"] == 1
+    img = top_info["image"]
+    assert img["backing-filename"] == "base.qcow2"
+    assert img["full-backing-filename"] == str(base)
+    assert img["backing-filename-format"] == "qcow2"
+    assert img["backing-image"]["cluster-size"] == 4096
+    assert img["format-specific"]["data"]["compat"] == "1.1"
+    assert [s["name"] for s in img["snapshots"]] == ["snap1"]
+    assert len(nodes) == 4  # top, its file, base, its file

@@ -257,15 +257,19 @@ class Qcow2Node(BlockNode):
                 raise BlockError("qcow2: invalid backing file name in the image header")
             if name.startswith("json:"):
                 raise BlockError("qcow2: 'json:' backing file names are not supported")
-            path = name
-            if not os.path.isabs(name):
-                base = self.file.filename()
-                path = os.path.join(os.path.dirname(base), name) if base else name
+            path = self._backing_path(name)
             fmt = self.header.backing_format
             if fmt is None:
                 fmt = await asyncio.to_thread(_probe_format, path)
             ref = {"driver": fmt, "file": {"driver": "file", "filename": path}}
         await graph.open_child(ref, self, "backing", Perm.CONSISTENT_READ, Perm.ALL, read_only=True)
+
+    def _backing_path(self, name: str) -> str:
+        """A header's backing file name, relative to the image's directory (as QEMU)."""
+        if os.path.isabs(name):
+            return name
+        base = self.file.filename() if self.file is not None else ""
+        return os.path.join(os.path.dirname(base), name) if base else name
 
     @property
     def backing(self) -> BlockNode | None:
@@ -928,6 +932,7 @@ class Qcow2Node(BlockNode):
         }
         if h.backing_file:
             out["backing-filename"] = h.backing_file
+            out["full-backing-filename"] = self._backing_path(h.backing_file)
             if h.backing_format:
                 out["backing-filename-format"] = h.backing_format
         if self.snapshots:
