@@ -100,11 +100,11 @@ class Daemon:
         """Validate `args` against schema/ and run the command's handler."""
         args = {} if args is None else args
         cmd = commands.COMMANDS.get(name)
-        if cmd is None:
-            if name in self.schema.commands:
-                raise QMPError(f"Command {name} is not implemented yet")
+        if cmd is None and name not in self.schema.commands:
             raise CommandNotFound(f"The command {name} has not been found")
         self.schema.validate(name, args)
+        if cmd is None:
+            raise QMPError(f"Command {name} is not implemented yet")
         async with self.command_lock:
             return await cmd.handler(self, args)
 

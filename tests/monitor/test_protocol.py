@@ -101,7 +101,7 @@ def test_qmp_capabilities_without_arguments_member(d, raw_qmp):
         (b"{1: 2}", err("JSON parse error, key is not a string in object")),
         (b'{"a": 1,}', err("JSON parse error, expecting value")),
         (b"[1,]", err("JSON parse error, expecting value")),
-        (b'[1 2]', err("JSON parse error, expected separator in array")),
+        (b'[1 2]', err("JSON parse error, expected separator in list")),
         (b'{"a": 1 "b": 2}', err("JSON parse error, expected separator in dict")),
         (b"xyz ", err("JSON parse error, invalid keyword 'xyz'")),
         (b'"\\ud800"', err("JSON parse error, \\ud800 is not a valid Unicode character")),

@@ -74,7 +74,7 @@ def _decode_string(body: str) -> str:
             i += 2
             continue
         if esc != "u":
-            raise _SyntaxError(f"invalid escape sequence '\\{esc}' in string")
+            raise _SyntaxError("invalid escape sequence in string")
         code, i = _hex4(body, i + 2)
         if 0xD800 <= code < 0xDC00:
             # a high surrogate must be followed by \u of a low one
@@ -188,7 +188,7 @@ class _Parser:
                 elif kind == "]":
                     self._close()
                 else:
-                    raise _SyntaxError("expected separator in array")
+                    raise _SyntaxError("expected separator in list")
 
     def _top(self, kind: str, value: Any) -> None:
         if kind == _VALUE:

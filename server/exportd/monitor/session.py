@@ -140,6 +140,7 @@ class Session:
             if not self.negotiated and name != "qmp_capabilities":
                 raise CommandNotFound("Expecting capabilities negotiation with 'qmp_capabilities'")
             if self.negotiated and name == "qmp_capabilities":
+                self.daemon.schema.validate(name, args)  # QEMU checks arguments first
                 raise CommandNotFound("Capabilities negotiation is already complete, command ignored")
             result = await self.daemon.execute(name, args)
             if name == "qmp_capabilities":
