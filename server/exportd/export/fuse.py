@@ -70,7 +70,6 @@ class FuseExport(BlockExport):
         self.attach_node(perm, Perm.ALL)
 
         await self._claim_mountpoint()
-        self.file = ExportedFile(self)  # mode depends on writable only; fresh per start
         use_passthrough = self._passthrough_wanted(passthrough)
 
         if allow_other == "auto":
