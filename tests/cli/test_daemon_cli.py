@@ -39,6 +39,16 @@ def test_unknown_option(exportd_bin):
     assert r.stderr.startswith("exportd: unrecognized arguments: --nbd-server")
 
 
+@pytest.mark.parametrize("path, reason", [
+    ("/nonexistent-dir/s.sock", "No such file or directory"),
+    ("/tmp/" + "x" * 120, "AF_UNIX path too long"),
+])
+def test_socket_bind_errors(exportd_bin, path, reason):
+    r = run_exportd(exportd_bin, "--socket", path)
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"exportd: Failed to bind socket to {path}: {reason}"
+
+
 def test_python_dash_m(exportd_bin):
     import sys
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import socket
@@ -51,7 +50,8 @@ def bind_unix_socket(path: str) -> socket.socket:
         sock.bind(path)
     except OSError as e:
         sock.close()
-        raise MonitorError(f"Failed to bind socket to {path}: {os.strerror(e.errno or errno.EIO)}") from e
+        reason = e.strerror or str(e)  # "AF_UNIX path too long" has no errno
+        raise MonitorError(f"Failed to bind socket to {path}: {reason}") from e
     finally:
         os.umask(old)
     sock.listen(16)
