@@ -2,6 +2,7 @@
 
     async with Client() as c:
         await c.connect("/run/exportd.sock")      # greeting + qmp_capabilities
+        # (connect(path, negotiate=False) then await c.negotiate() to do it apart)
         info = await c.execute("query-version")
         try:
             await c.execute("blockdev-del", {"node-name": "x"})
@@ -76,8 +77,12 @@ class Client:
         self.greeting = greeting
         self._task = asyncio.get_running_loop().create_task(self._read_loop())
         if negotiate:
-            await self.execute("qmp_capabilities")
+            await self.negotiate()
         return greeting
+
+    async def negotiate(self, enable: list[str] | None = None) -> None:
+        """Leave capabilities negotiation mode (events flow from then on)."""
+        await self.execute("qmp_capabilities", {"enable": enable} if enable else None)
 
     async def _read_loop(self) -> None:
         assert self._reader is not None

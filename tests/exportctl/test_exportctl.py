@@ -36,7 +36,10 @@ async def test_client_without_negotiation(module_daemon):
         with pytest.raises(QMPError) as ei:
             await c.execute("query-version")
         assert ei.value.desc == "Expecting capabilities negotiation with 'qmp_capabilities'"
-        await c.execute("qmp_capabilities")
+        with pytest.raises(QMPError) as ei:
+            await c.negotiate(["oob"])
+        assert ei.value.desc == "Capability oob not available"
+        await c.negotiate()
         assert "package" in await c.execute("query-version")
 
 
