@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import stat
 import subprocess
+import tempfile
 from collections.abc import AsyncIterator
 
 import pytest
@@ -60,3 +62,18 @@ async def serving(fs: SingleFileFS, mountpoint: str, **kw) -> AsyncIterator[Fuse
         yield session
     finally:
         await session.close()
+
+
+@pytest.fixture
+def public_target():
+    """A target file in a directory every user can traverse (tmp_path is 0700)."""
+    d = tempfile.mkdtemp(prefix="exportd-fuse-public-", dir="/tmp")
+    os.chmod(d, 0o755)
+    path = os.path.join(d, "export.img")
+    open(path, "wb").close()
+    try:
+        yield path
+    finally:
+        for mp in _leftover_mounts(d):
+            subprocess.run(["umount", "-l", mp], check=False, capture_output=True)
+        shutil.rmtree(d, ignore_errors=True)

@@ -350,3 +350,53 @@ async def test_cancelled_start_leaves_no_mount(target):
         else:
             await session.close()
         assert not fuse_mount.exportd_mounts(target), yields
+
+
+async def test_mount_options_read_only_and_allow_other(public_target):
+    target = public_target
+    fs = MemoryFS(4096)
+    fs.mode = 0o644
+    async with serving(fs, target, read_only=True, allow_other=True) as session:
+        (m,) = fuse_mount.exportd_mounts(target)
+        opts = m.options.split(",")
+        for opt in (
+            "ro",
+            "nosuid",
+            "nodev",
+            "noatime",
+            "default_permissions",
+            "allow_other",
+            "max_read=1048576",
+        ):
+            assert opt in opts, (opt, m.options)
+        res = await child(
+            """
+            r = []
+            try:
+                os.open(sys.argv[1], os.O_WRONLY)
+            except OSError as e:
+                r.append(e.errno)
+            os.setgid(65534); os.setuid(65534)      # another user: allowed by allow_other
+            r.append(len(open(sys.argv[1], "rb").read()))
+            out(r)
+            """,
+            target,
+        )
+        assert res == [errno.EROFS, 4096]
+        assert session.count("WRITE") == 0
+
+
+async def test_without_allow_other_other_users_are_refused(public_target):
+    target = public_target
+    async with serving(MemoryFS(4096), target):
+        res = await child(
+            """
+            os.setgid(65534); os.setuid(65534)
+            try:
+                os.stat(sys.argv[1]); out(0)
+            except OSError as e:
+                out(e.errno)
+            """,
+            target,
+        )
+        assert res == errno.EACCES
