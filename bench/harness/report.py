@@ -114,6 +114,23 @@ def render_markdown(record: dict) -> str:
     peers = record["peers"]
     lines = _header(record)
 
+    if record["targets"]:
+        titles = {w["key"]: w["title"] for w in record["workloads"]}
+        titles |= {k: t for k, (t, _) in CONTROL_METRICS.items()}
+        lines += ["## Targets of issue 7", "",
+                  "| peer | figure | target | this run | status |", "|---|---|---|---:|---|"]
+        for t in record["targets"]:
+            if t["value"] is None:
+                shown = ""
+            elif t["target"].startswith("<"):
+                shown = f"{t['value']:.1f} KiB"
+            else:
+                shown = f"{t['value']:.2f}x"
+            status = f"**{t['status']}**" if t["status"] == "missed" else t["status"]
+            lines.append(f"| {peers[t['peer']]['label']} | {titles[t['metric']]} | {t['target']} "
+                         f"| {shown} | {status} |")
+        lines.append("")
+
     io_peers = [name for name, p in peers.items() if p["role"] == "io"]
     if io_peers:
         lines += ["## I/O (fio, direct=1)", "",
