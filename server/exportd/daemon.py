@@ -93,9 +93,6 @@ class Daemon:
     def version_info(self) -> dict[str, Any]:
         return {"qemu": dict(QEMU_VERSION), "package": f"exportd {__version__}"}
 
-    def implemented_commands(self) -> list[str]:
-        return sorted(commands.COMMANDS)
-
     async def execute(self, name: str, args: dict[str, Any] | None = None) -> Any:
         """Validate `args` against schema/ and run the command's handler."""
         args = {} if args is None else args
