@@ -558,7 +558,9 @@ class FuseSession:
         max_stack_depth = 0
         if self.want_passthrough:
             flags |= abi.PASSTHROUGH
-            max_stack_depth = 1  # backing files live on ordinary (unstacked) filesystems
+            # 2 = FILESYSTEM_MAX_STACK_DEPTH: backing files may sit on overlayfs
+            # (container roots); nothing stacks on a single-file mount anyway.
+            max_stack_depth = 2
         flags &= init.flags
         if not flags & abi.INIT_EXT:
             flags &= 0xFFFFFFFF
