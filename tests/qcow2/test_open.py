@@ -212,3 +212,57 @@ async def test_query_named_block_nodes_shows_chain(graph, tmp_path: Path) -> Non
     assert img["format-specific"]["data"]["compat"] == "1.1"
     assert [s["name"] for s in img["snapshots"]] == ["snap1"]
     assert len(nodes) == 4  # top, its file, base, its file
+
+
+async def test_backing_loop_refused(graph, tmp_path: Path) -> None:
+    a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(a), "1M")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", a.name, "-F", "qcow2", str(b))
+    run("qemu-img", "rebase", "-u", "-b", b.name, "-F", "qcow2", str(a))  # a -> b -> a
+    with pytest.raises(BlockError, match="loop"):
+        await open_qcow2(graph, b)
+    assert not graph.nodes()
+
+
+HOSTILE = [  # (offset, struct format, value, expected message)
+    (20, ">I", 30, "cluster size"),
+    (20, ">I", 8, "cluster size"),
+    (36, ">I", 0x7FFFFFFF, "L1 table too large"),
+    (36, ">I", 0, "L1 table is too small"),
+    (40, ">Q", 0x123, "L1 table offset"),
+    (40, ">Q", 1 << 50, "outside the image"),
+    (48, ">Q", 1 << 40, "outside the image"),
+    (56, ">I", 0xFFFFFFFF, "Reference count table too large"),
+    (56, ">I", 0, "Reference count table"),
+    (60, ">I", 0xFFFFFFFF, "Too many snapshots"),
+    (60, ">I", 1000, "Snapshot table"),
+    (64, ">Q", 1 << 20, "snapshot table offset"),
+    (16, ">I", 5000, "backing file name"),
+    (8, ">Q", 1 << 30, "backing file name"),
+    (4, ">I", 4, "version"),
+    (96, ">I", 7, "64 bits"),
+    (100, ">I", 1 << 30, "header"),
+    (24, ">Q", (1 << 64) - 1, "L1 table"),
+]
+
+
+@pytest.mark.parametrize("off,fmt,value,msg", HOSTILE)
+async def test_hostile_header_fields(graph, tmp_path: Path, off: int, fmt: str, value: int, msg: str) -> None:
+    img = tmp_path / "h.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(img), "1M")
+    if off in (8, 16):  # backing name: offset beyond the first cluster, or too long
+        with open(img, "r+b") as f:
+            f.seek(8)
+            f.write(struct.pack(">QI", 200, 10))
+    if off == 64 or (off == 60 and value == 1000):
+        with open(img, "r+b") as f:
+            f.seek(60)
+            f.write(struct.pack(">I", 1))
+            f.seek(64)
+            f.write(struct.pack(">Q", 3 * 4096 if off == 60 else (1 << 20) + 8))
+    with open(img, "r+b") as f:
+        f.seek(off)
+        f.write(struct.pack(fmt, value))
+    with pytest.raises(BlockError, match=f"(?i){msg}"):
+        await open_qcow2(graph, img, **{"read-only": True})
+    assert not graph.nodes()

@@ -20,6 +20,7 @@ that dropped it is durable.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import logging
 import os
@@ -48,6 +49,10 @@ DEFAULT_L2_CACHE_MAX = 32 * 1024 * 1024
 MAX_SNAPSHOT_TABLE = 64 * 1024 * 1024
 MAX_SNAPSHOT_EXTRA = 1024
 SNAPSHOT_ENTRY = struct.Struct(">QIHHIIQII")  # 40 bytes
+
+MAX_CHAIN_DEPTH = 64
+# images whose backing chain is being opened right now, in this task (loop detection)
+_OPENING_CHAIN: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("qcow2_chain", default=())
 
 _KNOWN_OPTIONS = {
     "driver", "node-name", "read-only", "auto-read-only", "force-share", "discard", "cache",
@@ -262,7 +267,17 @@ class Qcow2Node(BlockNode):
             if fmt is None:
                 fmt = await asyncio.to_thread(_probe_format, path)
             ref = {"driver": fmt, "file": {"driver": "file", "filename": path}}
-        await graph.open_child(ref, self, "backing", Perm.CONSISTENT_READ, Perm.ALL, read_only=True)
+        me = os.path.realpath(self.file.filename() or self.node_name)
+        chain = _OPENING_CHAIN.get()
+        if me in chain:
+            raise BlockError(f"Backing file loop: '{me}' is its own backing file")
+        if len(chain) >= MAX_CHAIN_DEPTH:
+            raise BlockError(f"Backing chain deeper than {MAX_CHAIN_DEPTH} images")
+        token = _OPENING_CHAIN.set((*chain, me))
+        try:
+            await graph.open_child(ref, self, "backing", Perm.CONSISTENT_READ, Perm.ALL, read_only=True)
+        finally:
+            _OPENING_CHAIN.reset(token)
 
     def _backing_path(self, name: str) -> str:
         """A header's backing file name, relative to the image's directory (as QEMU)."""
@@ -478,7 +493,8 @@ class Qcow2Node(BlockNode):
                     e = t.entries[(offset >> self.cluster_bits) & self.l2_mask]
                     h = e & OFFSET_MASK
                     if e & (COPIED | COMPRESSED | ZERO | L2_RESERVED) == COPIED and h \
-                            and not h & self.cmask and h < self.file_end:
+                            and not h & self.cmask and h < self.file_end \
+                            and h >> self.cluster_bits not in self.meta_clusters:
                         await self.file.write(h + (offset & self.cmask), data)
                         return
         runs = await self._inplace_runs(offset, n)
@@ -516,7 +532,7 @@ class Qcow2Node(BlockNode):
                 if e & (COPIED | COMPRESSED | ZERO) != COPIED:
                     return None
                 h = e & OFFSET_MASK
-                if not h or h & mask or h >= fe:
+                if not h or h & mask or h >= fe or h >> cbits in self.meta_clusters:
                     return None  # the locked path reports the problem
                 n = min(table_end, (pos | mask) + 1) - pos
                 host = h + (pos & mask)
@@ -589,6 +605,8 @@ class Qcow2Node(BlockNode):
                 if flags == COPIED and h:
                     if h & mask or e & L2_RESERVED or h >= self.file_end:
                         raise self.corruption(f"L2 entry 0x{e:x} for guest offset 0x{pos:x} is invalid")
+                    if h >> cbits in self.meta_clusters:
+                        raise self.corruption(f"data cluster 0x{h:x} overlaps metadata")
                     writes.append((h + in_off, chunk))
                 elif flags == COPIED | ZERO and h and self.version >= 3 and not h & mask:
                     # preallocated zero cluster that is ours: fill it in place
@@ -734,6 +752,10 @@ class Qcow2Node(BlockNode):
                 await self.rc.write_table()
             if dirty_l2 or self.l1_dirty:
                 await self.fsync()
+                fixed = self._fixed_metadata()
+                for t in dirty_l2:
+                    if t.offset >> self.cluster_bits in fixed:
+                        raise self.corruption(f"L2 table at 0x{t.offset:x} overlaps other metadata")
                 for t in dirty_l2:
                     await self.pwrite(t.offset, encode_table(t.entries))
                     t.dirty = False
@@ -752,6 +774,16 @@ class Qcow2Node(BlockNode):
                         self.meta_clusters.discard(ci)
                         if self._last_comp[0] != -1:
                             self._last_comp = (-1, b"")
+
+    def _fixed_metadata(self) -> set[int]:
+        """Clusters of the header, L1, refcount table and blocks (overlap check)."""
+        h, cb = self.header, self.cluster_bits
+        out = {0}
+        out.update(range(h.l1_table_offset >> cb, (h.l1_table_offset + len(self.l1) * 8 + self.cmask) >> cb))
+        out.update(range(h.refcount_table_offset >> cb,
+                         (h.refcount_table_offset >> cb) + h.refcount_table_clusters))
+        out.update((e & OFFSET_MASK) >> cb for e in self.rc.table if e & OFFSET_MASK)
+        return out
 
     async def _relieve_cache(self) -> None:
         if self.l2cache.over_limit():
