@@ -400,3 +400,35 @@ async def test_without_allow_other_other_users_are_refused(public_target):
             target,
         )
         assert res == errno.EACCES
+
+
+async def test_passthrough_with_a_backing_file_on_overlayfs(workdir, target):
+    for sub in ("lower", "upper", "work", "merged"):
+        (workdir / sub).mkdir()
+    content = os.urandom(300_000)
+    (workdir / "lower" / "disk.raw").write_bytes(content)
+    merged = workdir / "merged"
+    await command(
+        "mount",
+        "-t",
+        "overlay",
+        "overlay",
+        "-o",
+        f"lowerdir={workdir}/lower,upperdir={workdir}/upper,workdir={workdir}/work",
+        str(merged),
+    )
+    try:
+        fs = FileFS(str(merged / "disk.raw"), read_only=True)
+        try:
+            async with serving(fs, target, passthrough=True, read_only=True) as session:
+                fs.backing_id = session.open_backing(fs.fd)  # stacked backing: depth 1 < 2
+                got = await child(
+                    "import hashlib; out(hashlib.sha256(open(sys.argv[1], 'rb').read()).hexdigest())",
+                    target,
+                )
+                assert got == hashlib.sha256(content).hexdigest()
+                assert session.count("READ") == 0
+        finally:
+            fs.close()
+    finally:
+        await command("umount", str(merged))
