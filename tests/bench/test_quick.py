@@ -9,10 +9,12 @@ reason, and that nothing is left mounted or on tmpfs afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -38,14 +40,40 @@ def _mounts_under(directory: str) -> list[str]:
     return [p for p in points if p == directory or p.startswith(directory + "/")]
 
 
+def _kill_processes_working_in(directory: str) -> None:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if directory in cmdline:
+            with contextlib.suppress(OSError):
+                os.kill(int(entry.name), signal.SIGKILL)
+
+
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
+def quick_run(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("bench-out")
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, str(RUN), "--quick", "--only", "null-co", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=170,
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    return proc, out
+    scratch = f"/dev/shm/exportd-bench-{proc.pid}"
+    try:
+        stdout, stderr = proc.communicate(timeout=170)
+        yield subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), out
+    finally:
+        # The harness cleans up after itself; this is the net for when it could not.
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        if os.path.exists(scratch):
+            _kill_processes_working_in(scratch)
+            for mount in sorted(_mounts_under(scratch), key=len, reverse=True):
+                subprocess.run(["umount", "-l", mount], capture_output=True, timeout=30)
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def test_harness_exits_cleanly(quick_run) -> None:
