@@ -266,3 +266,22 @@ async def test_hostile_header_fields(graph, tmp_path: Path, off: int, fmt: str, 
     with pytest.raises(BlockError, match=f"(?i){msg}"):
         await open_qcow2(graph, img, **{"read-only": True})
     assert not graph.nodes()
+
+
+@pytest.mark.parametrize("mode", ["metadata", "falloc", "full"])
+async def test_truncate_grow_with_preallocation(tmp_path: Path, mode: str) -> None:
+    from exportd.block.node import Prealloc
+
+    img = tmp_path / "p.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(img), "1M")
+    run("qemu-io", "-c", "write -P 3 0 1M", str(img))
+    g = BlockGraph(None)
+    try:
+        node = await open_qcow2(g, img)
+        await node.truncate(3 * MiB, prealloc=Prealloc(mode))
+    finally:
+        await g.close_all()
+    check_clean(img)
+    qmap = __import__("json").loads(run("qemu-img", "map", "--output=json", str(img)).stdout)
+    assert all(e["present"] for e in qmap)  # every cluster allocated
+    assert to_raw(img, tmp_path / "p.raw") == b"\x03" * MiB + bytes(2 * MiB)

@@ -803,8 +803,7 @@ class Qcow2Node(BlockNode):
     # ------------------------------------------------------------- truncate
     async def truncate(self, size: int, *, prealloc: Prealloc = Prealloc.OFF, exact: bool = True) -> None:
         self._check_write(0, 0)
-        if prealloc != Prealloc.OFF:
-            raise OSError(errno.ENOTSUP, f"qcow2: preallocation mode '{prealloc}' is not supported for resize")
+        prealloc = Prealloc(prealloc)
         if size < 0 or size % 512:
             raise OSError(errno.EINVAL, "qcow2: the new size must be a multiple of 512")
         async with self._lock:
@@ -812,6 +811,8 @@ class Qcow2Node(BlockNode):
             if size == old:
                 return
             if size < old:
+                if prealloc != Prealloc.OFF:
+                    raise OSError(errno.ENOTSUP, "qcow2: preallocation is only possible when growing")
                 await self._check_shrink(size, old)
             else:
                 if self.snapshots and self.version < 3:
@@ -820,6 +821,12 @@ class Qcow2Node(BlockNode):
                 await self._grow_l1(need)
                 self.header.size = size
                 await self._zero_new_area(old, size)
+                if prealloc != Prealloc.OFF:
+                    # allocate the new area (as data clusters holding zeroes)
+                    step = 1 << 20
+                    for pos in range(old, size, step):
+                        await self._write_alloc(pos, bytes(min(step, size - pos)))
+                        await self._relieve_cache()
             await self._writeback()
             await self.rc.write_blocks()
             await self.fsync()
