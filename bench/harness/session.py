@@ -82,6 +82,13 @@ def _mark_dead(peer: Peer) -> None:
     log(f"  {peer.name}: {peer.reason}")
 
 
+def _hung(peer: Peer) -> None:
+    peer.status = "failed"
+    peer.reason = "stopped answering (fio overstayed its runtime by a minute); killed"
+    peer.kill()
+    log(f"  {peer.name}: {peer.reason}")
+
+
 class BenchRun:
     def __init__(self, settings: Settings, only: list[str] | None, control: bool,
                  exportd_cmd: list[str] | None, exportd_missing_reason: str,
@@ -152,9 +159,11 @@ class BenchRun:
         for peer in active:
             try:
                 run_fio(WARMUP, peer.fio_paths(False), min(0.5, self.settings.runtime_s),
-                        scratch.file(f"fio-warmup-{peer.name}.json"), on_hang=peer.kill)
+                        scratch.file(f"fio-warmup-{peer.name}.json"),
+                        on_hang=lambda peer=peer: _hung(peer))
             except FioError as exc:  # the measured runs will show it again
                 log(f"  {peer.name}: warm-up: {exc}")
+        active = [p for p in active if p.status == "ok"]
         for w in WORKLOADS:
             self.fio_record[w.key] = {p.name: {"runs": [], "errors": []} for p in self.peers}
         total = len(WORKLOADS) * self.settings.reps * len(active)
@@ -172,11 +181,11 @@ class BenchRun:
                     output = scratch.file(f"fio-{w.key}-{peer.name}-{rep}.json")
                     try:
                         result = run_fio(w, peer.fio_paths(w.two_exports), self.settings.runtime_s,
-                                         output, on_hang=peer.kill)
+                                         output, on_hang=lambda peer=peer: _hung(peer))
                     except FioError as exc:
                         entry["errors"].append(str(exc))
                         log(f"[{done}/{total}] {w.key} #{rep + 1} {peer.name}: fio error: {exc}")
-                        if not peer.alive():
+                        if peer.status == "ok" and not peer.alive():
                             _mark_dead(peer)
                         continue
                     entry["runs"].append(result.as_dict() | {
