@@ -916,6 +916,13 @@ class Qcow2Node(BlockNode):
             b = self.backing
             if b is None:
                 st, ln = Status.ZERO, run
+                end = offset + run
+                if len(exts) == 1 and end < offset + n and not end & ((1 << self.l1_shift) - 1):
+                    # skip whole unallocated L2 ranges cheaply (big sparse images)
+                    l1, i = self.l1, end >> self.l1_shift
+                    while i < len(l1) and not l1[i] & OFFSET_MASK:
+                        i += 1
+                    ln = min(n, (i << self.l1_shift) - offset)
             else:
                 blen = b.getlength()
                 if offset >= blen:
