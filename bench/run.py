@@ -24,6 +24,7 @@ README_END = "<!-- latest-results:end -->"
 
 sys.path.insert(0, str(BENCH_DIR))
 
+from harness.peers import fio_peers  # noqa: E402
 from harness.plot import plot_ratios  # noqa: E402
 from harness.report import render_markdown  # noqa: E402
 from harness.scratch import Interrupted, raise_on_termination_signals  # noqa: E402
@@ -113,6 +114,13 @@ def main(argv: list[str]) -> int:
         write_outputs(json.loads(args.render.read_text()), args.out)
         return 0
     only = [x.strip() for x in args.only.split(",") if x.strip()] or None
+    if only:
+        known = {"control"} | {p.name for p in fio_peers()} | {p.family for p in fio_peers()}
+        unknown = [x for x in only if x not in known]
+        if unknown:
+            print(f"--only: unknown {', '.join(unknown)}; known: {', '.join(sorted(known))}",
+                  file=sys.stderr)
+            return 2
     control = not args.no_control and (only is None or "control" in only or "null-co" in only)
     exportd_cmd, missing = find_exportd(args.exportd)
     for tool in ("fio",):
