@@ -11,13 +11,14 @@ from __future__ import annotations
 import errno
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from tests.qcow2.qhelpers import MiB, run, to_raw
 
-from exportd.block import register_driver
+from exportd.block import DRIVERS
 from exportd.block.graph import BlockGraph
 from exportd.block.node import BlockNode
 
@@ -30,7 +31,6 @@ class PowerCut(Exception):
     pass
 
 
-@register_driver
 class PowerCutDevice(BlockNode):
     """A block device in memory with a volatile write cache (test fault injector)."""
 
@@ -153,8 +153,18 @@ async def _count_calls(img: Path, pristine: bytes,
         await g.close_all()
 
 
+@pytest.fixture
+def powercut_driver() -> Iterator[None]:
+    """Make the test device openable by the graph for this test only."""
+    DRIVERS[PowerCutDevice.driver] = PowerCutDevice
+    try:
+        yield
+    finally:
+        DRIVERS.pop(PowerCutDevice.driver, None)
+
+
 @pytest.mark.parametrize("setup", range(len(SETUPS)))
-async def test_power_cut_anywhere(tmp_path: Path, setup: int) -> None:
+async def test_power_cut_anywhere(tmp_path: Path, setup: int, powercut_driver: None) -> None:
     opts, extra = SETUPS[setup]
     size = 2 * MiB
     img = tmp_path / "pc.qcow2"
