@@ -199,18 +199,25 @@ class Qcow2Node(BlockNode):
         limit = min(self.file_end - h.snapshots_offset, MAX_SNAPSHOT_TABLE)
         if limit < 40:
             raise BlockError("Snapshot table offset invalid: points outside the image file")
-        buf = await self.pread(h.snapshots_offset, limit)
+        buf: bytes | bytearray | memoryview = b""
+
+        async def need(n: int) -> None:
+            """Have the first n bytes of the table in buf (read in growing pieces)."""
+            nonlocal buf
+            if n > limit:
+                raise BlockError("Snapshot table exceeds the image file or its size limit")
+            if len(buf) < n:
+                buf = await self.pread(h.snapshots_offset, min(limit, max(n, 2 * len(buf), 65536)))
+
         pos = 0
         for _ in range(h.nb_snapshots):
-            if pos + 40 > limit:
-                raise BlockError("Snapshot table exceeds the image file or its size limit")
+            await need(pos + 40)
             l1_off, l1_size, id_len, name_len, date_s, date_ns, vm_clock, vm_state, extra = \
                 SNAPSHOT_ENTRY.unpack_from(buf, pos)
             if extra > MAX_SNAPSHOT_EXTRA:
                 raise BlockError("Too much extra metadata in snapshot table entry")
             end = pos + 40 + extra + id_len + name_len
-            if end > limit:
-                raise BlockError("Snapshot table exceeds the image file or its size limit")
+            await need(end)
             p = pos + 40 + extra
             sid = bytes(buf[p : p + id_len]).decode("utf-8", "replace")
             name = bytes(buf[p + id_len : end]).decode("utf-8", "replace")
@@ -218,7 +225,7 @@ class Qcow2Node(BlockNode):
             if extra >= 16:
                 disk_size = struct.unpack_from(">Q", buf, pos + 48)[0]
             if l1_off & self.cmask or l1_size * 8 > hdr.MAX_L1_BYTES or \
-                    (l1_size and l1_off + l1_size * 8 > self.file_end):
+                    (l1_size and (l1_off == 0 or l1_off + l1_size * 8 > self.file_end)):
                 raise BlockError(f"Snapshot L1 table of '{name}' is invalid")
             self.snapshots.append({"id": sid, "name": name, "l1-offset": l1_off, "l1-size": l1_size,
                                    "date-sec": date_s, "date-nsec": date_ns, "vm-clock-nsec": vm_clock,
