@@ -280,3 +280,24 @@ def test_failed_startup_leaves_nothing(daemon, tmp_path):
     assert "exportd: " in d.stderr
     assert not os.path.exists(d.socket)
     assert not pidfile.exists()
+
+
+def test_socket_file_appears_only_when_listening(daemon):
+    """Clients that wait for the socket file and connect at once never get
+    ECONNREFUSED (the file is renamed into place after listen())."""
+    import socket as socketmod
+
+    for _ in range(8):
+        d = daemon(wait=False)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(d.socket):
+            assert d.alive, d.stderr
+            assert time.monotonic() < deadline
+            time.sleep(0.0005)
+        s = socketmod.socket(socketmod.AF_UNIX)
+        s.connect(d.socket)  # must not be refused
+        s.close()
+        assert stat.S_IMODE(os.stat(d.socket).st_mode) == 0o600
+        assert d.terminate() == 0
+    leftovers = [p for p in os.listdir(os.path.dirname(d.socket)) if p.startswith(".exportd-")]
+    assert leftovers == []

@@ -28,6 +28,8 @@ def bind_unix_socket(path: str) -> socket.socket:
     A leftover socket file from a dead daemon is replaced; one that a live
     process still answers on is not taken over.
     """
+    if len(os.fsencode(path)) > 107:  # sun_path holds 108 bytes with the NUL
+        raise MonitorError(f"Failed to bind socket to {path}: AF_UNIX path too long")
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -44,17 +46,31 @@ def bind_unix_socket(path: str) -> socket.socket:
             raise MonitorError(f"Failed to bind socket to {path}: another daemon is listening there")
         finally:
             probe.close()
+    # Bind under a temporary name and rename it into place once listening:
+    # whoever sees the socket file can connect at once.
+    directory = os.path.dirname(path) or "."
+    tmp = os.path.join(directory, f".exportd-{os.getpid()}.sock")
+    if len(os.fsencode(tmp)) > 107:
+        tmp = path  # no room for the temporary name: bind in place
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)  # the socket file is created 0600
     try:
-        sock.bind(path)
+        if tmp != path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        sock.bind(tmp)
+        sock.listen(64)
+        if tmp != path:
+            os.rename(tmp, path)
     except OSError as e:
         sock.close()
+        if tmp != path:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         reason = e.strerror or str(e)  # "AF_UNIX path too long" has no errno
         raise MonitorError(f"Failed to bind socket to {path}: {reason}") from e
     finally:
         os.umask(old)
-    sock.listen(16)
     sock.setblocking(False)
     return sock
 
