@@ -419,7 +419,7 @@ class Qcow2Node(BlockNode):
         if (offset ^ (offset + length - 1)) >> self.cluster_bits == 0:
             # hot path: one cluster, standard data, L2 table cached
             l1i = offset >> self.l1_shift
-            t = self.l2cache.tables.get(self.l1[l1i] & OFFSET_MASK)
+            t = self.l2cache.lookup(self.l1[l1i] & OFFSET_MASK)
             if t is not None:
                 e = t.entries[(offset >> self.cluster_bits) & self.l2_mask]
                 h = e & OFFSET_MASK
@@ -495,7 +495,7 @@ class Qcow2Node(BlockNode):
             # hot path: one cluster that is ours alone (COPIED), L2 table cached
             l1e = self.l1[offset >> self.l1_shift]
             if l1e & COPIED:
-                t = self.l2cache.tables.get(l1e & OFFSET_MASK)
+                t = self.l2cache.lookup(l1e & OFFSET_MASK)
                 if t is not None:
                     e = t.entries[(offset >> self.cluster_bits) & self.l2_mask]
                     h = e & OFFSET_MASK
