@@ -225,3 +225,20 @@ async def test_concurrent_writes_into_same_clusters(tmp_path: Path) -> None:
     ref = tmp_path / "c.raw"
     ref.write_bytes(model)
     run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(img), str(ref))
+
+
+async def test_discard_gives_space_back_to_the_file(tmp_path: Path) -> None:
+    img = tmp_path / "d.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(img), str(8 * MiB))
+    run("qemu-io", "-c", "write -P 0x11 0 8M", str(img))
+    used = img.stat().st_blocks * 512
+    g = BlockGraph(None)
+    try:
+        node = await open_qcow2(g, img, discard="unmap")
+        await node.discard(0, 6 * MiB)
+        await node.flush()
+    finally:
+        await g.close_all()
+    check_clean(img)
+    assert img.stat().st_blocks * 512 <= used - 5 * MiB  # clusters punched out of the file
+    assert to_raw(img, tmp_path / "d.raw") == bytes(6 * MiB) + b"\x11" * (2 * MiB)

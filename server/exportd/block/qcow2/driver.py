@@ -74,7 +74,8 @@ class Qcow2Node(BlockNode):
         self.file_end = 0
         self.corrupt = False
         self.meta_clusters: set[int] = set()
-        self.pending_free: list[tuple[int, int]] = []  # (host offset, clusters)
+        self.pending_free: list[tuple[int, int, bool]] = []  # (host offset, clusters, punch)
+        self._pass_discard = False  # punch freed guest-discarded clusters out of the file
         self.l1_dirty = False
         self._lock = asyncio.Lock()
         self._last_comp: tuple[int, bytes] = (-1, b"")
@@ -96,6 +97,8 @@ class Qcow2Node(BlockNode):
         ro = bool(options.get("read-only", False))
         node = cls(node_name, read_only=ro)
         node._discard_unmap = options.get("discard") in ("unmap", "on")
+        # QEMU's default: pass guest discards down when discard=unmap
+        node._pass_discard = bool(options.get("pass-discard-request", node._discard_unmap))
         perm = Perm.CONSISTENT_READ if ro else Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE
         shared = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
         if options.get("force-share"):
@@ -332,18 +335,19 @@ class Qcow2Node(BlockNode):
         self.corrupt = True
         return OSError(errno.EIO, f"qcow2: image corrupt: {msg}")
 
-    def defer_free(self, off: int, nclusters: int) -> None:
-        self.pending_free.append((off, nclusters))
+    def defer_free(self, off: int, nclusters: int, punch: bool = False) -> None:
+        self.pending_free.append((off, nclusters, punch))
 
-    def _free_entry(self, e: int) -> None:
+    def _free_entry(self, e: int, guest_discard: bool = False) -> None:
         """Queue the decrement of whatever host clusters L2 entry `e` references."""
+        punch = guest_discard and self._pass_discard
         if e & COMPRESSED:
             coff, csize = self._comp_range(e)
             first = coff >> self.cluster_bits
             last = (coff + csize - 1) >> self.cluster_bits
-            self.defer_free(first << self.cluster_bits, last - first + 1)
+            self.defer_free(first << self.cluster_bits, last - first + 1, punch)
         elif e & OFFSET_MASK:
-            self.defer_free(e & OFFSET_MASK, 1)
+            self.defer_free(e & OFFSET_MASK, 1, punch)
 
     # ------------------------------------------------------------- mapping
     async def _load_l2(self, off: int) -> L2Table:
@@ -742,7 +746,7 @@ class Qcow2Node(BlockNode):
                 if ne == e or (not backing and e in (0, ZERO)):
                     continue
                 if not ne & OFFSET_MASK and (e & COMPRESSED or e & OFFSET_MASK):
-                    self._free_entry(e)
+                    self._free_entry(e, guest_discard=mode != "zero")
                 ents[idx] = ne
                 changed = True
             if changed:
@@ -768,19 +772,28 @@ class Qcow2Node(BlockNode):
                     t.dirty = False
                 if self.l1_dirty:
                     await self.fsync()
-                    self.l1_dirty = False
                     await self.pwrite(self.header.l1_table_offset, encode_table(self.l1))
+                    self.l1_dirty = False
         if self.pending_free:
             await self.fsync()
             frees, self.pending_free = self.pending_free, []
             cb = self.cluster_bits
-            for off, n in frees:
+            punch: list[int] = []
+            for off, n, want_punch in frees:
                 for ci in range(off >> cb, (off >> cb) + n):
                     if await self.rc.add(ci, -1) == 0:
                         self.l2cache.drop(ci << cb)
                         self.meta_clusters.discard(ci)
                         if self._last_comp[0] != -1:
                             self._last_comp = (-1, b"")
+                        if want_punch:
+                            punch.append(ci)
+            # unreferenced on disk already: giving the space back is safe
+            for ci in sorted(set(punch)):
+                try:
+                    await self.file.discard(ci << cb, self.cs)
+                except OSError:
+                    break  # advisory
 
     def _fixed_metadata(self) -> set[int]:
         """Clusters of the header, L1, refcount table and blocks (overlap check)."""
