@@ -285,3 +285,33 @@ async def test_truncate_grow_with_preallocation(tmp_path: Path, mode: str) -> No
     qmap = __import__("json").loads(run("qemu-img", "map", "--output=json", str(img)).stdout)
     assert all(e["present"] for e in qmap)  # every cluster allocated
     assert to_raw(img, tmp_path / "p.raw") == b"\x03" * MiB + bytes(2 * MiB)
+
+
+async def test_unknown_bit_named_from_feature_table(graph, tmp_path: Path) -> None:
+    img = tmp_path / "ft.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(img), "1M")
+    data = bytearray(img.read_bytes())
+    i = data.find(b"\x00\x04extended L2 entries")  # QEMU's own table names bit 4
+    assert i > 0
+    data[i + 1] = 9  # ... now call it bit 9
+    name = b"future feature".ljust(46, b"\0")
+    data[i + 2 : i + 48] = name
+    img.write_bytes(bytes(data))
+    _set_u64(img, 72, 1 << 9)
+    with pytest.raises(BlockError, match="Unsupported qcow2 feature\\(s\\): future feature"):
+        await open_qcow2(graph, img)
+
+
+async def test_backing_as_nested_dict(graph, tmp_path: Path) -> None:
+    base = tmp_path / "nb.qcow2"
+    top = tmp_path / "nt.qcow2"
+    other = tmp_path / "other.raw"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(base), "1M")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", str(top))
+    other.write_bytes(b"\x42" * MiB)
+    node = await open_qcow2(graph, top, backing={"driver": "raw", "file": {"driver": "file",
+                                                                         "filename": str(other)}})
+    assert node.backing is not None and node.backing.driver == "raw" and node.backing.read_only
+    assert bytes(await node.read(0, 8)) == b"\x42" * 8
+    await node.write(0, b"hi")
+    assert bytes(await node.read(0, 4)) == b"hi\x42\x42"
