@@ -11,6 +11,7 @@ export while it runs (BlockExport.request()).
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
@@ -301,7 +302,11 @@ class ExportedFile(SingleFileFS):
         with self.export.request():
             if whence not in (SEEK_DATA, SEEK_HOLE):
                 raise OSError(errno.EINVAL, "bad whence")
+            rounds = 0
             while True:
+                rounds += 1
+                if rounds % 256 == 0:
+                    await asyncio.sleep(0)  # many small extents: let other requests run
                 try:
                     bs = await self.node.block_status(offset, SEEK_PROBE)
                 except OSError as e:
