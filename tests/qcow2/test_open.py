@@ -315,3 +315,29 @@ async def test_backing_as_nested_dict(graph, tmp_path: Path) -> None:
     assert bytes(await node.read(0, 8)) == b"\x42" * 8
     await node.write(0, b"hi")
     assert bytes(await node.read(0, 4)) == b"hi\x42\x42"
+
+
+async def test_corruption_found_while_writing_marks_image(tmp_path: Path) -> None:
+    img = tmp_path / "mc.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(img), "1M")
+    run("qemu-io", "-c", "write -P 1 0 8k", str(img))
+    l1_off = _get_u64(img, 40)
+    l2_off = _get_u64(img, l1_off) & 0x00FFFFFFFFFFFE00
+    _set_u64(img, l2_off, (1 << 63) | 0x1234600)  # COPIED, misaligned host offset
+    g = BlockGraph(None)
+    try:
+        node = await open_qcow2(g, img)
+        with pytest.raises(OSError, match="corrupt"):
+            await node.write(0, b"x" * 4096)
+        with pytest.raises(OSError):
+            await node.write(8192, b"y")  # no more writes once corruption was seen
+        assert bytes(await node.read(4096, 4)) == b"\x01" * 4  # intact parts stay readable
+    finally:
+        await g.close_all()
+    assert info(img)["format-specific"]["data"]["corrupt"] is True
+    g = BlockGraph(None)
+    try:
+        with pytest.raises(BlockError, match="corrupt"):
+            await open_qcow2(g, img)
+    finally:
+        await g.close_all()

@@ -81,6 +81,8 @@ class Qcow2Node(BlockNode):
         self._last_comp: tuple[int, bytes] = (-1, b"")
         self._discard_unmap = False
         self.snapshots: list[dict[str, Any]] = []
+        self._mark_task: asyncio.Task[None] | None = None
+        self.version = 3
 
     # ------------------------------------------------------------------ open
     @classmethod
@@ -301,6 +303,8 @@ class Qcow2Node(BlockNode):
         return self.children.get("backing")
 
     async def close(self) -> None:
+        if self._mark_task is not None:
+            await asyncio.gather(self._mark_task, return_exceptions=True)
         if not self.read_only and not self.corrupt and self.file is not None:
             try:
                 await self.flush()
@@ -330,10 +334,25 @@ class Qcow2Node(BlockNode):
         await self.pwrite(0, self.header.pack_fixed())
 
     def corruption(self, msg: str) -> OSError:
+        """Note corrupt metadata: no more writes; like QEMU, a writable v3 image
+        gets the corrupt bit so that it is not opened read/write until repaired."""
         if not self.corrupt:
             log.error("qcow2 %s: image corrupt: %s", self.node_name, msg)
-        self.corrupt = True
+            self.corrupt = True
+            if not self.read_only and self.version >= 3:
+                try:
+                    self._mark_task = asyncio.get_running_loop().create_task(self._mark_corrupt())
+                except RuntimeError:  # no loop (not expected)
+                    pass
         return OSError(errno.EIO, f"qcow2: image corrupt: {msg}")
+
+    async def _mark_corrupt(self) -> None:
+        self.header.incompatible_features |= hdr.INCOMPAT_CORRUPT
+        try:
+            await self.write_header()
+            await self.fsync()
+        except OSError as e:
+            log.warning("qcow2 %s: could not mark the image corrupt: %s", self.node_name, e)
 
     def defer_free(self, off: int, nclusters: int, punch: bool = False) -> None:
         self.pending_free.append((off, nclusters, punch))
