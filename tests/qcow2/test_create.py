@@ -143,3 +143,19 @@ async def test_create_on_node(tmp_path: Path, prealloc: str) -> None:
     else:
         assert i["format-specific"]["data"]["compat"] == "0.10"
     assert to_raw(img, tmp_path / "n.raw") == bytes(3 * MiB)
+
+
+async def test_create_refuses_an_image_in_use(tmp_path: Path) -> None:
+    img = tmp_path / "busy.qcow2"
+    create_image(str(img), MiB)
+    g = BlockGraph(None)
+    try:
+        node = await open_qcow2(g, img)
+        await node.write(0, b"keep")
+        with pytest.raises(BlockError, match="lock"):
+            create_image(str(img), 2 * MiB)
+    finally:
+        await g.close_all()
+    check_clean(img)
+    assert info(img)["virtual-size"] == MiB
+    assert to_raw(img, tmp_path / "busy.raw")[:4] == b"keep"

@@ -14,7 +14,8 @@ import os
 from array import array
 from dataclasses import dataclass
 
-from exportd.block.node import BlockNode, Prealloc
+from exportd.block.locking import ImageLock
+from exportd.block.node import BlockNode, Perm, Prealloc
 from exportd.block.qcow2 import header as hdr
 from exportd.block.qcow2 import refcount_codec
 from exportd.block.qcow2.l2cache import encode_table
@@ -46,10 +47,20 @@ def create_image(path: str, size: int, fmt: str = "qcow2", cluster_size: int | N
 
 
 def _open_new(path: str) -> int:
+    """Open `path` for (re)creation, emptied, holding QEMU-compatible image locks
+    (write + resize, resize not shared), so an image in use by exportd, QEMU or
+    qemu-img is refused instead of being destroyed. Closing the fd drops the locks."""
     try:
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as e:
         raise BlockError(f"Could not create '{path}': {e.strerror}") from None
+    try:
+        ImageLock(fd, path).change(Perm.WRITE | Perm.RESIZE, Perm.ALL & ~Perm.RESIZE)
+        os.ftruncate(fd, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _fill(fd: int, start: int, end: int, mode: str) -> None:
