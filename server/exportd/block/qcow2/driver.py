@@ -638,7 +638,8 @@ class Qcow2Node(BlockNode):
                     if h >> cbits in self.meta_clusters:
                         raise self.corruption(f"data cluster 0x{h:x} overlaps metadata")
                     writes.append((h + in_off, chunk))
-                elif flags == COPIED | ZERO and h and self.version >= 3 and not h & mask:
+                elif flags == COPIED | ZERO and h and self.version >= 3 and not h & mask \
+                        and h < self.file_end and h >> cbits not in self.meta_clusters:
                     # preallocated zero cluster that is ours: fill it in place
                     content = bytearray(cs)
                     content[in_off : in_off + n] = chunk
