@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import threading
 from pathlib import Path
 
 from .conftest import Exportd, arun, athread, fuse_mounts_under, make_image
@@ -147,3 +148,43 @@ async def test_export_on_the_command_line_failure(workdir: Path) -> None:
     )
     assert r.returncode == 1
     assert f"Failed to stat '{workdir / 'missing'}': No such file or directory" in r.stderr
+
+
+async def test_safe_and_hard_delete_with_a_request_in_flight(exportd: Exportd, workdir: Path) -> None:
+    d = exportd
+    # a backend that takes 30 s per request: a read stays in flight
+    await d.cmd("blockdev-add", {"driver": "null-co", "node-name": "slow", "size": 1 << 20,
+                                 "latency-ns": 30_000_000_000})
+    mnt = workdir / "slow.raw"
+    mnt.touch()
+    await d.add_export("busy", "slow", mnt)
+    opened = threading.Event()
+    tid: list[int] = []
+    outcome: list[object] = []
+
+    def reader() -> None:
+        tid.append(threading.get_native_id())
+        try:
+            with open(mnt, "rb", buffering=0) as f:
+                opened.set()
+                outcome.append(len(f.read(4096)))
+        except OSError as e:
+            outcome.append(e.errno)
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    await asyncio.to_thread(opened.wait, 10)
+    # wait until the reader sleeps in the kernel waiting for the daemon's answer
+    for _ in range(200):
+        with open(f"/proc/self/task/{tid[0]}/wchan") as w:
+            if w.read() == "request_wait_answer":
+                break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.3)  # the daemon has read it by now: a request in flight
+    assert await d.error("block-export-del", {"id": "busy"}) == "export 'busy' still in use"
+    assert [e["shutting-down"] for e in await d.exports()] == [False]
+    await d.cmd("block-export-del", {"id": "busy", "mode": "hard"})
+    assert await d.event("BLOCK_EXPORT_DELETED") == {"id": "busy"}
+    await asyncio.to_thread(thread.join, 10)
+    assert not thread.is_alive() and outcome and outcome[0] != 4096
+    assert await d.exports() == [] and fuse_mounts_under(str(workdir)) == []
