@@ -182,7 +182,8 @@ class Qcow2Node(BlockNode):
                 raise BlockError("Parameter 'l2-cache-size' expects a non-negative size")
             tables = l2_bytes // cs
         else:
-            tables = min(max(len(self.l1), 2), DEFAULT_L2_CACHE_MAX // cs)
+            tables = self._default_l2_tables()
+        self._l2_cache_sized = l2_bytes is not None
         self.l2cache = L2Cache(tables)
 
         if not self.read_only:
@@ -192,6 +193,10 @@ class Qcow2Node(BlockNode):
                 h.autoclear_features = 0
                 await self.write_header()
                 await self.fsync()
+
+    def _default_l2_tables(self) -> int:
+        """QEMU's default: enough to map the whole image, at most 32 MiB."""
+        return min(max(len(self.l1), 2), DEFAULT_L2_CACHE_MAX // self.cs)
 
     async def _load_snapshots(self) -> None:
         h = self.header
@@ -941,6 +946,8 @@ class Qcow2Node(BlockNode):
                 self.meta_clusters.difference_update(range(old_off >> cb, (old_off >> cb) + old_clusters))
                 self.defer_free(old_off, old_clusters)
         self.l1 = new_l1
+        if not self._l2_cache_sized:
+            self.l2cache.max_tables = max(self.l2cache.max_tables, self._default_l2_tables())
 
     # --------------------------------------------------------- block status
     async def block_status(self, offset: int, length: int) -> BlockStatus:
