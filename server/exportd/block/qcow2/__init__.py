@@ -1,4 +1,27 @@
-"""qcow2 format driver (see driver.py) and its parts."""
+"""qcow2 format driver (blockdev-add driver=qcow2), written from the published
+format spec (docs/interop/qcow2.txt in qemu/qemu).
+
+Modules: header.py (header, extensions, feature checks), driver.py (the node:
+mapping, reads, allocating writes, write-back order, resize, block status),
+refcount.py (+ refcount_codec.py: refcount table/blocks, allocation, table
+growth), l2cache.py (decoded L2 tables, LRU), compress.py (deflate, zstd).
+Image creation lives in exportd.block.create.
+
+Supported: versions 2 and 3; cluster sizes 512 B - 2 MiB; refcount widths
+1 - 64 bits; header extensions read and kept byte for byte; zero clusters;
+compressed clusters (zlib, zstd with the `zstandard` package); backing chains
+(header default, node name, nested dict, null); internal snapshots kept intact
+(COPIED rule, L2 and data copy-on-write); write zeroes with the zero flag;
+discard (with pass-discard-request); grow (L1 and refcount table growth, with
+preallocation) and loss-free shrink; bitmaps' auto-clear bit cleared on
+read/write open (bitmaps are not maintained).
+
+Refused with a message naming the feature: encryption, external data files,
+extended L2 entries, unknown incompatible bits; a corrupt-flagged image opens
+read-only only; a dirty (lazy refcounts, not repaired here) image opens
+read-only only. Lazy refcounts are never used for writing (refcounts are
+always kept exact), so the dirty bit is never set.
+"""
 
 from exportd.block.qcow2.driver import Qcow2Node
 
