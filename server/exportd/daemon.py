@@ -167,6 +167,9 @@ class Daemon:
         except TimeoutError:
             log.warning("a command is still running; shutting down anyway")
         try:
+            # QEMU's order (iotest 308): SHUTDOWN first, then one BLOCK_EXPORT_DELETED per export
+            if reason is not None:
+                self.emit_event("SHUTDOWN", {"guest": False, "reason": reason})
             try:
                 await self.exports.shutdown_all()
             except Exception:
@@ -175,8 +178,6 @@ class Daemon:
                 await self.graph.close_all()
             except Exception:
                 log.exception("closing the block nodes failed")
-            if reason is not None:
-                self.emit_event("SHUTDOWN", {"guest": False, "reason": reason})
             for monitor in list(self.monitors):
                 await monitor.close()
             self._remove_pidfile()
