@@ -1,13 +1,12 @@
 """A request interrupted by a signal before its handler task first runs must
 still be answered, and must not leave a reference on the export behind.
 
-Known bug, in exportd.fuse.session (not in the export): FuseSession._run
-starts a handler eagerly and, when it suspends, wraps it in a task; an
-INTERRUPT read in the same burst cancels that task before its first step, so
-FuseSession._finish never runs: no reply (the client hangs in the kernel),
-the task stays in _inflight, and the export keeps the request's reference
-(a safe block-export-del then says "still in use" for ever). qemu-img and
-fio get signals during I/O, so this shows up as rare hangs under load.
+Regression: FuseSession._run starts a handler eagerly and, when it
+suspends, wraps it in a task; an INTERRUPT read in the same burst used to
+cancel that task before its first step, so the handler never ran again: no
+reply (the client hung in the kernel) and the export kept the request's
+reference. qemu-img and fio get signals during I/O, so this showed up as rare
+hangs under load.
 """
 
 from __future__ import annotations
@@ -19,16 +18,9 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 from .test_lifecycle import Host, add
 
 
-@pytest.mark.xfail(
-    reason="FuseSession: INTERRUPT before a handler task's first step leaves the request "
-    "unanswered (exportd/fuse/session.py, _run/_finish)",
-    strict=False,
-)
 async def test_interrupt_before_handler_task_runs(workdir: Path) -> None:
     host = Host()
     previous = signal.signal(signal.SIGUSR1, lambda *_: None)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import inspect
 import logging
 import os
 import struct
@@ -82,16 +83,25 @@ class _Resume:
     coroutine stopped (cancellation and exceptions are thrown into it).
     """
 
-    __slots__ = ("_coro", "_pending")
+    __slots__ = ("_coro", "_pending", "cancel_first")
 
     def __init__(self, coro: Coroutine[Any, Any, Any], pending: Any) -> None:
         self._coro = coro
         self._pending = pending
+        # Set when the request is interrupted before its task first ran: a
+        # task cancelled before its first step never runs its coroutine at
+        # all, so the cancellation is delivered here instead.
+        self.cancel_first = False
 
     def __await__(self) -> Generator[Any, Any, Any]:
         coro = self._coro
         value = self._pending
         self._pending = None
+        if self.cancel_first:
+            try:
+                value = coro.throw(asyncio.CancelledError())
+            except StopIteration as stop:
+                return stop.value
         while True:
             try:
                 sent = yield value
@@ -105,6 +115,14 @@ class _Resume:
                     value = coro.send(sent)
                 except StopIteration as stop:
                     return stop.value
+
+
+def _cancel_request(task: asyncio.Task[None], resume: _Resume) -> None:
+    """Cancel a request's handler so that it still answers (EINTR) and cleans up."""
+    if inspect.getcoroutinestate(task.get_coro()) == inspect.CORO_CREATED:
+        resume.cancel_first = True
+    else:
+        task.cancel()
 
 
 class FuseSession:
@@ -136,7 +154,7 @@ class FuseSession:
         self._pool: BufferPool = pool_for(loop, BUFFER_SIZE)
         self._fd = -1
         self._reading = False
-        self._inflight: dict[int, asyncio.Task[None]] = {}
+        self._inflight: dict[int, tuple[asyncio.Task[None], _Resume]] = {}
         self._backing_ids: set[int] = set()
         self._counts = [0] * (abi.MAX_OPCODE + 1)
         self._other_counts: dict[int, int] = {}
@@ -244,8 +262,8 @@ class FuseSession:
         for backing_id in list(self._backing_ids):
             self._backing_close_fd(fd, backing_id)
         self._backing_ids.clear()
-        for task in list(self._inflight.values()):
-            task.cancel()
+        for task, resume in list(self._inflight.values()):
+            _cancel_request(task, resume)
         self._inflight.clear()
         if fd >= 0:
             os.close(fd)
@@ -449,10 +467,9 @@ class FuseSession:
         except BaseException as exc:  # noqa: B036 - every failure becomes an errno
             self._reply_exception(unique, exc)
             return False
-        task = self._loop.create_task(
-            self._finish(unique, _Resume(coro, pending), encode, arg, buf)
-        )
-        self._inflight[unique] = task
+        resume = _Resume(coro, pending)
+        task = self._loop.create_task(self._finish(unique, resume, encode, arg, buf))
+        self._inflight[unique] = (task, resume)
         return buf is not None
 
     async def _finish(
@@ -594,9 +611,9 @@ class FuseSession:
 
     def _op_interrupt(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
         (target,) = requests.body(abi.INTERRUPT_IN, buf, off, end, "INTERRUPT")
-        task = self._inflight.get(target)
-        if task is not None:
-            task.cancel()
+        entry = self._inflight.get(target)
+        if entry is not None:
+            _cancel_request(*entry)
         # Unknown: already answered (we read requests in order). No reply either way.
         return False
 
