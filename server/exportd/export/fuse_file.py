@@ -1,6 +1,6 @@
 """ExportedFile: the one file a FUSE export presents, on a block node.
 
-Semantics follow QEMU's block/export/fuse.c (see docs/exports.md):
+Semantics follow QEMU's block/export/fuse.c (see README.md, "Exports"):
 attributes (mode 0400/0600, daemon's uid/gid, size = node length, blocks from
 the allocated size, blksize from the node's alignment, times = now), chmod and
 chown rules, short reads and writes at EOF, growth only when growable,
