@@ -34,6 +34,7 @@ from exportd.block.qcow2 import header as hdr
 from exportd.block.qcow2.compress import decompress, zstd_available
 from exportd.block.qcow2.l2cache import L2Cache, L2Table, decode_table, encode_table
 from exportd.block.qcow2.refcount import Refcounts
+from exportd.block.qcow2.snapshots import read_snapshot_table
 from exportd.errors import BlockError
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,6 @@ L2_RESERVED = 0x1FE  # bits 1..8 of a standard descriptor
 
 K_UNALLOC, K_ZERO, K_DATA, K_COMP = 0, 1, 2, 3
 DEFAULT_L2_CACHE_MAX = 32 * 1024 * 1024
-MAX_SNAPSHOT_TABLE = 64 * 1024 * 1024
-MAX_SNAPSHOT_EXTRA = 1024
-SNAPSHOT_ENTRY = struct.Struct(">QIHHIIQII")  # 40 bytes
 
 MAX_CHAIN_DEPTH = 64
 # images whose backing chain is being opened right now, in this task (loop detection)
@@ -173,7 +171,7 @@ class Qcow2Node(BlockNode):
         self.rc = Refcounts(self, decode_table(await self.pread(h.refcount_table_offset, rt_bytes)),
                             h.refcount_order if h.version >= 3 else 4)
 
-        await self._load_snapshots()
+        self.snapshots, self.snapshot_table_bytes = await read_snapshot_table(self.pread, h, fe)
 
         # L2 cache size (QEMU's option names; sizes in bytes)
         l2_bytes = options.get("l2-cache-size", options.get("cache-size"))
@@ -197,51 +195,6 @@ class Qcow2Node(BlockNode):
     def _default_l2_tables(self) -> int:
         """QEMU's default: enough to map the whole image, at most 32 MiB."""
         return min(max(len(self.l1), 2), DEFAULT_L2_CACHE_MAX // self.cs)
-
-    async def _load_snapshots(self) -> None:
-        h = self.header
-        if not h.nb_snapshots:
-            return
-        if h.nb_snapshots > hdr.MAX_SNAPSHOTS:
-            raise BlockError("Too many snapshots")
-        if h.snapshots_offset & self.cmask or h.snapshots_offset == 0:
-            raise BlockError("Invalid snapshot table offset")
-        limit = min(self.file_end - h.snapshots_offset, MAX_SNAPSHOT_TABLE)
-        if limit < 40:
-            raise BlockError("Snapshot table offset invalid: points outside the image file")
-        buf: bytes | bytearray | memoryview = b""
-
-        async def need(n: int) -> None:
-            """Have the first n bytes of the table in buf (read in growing pieces)."""
-            nonlocal buf
-            if n > limit:
-                raise BlockError("Snapshot table exceeds the image file or its size limit")
-            if len(buf) < n:
-                buf = await self.pread(h.snapshots_offset, min(limit, max(n, 2 * len(buf), 65536)))
-
-        pos = 0
-        for _ in range(h.nb_snapshots):
-            await need(pos + 40)
-            l1_off, l1_size, id_len, name_len, date_s, date_ns, vm_clock, vm_state, extra = \
-                SNAPSHOT_ENTRY.unpack_from(buf, pos)
-            if extra > MAX_SNAPSHOT_EXTRA:
-                raise BlockError("Too much extra metadata in snapshot table entry")
-            end = pos + 40 + extra + id_len + name_len
-            await need(end)
-            p = pos + 40 + extra
-            sid = bytes(buf[p : p + id_len]).decode("utf-8", "replace")
-            name = bytes(buf[p + id_len : end]).decode("utf-8", "replace")
-            disk_size = h.size
-            if extra >= 16:
-                disk_size = struct.unpack_from(">Q", buf, pos + 48)[0]
-            if l1_off & self.cmask or l1_size * 8 > hdr.MAX_L1_BYTES or \
-                    (l1_size and (l1_off == 0 or l1_off + l1_size * 8 > self.file_end)):
-                raise BlockError(f"Snapshot L1 table of '{name}' is invalid")
-            self.snapshots.append({"id": sid, "name": name, "l1-offset": l1_off, "l1-size": l1_size,
-                                   "date-sec": date_s, "date-nsec": date_ns, "vm-clock-nsec": vm_clock,
-                                   "vm-state-size": vm_state, "disk-size": disk_size})
-            pos = (end + 7) & ~7
-        self.snapshot_table_bytes = pos
 
     def _build_meta_set(self) -> None:
         """Clusters holding metadata: never handed out by the allocator even if a
