@@ -3,6 +3,12 @@
 Images are made lazily, only for the families the selected peers need, and
 every daemon that might lock or rewrite metadata gets its own copy, so that
 peers running side by side never see each other's locks.
+
+Every file a peer touches is made the same way, a copy (copy_file_range) of
+a seed file that is then deleted: on tmpfs, how a file was written changes
+how fast it reads (on kernel 6.18 a copied file reads 1 MiB blocks ~1.25x
+faster than one written with write(), probably larger folios), and a peer
+must not win by getting the better-made file.
 """
 
 from __future__ import annotations
@@ -56,20 +62,26 @@ class Images:
 
     def raw(self) -> Path:
         if self._raw is None:
+            seed = self.directory / "seed.raw"
+            make_random_raw(seed, self.size)
             path = self.directory / "base.raw"
-            make_random_raw(path, self.size)
+            shutil.copyfile(seed, path)
+            seed.unlink()
             self._raw = path
         return self._raw
 
     def qcow2(self) -> Path:
         if self._qcow2 is None:
-            path = self.directory / "base.qcow2"
-            make_qcow2_copy(self.raw(), path)
-            allocated = qcow2_fully_allocated(path, self.size)
+            seed = self.directory / "seed.qcow2"
+            make_qcow2_copy(self.raw(), seed)
+            allocated = qcow2_fully_allocated(seed, self.size)
             self.facts["qcow2_fully_allocated"] = allocated
             if not allocated:
-                raise RuntimeError(f"{path} is not fully allocated")
+                raise RuntimeError(f"{seed} is not fully allocated")
             self.facts["qcow2_cluster_size"] = QCOW2_CLUSTER_SIZE
+            path = self.directory / "base.qcow2"
+            shutil.copyfile(seed, path)
+            seed.unlink()
             self._qcow2 = path
         return self._qcow2
 
