@@ -134,8 +134,12 @@ def seek_at(path: Path, offsets: list[int]) -> list[tuple[int | str, int | str]]
 
 
 def expected_seek(extents: list[tuple[int, int]], size: int, off: int) -> tuple[int | str, int | str]:
-    """What lseek must answer at `off` for a file of `size` with these data ranges."""
-    if off >= size:
+    """What lseek must answer at `off` for an export of `size` with these data
+    ranges. At exactly EOF, SEEK_HOLE answers EOF (as QEMU's FUSE export and the
+    README say; local file systems give ENXIO there)."""
+    if off == size:
+        return ("ENXIO", size)
+    if off > size:
         return ("ENXIO", "ENXIO")
     for s, e in extents:
         if e > off:
