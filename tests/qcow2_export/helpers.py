@@ -16,7 +16,8 @@ FILEOPS = Path(__file__).with_name("fileops.py")
 
 
 async def export_qcow2(d: Exportd, img: Path, mnt: Path, *, writable: bool, node: str = "q",
-                       export_id: str = "e", **node_opts: Any) -> None:
+                       export_id: str = "e", export_opts: dict[str, Any] | None = None,
+                       **node_opts: Any) -> None:
     """blockdev-add a qcow2 node over `img` (backing chain from the header) and
     mount it on the regular file `mnt`."""
     mnt.touch()
@@ -26,7 +27,7 @@ async def export_qcow2(d: Exportd, img: Path, mnt: Path, *, writable: bool, node
         opts["read-only"] = True
     opts.update(node_opts)
     await d.cmd("blockdev-add", opts)
-    await d.add_export(export_id, node, mnt, writable=writable)
+    await d.add_export(export_id, node, mnt, writable=writable, **(export_opts or {}))
 
 
 async def unexport(d: Exportd, node: str = "q", export_id: str = "e") -> None:
