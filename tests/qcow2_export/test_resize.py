@@ -16,7 +16,15 @@ from tests.export.conftest import Exportd, arun, athread
 from tests.qcow2.qhelpers import MiB
 from tests.qcow2.variants import build
 
-from .helpers import check_clean, compare_raw, convert_raw, export_qcow2, qemu_img, read_mount, unexport
+from .helpers import (
+    check_clean,
+    compare_raw,
+    convert_raw,
+    export_qcow2,
+    qemu_img,
+    read_mount,
+    unexport,
+)
 
 
 def pwrite_at(path: Path, pieces: list[tuple[int, bytes]]) -> None:
