@@ -36,10 +36,12 @@ async def qemu_io_raw(path: Path, cmds: list[str]) -> None:
 
 
 def aio_batch(rng: random.Random, size: int) -> list[str]:
-    """Several writes in flight at once (qemu-io aio), then a flush."""
+    """Several non-overlapping writes in flight at once (qemu-io aio), then a
+    flush (overlapping ones in flight would have no defined result)."""
+    slot = 256 * 1024
     cmds = []
-    for _ in range(8):
-        off = rng.randrange(0, size // 512) * 512
+    for s in rng.sample(range(size // slot), k=8):
+        off = s * slot + rng.randrange(0, 100) * 512
         ln = min(rng.choice([512, 4096, 65536, 150 * 1024]), size - off)
         cmds.append(f"aio_write -P {rng.randrange(1, 256)} {off} {ln}")
     return [*cmds, "aio_flush"]
