@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import threading
 from pathlib import Path
 
 import pytest
@@ -31,12 +32,13 @@ WRITERS = 4
 
 
 def write_stripes(path: Path, seed: str, t: int, end: int) -> dict[int, bytes]:
-    """Thread `t` of WRITERS writes every WRITERS-th stripe below `end`."""
+    """Thread `t` of WRITERS writes stripes t, t + WRITERS + 1, ... below `end`
+    (stripes WRITERS, 2 * WRITERS + 1, ... are left for the reader)."""
     rng = random.Random(f"{seed}-{t}")
     written = {}
     fd = os.open(path, os.O_WRONLY)
     try:
-        offsets = list(range(t * STRIPE, end, WRITERS * STRIPE))
+        offsets = list(range(t * STRIPE, end, (WRITERS + 1) * STRIPE))
         rng.shuffle(offsets)
         for off in offsets:
             data = rng.randbytes(min(STRIPE, end - off))
@@ -48,15 +50,25 @@ def write_stripes(path: Path, seed: str, t: int, end: int) -> dict[int, bytes]:
     return written
 
 
-def read_untouched(path: Path, start: int, want: bytes, rounds: int) -> None:
+def read_untouched(path: Path, end: int, original: bytes, done: threading.Event) -> int:
+    """Until `done`, read the reader's stripes (in clusters the writers are
+    allocating or copying at the same time) and data above `end`: all must read
+    as before. Returns the number of reads."""
     fd = os.open(path, os.O_RDONLY)
+    reads = 0
     try:
-        rng = random.Random(start)
-        for _ in range(rounds):
-            off = rng.randrange(len(want) - 70_000)
-            assert os.pread(fd, 70_000, start + off) == want[off : off + 70_000], start + off
+        rng = random.Random(end)
+        offsets = list(range(WRITERS * STRIPE, end, (WRITERS + 1) * STRIPE))
+        while not done.is_set() or reads < 20:
+            off = rng.choice(offsets)
+            n = min(STRIPE, end - off)
+            assert os.pread(fd, n, off) == original[off : off + n], f"stripe at {off}"
+            off = rng.randrange(end, len(original) - 70_000)
+            assert os.pread(fd, 70_000, off) == original[off : off + 70_000], off
+            reads += 2
     finally:
         os.close(fd)
+    return reads
 
 
 @pytest.mark.parametrize(
@@ -73,15 +85,21 @@ async def test_parallel_writers_share_clusters(exportd: Exportd, workdir: Path, 
     if variant == "snapshots":
         for s in ("s1", "s2"):
             snaps[s] = await convert_raw(img, workdir / f"{s}.raw", snapshot=s)
-    end = 1 * MiB + 12345  # the writers' area; above it is only read
+    end = 1 * MiB + 12345  # the writers' area (with the reader's stripes); above it is only read
     opts = {"l2-cache-size": l2_cache} if l2_cache else {}
     mnt = workdir / "mnt.raw"
     await export_qcow2(d, img, mnt, writable=True, **opts)
     try:
+        done = threading.Event()
+        reader = asyncio.ensure_future(
+            asyncio.to_thread(read_untouched, mnt, end, bytes(model), done))
         jobs = [asyncio.to_thread(write_stripes, mnt, variant, t, end) for t in range(WRITERS)]
-        jobs.append(asyncio.to_thread(read_untouched, mnt, end, bytes(model[end:]), 60))
-        results = await asyncio.wait_for(asyncio.gather(*jobs), 60)
-        for written in results[:WRITERS]:
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*jobs), 60)
+        finally:
+            done.set()
+            await asyncio.wait_for(reader, 60)
+        for written in results:
             for off, data in written.items():
                 model[off : off + len(data)] = data
         assert await read_mount(mnt) == bytes(model)
