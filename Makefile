@@ -47,7 +47,7 @@ bench: setup
 	@for p in $(BENCH_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BENCH_APT_PACKAGES) </dev/null; break; }; done
 	$(VPY) -m pip install -q -e '.[bench]'
-	$(VPY) bench/run.py $(if $(QUICK),--quick,)
+	$(VPY) bench/run.py $(if $(QUICK),--quick,) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info server/*.egg-info clients/*.egg-info .pytest_cache
