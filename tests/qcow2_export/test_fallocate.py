@@ -30,7 +30,7 @@ K = 1024
 
 
 def fallocate_ops(size: int) -> list[tuple[str, int, int]]:
-    """(punch|zero, offset, length), all inside the image."""
+    """(punch|zero|zero-keep-size, offset, length), starting inside the image."""
     return [
         ("punch", 0, 192 * K),
         ("punch", 300_000, 70_000),
@@ -38,7 +38,8 @@ def fallocate_ops(size: int) -> list[tuple[str, int, int]]:
         ("zero", 2 * MiB + 100, 5000),
         ("zero", 2 * MiB + 512 * K, 512 * K),
         ("punch", 1 * MiB + 200 * K + 7, 1),
-        ("punch", size - 100 * K, 100 * K),
+        ("zero-keep-size", size - 300 * K - 512, 200 * K),
+        ("punch", size - 100 * K, 1 * MiB),  # past EOF: clipped, the size is kept
     ]
 
 
@@ -67,10 +68,11 @@ async def test_punch_and_zero_range(exportd: Exportd, workdir: Path, variant: st
     await export_qcow2(d, img, mnt, writable=True, discard=discard)
     try:
         for kind, off, ln in fallocate_ops(size):
-            flag = "-p" if kind == "punch" else "-z"
-            r = await arun(["fallocate", flag, "-o", str(off), "-l", str(ln), str(mnt)])
-            assert r.returncode == 0, f"fallocate {flag} {off} {ln}: {r.stderr}"
-            model[off : off + ln] = bytes(ln)
+            flags = {"punch": ["-p"], "zero": ["-z"], "zero-keep-size": ["-z", "-n"]}[kind]
+            r = await arun(["fallocate", *flags, "-o", str(off), "-l", str(ln), str(mnt)])
+            assert r.returncode == 0, f"fallocate {flags} {off} {ln}: {r.stderr}"
+            end = min(off + ln, size)
+            model[off:end] = bytes(end - off)
         assert mnt.stat().st_size == size  # punch and zero-range keep the size
         off, ln, pat = REWRITE
         (workdir / "pat.bin").write_bytes(bytes([pat]) * ln)
@@ -97,8 +99,9 @@ async def test_punch_and_zero_range(exportd: Exportd, workdir: Path, variant: st
     if v3:
         # v3 zeroes whole clusters with the zero flag: they must read as holes
         for _, off, ln in fallocate_ops(size):
-            a, b = -(-off // cs) * cs, (off + ln) // cs * cs
-            if off + ln == size:
+            end = min(off + ln, size)
+            a, b = -(-off // cs) * cs, end // cs * cs
+            if end == size:
                 b = size
             if REWRITE[0] < b and a < REWRITE[0] + REWRITE[1]:
                 b = min(b, REWRITE[0])  # the dd range is data again
