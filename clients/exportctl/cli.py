@@ -325,6 +325,8 @@ def cmd_create(a: argparse.Namespace, out: Output) -> int:
     cluster = parse_size(a.cluster_size) if a.cluster_size else None
     if a.backing_format and not a.backing:
         raise UsageError("--backing-format needs --backing")
+    if a.format is None:  # a backing file or a .qcow2 name mean qcow2; raw otherwise
+        a.format = "qcow2" if a.backing or a.file.lower().endswith(".qcow2") else "raw"
     try:
         result = create_image(a.file, size, a.format, cluster, a.backing, a.backing_format, a.preallocation)
         if asyncio.iscoroutine(result):
@@ -394,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("create", help="create an image file (no daemon needed)")
     s.add_argument("file")
     s.add_argument("size")
-    s.add_argument("--format", "-f", default="raw", choices=("raw", "qcow2"))
+    s.add_argument("--format", "-f", default=None, choices=("raw", "qcow2"),
+                   help="default: qcow2 with --backing or a FILE ending in .qcow2, else raw")
     s.add_argument("--cluster-size")
     s.add_argument("--backing", "-b")
     s.add_argument("--backing-format", "-F")
