@@ -28,6 +28,7 @@ from exportd.errors import QMPError
 from exportd.export import mountpoint as mp
 from exportd.export.base import BlockExport
 from exportd.export.fuse_file import ExportedFile
+from exportd.fuse.threads import blocking_call
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class FuseExport(BlockExport):
         reaches one of our own mounts is answered by this loop meanwhile);
         the loop thread itself only reads the table and /proc/self/mountinfo."""
         path = self.mountpoint
-        canonical, st = await self._probe(path)
+        canonical, st, mounted = await self._probe(path)
         table = self.table
         holder = table.mountpoints.get(canonical)
         if holder is not None and holder.shutting_down:
@@ -104,10 +105,10 @@ class FuseExport(BlockExport):
                 pass
             holder = table.mountpoints.get(canonical)
             if holder is None:
-                canonical, st = await self._probe(path)  # what is there now
+                canonical, st, mounted = await self._probe(path)  # what is there now
         if holder is not None:
             raise QMPError(f"There already is a FUSE export on '{path}'")
-        entries = mp.mounts_at(canonical)
+        entries = mp.mounts_at(canonical, mounted)
         top = entries[-1] if entries and mp.is_fuse(entries[-1]) else None
         if top is not None and top.dev in self._our_devs():
             raise QMPError(f"There already is a FUSE export on '{path}'")
@@ -117,16 +118,22 @@ class FuseExport(BlockExport):
             if top is not None and isinstance(st, OSError) and st.errno in mp.DEAD_MOUNT_ERRNOS:
                 # a dead exportd mount left by a killed daemon: clean, look again
                 await self._clean_stale(canonical)
-                canonical, st = await self._probe(path)
+                canonical, st, _ = await self._probe(path)
             mp.check_regular_file_stat(path, st)
         except BaseException:
             table.mountpoints.pop(self.canonical, None)
             raise
 
     @staticmethod
-    async def _probe(path: str) -> tuple[str, os.stat_result | OSError]:
+    async def _probe(path: str) -> tuple[str, os.stat_result | OSError, list[mp.MountEntry]]:
+        """(canonical path, stat result or error, mount table), from one
+        worker thread: the mountinfo read and parse stay off the loop."""
+        def probe() -> tuple[str, os.stat_result | OSError, list[mp.MountEntry]]:
+            canonical, st = mp.probe_path(path)
+            return canonical, st, mp.read_mountinfo()
+
         try:
-            return await mp.in_thread(lambda: mp.probe_path(path))
+            return await blocking_call(probe, timeout=mp.PATH_TIMEOUT_S)
         except OSError as e:  # the worker thread timed out: a hung mount
             raise QMPError(f"Failed to stat '{path}': {os.strerror(e.errno or errno.EIO)}") from None
 

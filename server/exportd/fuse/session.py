@@ -39,6 +39,7 @@ from .mount import (
     open_dev_fuse,
     unmount_if_ours,
 )
+from .threads import blocking_call
 
 log = logging.getLogger(__name__)
 
@@ -197,39 +198,46 @@ class FuseSession:
         return self
 
     async def _mount(self) -> None:
-        # mountinfo lists the resolved path; resolve it before the mount
-        # exists (afterwards a lookup of it would be served by this loop).
-        self.mountpoint = await asyncio.to_thread(os.path.realpath, self.mountpoint)
+        # One worker thread resolves the path (mountinfo lists the resolved
+        # one, and after the mount a lookup of it would be served by this
+        # loop), mounts, and finds the new connection in mountinfo, while
+        # the loop is free to answer INIT. One thread hop per mount instead
+        # of three steps (add+del cycle: see bench/README.md, Levers).
+        path = self.mountpoint
         if os.geteuid() == 0:
             # The fd only becomes readable once mount(2) attached it to a
             # connection (before that, read gives EPERM); INIT waits queued.
             fd = open_dev_fuse()
             try:
-                await self._in_mount_thread(mount_root, fd, self.mountpoint, self.options)
+                resolved, _, found = await self._in_mount_thread(
+                    _resolve_and_mount, path, self.fsname, mount_root, fd, self.options
+                )
             except BaseException:
                 os.close(fd)
                 raise
             self._fd = fd
         else:
-            self._fd = await self._in_mount_thread(mount_fusermount, self.mountpoint, self.options)
+            resolved, self._fd, found = await self._in_mount_thread(
+                _resolve_and_mount, path, self.fsname, mount_fusermount, None, self.options
+            )
+        self.mountpoint = resolved
         self._start_reading()
-        found = find_mount(self.mountpoint, self.fsname)
         self.connection = found.connection if found else None
 
     async def _in_mount_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a mount call in a thread. If we are cancelled meanwhile, the
         thread still finishes: undo its mount so nothing stale stays behind."""
-        work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        work = asyncio.ensure_future(blocking_call(fn, *args))
         try:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
             try:
-                result = await work
+                resolved, fd, _ = await work
             except Exception:
                 raise asyncio.CancelledError from None
-            if isinstance(result, int):
-                os.close(result)  # the fd fusermount3 handed over
-            await asyncio.to_thread(unmount_if_ours, self.mountpoint, None, lazy=True)
+            if fd is not None:
+                os.close(fd)  # the fd fusermount3 handed over
+            await blocking_call(unmount_if_ours, resolved, None, lazy=True)
             raise
 
     async def close(self) -> None:
@@ -243,7 +251,7 @@ class FuseSession:
     async def _shutdown(self, reason: str) -> None:
         self._closing = True
         try:
-            await asyncio.to_thread(unmount_if_ours, self.mountpoint, self.connection)
+            await blocking_call(unmount_if_ours, self.mountpoint, self.connection)
         except OSError as e:
             log.warning("%s: unmount failed: %s", self.mountpoint, e)
         self._end(reason)
@@ -293,7 +301,7 @@ class FuseSession:
 
     async def _drop_dead_mount(self) -> None:
         try:
-            await asyncio.to_thread(unmount_if_ours, self.mountpoint, self.connection, lazy=True)
+            await blocking_call(unmount_if_ours, self.mountpoint, self.connection, lazy=True)
         except Exception as e:  # best effort
             log.debug("%s: no dead mount to drop: %s", self.mountpoint, e)
 
@@ -675,6 +683,29 @@ class FuseSession:
     def _op_lseek(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
         fh, offset, whence, _p = requests.body(abi.LSEEK_IN, buf, off, end, "LSEEK")
         return self._run(unique, self.fs.lseek(fh, offset, whence), _encode_lseek)
+
+
+def _resolve_and_mount(
+    path: str,
+    fsname: str,
+    mount: Callable[..., Any],
+    fd: int | None,
+    options: MountOptions,
+) -> tuple[str, int | None, Any]:
+    """Blocking, in a worker thread: (resolved path, fd from fusermount3 or
+    None, the new mount's mountinfo entry or None)."""
+    resolved = os.path.realpath(path)
+    if fd is None:
+        fd = mount(resolved, options)
+        handed = fd
+    else:
+        mount(fd, resolved, options)
+        handed = None
+    try:
+        found = find_mount(resolved, fsname)
+    except OSError:
+        found = None
+    return resolved, handed, found
 
 
 # --- reply payload encoders: (handler result, request argument) -> payload -------
