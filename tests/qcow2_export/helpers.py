@@ -85,9 +85,10 @@ def merge(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-async def qemu_data_extents(img: Path) -> list[tuple[int, int]]:
-    """[start, end) ranges `qemu-img map` reports as data (whole chain)."""
-    qmap = json.loads(await qemu_img("map", "--output=json", str(img)))
+async def qemu_data_extents(img: Path, *, force_share: bool = False) -> list[tuple[int, int]]:
+    """[start, end) ranges `qemu-img map` reports as data (whole chain); with
+    force_share (-U) while the daemon has the image open (after a flush)."""
+    qmap = json.loads(await qemu_img("map", *(["-U"] if force_share else []), "--output=json", str(img)))
     return merge([(e["start"], e["start"] + e["length"]) for e in qmap if e["data"]])
 
 

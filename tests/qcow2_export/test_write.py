@@ -78,6 +78,10 @@ async def test_random_writes_through_export(exportd: Exportd, workdir: Path, var
         got, want = await read_mount(mnt), ref.read_bytes()
         assert want != original  # the ops did change something
         assert got == want, f"export differs from the reference at {first_difference(got, want)}"
+        # flushed (fsync, qemu-io's close): the image on disk is current, and
+        # the live writable export's holes agree with it
+        live = await athread(seek_extents, mnt)
+        assert live == await qemu_data_extents(img, force_share=True)
     finally:
         await unexport(d)
     await check_clean(img)
