@@ -174,6 +174,7 @@ class Daemon:
                 await self.exports.shutdown_all()
             except Exception:
                 log.exception("shutting the exports down failed")
+            await importlib.import_module("exportd.jobs").finish_all(self)  # jobs cancelled, waited for (QEMU: job_cancel_sync_all)
             try:
                 await self.graph.close_all()
             except Exception:

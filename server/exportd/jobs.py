@@ -205,6 +205,28 @@ def error_text(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+async def finish_all(daemon: Any, timeout: float = 60.0) -> None:
+    """At shutdown, before the block nodes close: cancel every unfinished job and
+    wait for it (the work is not interrupted, so an image is never left half
+    written), as qemu-storage-daemon's job_cancel_sync_all(). Never raises."""
+    reg = _REGISTRIES.get(daemon)
+    if reg is None:
+        return
+    tasks = []
+    for job in reg:
+        if job.task is not None and not job.task.done():
+            job.cancelled = True
+            tasks.append(job.task)
+    if not tasks:
+        return
+    try:
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        if pending:
+            log.warning("%d job(s) still running after %.0f s at shutdown", len(pending), timeout)
+    except Exception:
+        log.exception("waiting for the jobs at shutdown failed")
+
+
 _REGISTRIES: weakref.WeakKeyDictionary[Any, JobRegistry] = weakref.WeakKeyDictionary()
 
 

@@ -255,3 +255,35 @@ async def test_running_job_answers_queries_and_cancels(daemon, raw_qmp, tmp_path
         "total-progress": 1, "error": "Operation canceled"}]}
     assert big.stat().st_size == size
     assert c.cmd("job-dismiss", {"id": "big"}) == {"return": {}}
+
+
+async def test_quit_waits_for_a_running_job(daemon, raw_qmp, tmp_path):
+    """quit while a qcow2 creation is writing: the job is cancelled and waited for
+    before the nodes close (as qemu-storage-daemon), so the image is complete."""
+    img = tmp_path / "q.qcow2"
+    img.write_bytes(b"")
+    size = 256 * MiB
+    d = daemon()
+    c = raw_qmp(d, timeout=60)
+    c.negotiate()
+    assert c.cmd("blockdev-add", {"driver": "file", "node-name": "f", "filename": str(img)}) == \
+        {"return": {}}
+    c.send(json.dumps({"execute": "blockdev-create", "id": 1, "arguments": {"job-id": "q", "options": {
+        "driver": "qcow2", "file": "f", "size": size, "preallocation": "full"}}})
+           + json.dumps({"execute": "quit", "id": 2}))
+    seen: list[str] = []
+    while True:
+        try:
+            msg = c.recv_msg()
+        except EOFError:
+            break
+        if "event" in msg:
+            seen.append(msg["data"]["status"] if msg["event"] == "JOB_STATUS_CHANGE" else msg["event"])
+        else:
+            seen.append(f"reply {msg['id']}")
+    assert d.wait() == 0
+    assert seen == ["created", "running", "reply 1", "reply 2", "SHUTDOWN", "aborting", "concluded"]
+    check = qemu_img("check", str(img))
+    assert check.returncode == 0, check.stdout + check.stderr
+    i = json.loads(qemu_img("info", "--output=json", str(img)).stdout)
+    assert i["virtual-size"] == size and i["actual-size"] >= size

@@ -13,8 +13,8 @@ import asyncio
 import os
 from typing import Any
 
-from exportd.block.create import create_image, create_qcow2_on_node, qcow2_layout
-from exportd.block.node import BlockNode, NodeUser, Perm
+from exportd.block.create import Qcow2Layout, create_image, qcow2_layout
+from exportd.block.node import BlockNode, NodeUser, Perm, Prealloc
 from exportd.commands import command
 from exportd.errors import BlockError
 from exportd.jobs import Job, registry_of
@@ -69,6 +69,7 @@ class _Qcow2Create:
         self.node: BlockNode | None = None
         self.temporary = False  # `file` was a dict: opened for this job only
         self.user: NodeUser | None = None
+        self.layout: Qcow2Layout | None = None
 
     def steps(self):
         return self.prepare, self.work
@@ -110,14 +111,15 @@ class _Qcow2Create:
             raise
 
     async def _validate(self) -> None:
-        """The checks create_qcow2_on_node makes, before any write (a backing
-        file without a format is probed: a file read, so in a worker thread)."""
+        """Check the options and compute the image's metadata, in a worker thread:
+        a large preallocated image means a large computation, and a backing file
+        without a format is probed (a file read)."""
         assert self.node is not None
         kw = self._kwargs()
         compat = {"v2": "0.10", "v3": "1.1"}[kw["version"]]
         base = os.path.dirname(self.node.filename()) or "."
         try:
-            await asyncio.to_thread(
+            self.layout = await asyncio.to_thread(
                 qcow2_layout, self.opts["size"], kw["cluster_size"], kw["backing_file"],
                 kw["backing_fmt"], kw["preallocation"], kw["refcount_bits"], compat,
                 kw["lazy_refcounts"], kw["compression_type"], base_dir=base)
@@ -125,11 +127,18 @@ class _Qcow2Create:
             raise _qmp_text(e) from None
 
     async def work(self, job: Job) -> None:
-        assert self.node is not None
+        """What create_qcow2_on_node does, with the layout computed off the loop."""
+        node, lay = self.node, self.layout
+        assert node is not None and lay is not None
+        prealloc = self.opts.get("preallocation", "off")
+        mode = Prealloc(prealloc) if prealloc in ("falloc", "full") else Prealloc.OFF
         try:
-            await create_qcow2_on_node(self.node, self.opts["size"], **self._kwargs())
-        except BlockError as e:
-            raise _qmp_text(e) from None
+            await node.truncate(0)
+            await node.truncate(lay.data_start)
+            await node.truncate(lay.end, prealloc=mode)
+            for off, data in lay.writes:
+                await node.write(off, data)
+            await node.flush()
         finally:
             await self._release()
 
