@@ -107,3 +107,44 @@ async def test_punch_and_zero_range(exportd: Exportd, workdir: Path, variant: st
                 b = min(b, REWRITE[0])  # the dd range is data again
             hits = [(s, e) for s, e in extents if s < b and a < e]
             assert a >= b or not hits, f"zeroed clusters [{a}, {b}) still data: {hits}"
+
+
+SUB_CLUSTER_ZEROING = [("-p", 100, 1), ("-z", 2 * MiB + 100, 1), ("-z", 3 * MiB + 100, 70_000),
+                       ("-p", 1 * MiB - 5000, 10_000)]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="qcow2 write_zeroes bug: the partial-cluster head/tail of a zeroing request is "
+    "written as zero bytes (_write_zero_bytes) even where the cluster already reads as "
+    "zeroes, so punching or zeroing a few bytes of a hole allocates data clusters; QEMU "
+    "allocates nothing there",
+)
+async def test_sub_cluster_zeroing_of_holes_allocates_nothing(exportd: Exportd, workdir: Path) -> None:
+    """Punch-hole/zero-range of pieces of clusters that already read as zeroes
+    (zero-flag clusters, unallocated ones without a backing file) leaves them
+    holes and the file unchanged in size, as QEMU does for the same requests."""
+    img = workdir / "holes.qcow2"
+    await qemu_img("create", "-q", "-f", "qcow2", str(img), str(4 * MiB))
+    r = await arun(["qemu-io", "-c", "write -z 0 1M", str(img)])  # zero-flag clusters
+    assert r.returncode == 0, r.stderr
+    theirs = workdir / "qemu.qcow2"
+    theirs.write_bytes(img.read_bytes())
+    r = await arun(["qemu-io", *[x for _, off, ln in SUB_CLUSTER_ZEROING
+                                 for x in ("-c", f"write -z -u {off} {ln}")], str(theirs)])
+    assert r.returncode == 0, r.stderr
+    assert await qemu_data_extents(theirs) == [], "QEMU allocates nothing for these requests"
+    end_before = json.loads(await qemu_img("check", "--output=json", str(img)))["image-end-offset"]
+
+    mnt = workdir / "mnt.raw"
+    await export_qcow2(exportd, img, mnt, writable=True, discard="unmap")
+    try:
+        for flag, off, ln in SUB_CLUSTER_ZEROING:
+            r = await arun(["fallocate", flag, "-o", str(off), "-l", str(ln), str(mnt)])
+            assert r.returncode == 0, r.stderr
+        assert await read_mount(mnt) == bytes(4 * MiB)
+    finally:
+        await unexport(exportd)
+    await check_clean(img)
+    assert await qemu_data_extents(img) == []
+    assert json.loads(await qemu_img("check", "--output=json", str(img)))["image-end-offset"] == end_before
