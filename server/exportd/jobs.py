@@ -116,6 +116,10 @@ class Job:
             self._fail(e)
             self._complete()
             return
+        except asyncio.CancelledError:
+            self.error = self.error or os.strerror(errno.ECANCELED)
+            self._complete()  # never leave a job 'running' without a task
+            raise
         self.task = asyncio.get_running_loop().create_task(self._work(work))
 
     async def _work(self, work: Step | None) -> None:

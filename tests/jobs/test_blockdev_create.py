@@ -107,6 +107,9 @@ async def test_nested_file_and_options(daemon, jobs_client, tmp_path):
     await c.create_ok("r", {"driver": "file", "filename": str(raw), "size": 3 * MiB + 1000,
                             "preallocation": "falloc"})
     assert raw.stat().st_size == 3 * MiB + 1000
+    # driver=raw: exportd's alias of file (QEMU has no raw creation)
+    await c.create_ok("r2", {"driver": "raw", "filename": str(raw), "size": 512})
+    assert raw.stat().st_size == 512
 
 
 async def test_command_errors(daemon, jobs_client, tmp_path):
@@ -209,6 +212,8 @@ async def test_query_jobs_newest_first_and_schema(daemon, jobs_client, tmp_path)
     await c.run_create("c", {"driver": "file", "filename": str(tmp_path / "c"), "size": 512})
     jobs = await c.cmd("query-jobs")
     schema().check_returns("query-jobs", jobs)
+    for job_id, status in c.seen:
+        schema().validate_event("JOB_STATUS_CHANGE", {"id": job_id, "status": status})
     assert jobs == [
         {"id": "c", "type": "create", "status": "concluded", "current-progress": 1, "total-progress": 1},
         {"id": "b", "type": "create", "status": "concluded", "current-progress": 1, "total-progress": 1,

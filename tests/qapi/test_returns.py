@@ -14,7 +14,7 @@ def test_replies_match_schema(daemon, raw_qmp):
     commands = {x["name"] for x in c.cmd("query-commands")["return"]}
     s.check_returns("query-commands", [{"name": n} for n in sorted(commands)])
     for name in ("query-version", "query-commands", "query-qmp-schema",
-                 "query-named-block-nodes", "query-block-exports"):
+                 "query-named-block-nodes", "query-block-exports", "query-jobs"):
         if name not in commands:
             continue
         reply = c.cmd(name)

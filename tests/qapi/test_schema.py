@@ -46,9 +46,10 @@ def test_described_commands_and_events(s):
         "qmp_capabilities", "query-version", "query-commands", "query-qmp-schema", "quit",
         "blockdev-add", "blockdev-del", "query-named-block-nodes", "blockdev-create",
         "block-export-add", "block-export-del", "query-block-exports",
+        "query-jobs", "job-dismiss", "job-cancel", "job-finalize",
     }
     assert expected <= set(s.commands)
-    assert {"SHUTDOWN", "BLOCK_EXPORT_DELETED"} <= set(s.events)
+    assert {"SHUTDOWN", "BLOCK_EXPORT_DELETED", "JOB_STATUS_CHANGE"} <= set(s.events)
 
 
 def test_every_registered_command_has_a_schema(s):
