@@ -103,6 +103,13 @@ async def test_nested_file_and_options(daemon, jobs_client, tmp_path):
     assert i["format-specific"]["data"]["lazy-refcounts"] is True
     assert qemu_img("check", str(img)).returncode == 0
 
+    # preallocation: the layout is computed in the job, after the reply
+    await c.create_ok("qm", {"driver": "qcow2", "file": {"driver": "file", "filename": str(img)},
+                             "size": 4 * MiB, "cluster-size": 65536, "preallocation": "metadata"})
+    assert qemu_img("check", str(img)).returncode == 0
+    m = json.loads(qemu_img("map", "--output=json", str(img)).stdout)
+    assert sum(e["length"] for e in m if e["data"] or e.get("offset") is not None) == 4 * MiB
+
     raw = tmp_path / "r.img"
     await c.create_ok("r", {"driver": "file", "filename": str(raw), "size": 3 * MiB + 1000,
                             "preallocation": "falloc"})

@@ -110,29 +110,40 @@ class _Qcow2Create:
             await self._release()
             raise
 
-    async def _validate(self) -> None:
-        """Check the options and compute the image's metadata, in a worker thread:
-        a large preallocated image means a large computation, and a backing file
-        without a format is probed (a file read)."""
+    async def _layout(self, prealloc: str) -> Qcow2Layout:
+        """Check the options and compute the image's metadata in a worker thread
+        (a backing file without a format is probed: a file read; preallocated
+        metadata of a large image is a large computation)."""
         assert self.node is not None
         kw = self._kwargs()
         compat = {"v2": "0.10", "v3": "1.1"}[kw["version"]]
         base = os.path.dirname(self.node.filename()) or "."
         try:
-            self.layout = await asyncio.to_thread(
+            return await asyncio.to_thread(
                 qcow2_layout, self.opts["size"], kw["cluster_size"], kw["backing_file"],
-                kw["backing_fmt"], kw["preallocation"], kw["refcount_bits"], compat,
+                kw["backing_fmt"], prealloc, kw["refcount_bits"], compat,
                 kw["lazy_refcounts"], kw["compression_type"], base_dir=base)
         except BlockError as e:
             raise _qmp_text(e) from None
 
+    async def _validate(self) -> None:
+        """Inside the command (which holds the daemon's command lock): the quick
+        checks only. Without preallocation that is the whole layout; with it, the
+        layout without preallocation checks the same options (and with a backing
+        file the preallocation is refused before any heavy work)."""
+        prealloc = self.opts.get("preallocation", "off")
+        quick = prealloc if self.opts.get("backing-file") is not None else "off"
+        layout = await self._layout(quick)
+        self.layout = layout if quick == prealloc else None
+
     async def work(self, job: Job) -> None:
         """What create_qcow2_on_node does, with the layout computed off the loop."""
-        node, lay = self.node, self.layout
-        assert node is not None and lay is not None
+        assert self.node is not None
+        node = self.node
         prealloc = self.opts.get("preallocation", "off")
         mode = Prealloc(prealloc) if prealloc in ("falloc", "full") else Prealloc.OFF
         try:
+            lay = self.layout or await self._layout(prealloc)
             await node.truncate(0)
             await node.truncate(lay.data_start)
             await node.truncate(lay.end, prealloc=mode)
@@ -140,6 +151,7 @@ class _Qcow2Create:
                 await node.write(off, data)
             await node.flush()
         finally:
+            self.layout = None
             await self._release()
 
     async def _release(self) -> None:
