@@ -22,7 +22,7 @@ from .helpers import convert_raw, export_qcow2
 
 STORM = Path(__file__).with_name("fuse_storm.py")
 ROUNDS = [("v3-64k", 0), ("backing3", 1), ("snapshots", 2), ("rc64", 3), ("v2", 4),
-          ("compressed-zstd", 5)]
+          ("compressed-zstd", 5), ("lazy", 6)]
 
 
 async def check_no_corruption(img: Path) -> None:

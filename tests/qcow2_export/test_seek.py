@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from tests.export.conftest import Exportd, athread
-from tests.qcow2.variants import build
+from tests.qcow2.variants import VARIANTS, build
 
 from .helpers import (
     expected_seek,
@@ -20,11 +20,8 @@ from .helpers import (
     unexport,
 )
 
-SEEK_VARIANTS = ["v3-64k", "v3-512", "v3-2m", "v3-4k-odd-size", "v2", "rc1", "backing3",
-                 "compressed-zlib", "snapshots", "raw-backing"]
 
-
-@pytest.mark.parametrize("variant", SEEK_VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 async def test_seek_matches_qemu_img_map(exportd: Exportd, workdir: Path, variant: str) -> None:
     img = await athread(build, variant, workdir, timeout=60)
     want = await qemu_data_extents(img)
