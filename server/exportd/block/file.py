@@ -252,6 +252,43 @@ class FileNode(BlockNode):
         await in_thread(self._pread_into, buf, done, offset + done)
         return buf
 
+    def read_now(self, offset: int, length: int) -> bytes | bytearray | memoryview | None:
+        """read() for callers on the loop when it cannot block (tmpfs, a
+        page-cache hit); None when it would (the caller awaits read())."""
+        if length <= 0:
+            return b""
+        if self.direct:
+            return None
+        if self._inline:
+            data = os.pread(self.fd, length, offset)
+            if len(data) == length:
+                return data
+            buf = bytearray(length)
+            buf[: len(data)] = data
+            self._pread_into(buf, len(data), offset + len(data))
+            return buf
+        if self._nowait_reads:
+            buf = bytearray(length)
+            try:
+                if os.preadv(self.fd, [buf], offset, os.RWF_NOWAIT) == length:
+                    return buf
+            except OSError:
+                pass  # EAGAIN or no RWF_NOWAIT: read() sorts it out
+        return None
+
+    def write_now(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        """write() (without FUA) for callers on the loop when it cannot block
+        (tmpfs); False, having done nothing, when it would."""
+        if not self._inline or self.direct:
+            return False
+        self._check_writable()
+        length = len(data)
+        if length:
+            self._pwrite_all(data, offset)
+            if offset + length > self._size:
+                self._size = offset + length
+        return True
+
     def _pread_into(self, buf: bytearray | memoryview, start: int, offset: int) -> None:
         """Fill buf[start:] from offset; what lies past EOF stays zero."""
         view = memoryview(buf)

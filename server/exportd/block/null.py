@@ -58,6 +58,21 @@ class NullNode(BlockNode):
             return _ZERO_VIEW[:length]
         return bytes(length)
 
+    # Synchronous twins of read/write for callers on the loop (the FUSE
+    # export's hot path): the same result when the call cannot wait, None or
+    # False when it would (latency), so the caller takes the async path.
+    def read_now(self, offset: int, length: int) -> bytes | memoryview | None:
+        if self.latency:
+            return None
+        if length <= len(_ZEROS):
+            return _ZERO_VIEW[:length]
+        return bytes(length)
+
+    def write_now(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        if self.read_only:
+            raise OSError(errno.EROFS, "node is read-only")
+        return not self.latency
+
     async def write(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         if self.read_only:
             raise OSError(errno.EROFS, "node is read-only")

@@ -19,7 +19,7 @@ import stat
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from exportd.block.node import Perm, Prealloc, Status
 from exportd.errors import QMPError
@@ -67,6 +67,29 @@ _PASS_ERRNOS = frozenset(
 def backend_errno(e: OSError) -> OSError:
     code = e.errno if e.errno in _PASS_ERRNOS else errno.EIO
     return OSError(code, os.strerror(code))
+
+
+_SYNC_IO: dict[type, tuple[Any, Any]] = {}
+
+
+def _defining_class(cls: type, name: str) -> type | None:
+    return next((k for k in cls.__mro__ if name in k.__dict__), None)
+
+
+def _sync_io(node: Any) -> tuple[Any, Any]:
+    """(read_now, write_now) functions of a node's class, each None unless
+    the class defines it next to the read()/write() it stands for (a
+    subclass that overrides read() must not be bypassed)."""
+    cls = type(node)
+    found = _SYNC_IO.get(cls)
+    if found is None:
+        pair = []
+        for sync, async_ in (("read_now", "read"), ("write_now", "write")):
+            owner = _defining_class(cls, sync)
+            ok = owner is not None and owner is _defining_class(cls, async_)
+            pair.append(getattr(cls, sync) if ok else None)
+        found = _SYNC_IO[cls] = (pair[0], pair[1])
+    return found
 
 
 class ExportedFile(SingleFileFS):
@@ -227,6 +250,44 @@ class ExportedFile(SingleFileFS):
                 raise backend_errno(e) from None
         finally:
             exp.unref()
+
+    # Synchronous twins for the session's inline path: the same answer as
+    # read()/write() when the node can serve the request without waiting,
+    # None (nothing done) when the session must await the coroutine. No
+    # reference is taken: nothing can release the export before they return.
+    def read_now(self, fh: int, offset: int, size: int) -> bytes | bytearray | memoryview | None:
+        exp = self.export
+        if not exp.user_owned:
+            raise OSError(errno.EIO, "export is shutting down")
+        node = exp.node
+        read_now = _sync_io(node)[0]
+        if read_now is None:
+            return None
+        length = exp.current_length()
+        if offset >= length or size <= 0:
+            return b""
+        if offset + size > length:
+            size = length - offset
+        try:
+            return read_now(node, offset, size)
+        except OSError as e:
+            raise backend_errno(e) from None
+
+    def write_now(self, fh: int, offset: int, data: memoryview) -> int | None:
+        exp = self.export
+        if not exp.user_owned:
+            raise OSError(errno.EIO, "export is shutting down")
+        if not exp.writable:
+            raise OSError(errno.EACCES, "read-only export")
+        node = exp.node
+        write_now = _sync_io(node)[1]
+        size = len(data)
+        if write_now is None or exp.writethrough or offset + size > exp.current_length():
+            return None  # flush, growth or the end of the file: the async path
+        try:
+            return size if write_now(node, offset, data) else None
+        except OSError as e:
+            raise backend_errno(e) from None
 
     async def write(self, fh: int, offset: int, data: memoryview) -> int:
         exp = self.export

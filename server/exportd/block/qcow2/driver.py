@@ -390,6 +390,49 @@ class Qcow2Node(BlockNode):
         return out
 
     # ----------------------------------------------------------------- read
+    def read_now(self, offset: int, length: int) -> bytes | bytearray | memoryview | None:
+        """read() for callers on the loop: the hot path only (one cluster of
+        standard data, L2 table cached, image file that answers at once);
+        None otherwise (the caller awaits read())."""
+        if length <= 0 or offset + length > self.header.size \
+                or (offset ^ (offset + length - 1)) >> self.cluster_bits:
+            return None
+        t = self.l2cache.lookup(self.l1[offset >> self.l1_shift] & OFFSET_MASK)
+        if t is None:
+            return None
+        e = t.entries[(offset >> self.cluster_bits) & self.l2_mask]
+        h = e & OFFSET_MASK
+        if not h or e & (COMPRESSED | ZERO | L2_RESERVED) or h & self.cmask:
+            return None
+        h += offset & self.cmask
+        file_read_now = getattr(self.file, "read_now", None)
+        if file_read_now is None or h + length > self.file_end:
+            return None
+        return file_read_now(h, length)
+
+    def write_now(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        """write() (without FUA) for callers on the loop: the hot path only
+        (one cluster that is ours alone, L2 table cached, image file that
+        takes it at once); False, having done nothing, otherwise."""
+        n = len(data)
+        self._check_write(offset, n)
+        if not n or (offset ^ (offset + n - 1)) >> self.cluster_bits:
+            return not n
+        l1e = self.l1[offset >> self.l1_shift]
+        if not l1e & COPIED:
+            return False
+        t = self.l2cache.lookup(l1e & OFFSET_MASK)
+        if t is None:
+            return False
+        e = t.entries[(offset >> self.cluster_bits) & self.l2_mask]
+        h = e & OFFSET_MASK
+        if e & (COPIED | COMPRESSED | ZERO | L2_RESERVED) != COPIED or not h \
+                or h & self.cmask or h >= self.file_end \
+                or h >> self.cluster_bits in self.meta_clusters:
+            return False
+        file_write_now = getattr(self.file, "write_now", None)
+        return file_write_now is not None and file_write_now(h + (offset & self.cmask), data)
+
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         size = self.header.size
         if offset + length > size:
