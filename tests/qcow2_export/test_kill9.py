@@ -7,6 +7,7 @@ written before the last acknowledged fsync and not touched since is there."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 from tests.export.conftest import Exportd, arun, athread, lazy_unmount_all
 from tests.qcow2.variants import build
 
-from .fileops import ops
+from .fileops import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate, ops
 from .helpers import convert_raw, export_qcow2, merge
 
 STORM = Path(__file__).with_name("fuse_storm.py")
@@ -108,3 +109,47 @@ async def test_kill9_during_write_storm(workdir: Path, variant: str, rnd: int) -
             bad = next(i for i in range(pos, s) if after[i] != model[i])
             raise AssertionError(f"acknowledged data lost at {bad} (acked {acked}, last op {last_op})")
         pos = max(pos, e)
+
+
+def write_then_zero(mnt: Path) -> None:
+    """A write, then zero-range, punch-hole and an unaligned zero-range; each
+    acknowledged before the next starts. No fsync: the export is writethrough."""
+    fd = os.open(mnt, os.O_RDWR)
+    try:
+        assert os.pwrite(fd, b"\xaa" * 65536, 0) == 65536
+        fallocate(fd, FALLOC_FL_ZERO_RANGE, 1 << 20, 256 * 1024)
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 2 << 20, 256 * 1024)
+        fallocate(fd, FALLOC_FL_ZERO_RANGE, (3 << 20) + 100, 5000)
+    finally:
+        os.close(fd)
+
+
+async def test_writethrough_zeroing_survives_kill9(workdir: Path) -> None:
+    """Acknowledged writes and zeroings on a writethrough export survive kill -9
+    without any fsync: no qcow2 metadata is left only in the daemon's memory."""
+    img = workdir / "wt.qcow2"
+    r = await arun(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M"])
+    assert r.returncode == 0, r.stderr
+    r = await arun(["qemu-io", "-c", "write -P 0x55 0 4M", str(img)])
+    assert r.returncode == 0, r.stderr
+    d = Exportd(workdir)
+    await d.start()
+    mnt = workdir / "mnt.raw"
+    try:
+        await export_qcow2(d, img, mnt, writable=True, discard="unmap",
+                           export_opts={"writethrough": True})
+        await d.disconnect()
+        await athread(write_then_zero, mnt)
+        d.kill9()
+    finally:
+        await d.stop()
+        lazy_unmount_all(str(workdir))
+    await check_no_corruption(img)
+    want = bytearray(b"\x55" * (4 << 20))
+    want[0:65536] = b"\xaa" * 65536
+    for off, ln in ((1 << 20, 256 * 1024), (2 << 20, 256 * 1024), ((3 << 20) + 100, 5000)):
+        want[off : off + ln] = bytes(ln)
+    after = await convert_raw(img, workdir / "after.raw")
+    for off, ln in ((0, 65536), (1 << 20, 256 * 1024), (2 << 20, 256 * 1024), ((3 << 20) + 100, 5000)):
+        assert after[off : off + ln] == want[off : off + ln], f"acknowledged range at {off} lost"
+    assert after == want
