@@ -69,15 +69,17 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-# FOPEN_* flags for OpenReply.flags (from include/uapi/linux/fuse.h).
-FOPEN_DIRECT_IO = 1 << 0
-FOPEN_KEEP_CACHE = 1 << 1
-FOPEN_NONSEEKABLE = 1 << 2
-FOPEN_CACHE_DIR = 1 << 3
-FOPEN_STREAM = 1 << 4
-FOPEN_NOFLUSH = 1 << 5
-FOPEN_PARALLEL_DIRECT_WRITES = 1 << 6
-FOPEN_PASSTHROUGH = 1 << 7
+# FOPEN_* flags for OpenReply.flags, re-exported for handlers.
+from exportd.fuse.abi import (  # noqa: F401  (re-exported for handlers)
+    FOPEN_CACHE_DIR,
+    FOPEN_DIRECT_IO,
+    FOPEN_KEEP_CACHE,
+    FOPEN_NOFLUSH,
+    FOPEN_NONSEEKABLE,
+    FOPEN_PARALLEL_DIRECT_WRITES,
+    FOPEN_PASSTHROUGH,
+    FOPEN_STREAM,
+)
 
 # fallocate(2) mode bits.
 FALLOC_FL_KEEP_SIZE = 0x01
