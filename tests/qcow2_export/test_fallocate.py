@@ -113,13 +113,6 @@ SUB_CLUSTER_ZEROING = [("-p", 100, 1), ("-z", 2 * MiB + 100, 1), ("-z", 3 * MiB 
                        ("-p", 1 * MiB - 5000, 10_000)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="qcow2 write_zeroes bug: the partial-cluster head/tail of a zeroing request is "
-    "written as zero bytes (_write_zero_bytes) even where the cluster already reads as "
-    "zeroes, so punching or zeroing a few bytes of a hole allocates data clusters; QEMU "
-    "allocates nothing there",
-)
 async def test_sub_cluster_zeroing_of_holes_allocates_nothing(exportd: Exportd, workdir: Path) -> None:
     """Punch-hole/zero-range of pieces of clusters that already read as zeroes
     (zero-flag clusters, unallocated ones without a backing file) leaves them

@@ -713,7 +713,19 @@ class Qcow2Node(BlockNode):
     async def _write_zero_bytes(self, start: int, end: int) -> None:
         step = 1 << 20
         for pos in range(start, end, step):
-            await self.write(pos, bytes(min(step, end - pos)))
+            n = min(step, end - pos)
+            # as QEMU: a piece that already reads as zeroes allocates nothing
+            if not await self._reads_as_zero(pos, pos + n):
+                await self.write(pos, bytes(n))
+
+    async def _reads_as_zero(self, start: int, end: int) -> bool:
+        pos = start
+        while pos < end:
+            bs = await self.block_status(pos, end - pos)
+            if not bs.status & Status.ZERO or bs.length <= 0:
+                return False
+            pos += bs.length
+        return True
 
     async def discard(self, offset: int, length: int) -> None:
         if not self._discard_unmap or self.read_only or self.corrupt or not length:
