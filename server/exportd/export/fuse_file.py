@@ -151,6 +151,11 @@ class ExportedFile(SingleFileFS):
             except OSError as e:
                 raise backend_errno(e) from None
             offset += n
+        if self.export.writethrough:  # zeroing is a write: durable before the reply
+            try:
+                await self.node.flush()
+            except OSError as e:
+                raise backend_errno(e) from None
 
     # --- attributes ---------------------------------------------------------------
     async def getattr(self) -> Attr:
