@@ -19,6 +19,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 DEFAULT_OUT = BENCH_DIR / "results"
 README = BENCH_DIR / "README.md"
+PROJECT_README = BENCH_DIR.parent / "README.md"
 README_BEGIN = "<!-- latest-results:begin (written by bench/run.py) -->"
 README_END = "<!-- latest-results:end -->"
 
@@ -80,18 +81,31 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return dataclasses.replace(s, **overrides)
 
 
-def update_readme(markdown: str) -> None:
-    """Show the latest table and chart in bench/README.md, between the markers."""
-    if not README.exists():
+def _replace_between_markers(path: Path, block: str) -> None:
+    if not path.exists():
         return
-    text = README.read_text()
+    text = path.read_text()
     if README_BEGIN not in text or README_END not in text:
         return
     head, rest = text.split(README_BEGIN, 1)
     _, tail = rest.split(README_END, 1)
+    path.write_text(f"{head}{README_BEGIN}\n{block}\n{README_END}{tail}")
+
+
+def update_readme(markdown: str) -> None:
+    """Show the latest results between the markers: the whole table and the chart
+    in bench/README.md; the header, the targets table and the chart in the
+    project's README.md."""
     body = markdown.replace("\n## ", "\n### ").replace("# exportd benchmark: latest run\n", "")
-    block = f"{README_BEGIN}\n\n![ratios](results/latest.png)\n{body}\n{README_END}"
-    README.write_text(head + block + tail)
+    _replace_between_markers(README, f"\n![ratios](results/latest.png)\n{body}")
+    targets = body.split("\n### ")
+    summary = [targets[0]] + ["### " + t for t in targets[1:] if t.startswith("Targets")]
+    _replace_between_markers(
+        PROJECT_README,
+        "\n![ratios](bench/results/latest.png)\n" + "\n".join(summary).rstrip()
+        + "\n\nEvery figure, the peers' command lines and the levers: "
+        "[bench/README.md](bench/README.md).\n",
+    )
 
 
 def write_outputs(record: dict, out: Path) -> None:
