@@ -91,9 +91,10 @@ class DirectPeer(Peer):
 class ProcessPeer(Peer):
     """A peer that is a server process exposing mountpoints (regular files)."""
 
-    def __post_init__(self) -> None:
-        self.proc: subprocess.Popen | None = None
-        self.mountpoints: list[Path] = []
+    # Class defaults: Peer's dataclass __init__ does not call a subclass's
+    # __post_init__, and stop() must work on a peer whose start() failed early.
+    proc: subprocess.Popen | None = None
+    mountpoints: list[Path] = []  # only ever replaced, never mutated in place
 
     @property
     def pid(self) -> int | None:
