@@ -89,12 +89,14 @@ class Exportd:
             stderr=subprocess.STDOUT,
             env=env,
         )
-        for _ in range(200):
+        for _ in range(600):  # 30 s, as the root conftest allows
             if self.sock.exists():
                 break
             if self.proc.poll() is not None:
                 raise RuntimeError(f"exportd exited: {self.log.read_text()[-2000:]}")
             await asyncio.sleep(0.05)
+        else:
+            raise RuntimeError(f"exportd made no socket in 30 s: {self.log.read_text()[-2000:]}")
         self.client = QMPClient("test")
         self.events = EventListener()
         self.client.register_listener(self.events)
@@ -202,8 +204,8 @@ def workdir() -> Iterator[Path]:
 @pytest.fixture
 async def exportd(workdir: Path) -> AsyncIterator[Exportd]:
     d = Exportd(workdir)
-    await d.start()
     try:
+        await d.start()  # inside the try: a failed start still stops the process
         yield d
     finally:
         await d.stop()

@@ -63,11 +63,17 @@ async def test_interrupt_before_handler_task_runs(workdir: Path) -> None:
             await asyncio.sleep(0.1)
         answered = not thread.is_alive()
         leaked = exp.refcount
+        interrupts = exp.session.count("INTERRUPT")
+        reads = exp.session.count("READ")
         if not answered:
             host.exports.delete("e", "hard")  # frees the reader (ENOTCONN)
             await asyncio.wait_for(exp.wait_deleted(), 10)
             thread.join(10)
+        assert interrupts == 1, "the signal did not interrupt a READ in flight"
         assert answered, "the interrupted READ was never answered"
+        # Python retries a read that failed with EINTR (PEP 475): a second
+        # READ and the data show that the first one was answered EINTR
+        assert reads == 2 and result.get("data") == 4096, (reads, result)
         assert leaked == 1, "the interrupted request kept its reference on the export"
     finally:
         signal.signal(signal.SIGUSR1, previous)

@@ -51,7 +51,6 @@ async def test_sixteen_exports_under_fio_verify(exportd: Exportd, workdir: Path)
     except subprocess.TimeoutExpired:
         pytest.fail("fio stalled on the exports")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "verify" not in r.stderr.lower() or "bad" not in r.stderr.lower(), r.stderr
     # the data fio verified through the mounts is really in the images
     for i in (0, 3):
         r = await arun(["cmp", str(workdir / f"mnt{i}.raw"), str(workdir / f"img{i}.raw")])
