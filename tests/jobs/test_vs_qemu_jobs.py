@@ -109,7 +109,7 @@ async def run_qsd(socket_path: str, steps: list) -> tuple[list, dict]:
             if Path(socket_path).exists():
                 break
             if proc.poll() is not None:
-                pytest.skip("qemu-storage-daemon did not start")
+                pytest.fail(f"qemu-storage-daemon exited with status {proc.returncode} at start")
             await asyncio.sleep(0.05)
         return await play(socket_path, steps)
     finally:

@@ -117,7 +117,8 @@ def qsd(tmp_path_factory):
             break
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.skip("qemu-storage-daemon did not start")
+                proc.kill()
+                pytest.fail(f"qemu-storage-daemon did not start: {proc.communicate()[1]!r}")
             time.sleep(0.05)
     yield path
     proc.terminate()

@@ -158,7 +158,8 @@ class FuseSession:
         # synchronous read/write of file systems that offer them (see _dispatch)
         self._read_now = getattr(fs, "read_now", None)
         self._write_now = getattr(fs, "write_now", None)
-        self._inflight: dict[int, tuple[asyncio.Task[None], _Resume]] = {}
+        # unique -> (task, resume, interruptible): see _op_interrupt
+        self._inflight: dict[int, tuple[asyncio.Task[None], _Resume, bool]] = {}
         self._backing_ids: set[int] = set()
         self._counts = [0] * (abi.MAX_OPCODE + 1)
         self._other_counts: dict[int, int] = {}
@@ -273,7 +274,7 @@ class FuseSession:
         for backing_id in list(self._backing_ids):
             self._backing_close_fd(fd, backing_id)
         self._backing_ids.clear()
-        for task, resume in list(self._inflight.values()):
+        for task, resume, _ in list(self._inflight.values()):
             _cancel_request(task, resume)
         self._inflight.clear()
         if fd >= 0:
@@ -457,7 +458,7 @@ class FuseSession:
                     task = self._loop.create_task(
                         self._finish(unique, resume, _encode_read, size, None)
                     )
-                    self._inflight[unique] = (task, resume)
+                    self._inflight[unique] = (task, resume, True)
                     return False
             if type(data) is list:
                 self._reply_ok(unique, _ScatterReply(data, size))
@@ -497,6 +498,8 @@ class FuseSession:
         encode: Callable[[Any, int], Any] | None = None,
         arg: int = 0,
         buf: memoryview | None = None,
+        *,
+        interruptible: bool = False,
     ) -> bool:
         """Start a handler coroutine; answer inline if it finishes at once.
 
@@ -519,7 +522,7 @@ class FuseSession:
             return False
         resume = _Resume(coro, pending)
         task = self._loop.create_task(self._finish(unique, resume, encode, arg, buf))
-        self._inflight[unique] = (task, resume)
+        self._inflight[unique] = (task, resume, interruptible)
         return buf is not None
 
     async def _finish(
@@ -664,9 +667,13 @@ class FuseSession:
 
     def _op_interrupt(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
         (target,) = requests.body(abi.INTERRUPT_IN, buf, off, end, "INTERRUPT")
+        # Only requests that change nothing are cancelled: an interrupted
+        # WRITE (or fallocate, fsync, setattr...) whose I/O already went to a
+        # worker thread would be answered EINTR while it still lands later,
+        # possibly over a newer write. Those finish and answer normally.
         entry = self._inflight.get(target)
-        if entry is not None:
-            _cancel_request(*entry)
+        if entry is not None and entry[2]:
+            _cancel_request(entry[0], entry[1])
         # Unknown: already answered (we read requests in order). No reply either way.
         return False
 
@@ -680,7 +687,7 @@ class FuseSession:
     # --- file operations --------------------------------------------------------
 
     def _op_getattr(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
-        return self._run(unique, self.fs.getattr(), _encode_attr)
+        return self._run(unique, self.fs.getattr(), _encode_attr, interruptible=True)
 
     def _op_setattr(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
         changes = requests.setattr_in(buf, off, end, time.time_ns())
@@ -694,7 +701,9 @@ class FuseSession:
         if end - off < 40:
             raise requests.RequestError(f"READ: body of {end - off} bytes, need 40")
         fh, offset, size = _READ_HEAD.unpack_from(buf, off)
-        return self._run(unique, self.fs.read(fh, offset, size), _encode_read, size)
+        return self._run(
+            unique, self.fs.read(fh, offset, size), _encode_read, size, interruptible=True
+        )
 
     def _op_write(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
         fh, offset, data = requests.write_in(buf, off, end)
@@ -716,7 +725,7 @@ class FuseSession:
         return self._run(unique, self.fs.write(fh, offset, data), _encode_write, size, buf)
 
     def _op_statfs(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
-        return self._run(unique, self.fs.statfs(), _encode_statfs)
+        return self._run(unique, self.fs.statfs(), _encode_statfs, interruptible=True)
 
     def _op_release(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
         fh, flags, _rflags, _lo = requests.body(abi.RELEASE_IN, buf, off, end, "RELEASE")
@@ -737,7 +746,9 @@ class FuseSession:
 
     def _op_lseek(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
         fh, offset, whence, _p = requests.body(abi.LSEEK_IN, buf, off, end, "LSEEK")
-        return self._run(unique, self.fs.lseek(fh, offset, whence), _encode_lseek)
+        return self._run(
+            unique, self.fs.lseek(fh, offset, whence), _encode_lseek, interruptible=True
+        )
 
 
 def _resolve_and_mount(
