@@ -228,14 +228,8 @@ class FileNode(BlockNode):
             return b""
         if self.direct:
             return await in_thread(self._read_direct, offset, length)
-        if self._inline:  # pread allocates without zero-filling first: ~2x faster for 4 KiB
-            data = os.pread(self.fd, length, offset)
-            if len(data) == length:
-                return data
-            buf = bytearray(length)
-            buf[: len(data)] = data
-            self._pread_into(buf, len(data), offset + len(data))
-            return buf
+        if self._inline:
+            return self._read_inline(offset, length)
         buf = bytearray(length)
         done = 0
         if self._nowait_reads:
@@ -252,6 +246,16 @@ class FileNode(BlockNode):
         await in_thread(self._pread_into, buf, done, offset + done)
         return buf
 
+    def _read_inline(self, offset: int, length: int) -> bytes | bytearray:
+        # pread allocates without zero-filling first: ~2x faster for 4 KiB
+        data = os.pread(self.fd, length, offset)
+        if len(data) == length:
+            return data
+        buf = bytearray(length)
+        buf[: len(data)] = data
+        self._pread_into(buf, len(data), offset + len(data))
+        return buf
+
     def read_now(self, offset: int, length: int) -> bytes | bytearray | memoryview | None:
         """read() for callers on the loop when it cannot block (tmpfs, a
         page-cache hit); None when it would (the caller awaits read())."""
@@ -260,13 +264,7 @@ class FileNode(BlockNode):
         if self.direct:
             return None
         if self._inline:
-            data = os.pread(self.fd, length, offset)
-            if len(data) == length:
-                return data
-            buf = bytearray(length)
-            buf[: len(data)] = data
-            self._pread_into(buf, len(data), offset + len(data))
-            return buf
+            return self._read_inline(offset, length)
         if self._nowait_reads:
             buf = bytearray(length)
             try:
