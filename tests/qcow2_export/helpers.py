@@ -65,6 +65,18 @@ async def compare_raw(img: Path, ref: Path) -> None:
     assert "Images are identical." in out, out
 
 
+async def check_matches_model(
+    img: Path, workdir: Path, model: bytes | bytearray, snaps: dict[str, bytes] | None = None
+) -> None:
+    """qemu-img check clean, the image equal to `model`, every snapshot as before."""
+    await check_clean(img)
+    ref = workdir / "model.raw"
+    ref.write_bytes(model)
+    await compare_raw(img, ref)
+    for s, before in (snaps or {}).items():
+        assert await convert_raw(img, workdir / f"{s}-after.raw", snapshot=s) == before, s
+
+
 async def convert_raw(img: Path, out: Path, snapshot: str | None = None) -> bytes:
     args = ["convert", "-O", "raw"]
     if snapshot:

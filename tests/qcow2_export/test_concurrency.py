@@ -19,6 +19,7 @@ from tests.qcow2.variants import build
 
 from .helpers import (
     check_clean,
+    check_matches_model,
     compare_raw,
     convert_raw,
     export_qcow2,
@@ -105,12 +106,7 @@ async def test_parallel_writers_share_clusters(exportd: Exportd, workdir: Path, 
         assert await read_mount(mnt) == bytes(model)
     finally:
         await unexport(d)
-    await check_clean(img)
-    ref = workdir / "model.raw"
-    ref.write_bytes(model)
-    await compare_raw(img, ref)
-    for s, before in snaps.items():
-        assert await convert_raw(img, workdir / f"{s}-after.raw", snapshot=s) == before, s
+    await check_matches_model(img, workdir, model, snaps)
 
 
 async def test_two_overlays_of_one_base(exportd: Exportd, workdir: Path) -> None:

@@ -16,7 +16,7 @@ from tests.qcow2.variants import build
 
 from .helpers import (
     check_clean,
-    compare_raw,
+    check_matches_model,
     convert_raw,
     export_qcow2,
     qemu_data_extents,
@@ -83,12 +83,7 @@ async def test_punch_and_zero_range(exportd: Exportd, workdir: Path, variant: st
         assert await read_mount(mnt) == bytes(model)
     finally:
         await unexport(d)
-    await check_clean(img)
-    ref = workdir / "model.raw"
-    ref.write_bytes(model)
-    await compare_raw(img, ref)
-    for s, before in snaps.items():
-        assert await convert_raw(img, workdir / f"{s}-after.raw", snapshot=s) == before, s
+    await check_matches_model(img, workdir, model, snaps)
 
     await export_qcow2(d, img, mnt, writable=False)
     try:
