@@ -169,11 +169,8 @@ def mount_root(fd: int, mountpoint: str, opts: MountOptions) -> None:
         f"user_id={os.geteuid()}",
         f"group_id={os.getegid()}",
         f"max_read={opts.max_read}",
+        *_access_options(opts),
     ]
-    if opts.default_permissions:
-        data.append("default_permissions")
-    if opts.allow_other:
-        data.append("allow_other")
     rc = _libc.mount(
         opts.fsname.encode(),
         os.fsencode(mountpoint),
@@ -184,6 +181,12 @@ def mount_root(fd: int, mountpoint: str, opts: MountOptions) -> None:
     if rc != 0:
         e = ctypes.get_errno()
         raise MountError(e, f"mount {mountpoint}: {os.strerror(e)}")
+
+
+def _access_options(opts: MountOptions) -> list[str]:
+    """Options both mount paths pass on as they are."""
+    return [name for name, on in (("default_permissions", opts.default_permissions),
+                                  ("allow_other", opts.allow_other)) if on]
 
 
 def mount_fusermount(mountpoint: str, opts: MountOptions) -> int:
@@ -197,11 +200,8 @@ def mount_fusermount(mountpoint: str, opts: MountOptions) -> int:
         f"fsname={_escape_opt(opts.fsname)}",
         f"subtype={FS_SUBTYPE}",
         f"max_read={opts.max_read}",
+        *_access_options(opts),
     ]
-    if opts.default_permissions:
-        options.append("default_permissions")
-    if opts.allow_other:
-        options.append("allow_other")
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
