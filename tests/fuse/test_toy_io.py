@@ -176,6 +176,24 @@ async def test_truncate_chmod_utime_and_o_trunc(target):
     assert fs.mode == 0o600 and bytes(fs.data) == b"new"
 
 
+async def test_set_id_bits_are_never_stored(target):
+    # The session negotiates HANDLE_KILLPRIV_V2 (the kernel then trusts us to
+    # clear set-id bits), which is only right because there are never any.
+    fs = filled(4096)
+    async with serving(fs, target):
+        res = await child(
+            """
+            p = sys.argv[1]
+            os.chmod(p, 0o6755); m = os.stat(p).st_mode & 0o7777
+            fd = os.open(p, os.O_WRONLY); os.write(fd, b"x"); os.close(fd)
+            out([m, os.stat(p).st_mode & 0o7777])
+            """,
+            target,
+        )
+    assert res == [0o755, 0o755]
+    assert fs.mode & 0o7777 == 0o755
+
+
 async def test_fallocate_modes(target):
     fs = filled(64 * 1024)
     async with serving(fs, target) as session:

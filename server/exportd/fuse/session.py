@@ -22,6 +22,7 @@ import fcntl
 import inspect
 import logging
 import os
+import stat
 import struct
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Generator
@@ -29,6 +30,7 @@ from typing import Any
 
 from . import abi, replies, requests
 from .buffers import BufferPool, pool_for
+from .busypoll import poller_for
 from .filesystem import SingleFileFS
 from .mount import (
     MountError,
@@ -62,14 +64,13 @@ WANTED_FLAGS = (
     | abi.INIT_EXT
     | abi.ABORT_ERROR
     | abi.DIRECT_IO_ALLOW_MMAP
+    # We never store set-id bits (see _op_setattr), so there is never any to
+    # kill: the kernel can skip its per-write check for them (a getxattr of
+    # security.capability on every passthrough write).
+    | abi.HANDLE_KILLPRIV_V2
 )
-
-
-def _env_seconds_from_us(name: str) -> float:
-    try:
-        return max(0.0, float(os.environ.get(name, "0")) / 1e6)
-    except ValueError:
-        return 0.0
+# A single-file export of a disk image on a nosuid mount: set-id bits mean nothing.
+SETID_BITS = stat.S_ISUID | stat.S_ISGID
 
 
 class PassthroughUnavailable(OSError):
@@ -129,10 +130,6 @@ def _cancel_request(task: asyncio.Task[None], resume: _Resume) -> None:
 class FuseSession:
     """A mounted single-file FUSE filesystem served on one asyncio loop."""
 
-    # Seconds to spin on the fd after a burst before going back to epoll
-    # (0 = off). Class-wide default; set per session to experiment.
-    busy_poll_s: float = _env_seconds_from_us("EXPORTD_FUSE_BUSY_POLL_US")
-
     def __init__(
         self,
         fs: SingleFileFS,
@@ -153,6 +150,7 @@ class FuseSession:
         self.max_write = MAX_WRITE
         self._loop = loop
         self._pool: BufferPool = pool_for(loop, BUFFER_SIZE)
+        self._poller = poller_for(loop)
         self._fd = -1
         self._reading = False
         # synchronous read/write of file systems that offer them (see _dispatch)
@@ -367,28 +365,39 @@ class FuseSession:
 
     def _start_reading(self) -> None:
         self._loop.add_reader(self._fd, self._on_readable)
+        if self._poller is not None:
+            self._poller.register(self._fd, self._drain)
         self._reading = True
 
     def _stop_reading(self) -> None:
         if self._reading:
             self._reading = False
             self._loop.remove_reader(self._fd)
+            if self._poller is not None:
+                self._poller.unregister(self._fd)
 
     def _on_readable(self) -> None:
+        poller = self._poller
+        if poller is None:
+            self._drain()
+            return
+        poller.woken()
+        if self._drain():
+            poller.idle()
+
+    def _drain(self) -> bool:
+        """Read and dispatch up to BURST requests. True when nothing of ours
+        is in flight afterwards (see busypoll.py)."""
         pool = self._pool
         buf = pool.acquire()
         try:
             for _ in range(BURST):
                 if not self._reading:
-                    return
+                    return True
                 try:
                     n = os.readv(self._fd, (buf,))
                 except BlockingIOError:
-                    if not self.busy_poll_s:
-                        return
-                    n = self._busy_poll(buf)
-                    if n <= 0:
-                        return
+                    break
                 except InterruptedError:
                     continue
                 except OSError as e:
@@ -398,26 +407,12 @@ class FuseSession:
                         self._gone()
                     else:
                         self._halt(f"read from /dev/fuse failed: {e}")
-                    return
+                    return True
                 if self._dispatch(buf, n):
                     buf = pool.acquire()  # the old one belongs to a pending WRITE now
         finally:
             pool.release(buf)
-
-    def _busy_poll(self, buf: memoryview) -> int:
-        """Spin on the fd for a few microseconds: a client doing I/O back to
-        back sends its next request right after our reply, and catching it
-        here saves a trip through epoll and a wakeup. 0 when nothing came."""
-        deadline = time.perf_counter() + self.busy_poll_s
-        fd = self._fd
-        while time.perf_counter() < deadline:
-            try:
-                return os.readv(fd, (buf,))
-            except BlockingIOError:
-                continue
-            except OSError:
-                return 0  # the normal read path reports it on the next wakeup
-        return 0
+        return not self._inflight
 
     def _dispatch(self, buf: memoryview, n: int) -> bool:
         """Handle one request; True when `buf` must stay checked out."""
@@ -553,6 +548,8 @@ class FuseSession:
                     self._pool.release(buf)
                 else:
                     self._pool.discard(buf)
+            if not self._inflight and self._reading and self._poller is not None:
+                self._poller.idle()
 
     # --- replies -----------------------------------------------------------------
 
@@ -691,6 +688,8 @@ class FuseSession:
 
     def _op_setattr(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
         changes = requests.setattr_in(buf, off, end, time.time_ns())
+        if changes.mode is not None:
+            changes.mode &= ~SETID_BITS
         return self._run(unique, self.fs.setattr(changes), _encode_attr)
 
     def _op_open(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
