@@ -66,16 +66,18 @@ def test_init_out_size_follows_kernel_minor():
 
 
 def test_write_and_setattr_decoding():
-    body = abi.WRITE_IN.pack(3, 4096, 5, 0, 0, 0, 0) + b"hello"
+    body = abi.WRITE_IN.pack(3, 4096, 5, abi.WRITE_KILL_SUIDGID, 0, 0, 0) + b"hello"
     buf = request(abi.WRITE, body)
-    fh, off, data = requests.write_in(buf, 40, len(buf))
-    assert (fh, off, bytes(data)) == (3, 4096, b"hello")
+    fh, off, data, write_flags = requests.write_in(buf, 40, len(buf))
+    assert (fh, off, bytes(data), write_flags) == (3, 4096, b"hello", abi.WRITE_KILL_SUIDGID)
     short = request(abi.WRITE, abi.WRITE_IN.pack(3, 4096, 9, 0, 0, 0, 0) + b"hello")
     with pytest.raises(requests.RequestError, match="size 9"):
         requests.write_in(short, 40, len(short))
     valid = abi.FATTR_SIZE | abi.FATTR_MODE | abi.FATTR_MTIME | abi.FATTR_ATIME_NOW | abi.FATTR_FH
+    valid |= abi.FATTR_KILL_SUIDGID
     sa = abi.SETATTR_IN.pack(valid, 0, 9, 123, 0, 5, 6, 0, 7, 8, 0, 0o100600, 0, 0, 0, 0)
     ch = requests.setattr_in(request(abi.SETATTR, sa), 40, 40 + len(sa), now_ns=42)
+    assert ch.kill_setid
     assert (ch.size, ch.mode, ch.atime_ns, ch.mtime_ns, ch.fh, ch.uid) == (
         123,
         0o100600,

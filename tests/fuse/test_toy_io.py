@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import pwd
 import signal
 import stat
+import subprocess
 
 import pytest
 
@@ -176,22 +178,55 @@ async def test_truncate_chmod_utime_and_o_trunc(target):
     assert fs.mode == 0o600 and bytes(fs.data) == b"new"
 
 
-async def test_set_id_bits_are_never_stored(target):
-    # The session negotiates HANDLE_KILLPRIV_V2 (the kernel then trusts us to
-    # clear set-id bits), which is only right because there are never any.
+SET_ID_CODE = """
+p, what = sys.argv[1], sys.argv[2]
+if what == "write":
+    fd = os.open(p, os.O_WRONLY); os.pwrite(fd, b"x", 0); os.close(fd)
+elif what == "chmod":
+    os.chmod(p, int(sys.argv[3], 8))
+elif what == "chown":
+    os.chown(p, os.getuid(), os.getgid())
+out(os.stat(p).st_mode & 0o7777)
+"""
+
+
+async def as_nobody(*argv: str) -> None:
+    nobody = pwd.getpwnam("nobody")
+    proc = await asyncio.to_thread(
+        subprocess.run, list(argv), capture_output=True, text=True, timeout=60,
+        user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[], cwd="/",
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as nobody")
+async def test_set_id_bits_cleared_as_a_local_file_system_would(public_target):
+    # The session negotiates HANDLE_KILLPRIV_V2: the kernel leaves clearing
+    # set-id bits to us. Root (CAP_FSETID) keeps them; nobody's write or
+    # truncate clears them; a chown clears them whoever does it.
+    t = public_target
+    nobody_write = ("dd", "if=/dev/zero", f"of={t}", "bs=1", "count=1", "conv=notrunc")
+    nobody_truncate = ("truncate", "-s", "100", t)
     fs = filled(4096)
-    async with serving(fs, target):
-        res = await child(
-            """
-            p = sys.argv[1]
-            os.chmod(p, 0o6755); m = os.stat(p).st_mode & 0o7777
-            fd = os.open(p, os.O_WRONLY); os.write(fd, b"x"); os.close(fd)
-            out([m, os.stat(p).st_mode & 0o7777])
-            """,
-            target,
-        )
-    assert res == [0o755, 0o755]
-    assert fs.mode & 0o7777 == 0o755
+    async with serving(fs, t, allow_other=True):
+
+        async def mode(*action: str) -> int:
+            return await child(SET_ID_CODE, t, *action)
+
+        assert await mode("chmod", "6777") == 0o6777
+        assert await mode("write") == 0o6777  # root
+        await as_nobody(*nobody_write)
+        assert await mode("stat") == 0o0777
+        # group not executable: set-group-ID means mandatory locking, and stays
+        assert await mode("chmod", "2767") == 0o2767
+        await as_nobody(*nobody_truncate)
+        assert await mode("stat") == 0o2767
+        assert await mode("chmod", "6777") == 0o6777
+        await as_nobody(*nobody_truncate)
+        assert await mode("stat") == 0o0777
+        assert await mode("chmod", "4777") == 0o4777
+        assert await mode("chown") == 0o0777  # root chowns to itself
+    assert fs.mode & 0o7777 == 0o777 and len(fs.data) == 100
 
 
 async def test_fallocate_modes(target):

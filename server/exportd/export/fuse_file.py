@@ -36,6 +36,7 @@ from exportd.fuse.filesystem import (
     SetAttr,
     SingleFileFS,
     StatFs,
+    without_setid,
 )
 
 if TYPE_CHECKING:
@@ -215,6 +216,8 @@ class ExportedFile(SingleFileFS):
                 self.uid = changes.uid
             if changes.gid is not None:
                 self.gid = changes.gid
+            if changes.mode is None and (changes.uid is not None or changes.gid is not None):
+                self.mode = without_setid(self.mode)  # chown (HANDLE_KILLPRIV_V2)
             # times are not stored: they always read as "now" (QEMU does the same)
             return await self._attr()
 

@@ -127,6 +127,7 @@ class SetAttr:
     mtime_ns: int | None = None
     ctime_ns: int | None = None
     fh: int | None = None  # the open file the change comes through, if known
+    kill_setid: bool = False  # an unprivileged truncate: the session calls fs.kill_setid()
 
 
 @dataclass(slots=True)
@@ -146,6 +147,16 @@ class StatFs:
     bsize: int = 4096
     namelen: int = 255
     frsize: int = 4096
+
+
+def without_setid(mode: int) -> int:
+    """`mode` as a write or chown by an unprivileged user leaves it: no
+    set-user-ID bit, no set-group-ID bit when group-executable (otherwise
+    that bit means mandatory locking, and stays)."""
+    mode &= ~stat.S_ISUID
+    if mode & stat.S_IXGRP:
+        mode &= ~stat.S_ISGID
+    return mode
 
 
 class SingleFileFS(ABC):
@@ -185,6 +196,15 @@ class SingleFileFS(ABC):
 
     async def statfs(self) -> StatFs:
         return StatFs()
+
+    def kill_setid(self) -> None:
+        """An unprivileged caller writes to or truncates the file: clear its
+        set-id bits, as a local file system would. The session negotiates
+        FUSE_HANDLE_KILLPRIV_V2, which leaves this to us (and a chown must do
+        it too: see without_setid). File systems keeping `mode` get it here."""
+        mode = getattr(self, "mode", None)
+        if isinstance(mode, int):
+            self.mode = without_setid(mode)
 
     def on_session_end(self, reason: str) -> None:
         """Called once when the session ends (see module docstring)."""

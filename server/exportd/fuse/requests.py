@@ -94,15 +94,17 @@ def setattr_in(buf: memoryview, off: int, end: int, now_ns: int) -> SetAttr:
         changes.ctime_ns = ctime * 1_000_000_000 + ctimensec
     if valid & abi.FATTR_FH:
         changes.fh = fh
+    if valid & abi.FATTR_KILL_SUIDGID:
+        changes.kill_setid = True
     return changes
 
 
-def write_in(buf: memoryview, off: int, end: int) -> tuple[int, int, memoryview]:
-    """(fh, offset, data) of a WRITE; data is a view into buf."""
-    fh, offset, size, _wflags, _lock_owner, _flags, _pad = body(
+def write_in(buf: memoryview, off: int, end: int) -> tuple[int, int, memoryview, int]:
+    """(fh, offset, data, write_flags) of a WRITE; data is a view into buf."""
+    fh, offset, size, write_flags, _lock_owner, _flags, _pad = body(
         abi.WRITE_IN, buf, off, end, "WRITE"
     )
     start = off + abi.WRITE_IN.size
     if end - start != size:
         raise RequestError(f"WRITE: size {size} but {end - start} data bytes")
-    return fh, offset, buf[start:end]
+    return fh, offset, buf[start:end], write_flags

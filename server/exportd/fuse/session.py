@@ -22,7 +22,6 @@ import fcntl
 import inspect
 import logging
 import os
-import stat
 import struct
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Generator
@@ -64,13 +63,11 @@ WANTED_FLAGS = (
     | abi.INIT_EXT
     | abi.ABORT_ERROR
     | abi.DIRECT_IO_ALLOW_MMAP
-    # We never store set-id bits (see _op_setattr), so there is never any to
-    # kill: the kernel can skip its per-write check for them (a getxattr of
-    # security.capability on every passthrough write).
+    # We clear set-id bits ourselves when the kernel says so (fs.kill_setid),
+    # so it can skip its own check on every write: a getxattr of
+    # security.capability per passthrough write (bench/README.md, Levers).
     | abi.HANDLE_KILLPRIV_V2
 )
-# A single-file export of a disk image on a nosuid mount: set-id bits mean nothing.
-SETID_BITS = stat.S_ISUID | stat.S_ISGID
 
 
 class PassthroughUnavailable(OSError):
@@ -688,12 +685,14 @@ class FuseSession:
 
     def _op_setattr(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
         changes = requests.setattr_in(buf, off, end, time.time_ns())
-        if changes.mode is not None:
-            changes.mode &= ~SETID_BITS
+        if changes.kill_setid:
+            self.fs.kill_setid()  # an unprivileged truncate
         return self._run(unique, self.fs.setattr(changes), _encode_attr)
 
     def _op_open(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
-        flags, _open_flags = requests.body(abi.OPEN_IN, buf, off, end, "OPEN")
+        flags, open_flags = requests.body(abi.OPEN_IN, buf, off, end, "OPEN")
+        if open_flags & abi.OPEN_KILL_SUIDGID and flags & os.O_TRUNC:
+            self.fs.kill_setid()
         return self._run(unique, self.fs.open(flags), _encode_open)
 
     def _op_read(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
@@ -705,7 +704,9 @@ class FuseSession:
         )
 
     def _op_write(self, unique: int, buf: memoryview, off: int, end: int) -> bool:
-        fh, offset, data = requests.write_in(buf, off, end)
+        fh, offset, data, write_flags = requests.write_in(buf, off, end)
+        if write_flags & abi.WRITE_KILL_SUIDGID:
+            self.fs.kill_setid()
         size = len(data)
         if self._write_now is not None:
             # answered at once, straight from the receive buffer (no copy)

@@ -35,6 +35,7 @@ from .filesystem import (
     SetAttr,
     SingleFileFS,
     StatFs,
+    without_setid,
 )
 
 BLOCK = 4096
@@ -100,6 +101,8 @@ class MemoryFS(SingleFileFS):
             self.uid = changes.uid
         if changes.gid is not None:
             self.gid = changes.gid
+        if changes.mode is None and (changes.uid is not None or changes.gid is not None):
+            self.mode = without_setid(self.mode)  # chown (HANDLE_KILLPRIV_V2)
         if changes.atime_ns is not None:
             self.atime_ns = changes.atime_ns
         if changes.mtime_ns is not None:
