@@ -6,6 +6,7 @@ fuse.c answers them."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 from pathlib import Path
 
@@ -72,3 +73,31 @@ async def test_writable_export_rules(host_with_file: Host, workdir: Path) -> Non
     assert (await f.getattr()).size == 65536
     await f.setattr(SetAttr(size=4096))
     assert exp.node_user is not None and not exp.node_user.perm & 0x08
+
+
+async def test_growing_writes_finishing_out_of_order_never_shrink(
+    host_with_file: Host, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two writes past the end grow the file; the nearer growth is made to
+    # finish last. It must not truncate the file below the farther write.
+    exp = await add(host_with_file, workdir, "g", writable=True, growable=True, **{"allow-other": "off"})
+    node = exp.node
+    real_truncate = node.truncate
+    calls = 0
+
+    async def first_truncate_slow(size: int, **kw):  # noqa: ANN202, ANN003
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await asyncio.sleep(0.05)
+        return await real_truncate(size, **kw)
+
+    monkeypatch.setattr(node, "truncate", first_truncate_slow)
+    end = 65536
+    near = asyncio.create_task(exp.file.write(0, end + 100, memoryview(b"a" * 100)))
+    await asyncio.sleep(0)
+    far = asyncio.create_task(exp.file.write(0, end + 1000, memoryview(b"b" * 100)))
+    assert await asyncio.gather(near, far) == [100, 100]
+    assert exp.current_length() == end + 1100
+    tail = await node.read(end, 1100)
+    assert bytes(tail) == bytes(100) + b"a" * 100 + bytes(800) + b"b" * 100

@@ -206,8 +206,8 @@ class FuseExport(BlockExport):
     def cancel_requests(self) -> None:
         # closing the session unmounts and cancels every handler in flight;
         # each answers EINTR and drops its reference
-        if self.session is not None:
-            asyncio.get_running_loop().create_task(self._unmount())
+        if self.session is not None and self._close_task is None:
+            self._close_task = asyncio.get_running_loop().create_task(self._close_session())
 
     # --- passthrough ------------------------------------------------------------
     def _passthrough_source(self) -> tuple[int | None, str]:

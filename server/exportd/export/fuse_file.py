@@ -100,6 +100,7 @@ class ExportedFile(SingleFileFS):
         self.uid = os.getuid()
         self.gid = os.getgid()
         self._resize_holders = 0  # truncates in flight holding a temporary RESIZE
+        self._growth = asyncio.Lock()  # writes past the end grow one at a time
 
     # --- helpers ----------------------------------------------------------------
     @property
@@ -142,6 +143,14 @@ class ExportedFile(SingleFileFS):
             except OSError as e:
                 raise backend_errno(e) from None
         self.export.length_changed()
+
+    async def _grow_to(self, end: int) -> None:
+        """Grow, never shrink, to `end` for a write past the end. Growing
+        writes may finish out of order: each one re-reads the length under
+        the lock, so a nearer end never truncates a farther write away."""
+        async with self._growth:
+            if self.export.current_length() < end:
+                await self._truncate(end)
 
     async def _write_zeroes(self, offset: int, length: int, *, may_unmap: bool) -> None:
         end = offset + length
@@ -309,7 +318,7 @@ class ExportedFile(SingleFileFS):
             length = exp.current_length()
             if offset + size > length:
                 if exp.growable:
-                    await self._truncate(offset + size)
+                    await self._grow_to(offset + size)
                 elif offset >= length:
                     return 0  # the kernel turns this into ENOSPC for the writer
                 else:

@@ -163,6 +163,7 @@ class FuseSession:
         self.closed: asyncio.Future[str] = loop.create_future()
         self._closing = False
         self._close_task: asyncio.Task[None] | None = None
+        self._cleanup_task: asyncio.Task[None] | None = None  # referenced until done
 
     # --- life cycle ---------------------------------------------------------------
 
@@ -296,7 +297,7 @@ class FuseSession:
             return  # _shutdown finishes the job
         self._end(reason)
         # An aborted connection may leave its mount behind (ENOTCONN); drop it.
-        self._loop.create_task(self._drop_dead_mount())
+        self._cleanup_task = self._loop.create_task(self._drop_dead_mount())
 
     async def _drop_dead_mount(self) -> None:
         try:

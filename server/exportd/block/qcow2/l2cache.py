@@ -51,13 +51,26 @@ class L2Cache:
         return t
 
     async def load(self, offset: int, loader: Callable[[int], Awaitable[array]]) -> L2Table:
-        """The table at `offset`, loading it once even with concurrent callers."""
-        t = self.lookup(offset)
-        if t is not None:
-            return t
-        fut = self._loading.get(offset)
-        if fut is not None:
-            return await asyncio.shield(fut)
+        """The table at `offset`, loading it once even with concurrent callers.
+
+        When the caller doing the load is cancelled (an interrupted read),
+        the others waiting for it load the table themselves: they were not
+        interrupted, so they must not answer EINTR.
+        """
+        while True:
+            t = self.lookup(offset)
+            if t is not None:
+                return t
+            fut = self._loading.get(offset)
+            if fut is None:
+                break
+            try:
+                return await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if fut.cancelled() and task is not None and not task.cancelling():
+                    continue  # the loader was cancelled, not us: try again
+                raise
         fut = asyncio.get_running_loop().create_future()
         self._loading[offset] = fut
         try:
@@ -68,6 +81,9 @@ class L2Cache:
                 self.insert(t)
             fut.set_result(t)
             return t
+        except asyncio.CancelledError:
+            fut.cancel()
+            raise
         except BaseException as e:
             fut.set_exception(e)
             fut.exception()  # mark retrieved
