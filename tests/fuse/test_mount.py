@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 
@@ -46,3 +47,21 @@ def test_a_stopped_daemon_is_hung_not_stale(target):
         out, _ = proc.communicate(timeout=20)
     assert "ended closed" in out
     assert not fuse_mount.exportd_mounts(target)
+
+
+async def test_statx_finds_our_connection_without_the_server(target):
+    from exportd.fuse.toy import MemoryFS
+
+    from .conftest import serving
+
+    assert fuse_mount.is_mount_root(target) is False
+    assert fuse_mount.top_connection(target) is None  # a plain file on a real device
+    async with serving(MemoryFS(4096), target) as session:
+        # from a thread, as the daemon does (a syscall on the mount from the
+        # loop thread could wait on the loop)
+        assert await asyncio.to_thread(fuse_mount.is_mount_root, target) is True
+        connection = await asyncio.to_thread(fuse_mount.top_connection, target)
+        assert connection == session.connection
+        [entry] = fuse_mount.exportd_mounts(target)
+        assert entry.connection == session.connection
+    assert fuse_mount.is_mount_root(target) is False

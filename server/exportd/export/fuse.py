@@ -28,6 +28,7 @@ from exportd.errors import QMPError
 from exportd.export import mountpoint as mp
 from exportd.export.base import BlockExport
 from exportd.export.fuse_file import ExportedFile
+from exportd.fuse.mount import is_mount_root
 from exportd.fuse.threads import blocking_call
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,8 @@ class FuseExport(BlockExport):
         worker thread: the mountinfo read and parse stay off the loop."""
         def probe() -> tuple[str, os.stat_result | OSError, list[mp.MountEntry]]:
             canonical, st = mp.probe_path(path)
+            if is_mount_root(canonical) is False:
+                return canonical, st, []  # nothing mounted there: skip the mount table
             return canonical, st, mp.read_mountinfo()
 
         try:

@@ -38,6 +38,7 @@ from .mount import (
     mount_fusermount,
     mount_root,
     open_dev_fuse,
+    top_connection,
     unmount_if_ours,
 )
 from .threads import blocking_call
@@ -200,8 +201,8 @@ class FuseSession:
     async def _mount(self) -> None:
         # One worker thread resolves the path (mountinfo lists the resolved
         # one, and after the mount a lookup of it would be served by this
-        # loop), mounts, and finds the new connection in mountinfo, while
-        # the loop is free to answer INIT. One thread hop per mount instead
+        # loop), mounts, and finds the new connection (statx, mountinfo as
+        # a fallback), while the loop is free to answer INIT. One thread hop per mount instead
         # of three steps (add+del cycle: see bench/README.md, Levers).
         path = self.mountpoint
         if os.geteuid() == 0:
@@ -209,7 +210,7 @@ class FuseSession:
             # connection (before that, read gives EPERM); INIT waits queued.
             fd = open_dev_fuse()
             try:
-                resolved, _, found = await self._in_mount_thread(
+                resolved, _, connection = await self._in_mount_thread(
                     _resolve_and_mount, path, self.fsname, mount_root, fd, self.options
                 )
             except BaseException:
@@ -217,12 +218,12 @@ class FuseSession:
                 raise
             self._fd = fd
         else:
-            resolved, self._fd, found = await self._in_mount_thread(
+            resolved, self._fd, connection = await self._in_mount_thread(
                 _resolve_and_mount, path, self.fsname, mount_fusermount, None, self.options
             )
         self.mountpoint = resolved
         self._start_reading()
-        self.connection = found.connection if found else None
+        self.connection = connection
 
     async def _in_mount_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a mount call in a thread. If we are cancelled meanwhile, the
@@ -758,9 +759,9 @@ def _resolve_and_mount(
     mount: Callable[..., Any],
     fd: int | None,
     options: MountOptions,
-) -> tuple[str, int | None, Any]:
+) -> tuple[str, int | None, int | None]:
     """Blocking, in a worker thread: (resolved path, fd from fusermount3 or
-    None, the new mount's mountinfo entry or None)."""
+    None, the new mount's FUSE connection number or None)."""
     resolved = os.path.realpath(path)
     if fd is None:
         fd = mount(resolved, options)
@@ -768,11 +769,14 @@ def _resolve_and_mount(
     else:
         mount(fd, resolved, options)
         handed = None
-    try:
-        found = find_mount(resolved, fsname)
-    except OSError:
-        found = None
-    return resolved, handed, found
+    connection = top_connection(resolved)
+    if connection is None:
+        try:
+            found = find_mount(resolved, fsname)
+        except OSError:
+            found = None
+        connection = found.connection if found else None
+    return resolved, handed, connection
 
 
 # --- reply payload encoders: (handler result, request argument) -> payload -------
