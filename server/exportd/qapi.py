@@ -32,6 +32,7 @@ from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
 from exportd.errors import QMPError
+from exportd.quickcheck import QuickCheck
 
 BASE_URI = "https://exportd.invalid/schema/"
 
@@ -108,6 +109,7 @@ class Schema:
             (uri, DRAFT202012.create_resource(doc)) for uri, doc in self.docs.items()
         )
         self._validators: dict[str, Any] = {}
+        self._quick = QuickCheck(self.resolve)
 
     def _index(self, node: Any, uri: str) -> None:
         if isinstance(node, dict):
@@ -168,6 +170,8 @@ class Schema:
         if command not in self.commands:
             return args
         _check_depth(args)
+        if self._quick.valid(self.commands[command], args):
+            return args  # well-formed: no need for jsonschema's slower walk
         errors = list(self.validator("commands", command).iter_errors(args))
         if errors:
             raise QMPError(self.describe(errors))
