@@ -274,6 +274,19 @@ class FileNode(BlockNode):
                 pass  # EAGAIN or no RWF_NOWAIT: read() sorts it out
         return None
 
+    @property
+    def pages_never_block(self) -> bool:
+        """Reading this file's pages never waits for a disk (tmpfs, ramfs)."""
+        return self._inline and not self.direct
+
+    def read_sources_now(self, offset: int, length: int) -> list[tuple[int, int, int]] | None:
+        """Where read() would take these bytes from, as (fd, offset, length)
+        for splicing (fuse/splice.py): only for files whose pages cannot make
+        the caller wait (tmpfs), and only inside the file; None otherwise."""
+        if not self._inline or self.direct or length <= 0 or offset + length > self._size:
+            return None
+        return [(self.fd, offset, length)]
+
     def write_now(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
         """write() (without FUA) for callers on the loop when it cannot block
         (tmpfs); False, having done nothing, when it would."""

@@ -107,6 +107,14 @@ class RawNode(BlockNode):
             data[:n] = await self.file.read(self.offset + offset, n)
         return data
 
+    def read_sources_now(self, offset: int, length: int) -> list[tuple[int, int, int]] | None:
+        """read()'s bytes as file pieces to splice (see FileNode); None
+        when the file cannot say or the range leaves the window."""
+        sources = getattr(self.file, "read_sources_now", None)
+        if sources is None or self._inside(offset, length) != length:
+            return None
+        return sources(self.offset + offset, length)
+
     def _check_write(self, offset: int, length: int) -> None:
         if self.read_only:
             raise OSError(errno.EROFS, "node is read-only")

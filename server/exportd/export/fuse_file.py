@@ -71,10 +71,21 @@ def backend_errno(e: OSError) -> OSError:
 
 
 _SYNC_IO: dict[type, tuple[Any, Any]] = {}
+_SOURCES: dict[type, Any] = {}
 
 
 def _defining_class(cls: type, name: str) -> type | None:
     return next((k for k in cls.__mro__ if name in k.__dict__), None)
+
+
+def _read_sources(node: Any) -> Any:
+    """The node class's read_sources_now, if it stands next to its read()."""
+    cls = type(node)
+    if cls not in _SOURCES:
+        owner = _defining_class(cls, "read_sources_now")
+        ok = owner is not None and owner is _defining_class(cls, "read")
+        _SOURCES[cls] = cls.read_sources_now if ok else None
+    return _SOURCES[cls]
 
 
 def _sync_io(node: Any) -> tuple[Any, Any]:
@@ -289,6 +300,40 @@ class ExportedFile(SingleFileFS):
             return read_now(node, offset, size)
         except OSError as e:
             raise backend_errno(e) from None
+
+    @property
+    def splice_reads(self) -> bool:
+        """Whether big reads can be spliced from the image (the session then
+        mounts with a max_read that fits its pipe: fuse/splice.py)."""
+        node = self.export.node
+        if _read_sources(node) is None:
+            return False
+        while node is not None:  # down to the file node that holds the data
+            never_block = getattr(node, "pages_never_block", None)
+            if never_block is not None:
+                return bool(never_block)
+            node = node.children.get("file")
+        return False
+
+    def read_sources_now(self, fh: int, offset: int, size: int) -> list[tuple[int, int, int]] | None:
+        """The file pieces a READ's reply can be spliced from (see
+        read_now for the rules); None: answer with read_now or read."""
+        exp = self.export
+        if not exp.user_owned:
+            return None
+        node = exp.node
+        sources = _read_sources(node)
+        if sources is None:
+            return None
+        length = exp.current_length()
+        if offset >= length or size <= 0:
+            return None
+        if offset + size > length:
+            size = length - offset
+        try:
+            return sources(node, offset, size)
+        except OSError:
+            return None  # read_now or read reports it
 
     def write_now(self, fh: int, offset: int, data: memoryview) -> int | None:
         exp = self.export

@@ -41,6 +41,7 @@ from .mount import (
     top_connection,
     unmount_if_ours,
 )
+from .splice import SPLICE_MAX_READ, SPLICE_MIN, ReplyPipe, pipe_for
 from .threads import blocking_call
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,12 @@ class FuseSession:
         # synchronous read/write of file systems that offer them (see _dispatch)
         self._read_now = getattr(fs, "read_now", None)
         self._write_now = getattr(fs, "write_now", None)
+        # READ replies spliced from the image file (splice.py), when mounted for it
+        self._read_sources = getattr(fs, "read_sources_now", None)
+        self._splice: ReplyPipe | None = None
+        if self._read_sources is not None and options.max_read <= SPLICE_MAX_READ:
+            self._splice = pipe_for(loop)
+        self.spliced = 0  # replies sent by splice (tests, benchmarks)
         # unique -> (task, resume, interruptible): see _op_interrupt
         self._inflight: dict[int, tuple[asyncio.Task[None], _Resume, bool]] = {}
         self._backing_ids: set[int] = set()
@@ -188,7 +195,14 @@ class FuseSession:
         fails, TimeoutError when INIT never comes.
         """
         loop = loop or asyncio.get_running_loop()
-        options = MountOptions(fsname=fsname, read_only=read_only, allow_other=allow_other)
+        splice_reads = bool(getattr(fs, "splice_reads", False)) and pipe_for(loop).usable
+        options = MountOptions(
+            fsname=fsname,
+            read_only=read_only,
+            allow_other=allow_other,
+            # a spliced reply must fit the pipe, header included
+            max_read=SPLICE_MAX_READ if splice_reads else MAX_WRITE,
+        )
         self = cls(fs, mountpoint, options, passthrough=passthrough, loop=loop)
         await self._mount()
         try:
@@ -430,6 +444,8 @@ class FuseSession:
             # The hot path, inlined (same steps as _op_read, _run, _reply_ok):
             # a read that completes without suspending is answered here.
             fh, offset, size = _READ_HEAD.unpack_from(buf, 40)
+            if size >= SPLICE_MIN and self._splice is not None and self._splice_read(fh, offset, size, unique):
+                return False
             data = None
             if self._read_now is not None:
                 # no coroutine at all when the file system can answer at once
@@ -484,6 +500,27 @@ class FuseSession:
             log.exception("%s: %s request failed", self.mountpoint, abi.opcode_name(opcode))
             self._reply_error(unique, errno.EIO)
             return False
+
+    def _splice_read(self, fh: int, offset: int, size: int, unique: int) -> bool:
+        """Answer a READ by splicing from the image file; False when the file
+        system cannot say where the bytes are (nothing was sent)."""
+        sources = self._read_sources(fh, offset, size)
+        if not sources:
+            return False
+        total = 0
+        for _, _, n in sources:
+            total += n
+        pipe = self._splice
+        if not pipe.fill(_OUT.pack(16 + total, 0, unique), sources, total):
+            return False
+        if self._fd >= 0:
+            try:
+                pipe.send(self._fd, 16 + total)
+            except OSError as e:
+                self._write_failed(e)
+                return True
+            self.spliced += 1
+        return True
 
     def _run(
         self,

@@ -410,6 +410,45 @@ class Qcow2Node(BlockNode):
             return None
         return file_read_now(h, length)
 
+    def read_sources_now(self, offset: int, length: int) -> list[tuple[int, int, int]] | None:
+        """read()'s bytes as image file pieces to splice (fuse/splice.py):
+        standard data clusters whose L2 tables are cached, in a file that
+        offers pieces itself; None for anything else (the caller reads)."""
+        file_sources = getattr(self.file, "read_sources_now", None)
+        if file_sources is None or length <= 0 or offset + length > self.header.size:
+            return None
+        out: list[tuple[int, int, int]] = []
+        cbits, cmask, l2_mask, l1_shift = self.cluster_bits, self.cmask, self.l2_mask, self.l1_shift
+        pos, end = offset, offset + length
+        run_host = run_len = 0
+        while pos < end:
+            t = self.l2cache.lookup(self.l1[pos >> l1_shift] & OFFSET_MASK)
+            if t is None:
+                return None
+            e = t.entries[(pos >> cbits) & l2_mask]
+            h = e & OFFSET_MASK
+            if not h or e & (COMPRESSED | ZERO | L2_RESERVED) or h & cmask:
+                return None
+            n = min(end, (pos | cmask) + 1) - pos
+            h += pos & cmask
+            if h + n > self.file_end:
+                return None
+            if run_len and run_host + run_len == h:
+                run_len += n
+            else:
+                if run_len:
+                    out.append((run_host, run_len))
+                run_host, run_len = h, n
+            pos += n
+        out.append((run_host, run_len))
+        pieces: list[tuple[int, int, int]] = []
+        for host, n in out:
+            found = file_sources(host, n)
+            if found is None:
+                return None
+            pieces.extend(found)
+        return pieces
+
     def write_now(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
         """write() (without FUA) for callers on the loop: the hot path only
         (one cluster that is ours alone, L2 table cached, image file that
