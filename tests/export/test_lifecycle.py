@@ -235,3 +235,44 @@ async def test_unmounted_from_outside(host: Host, workdir: Path) -> None:
     await asyncio.wait_for(exp.wait_deleted(), 10)
     assert host.events == [("BLOCK_EXPORT_DELETED", {"id": "e"})]
     assert host.exports.query() == []
+
+
+async def test_hard_delete_lets_a_write_in_flight_land_first(
+    host: Host, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The write may already run in a worker thread, where nothing can stop
+    # it: BLOCK_EXPORT_DELETED must not be sent before it has landed.
+    await null_node(host, latency_ns=400_000_000)
+    exp = await add(host, workdir, "w", writable=True)
+    node = host.graph.get("null0")
+    real_write = node.write
+    order: list[str] = []
+
+    async def write_and_note(offset: int, data, **kw):  # noqa: ANN001, ANN003, ANN202
+        await real_write(offset, data, **kw)
+        order.append("write landed")
+
+    monkeypatch.setattr(node, "write", write_and_note)
+    host.on_event = lambda name, data: order.append(name)
+    mnt = workdir / "w.raw"
+
+    def write() -> None:
+        try:
+            fd = os.open(mnt, os.O_WRONLY)
+            try:
+                os.pwrite(fd, b"x" * 4096, 0)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # the writer may see the mount go away
+
+    writer = asyncio.ensure_future(athread(write))
+    for _ in range(100):
+        if exp.refcount > 1:
+            break
+        await asyncio.sleep(0.02)
+    assert exp.refcount > 1, "the write never reached the export"
+    host.exports.delete("w", "hard")
+    await asyncio.wait_for(exp.wait_deleted(), 10)
+    await asyncio.wait_for(writer, 10)
+    assert order == ["write landed", "BLOCK_EXPORT_DELETED"]

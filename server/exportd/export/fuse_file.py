@@ -17,9 +17,9 @@ import logging
 import os
 import stat
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from exportd.block.node import Perm, Prealloc, Status
 from exportd.errors import QMPError
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from exportd.export.fuse import FuseExport
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ZERO_CHUNK = 64 * 1024 * 1024  # write_zeroes in pieces: bounded memory for drivers that write buffers
 SEEK_PROBE = 1 << 62  # "to the end" for block_status
@@ -76,6 +77,26 @@ _SOURCES: dict[type, Any] = {}
 
 def _defining_class(cls: type, name: str) -> type | None:
     return next((k for k in cls.__mro__ if name in k.__dict__), None)
+
+
+async def _to_the_end(work: Awaitable[T]) -> T:
+    """Await `work` even when the request is cancelled (hard delete, the
+    session closing). A change to the image may already run in a worker
+    thread and lands whatever we do, so the request keeps its reference on
+    the export until it has: BLOCK_EXPORT_DELETED never precedes a write."""
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
 
 
 def _read_sources(node: Any) -> Any:
@@ -150,7 +171,7 @@ class ExportedFile(SingleFileFS):
     async def _truncate(self, size: int, prealloc: Prealloc = Prealloc.OFF) -> None:
         async with self._resize_permission():
             try:
-                await self.node.truncate(size, prealloc=prealloc, exact=True)
+                await _to_the_end(self.node.truncate(size, prealloc=prealloc, exact=True))
             except OSError as e:
                 raise backend_errno(e) from None
         self.export.length_changed()
@@ -168,7 +189,7 @@ class ExportedFile(SingleFileFS):
         while offset < end:
             n = min(ZERO_CHUNK, end - offset)
             try:
-                await self.node.write_zeroes(offset, n, may_unmap=may_unmap)
+                await _to_the_end(self.node.write_zeroes(offset, n, may_unmap=may_unmap))
             except OSError as e:
                 raise backend_errno(e) from None
             offset += n
@@ -370,7 +391,7 @@ class ExportedFile(SingleFileFS):
                     size = length - offset
                     data = data[:size]
             try:
-                await exp.node.write(offset, data)
+                await _to_the_end(exp.node.write(offset, data))
                 if exp.writethrough:
                     await exp.node.flush()
             except OSError as e:
