@@ -212,6 +212,19 @@ async def exportd(workdir: Path) -> AsyncIterator[Exportd]:
         lazy_unmount_all(str(workdir))
 
 
+@pytest.fixture
+async def host(workdir: Path):  # noqa: ANN201
+    """An in-process ExportTable and BlockGraph (test_lifecycle.Host), torn down after."""
+    from .test_lifecycle import Host
+
+    h = Host()
+    try:
+        yield h
+    finally:
+        await h.exports.shutdown_all()
+        await h.graph.close_all()
+
+
 def make_image(path: Path, size: int, *, seed: int = 1, sparse: bool = False) -> bytes:
     """A raw image of `size` bytes of pseudo-random data (or empty and sparse)."""
     if sparse:

@@ -39,16 +39,6 @@ class Host:
         self.events.append((name, data))
 
 
-@pytest.fixture
-async def host(workdir: Path):  # noqa: ANN201
-    h = Host()
-    try:
-        yield h
-    finally:
-        await h.exports.shutdown_all()
-        await h.graph.close_all()
-
-
 async def add(h: Host, workdir: Path, export_id: str, node: str = "null0", **opts: Any):  # noqa: ANN201
     mnt = workdir / f"{export_id}.raw"
     # in a thread: the path may already be one of this loop's own mounts

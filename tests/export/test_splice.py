@@ -47,16 +47,6 @@ def shm() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture
-async def host(workdir: Path):  # noqa: ANN201
-    h = Host()
-    try:
-        yield h
-    finally:
-        await h.exports.shutdown_all()
-        await h.graph.close_all()
-
-
 async def read_back(mountpoint: Path, image_as_raw: Path) -> list:
     r = await arun([sys.executable, "-c", READER, str(mountpoint), str(image_as_raw)])
     assert r.returncode == 0, r.stderr
