@@ -207,8 +207,9 @@ class FuseExport(BlockExport):
         self.session = None
 
     def cancel_requests(self) -> None:
-        # closing the session unmounts and cancels every handler in flight;
-        # each answers EINTR and drops its reference
+        # closing the session unmounts and cancels every handler in flight:
+        # reads stop at once; writes, zeroing and truncates finish their I/O
+        # first (fuse_file._to_the_end); each then drops its reference
         if self.session is not None and self._close_task is None:
             self._close_task = asyncio.get_running_loop().create_task(self._close_session())
 

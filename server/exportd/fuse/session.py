@@ -215,9 +215,9 @@ class FuseSession:
     async def _mount(self) -> None:
         # One worker thread resolves the path (mountinfo lists the resolved
         # one, and after the mount a lookup of it would be served by this
-        # loop), mounts, and finds the new connection (statx, mountinfo as
-        # a fallback), while the loop is free to answer INIT. One thread hop per mount instead
-        # of three steps (add+del cycle: see bench/README.md, Levers).
+        # loop), mounts, and finds the new connection (statx; mountinfo as a
+        # fallback), while the loop is free to answer INIT. One thread hop
+        # per mount instead of three steps (add+del cycle: bench/README.md).
         path = self.mountpoint
         if os.geteuid() == 0:
             # The fd only becomes readable once mount(2) attached it to a
@@ -504,6 +504,8 @@ class FuseSession:
     def _splice_read(self, fh: int, offset: int, size: int, unique: int) -> bool:
         """Answer a READ by splicing from the image file; False when the file
         system cannot say where the bytes are (nothing was sent)."""
+        if self._fd < 0:
+            return False  # the normal path drops the reply
         sources = self._read_sources(fh, offset, size)
         if not sources:
             return False
@@ -513,13 +515,12 @@ class FuseSession:
         pipe = self._splice
         if not pipe.fill(_OUT.pack(16 + total, 0, unique), sources, total):
             return False
-        if self._fd >= 0:
-            try:
-                pipe.send(self._fd, 16 + total)
-            except OSError as e:
-                self._write_failed(e)
-                return True
-            self.spliced += 1
+        try:
+            pipe.send(self._fd, 16 + total)
+        except OSError as e:
+            self._write_failed(e)
+            return True
+        self.spliced += 1
         return True
 
     def _run(
