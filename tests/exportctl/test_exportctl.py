@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
 import subprocess
+import threading
 import time
 
 import pytest
@@ -162,44 +164,44 @@ def test_add_list_del_export(daemon, exportctl, tmp_path):
     assert json.loads(exportctl(d, "--json", "list").stdout) == []
 
 
-def test_events_follow_and_quit(daemon, exportctl_bin, exportctl):
-    d = daemon()
+def test_events_follow_and_quit(daemon, exportctl_bin, exportctl, tmp_path):
+    d = daemon("--blockdev", "driver=null-co,node-name=n0,size=1M")
+    mnt = tmp_path / "mnt.raw"
+    mnt.write_bytes(b"")
     follower = subprocess.Popen([str(exportctl_bin), "-s", d.socket, "--json", "events", "--follow"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    pump = threading.Thread(target=lambda: [lines.put(x) for x in follower.stdout], daemon=True)
+    pump.start()
+    out: list[str] = []
     try:
-        # wait until the follower is connected and negotiated (it then receives events)
+        # The follower is ready once it prints an event: add and delete an
+        # export (each deletion sends BLOCK_EXPORT_DELETED) until it does.
         deadline = time.monotonic() + 30
-        while True:
-            r = exportctl(d, "qmp", "query-version")
-            assert r.returncode == 0
-            if _connections(d.pid) >= 2 or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        time.sleep(0.3)
+        while not out and time.monotonic() < deadline:
+            assert exportctl(d, "add", "n0", str(mnt), "--id", "probe").returncode == 0
+            assert exportctl(d, "del", "probe").returncode == 0
+            try:
+                out.append(lines.get(timeout=0.5))
+            except queue.Empty:
+                pass
+        assert out and json.loads(out[0])["event"] == "BLOCK_EXPORT_DELETED"
         r = exportctl(d, "quit")
         assert (r.returncode, r.stdout.strip()) == (0, "exportd is shutting down")
-        out, err = follower.communicate(timeout=30)
+        follower.wait(timeout=30)
+        pump.join(timeout=30)
+        err = follower.stderr.read()
     finally:
         if follower.poll() is None:
             follower.kill()
             follower.wait()
     assert follower.returncode == 0, err
-    events = [json.loads(line) for line in out.splitlines()]
-    assert events and events[-1]["event"] == "SHUTDOWN"
+    while not lines.empty():
+        out.append(lines.get())
+    events = [json.loads(line) for line in out]
+    assert events[-1]["event"] == "SHUTDOWN"
     assert events[-1]["data"] == {"guest": False, "reason": "host-qmp-quit"}
     assert d.wait(15) == 0
-
-
-def _connections(pid: int) -> int:
-    """How many sockets the daemon holds (listening socket included)."""
-    n = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
-                n += 1
-        except OSError:
-            pass
-    return n
 
 
 def test_events_timeout_without_follow(module_daemon, exportctl):
