@@ -4,6 +4,7 @@ the kernel denies every other user; with it, the file's mode decides."""
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,10 @@ from .conftest import Exportd, arun, have, make_image
 
 NOBODY = 65534
 
-pytestmark = pytest.mark.skipif(not have("setpriv"), reason="setpriv (util-linux) missing")
+pytestmark = [
+    pytest.mark.skipif(not have("setpriv"), reason="setpriv (util-linux) missing"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as nobody"),
+]
 
 
 def as_nobody(*cmd: str) -> list[str]:
