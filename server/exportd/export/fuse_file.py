@@ -17,7 +17,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -38,6 +38,7 @@ from exportd.fuse.filesystem import (
     StatFs,
     without_setid,
 )
+from exportd.fuse.resume import Resume
 
 if TYPE_CHECKING:
     from exportd.export.fuse import FuseExport
@@ -79,12 +80,17 @@ def _defining_class(cls: type, name: str) -> type | None:
     return next((k for k in cls.__mro__ if name in k.__dict__), None)
 
 
-async def _to_the_end(work: Awaitable[T]) -> T:
+async def _to_the_end(work: Coroutine[Any, Any, T]) -> T:
     """Await `work` even when the request is cancelled (hard delete, the
     session closing). A change to the image may already run in a worker
     thread and lands whatever we do, so the request keeps its reference on
-    the export until it has: BLOCK_EXPORT_DELETED never precedes a write."""
-    task = asyncio.ensure_future(work)
+    the export until it has: BLOCK_EXPORT_DELETED never precedes a write.
+    Work that finishes without waiting (tmpfs, page cache) runs inline."""
+    try:
+        pending = work.send(None)
+    except StopIteration as stop:
+        return stop.value
+    task = asyncio.ensure_future(_drive(Resume(work, pending)))
     cancelled = False
     while True:
         try:
@@ -97,6 +103,10 @@ async def _to_the_end(work: Awaitable[T]) -> T:
     if cancelled:
         raise asyncio.CancelledError
     return result
+
+
+async def _drive(work: Resume) -> Any:
+    return await work
 
 
 def _read_sources(node: Any) -> Any:

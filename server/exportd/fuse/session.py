@@ -24,7 +24,7 @@ import logging
 import os
 import struct
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from . import abi, replies, requests
@@ -41,6 +41,7 @@ from .mount import (
     top_connection,
     unmount_if_ours,
 )
+from .resume import Resume as _Resume
 from .splice import SPLICE_MAX_READ, SPLICE_MIN, ReplyPipe, pipe_for
 from .threads import blocking_call
 
@@ -74,48 +75,6 @@ WANTED_FLAGS = (
 
 class PassthroughUnavailable(OSError):
     """The kernel or our privileges refuse FUSE passthrough; serve reads ourselves."""
-
-
-class _Resume:
-    """Awaitable that keeps driving a coroutine that already suspended once.
-
-    This is what lets a request start eagerly in the read callback and move
-    to a task only when it really waits: the task resumes exactly where the
-    coroutine stopped (cancellation and exceptions are thrown into it).
-    """
-
-    __slots__ = ("_coro", "_pending", "cancel_first")
-
-    def __init__(self, coro: Coroutine[Any, Any, Any], pending: Any) -> None:
-        self._coro = coro
-        self._pending = pending
-        # Set when the request is interrupted before its task first ran: a
-        # task cancelled before its first step never runs its coroutine at
-        # all, so the cancellation is delivered here instead.
-        self.cancel_first = False
-
-    def __await__(self) -> Generator[Any, Any, Any]:
-        coro = self._coro
-        value = self._pending
-        self._pending = None
-        if self.cancel_first:
-            try:
-                value = coro.throw(asyncio.CancelledError())
-            except StopIteration as stop:
-                return stop.value
-        while True:
-            try:
-                sent = yield value
-            except BaseException as exc:  # noqa: B036 - forwarded into the coroutine
-                try:
-                    value = coro.throw(exc)
-                except StopIteration as stop:
-                    return stop.value
-            else:
-                try:
-                    value = coro.send(sent)
-                except StopIteration as stop:
-                    return stop.value
 
 
 def _cancel_request(task: asyncio.Task[None], resume: _Resume) -> None:
