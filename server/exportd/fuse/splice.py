@@ -57,6 +57,9 @@ class ReplyPipe:
         self.close()
         self._open()
 
+    def __del__(self) -> None:
+        self.close()  # the loop that owned this pipe is gone
+
     def close(self) -> None:
         for fd in (self._r, self._w):
             if fd >= 0:
