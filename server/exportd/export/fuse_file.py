@@ -72,8 +72,7 @@ def backend_errno(e: OSError) -> OSError:
     return OSError(code, os.strerror(code))
 
 
-_SYNC_IO: dict[type, tuple[Any, Any]] = {}
-_SOURCES: dict[type, Any] = {}
+_SYNC_IO: dict[type, tuple[Any, Any, Any]] = {}
 
 
 def _defining_class(cls: type, name: str) -> type | None:
@@ -109,30 +108,28 @@ async def _drive(work: Resume) -> Any:
     return await work
 
 
-def _read_sources(node: Any) -> Any:
-    """The node class's read_sources_now, if it stands next to its read()."""
-    cls = type(node)
-    if cls not in _SOURCES:
-        owner = _defining_class(cls, "read_sources_now")
-        ok = owner is not None and owner is _defining_class(cls, "read")
-        _SOURCES[cls] = cls.read_sources_now if ok else None
-    return _SOURCES[cls]
-
-
-def _sync_io(node: Any) -> tuple[Any, Any]:
-    """(read_now, write_now) functions of a node's class, each None unless
-    the class defines it next to the read()/write() it stands for (a
-    subclass that overrides read() must not be bypassed)."""
+def _sync_io(node: Any) -> tuple[Any, Any, Any]:
+    """(read_now, write_now, read_sources_now) functions of a node's class,
+    each None unless the class defines it next to the read()/write() it
+    stands for (a subclass that overrides read() must not be bypassed)."""
     cls = type(node)
     found = _SYNC_IO.get(cls)
     if found is None:
-        pair = []
-        for sync, async_ in (("read_now", "read"), ("write_now", "write")):
+        found_list = []
+        for sync, async_ in (("read_now", "read"), ("write_now", "write"), ("read_sources_now", "read")):
             owner = _defining_class(cls, sync)
             ok = owner is not None and owner is _defining_class(cls, async_)
-            pair.append(getattr(cls, sync) if ok else None)
-        found = _SYNC_IO[cls] = (pair[0], pair[1])
+            found_list.append(getattr(cls, sync) if ok else None)
+        found = _SYNC_IO[cls] = (found_list[0], found_list[1], found_list[2])
     return found
+
+
+def _readable(exp: FuseExport, offset: int, size: int) -> int:
+    """How many of `size` bytes at `offset` lie before the export's end (0: none)."""
+    length = exp.current_length()
+    if offset >= length or size <= 0:
+        return 0
+    return min(size, length - offset)
 
 
 class ExportedFile(SingleFileFS):
@@ -298,11 +295,9 @@ class ExportedFile(SingleFileFS):
             raise OSError(errno.EIO, "export is shutting down")
         exp.refcount += 1
         try:
-            length = exp.current_length()
-            if offset >= length or size <= 0:
+            size = _readable(exp, offset, size)
+            if not size:
                 return b""
-            if offset + size > length:
-                size = length - offset
             try:
                 return await exp.node.read(offset, size)
             except OSError as e:
@@ -322,11 +317,9 @@ class ExportedFile(SingleFileFS):
         read_now = _sync_io(node)[0]
         if read_now is None:
             return None
-        length = exp.current_length()
-        if offset >= length or size <= 0:
+        size = _readable(exp, offset, size)
+        if not size:
             return b""
-        if offset + size > length:
-            size = length - offset
         try:
             return read_now(node, offset, size)
         except OSError as e:
@@ -337,7 +330,7 @@ class ExportedFile(SingleFileFS):
         """Whether big reads can be spliced from the image (the session then
         mounts with a max_read that fits its pipe: fuse/splice.py)."""
         node = self.export.node
-        if _read_sources(node) is None:
+        if _sync_io(node)[2] is None:
             return False
         while node is not None:  # down to the file node that holds the data
             never_block = getattr(node, "pages_never_block", None)
@@ -353,14 +346,12 @@ class ExportedFile(SingleFileFS):
         if not exp.user_owned:
             return None
         node = exp.node
-        sources = _read_sources(node)
+        sources = _sync_io(node)[2]
         if sources is None:
             return None
-        length = exp.current_length()
-        if offset >= length or size <= 0:
+        size = _readable(exp, offset, size)
+        if not size:
             return None
-        if offset + size > length:
-            size = length - offset
         try:
             return sources(node, offset, size)
         except OSError:
