@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import mmap
-import weakref
+
+from .perloop import PerLoop
 
 # How many idle buffers a pool keeps for reuse; more are unmapped.
 KEEP_FREE = 4
@@ -54,20 +55,12 @@ class BufferPool:
         return len(self._free)
 
 
-_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, BufferPool]] = (
-    weakref.WeakKeyDictionary()
-)
-_pools_strong: dict[int, dict[int, BufferPool]] = {}
+_pools: PerLoop[dict[int, BufferPool]] = PerLoop(lambda _loop: {})
 
 
 def pool_for(loop: asyncio.AbstractEventLoop, size: int) -> BufferPool:
     """The pool of `size`-byte buffers shared by every session on `loop`."""
-    try:
-        by_size = _pools.get(loop)
-        if by_size is None:
-            by_size = _pools[loop] = {}
-    except TypeError:  # a loop type without weak references
-        by_size = _pools_strong.setdefault(id(loop), {})
+    by_size = _pools.get(loop)
     pool = by_size.get(size)
     if pool is None:
         pool = by_size[size] = BufferPool(size)

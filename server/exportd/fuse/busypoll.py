@@ -22,8 +22,9 @@ import asyncio
 import os
 import select
 import time
-import weakref
 from collections.abc import Callable
+
+from .perloop import PerLoop
 
 DEFAULT_WINDOW_US = 50.0
 # Windows shorter than this are not worth a syscall loop: polling stops.
@@ -132,23 +133,11 @@ class BusyPoller:
         self._idle_since = time.perf_counter()
 
 
-_pollers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, BusyPoller] = (
-    weakref.WeakKeyDictionary()
-)
-_pollers_strong: dict[int, BusyPoller] = {}  # loops without weak references
+_pollers: PerLoop[BusyPoller] = PerLoop(lambda loop: BusyPoller(loop, window_from_env()))
 
 
 def poller_for(loop: asyncio.AbstractEventLoop) -> BusyPoller | None:
     """The poller shared by every session on `loop`; None when polling is off."""
-    max_window_s = window_from_env()
-    if not max_window_s:
+    if not window_from_env():
         return None
-    try:
-        poller = _pollers.get(loop)
-        if poller is None:
-            poller = _pollers[loop] = BusyPoller(loop, max_window_s)
-    except TypeError:
-        poller = _pollers_strong.get(id(loop))
-        if poller is None:
-            poller = _pollers_strong[id(loop)] = BusyPoller(loop, max_window_s)
-    return poller
+    return _pollers.get(loop)

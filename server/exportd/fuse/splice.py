@@ -22,7 +22,8 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
-import weakref
+
+from .perloop import PerLoop
 
 PIPE_SIZE = 1 << 20
 HEADER_PAGE = 4096  # the out header takes a pipe slot (a page) of its own
@@ -96,20 +97,9 @@ class ReplyPipe:
             raise OSError(5, f"short splice to /dev/fuse ({n} of {length} bytes)")
 
 
-_pipes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ReplyPipe] = (
-    weakref.WeakKeyDictionary()
-)
-_pipes_strong: dict[int, ReplyPipe] = {}  # loops without weak references
+_pipes: PerLoop[ReplyPipe] = PerLoop(lambda _loop: ReplyPipe())
 
 
 def pipe_for(loop: asyncio.AbstractEventLoop) -> ReplyPipe:
     """The reply pipe shared by every session on `loop` (one reply at a time)."""
-    try:
-        pipe = _pipes.get(loop)
-        if pipe is None:
-            pipe = _pipes[loop] = ReplyPipe()
-    except TypeError:
-        pipe = _pipes_strong.get(id(loop))
-        if pipe is None:
-            pipe = _pipes_strong[id(loop)] = ReplyPipe()
-    return pipe
+    return _pipes.get(loop)
