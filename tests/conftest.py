@@ -31,6 +31,8 @@ raw_qmp                      Factory: a plain-socket QMP connection (bytes level
                                  c.negotiate(); c.close()
                              Closed at teardown.
 
+graph                        An in-process BlockGraph (no daemon), every node closed at teardown.
+
 exportctl                    Run the exportctl CLI against a daemon:
                                  r = exportctl(d, "list", "--json")   # CompletedProcess (text)
                              d may be None (no -s given) or a socket path.
@@ -49,10 +51,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from exportd.block.graph import BlockGraph
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = REPO / ".venv" / "bin"
@@ -310,3 +315,12 @@ def exportctl(exportctl_bin: Path):
 def pytest_configure(config: Any) -> None:
     # the test process itself may build deeply nested JSON for fuzzing
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 10000))
+
+
+@pytest.fixture
+async def graph() -> AsyncIterator[BlockGraph]:
+    g = BlockGraph(None)
+    try:
+        yield g
+    finally:
+        await g.close_all()

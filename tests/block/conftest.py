@@ -7,21 +7,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from exportd.block.graph import BlockGraph
-
-
-@pytest.fixture
-async def graph() -> AsyncIterator[BlockGraph]:
-    g = BlockGraph(None)
-    try:
-        yield g
-    finally:
-        await g.close_all()
 
 
 def _shm_dir() -> Path | None:
