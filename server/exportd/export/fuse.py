@@ -26,6 +26,7 @@ from typing import Any
 from exportd.block.node import Perm
 from exportd.errors import QMPError
 from exportd.export import mountpoint as mp
+from exportd.export import register_export_type
 from exportd.export.base import BlockExport
 from exportd.export.fuse_file import ExportedFile
 from exportd.fuse.mount import is_mount_root
@@ -38,6 +39,7 @@ UNMOUNT_TIMEOUT_S = 15.0
 STALE_CLEAN_TIMEOUT_S = 30.0
 
 
+@register_export_type
 class FuseExport(BlockExport):
     type = "fuse"
 
@@ -97,14 +99,14 @@ class FuseExport(BlockExport):
         path = self.mountpoint
         canonical, st, mounted = await self._probe(path)
         table = self.table
-        holder = table.mountpoints.get(canonical)
+        holder = table.claims.get(_claim(canonical))
         if holder is not None and holder.shutting_down:
             # being deleted: its mountpoint is free once it is unmounted
             try:
                 await asyncio.wait_for(holder.wait_deleted(), HOLDER_WAIT_S)
             except TimeoutError:
                 pass
-            holder = table.mountpoints.get(canonical)
+            holder = table.claims.get(_claim(canonical))
             if holder is None:
                 canonical, st, mounted = await self._probe(path)  # what is there now
         if holder is not None:
@@ -113,7 +115,7 @@ class FuseExport(BlockExport):
         top = entries[-1] if entries and mp.is_fuse(entries[-1]) else None
         if top is not None and top.dev in self._our_devs():
             raise QMPError(f"There already is a FUSE export on '{path}'")
-        table.mountpoints[canonical] = self  # reserved from here on
+        table.claims[_claim(canonical)] = self  # reserved from here on
         self.canonical = canonical
         try:
             if top is not None and isinstance(st, OSError) and st.errno in mp.DEAD_MOUNT_ERRNOS:
@@ -122,7 +124,7 @@ class FuseExport(BlockExport):
                 canonical, st, _ = await self._probe(path)
             mp.check_regular_file_stat(path, st)
         except BaseException:
-            table.mountpoints.pop(self.canonical, None)
+            table.claims.pop(_claim(self.canonical), None)
             raise
 
     @staticmethod
@@ -216,19 +218,9 @@ class FuseExport(BlockExport):
     # --- passthrough ------------------------------------------------------------
     def _passthrough_source(self) -> tuple[int | None, str]:
         """The host descriptor the kernel may use directly, or why not."""
-        node = self.node
-        if node.driver == "raw":
-            if getattr(node, "has_window", False):
-                return None, "the raw node exposes a window (offset/size) of its file"
-            file_node = node.children.get("file")
-            if file_node is None or file_node.driver != "file":
-                return None, "passthrough needs a raw node on a plain file"
-        elif node.driver != "file":
-            return None, f"passthrough needs a raw export of a plain file (node is '{node.driver}')"
-        host_fd = getattr(node, "host_fd", None)
-        fd = host_fd() if callable(host_fd) else None
-        if fd is None:
-            return None, "the node has no plain host descriptor (cache.direct=on?)"
+        fd = self.node.host_fd()
+        if isinstance(fd, str):
+            return None, fd
         if self.writable and not self.growable:
             return None, (
                 "the kernel would let writes past the end grow the image; "
@@ -236,17 +228,7 @@ class FuseExport(BlockExport):
             )
         if self.writable and self.writethrough:
             return None, "writethrough needs the daemon to flush after every write"
-        if self.writable and self._length_follower() is None:
-            return None, "the block node cannot follow size changes made by the kernel"
         return fd, ""
-
-    def _length_follower(self):  # noqa: ANN202 - callable or None
-        """The node hook that re-reads the file size after the kernel wrote
-        through passthrough (`refresh_length()` on the file node)."""
-        node = self.node
-        target = node.children.get("file") if node.driver == "raw" else node
-        fn = getattr(target, "refresh_length", None)
-        return fn if callable(fn) else None
 
     def _passthrough_wanted(self, mode: str) -> bool:
         if mode == "off":
@@ -306,15 +288,10 @@ class FuseExport(BlockExport):
     # --- what the file handlers ask ------------------------------------------------
     def current_length(self) -> int:
         """The size clients see. Under writable passthrough the kernel writes
-        the file itself and may grow it: the file node re-reads its size."""
+        the file itself and may grow it: the node re-reads its size."""
         if self.passthrough and self.writable:
-            follow = self._length_follower()
-            if follow is not None:
-                follow()
+            return self.node.refresh_length()
         return self.node.getlength()
-
-    def length_changed(self) -> None:
-        """Hook after a truncate (nothing cached here yet)."""
 
     def session_ended(self, reason: str) -> None:
         if reason == "closed" or not self.user_owned:
@@ -334,6 +311,11 @@ class FuseExport(BlockExport):
             "allow-other": self.allow_other,
             "passthrough": self.passthrough,
         }
+
+
+def _claim(canonical: str) -> str:
+    """The export table key that reserves a mountpoint."""
+    return "fuse:" + canonical
 
 
 def _reopen(fd: int | None, writable: bool) -> int:
