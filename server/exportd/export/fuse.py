@@ -31,6 +31,7 @@ from exportd.export.base import BlockExport
 from exportd.export.fuse_file import ExportedFile
 from exportd.fuse.mount import is_mount_root
 from exportd.fuse.threads import blocking_call
+from exportd.mountinfo import MountEntry, mounts_at, read_mountinfo
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,8 @@ class FuseExport(BlockExport):
                 canonical, st, mounted = await self._probe(path)  # what is there now
         if holder is not None:
             raise QMPError(f"There already is a FUSE export on '{path}'")
-        entries = mp.mounts_at(canonical, mounted)
-        top = entries[-1] if entries and mp.is_fuse(entries[-1]) else None
+        entries = mounts_at(canonical, mounted)
+        top = entries[-1] if entries and entries[-1].is_fuse else None
         if top is not None and top.dev in self._our_devs():
             raise QMPError(f"There already is a FUSE export on '{path}'")
         table.claims[_claim(canonical)] = self  # reserved from here on
@@ -128,14 +129,14 @@ class FuseExport(BlockExport):
             raise
 
     @staticmethod
-    async def _probe(path: str) -> tuple[str, os.stat_result | OSError, list[mp.MountEntry]]:
+    async def _probe(path: str) -> tuple[str, os.stat_result | OSError, list[MountEntry]]:
         """(canonical path, stat result or error, mount table), from one
         worker thread: the mountinfo read and parse stay off the loop."""
-        def probe() -> tuple[str, os.stat_result | OSError, list[mp.MountEntry]]:
+        def probe() -> tuple[str, os.stat_result | OSError, list[MountEntry]]:
             canonical, st = mp.probe_path(path)
             if is_mount_root(canonical) is False:
                 return canonical, st, []  # nothing mounted there: skip the mount table
-            return canonical, st, mp.read_mountinfo()
+            return canonical, st, read_mountinfo()
 
         try:
             return await blocking_call(probe, timeout=mp.PATH_TIMEOUT_S)
@@ -169,7 +170,7 @@ class FuseExport(BlockExport):
         connection = getattr(self.session, "connection", None)
         if connection is not None:
             return (0, connection)
-        entries = [e for e in mp.mounts_at(self.canonical) if mp.is_fuse(e)]
+        entries = [e for e in mounts_at(self.canonical) if e.is_fuse]
         return entries[-1].dev if entries else None
 
     async def _mount(self, *, allow_other: bool, passthrough: bool) -> None:
