@@ -58,3 +58,20 @@ async def test_a_refused_move_leaves_the_export_serving_the_old_node(host: Host,
     assert exp.node is g.get("ra") and rb.users == []
     data = await athread(lambda: (workdir / "e.raw").read_bytes())
     assert data == a
+
+
+async def test_a_passthrough_export_refuses_to_move(host: Host, workdir: Path) -> None:
+    # the kernel serves its reads from the old image file itself
+    a = make_image(workdir / "a.img", SIZE, seed=5)
+    make_image(workdir / "b.img", SIZE, seed=6)
+    g = host.graph
+    await g.add({"driver": "raw", "node-name": "ra", "file": {"driver": "file", "filename": str(workdir / "a.img")}})
+    rb = await g.add({"driver": "raw", "node-name": "rb",
+                      "file": {"driver": "file", "filename": str(workdir / "b.img")}})
+    exp = await add(host, workdir, "e", "ra")
+    if not exp.passthrough:
+        pytest.skip(f"no FUSE passthrough here: {exp.passthrough_reason}")
+    with pytest.raises(BlockError, match="passthrough"):
+        g.replace_node(g.get("ra"), rb)
+    assert exp.node is g.get("ra") and rb.users == []
+    assert await athread(lambda: (workdir / "e.raw").read_bytes()) == a

@@ -246,7 +246,8 @@ class BlockGraph:
         bdrv_replace_node), except edges whose parent is `new` itself or
         lies below it (an overlay keeps its backing edge to `old`). The
         permissions of the moved edges are checked on `new` first; on a
-        conflict BlockError is raised and nothing moved. Parents that define
+        conflict BlockError is raised and nothing moved. A parent may refuse
+        with `refuse_move(edge, new) -> reason or None`; parents that define
         `edge_moved(edge, old)` are told afterwards. Returns the moved edges."""
         if old is new:
             return []
@@ -258,6 +259,10 @@ class BlockGraph:
             return []
         for e in moving:
             new.check_perm(e.perm, e.shared, ignore=())
+            refuse = getattr(e.parent, "refuse_move", None)
+            reason = refuse(e, new) if refuse is not None else None
+            if reason:
+                raise BlockError(reason)
         # all the moved edges and new's current users at once: one lock change
         perm, shared = combine([*new.users, *moving])
         new.apply_permissions(perm, shared)  # raises BlockError: nothing moved

@@ -95,6 +95,10 @@ class BlockExport(ABC):
             edge.node.detach(edge)
             self.edge = None
 
+    def refuse_move(self, edge: Edge, new: BlockNode) -> str | None:
+        """Why this export cannot follow its node to `new` (None: it can)."""
+        return None
+
     def edge_moved(self, edge: Edge, old: BlockNode) -> None:
         """The graph moved this export from `old` to another node (a
         snapshot, commit or mirror pivot); requests go on on the new one."""

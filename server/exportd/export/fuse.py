@@ -286,6 +286,12 @@ class FuseExport(BlockExport):
             os.close(self._backing_fd)
             self._backing_fd = -1
 
+    def refuse_move(self, edge: Any, new: Any) -> str | None:
+        # the kernel reads and writes the old image file itself: it cannot be moved
+        if self.passthrough:
+            return f"Export '{self.id}' uses FUSE passthrough on its image file and cannot move to '{new.node_name}'"
+        return None
+
     # --- what the file handlers ask ------------------------------------------------
     def current_length(self) -> int:
         """The size clients see. Under writable passthrough the kernel writes
