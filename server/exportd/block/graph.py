@@ -270,12 +270,7 @@ class BlockGraph:
         new.permissions_changed()
         for e in moving:
             e.node = new
-        rest = [e for e in old.users if e not in moving]
-        try:
-            old._commit_users(rest)
-        except Exception:  # giving up permissions cannot fail; keep going
-            old.users = rest
-            old.permissions_changed()
+        old.detach(*moving)
         for e in moving:
             hook = getattr(e.parent, "edge_moved", None)
             if hook is not None:

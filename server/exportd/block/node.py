@@ -193,8 +193,10 @@ class BlockNode(ABC):
             edge.perm, edge.shared = old
             raise
 
-    def detach(self, edge: Edge) -> None:
-        remaining = [u for u in self.users if u is not edge]
+    def detach(self, *edges: Edge) -> None:
+        """Drop these edges' permissions (their parents are done with the
+        node, or have moved to another one)."""
+        remaining = [u for u in self.users if u not in edges]
         try:
             self._commit_users(remaining)
         except Exception:  # giving up permissions cannot fail; keep going
