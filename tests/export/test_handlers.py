@@ -71,7 +71,7 @@ async def test_writable_export_rules(host_with_file: Host, workdir: Path) -> Non
     # a failed request changes nothing, and the temporary RESIZE is gone again
     assert (await f.getattr()).size == 65536
     await f.setattr(SetAttr(size=4096))
-    assert exp.node_user is not None and not exp.node_user.perm & 0x08
+    assert exp.edge is not None and not exp.edge.perm & 0x08
 
 
 async def test_growing_writes_finishing_out_of_order_never_shrink(

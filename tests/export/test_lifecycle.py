@@ -110,7 +110,7 @@ async def test_deleted_event_after_unmount_release_and_removal(host: Host, workd
 
     def on_event(name: str, data: dict[str, Any]) -> None:
         seen["mounted"] = fuse_mounts_under(str(workdir))
-        seen["users"] = [u.owner for u in node.users]
+        seen["users"] = [u.parent for u in node.users]
         seen["listed"] = host.exports.find("e")
 
     host.on_event = on_event
@@ -135,7 +135,7 @@ async def test_failed_add_leaves_nothing(host: Host, workdir: Path) -> None:
         if text is not None:
             assert err.value.desc == text
         assert host.exports.query() == []
-        assert host.exports.mountpoints == {}
+        assert host.exports.claims == {}
         assert node.users == []
         assert fuse_mounts_under(str(workdir)) == []
     with pytest.raises(QMPError, match=r"^Cannot find device='' nor node-name='nope'$"):

@@ -41,6 +41,7 @@ from exportd.block.posixio import (
     io_pool,
 )
 from exportd.errors import BlockError
+from exportd.extents import Extent, zeroes
 
 FILE_MEMBERS = frozenset(
     {"filename", "pr-manager", "locking", "aio", "aio-max-batch", "drop-cache",
@@ -202,8 +203,10 @@ class FileNode(BlockNode):
     def filename(self) -> str:
         return self._filename
 
-    def host_fd(self) -> int | None:
-        return self.fd if self.fd >= 0 and not self.direct else None
+    def host_fd(self) -> int | str:
+        if self.direct:
+            return "the node has no plain host descriptor (cache.direct=on)"
+        return self.fd if self.fd >= 0 else "the node is closed"
 
     def getlength(self) -> int:
         return self._size
@@ -256,49 +259,29 @@ class FileNode(BlockNode):
         self._pread_into(buf, len(data), offset + len(data))
         return buf
 
-    def read_now(self, offset: int, length: int) -> bytes | bytearray | memoryview | None:
-        """read() for callers on the loop when it cannot block (tmpfs, a
-        page-cache hit); None when it would (the caller awaits read())."""
-        if length <= 0:
-            return b""
+    def map_now(self, offset: int, length: int, *, write: bool = False) -> list[Extent] | None:
+        """The file's own bytes (past the end: zeroes). Page-cache reads of a
+        disk-backed file are tried without blocking by the caller; writes
+        go inline only where they never wait (tmpfs) and stay inside the file."""
         if self.direct:
             return None
-        if self._inline:
-            return self._read_inline(offset, length)
-        if self._nowait_reads:
-            buf = bytearray(length)
-            try:
-                if os.preadv(self.fd, [buf], offset, os.RWF_NOWAIT) == length:
-                    return buf
-            except OSError:
-                pass  # EAGAIN or no RWF_NOWAIT: read() sorts it out
-        return None
+        if write:
+            self._check_writable()
+            if not self._inline or offset + length > self._size:
+                return None
+            return [(self.fd, offset, length, True)]
+        if not self._inline and not self._nowait_reads:
+            return None  # x-io-policy=threads, or no RWF_NOWAIT here
+        size = self._size
+        if offset + length <= size:
+            return [(self.fd, offset, length, self._inline)]
+        if offset >= size:
+            return [zeroes(length)]
+        n = size - offset
+        return [(self.fd, offset, n, self._inline), zeroes(length - n)]
 
-    @property
-    def pages_never_block(self) -> bool:
-        """Reading this file's pages never waits for a disk (tmpfs, ramfs)."""
+    def data_never_blocks(self) -> bool:
         return self._inline and not self.direct
-
-    def read_sources_now(self, offset: int, length: int) -> list[tuple[int, int, int]] | None:
-        """Where read() would take these bytes from, as (fd, offset, length)
-        for splicing (fuse/splice.py): only for files whose pages cannot make
-        the caller wait (tmpfs), and only inside the file; None otherwise."""
-        if not self._inline or self.direct or length <= 0 or offset + length > self._size:
-            return None
-        return [(self.fd, offset, length)]
-
-    def write_now(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
-        """write() (without FUA) for callers on the loop when it cannot block
-        (tmpfs); False, having done nothing, when it would."""
-        if not self._inline or self.direct:
-            return False
-        self._check_writable()
-        length = len(data)
-        if length:
-            self._pwrite_all(data, offset)
-            if offset + length > self._size:
-                self._size = offset + length
-        return True
 
     def _pread_into(self, buf: bytearray | memoryview, start: int, offset: int) -> None:
         """Fill buf[start:] from offset; what lies past EOF stays zero."""
@@ -537,6 +520,9 @@ class HostDeviceNode(FileNode):
         if not (stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode)):
             raise BlockError(f"'host_device' driver requires '{filename}' to be either a character or block device")
         return blockdev_size(fd)
+
+    def host_fd(self) -> int | str:
+        return "passthrough needs a raw export of a plain file (node is 'host_device')"
 
     async def allocated_size(self) -> int:
         return -1

@@ -9,14 +9,18 @@ Contract (used by commands/block.py, the exports and the format drivers):
 - `await graph.open_child(ref, parent, role, perm, shared, *, read_only=...)`:
   for a driver's open(). `ref` is a node name (that node is attached) or a
   nested options dict (opened now, named `#blockNNN` unless it has a
-  node-name, owned by `parent` and deleted with it). The child is recorded in
-  `parent.children[role]` and the user handle in `parent.child_users[role]`.
+  node-name, owned by `parent` and deleted with it). The parent holds the
+  child through the edge `parent.child_edges[role]` (exportd.block.node.Edge);
   `perm`/`shared` are what the parent needs from / allows on the child; a
-  driver may change them later with `child.update(parent.child_users[role], ...)`.
+  driver may change them later with `child.update(edge, ...)`. Drivers reach
+  their children only through their edges, never keep the node itself.
   If the driver's open() fails afterwards, the graph releases what it opened.
 - `graph.get(name)`: the node, or BlockError `Cannot find device='' nor node-name='x'`.
 - `await graph.delete(name)`: blockdev-del, with QEMU's checks and texts.
 - `graph.nodes()`: every node, oldest first (children before their parents).
+- `graph.replace_node(old, new)`: every parent of `old` (format nodes,
+  exports, jobs) moves to `new` at once, permissions checked on `new` first
+  (QEMU's bdrv_replace_node); all or nothing.
 - `await graph.close_all()`: at shutdown, after the exports are gone.
 
 Drivers come from the registry in exportd.block (see its docstring): a driver
@@ -31,7 +35,7 @@ import re
 from typing import Any
 
 from exportd.block import driver_class
-from exportd.block.node import BlockNode, NodeUser, Perm
+from exportd.block.node import BlockNode, Edge, Perm, combine
 from exportd.errors import BlockError
 
 log = logging.getLogger(__name__)
@@ -217,26 +221,65 @@ class BlockGraph:
         if read_only:
             perm &= ~(Perm.WRITE | Perm.RESIZE)
         try:
-            user = child.attach(parent, perm, shared, role)
+            edge = child.attach(parent, perm, shared, role)
         except BaseException:
             if created:
                 await self._destroy(child)
             raise
-        parent.children[role] = child
-        parent.child_users[role] = user
+        parent.child_edges[role] = edge
         return child
 
     async def detach_child(self, parent: BlockNode, role: str) -> None:
         """Drop `parent`'s child in `role`; a child the parent owned is deleted
         when no one else uses it."""
-        child = parent.children.pop(role, None)
-        user = parent.child_users.pop(role, None)
-        if child is None:
+        edge = parent.child_edges.pop(role, None)
+        if edge is None:
             return
-        if user is not None:
-            child.detach(user)
+        child = edge.node
+        child.detach(edge)
         if not child.monitor_owned and child.refcount == 0:
             await self._destroy(child)
+
+    # --- moving parents -------------------------------------------------------
+    def replace_node(self, old: BlockNode, new: BlockNode) -> list[Edge]:
+        """Move every edge that points at `old` to `new` (QEMU's
+        bdrv_replace_node), except edges whose parent is `new` itself or
+        lies below it (an overlay keeps its backing edge to `old`). The
+        permissions of the moved edges are checked on `new` first; on a
+        conflict BlockError is raised and nothing moved. A parent may refuse
+        with `refuse_move(edge, new) -> reason or None`; parents that define
+        `edge_moved(edge, old)` are told afterwards. Returns the moved edges."""
+        if old is new:
+            return []
+        # a parent at or below `new` would make a loop (an overlay's own
+        # backing edge to `old` stays where it is)
+        below_new = _subtree(new)
+        moving = [e for e in old.users if e.parent not in below_new]
+        if not moving:
+            return []
+        for e in moving:
+            new.check_perm(e.perm, e.shared, ignore=())
+            refuse = getattr(e.parent, "refuse_move", None)
+            reason = refuse(e, new) if refuse is not None else None
+            if reason:
+                raise BlockError(reason)
+        # all the moved edges and new's current users at once: one lock change
+        perm, shared = combine([*new.users, *moving])
+        new.apply_permissions(perm, shared)  # raises BlockError: nothing moved
+        new.users = [*new.users, *moving]
+        new.permissions_changed()
+        for e in moving:
+            e.node = new
+        old.detach(*moving)
+        for e in moving:
+            hook = getattr(e.parent, "edge_moved", None)
+            if hook is not None:
+                try:
+                    hook(e, old)
+                except Exception:
+                    log.exception("%r: edge_moved hook failed", e.parent)
+        log.debug("replaced node %s by %s (%d edges moved)", old.node_name, new.node_name, len(moving))
+        return moving
 
     async def _release_children(self, node: BlockNode) -> None:
         for role in list(node.children):
@@ -257,8 +300,8 @@ class BlockGraph:
         node = self._nodes.get(node_name)
         if node is None:
             raise BlockError(f"Failed to find node with node-name='{node_name}'")
-        parents = [u for u in node.users if isinstance(u.owner, BlockNode)]
-        others = [u for u in node.users if not isinstance(u.owner, BlockNode)]
+        parents = [u for u in node.users if isinstance(u.parent, BlockNode)]
+        others = [u for u in node.users if not isinstance(u.parent, BlockNode)]
         if others:  # an export (QEMU: a BlockBackend) uses it
             raise BlockError(f"Node {node_name} is in use")
         if not node.monitor_owned:
@@ -272,10 +315,10 @@ class BlockGraph:
         for node in reversed(list(self._nodes.values())):
             if node.node_name not in self._nodes:
                 continue  # already gone with its parent
-            for user in list(node.users):
-                if not isinstance(user.owner, BlockNode):
-                    log.warning("node %s still used by %r at shutdown", node.node_name, user.owner)
-                    node.detach(user)
+            for edge in list(node.users):
+                if not isinstance(edge.parent, BlockNode):
+                    log.warning("node %s still used by %r at shutdown", node.node_name, edge.parent)
+                    node.detach(edge)
             await self._destroy(node)
         self._nodes.clear()
 
@@ -303,7 +346,27 @@ def _install_detect_zeroes(node: BlockNode, *, unmap: bool) -> None:
         await plain_write(offset, data, fua=fua)
 
     node.write = write  # type: ignore[method-assign]
+    plain_map_now = node.map_now
+
+    def map_now(offset: int, length: int, *, write: bool = False) -> Any:
+        # the bytes of a write must be looked at: no in-place shortcut
+        return None if write else plain_map_now(offset, length)
+
+    node.map_now = map_now  # type: ignore[method-assign]
 
 
-def parent_users(node: BlockNode) -> list[NodeUser]:
-    return [u for u in node.users if isinstance(u.owner, BlockNode)]
+def parent_users(node: BlockNode) -> list[Edge]:
+    return [u for u in node.users if isinstance(u.parent, BlockNode)]
+
+
+def _subtree(node: BlockNode) -> set[BlockNode]:
+    """`node` and every node below it."""
+    seen: set[BlockNode] = set()
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        todo.extend(e.node for e in n.child_edges.values())
+    return seen

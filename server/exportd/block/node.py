@@ -21,6 +21,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from exportd.extents import Extent
+
 
 class Perm(enum.IntFlag):
     CONSISTENT_READ = 0x01
@@ -52,14 +54,29 @@ class BlockStatus:
     length: int  # how many bytes from the asked offset this answer covers (> 0)
 
 
-@dataclass
-class NodeUser:
-    """One holder of a node: a parent node (with its child role) or an export."""
+class Edge:
+    """One parent's hold on a node (QEMU's BdrvChild): a format node over its
+    `file` or `backing` child, an export over its root node, a job over the
+    nodes it reads and writes. It carries the permissions the parent takes
+    on the node (`perm`) and those it lets others take (`shared`).
 
-    owner: object
-    perm: Perm
-    shared: Perm
-    role: str = ""
+    Parents reach their node only through the edge (`edge.node`), never by
+    a reference of their own: replacing a node (BlockGraph.replace_node: a
+    snapshot, a commit or mirror pivot) moves edges, and every parent then
+    sits on the new node at once.
+    """
+
+    __slots__ = ("parent", "role", "node", "perm", "shared")
+
+    def __init__(self, parent: object, role: str, node: BlockNode, perm: Perm, shared: Perm) -> None:
+        self.parent = parent
+        self.role = role
+        self.node = node
+        self.perm = perm
+        self.shared = shared
+
+    def __repr__(self) -> str:
+        return f"<Edge {describe_owner(self.parent)} -{self.role or 'root'}-> {self.node.node_name}>"
 
 
 class BlockNode(ABC):
@@ -72,18 +89,47 @@ class BlockNode(ABC):
         self.node_name = node_name
         self.read_only = read_only
         self.auto_named = node_name.startswith("#")
-        self.children: dict[str, BlockNode] = {}  # role ("file", "backing") -> child
-        self.users: list[NodeUser] = []
+        self.users: list[Edge] = []  # the edges of this node's parents
+        self.child_edges: dict[str, Edge] = {}  # role ("file", "backing") -> edge to the child
         self.request_alignment = 1  # smallest I/O unit the node wants (blksize hint)
-        # Filled in by the graph: the NodeUser this node holds on each child
-        # (same keys as `children`), the options it was opened with, and
+        # Filled in by the graph: the options it was opened with, and
         # whether the monitor owns it (blockdev-add) or a parent does (#blockNNN).
-        self.child_users: dict[str, NodeUser] = {}
         self.options: dict[str, Any] = {}
         self.monitor_owned = False
         self.cache_direct = False
         self.cache_no_flush = False
         self.force_share = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # The synchronous data path must never bypass a driver's read() or
+        # write(): a class that overrides either without declaring its own
+        # map_now() inherits "always the slow way".
+        super().__init_subclass__(**kwargs)
+        if "map_now" not in cls.__dict__ and ("read" in cls.__dict__ or "write" in cls.__dict__):
+            cls.map_now = BlockNode.map_now  # type: ignore[method-assign]
+
+    @property
+    def children(self) -> dict[str, BlockNode]:
+        """role -> child node, through the edges (a snapshot of them)."""
+        return {role: e.node for role, e in self.child_edges.items()}
+
+    def child(self, role: str) -> BlockNode | None:
+        e = self.child_edges.get(role)
+        return e.node if e is not None else None
+
+    # --- the driver table (QEMU's BlockDriver) ----------------------------
+    @classmethod
+    def probe(cls, head: bytes) -> int:
+        """How sure this driver is (0: not at all, 100: certain) that an
+        image whose first bytes are `head` is in its format (exportd.block.probe_format)."""
+        return 0
+
+    @classmethod
+    def create_steps(cls, graph: Any, options: dict[str, Any]) -> tuple[Any, Any] | None:
+        """blockdev-create for this driver: (prepare, work), two coroutine
+        functions taking the job (prepare runs inside the command, work in
+        the background), or None when the driver cannot create images."""
+        return None
 
     # --- life cycle -----------------------------------------------------
     @classmethod
@@ -97,61 +143,68 @@ class BlockNode(ABC):
         """Release resources; the graph detaches children afterwards."""
 
     # --- permissions ------------------------------------------------------
-    def attach(self, owner: object, perm: Perm, shared: Perm, role: str = "") -> NodeUser:
-        """Add a user; raises BlockError (and changes nothing) on a conflict with
-        another user, a read-only node, or what lower layers (file locks) refuse."""
+    def attach(self, parent: object, perm: Perm, shared: Perm, role: str = "") -> Edge:
+        """A new edge from `parent` to this node; raises BlockError (and changes
+        nothing) on a conflict with another user, a read-only node, or what
+        lower layers (file locks) refuse."""
+        self.check_perm(perm, shared, ignore=())
+        edge = Edge(parent, role, self, perm, shared)
+        self._commit_users([*self.users, edge])
+        return edge
+
+    def check_perm(self, perm: Perm, shared: Perm, ignore: tuple[Edge, ...] | list[Edge]) -> None:
+        """Raise BlockError if a new user with (perm, shared) conflicts with
+        the users of this node other than `ignore`."""
         from exportd.errors import BlockError
 
         if perm & (Perm.WRITE | Perm.RESIZE) and self.read_only:
             raise BlockError("Block node is read-only")
         for u in self.users:
+            if u in ignore:
+                continue
             clash = (perm & ~u.shared) | (u.perm & ~shared)
             if clash:
                 raise BlockError(
-                    f"Conflicts with use by {describe_owner(u.owner)} as '{u.role or 'root'}', "
+                    f"Conflicts with use by {describe_owner(u.parent)} as '{u.role or 'root'}', "
                     f"which {'does not allow' if perm & ~u.shared else 'uses'} "
                     f"'{perm_name(clash)}' on {self.node_name}"
                 )
-        user = NodeUser(owner, perm, shared, role)
-        self._commit_users([*self.users, user])
-        return user
 
-    def update(self, user: NodeUser, perm: Perm, shared: Perm) -> None:
-        """Change one user's permissions (e.g. take RESIZE for one truncate).
+    def update(self, edge: Edge, perm: Perm, shared: Perm) -> None:
+        """Change one edge's permissions (e.g. take RESIZE for one truncate).
         Raises BlockError and leaves the old permissions on a conflict."""
         from exportd.errors import BlockError
 
         if perm & (Perm.WRITE | Perm.RESIZE) and self.read_only:
             raise BlockError("Block node is read-only")
         for u in self.users:
-            if u is user:
+            if u is edge:
                 continue
             clash = (perm & ~u.shared) | (u.perm & ~shared)
             if clash:
                 raise BlockError(
-                    f"Conflicts with use by {describe_owner(u.owner)}: '{perm_name(clash)}' on {self.node_name}"
+                    f"Conflicts with use by {describe_owner(u.parent)}: '{perm_name(clash)}' on {self.node_name}"
                 )
-        old = (user.perm, user.shared)
-        user.perm, user.shared = perm, shared
+        old = (edge.perm, edge.shared)
+        edge.perm, edge.shared = perm, shared
         try:
             self._commit_users(self.users)
         except BaseException:
-            user.perm, user.shared = old
+            edge.perm, edge.shared = old
             raise
 
-    def detach(self, user: NodeUser) -> None:
-        remaining = [u for u in self.users if u is not user]
+    def detach(self, *edges: Edge) -> None:
+        """Drop these edges' permissions (their parents are done with the
+        node, or have moved to another one)."""
+        remaining = [u for u in self.users if u not in edges]
         try:
             self._commit_users(remaining)
         except Exception:  # giving up permissions cannot fail; keep going
             self.users = remaining
             self.permissions_changed()
 
-    def _commit_users(self, users: list[NodeUser]) -> None:
-        perm, shared = Perm(0), Perm.ALL
-        for u in users:
-            perm |= u.perm
-            shared &= u.shared
+    def _commit_users(self, users: list[Edge]) -> None:
+        perm, shared = combine(users)
         self.apply_permissions(perm, shared)  # may raise: then nothing changed
         self.users = users
         self.permissions_changed()
@@ -179,11 +232,25 @@ class BlockNode(ABC):
 
     def combined_perm(self) -> tuple[Perm, Perm]:
         """(union of users' perm, intersection of users' shared)."""
-        perm, shared = Perm(0), Perm.ALL
-        for u in self.users:
-            perm |= u.perm
-            shared &= u.shared
-        return perm, shared
+        return combine(self.users)
+
+    # --- the synchronous data path ----------------------------------------
+    def map_now(self, offset: int, length: int, *, write: bool = False) -> list[Extent] | None:
+        """Where the bytes of [offset, offset + length) live, answered at once
+        on the loop without I/O: extents (exportd.extents) covering the range
+        in order, or None when the driver cannot say without waiting; the
+        caller then awaits read() or write(). The range lies inside the node.
+
+        With write=True the extents say where a write of the range may go in
+        place, with exactly the effect write() (without FUA) would have: a
+        driver answers only when no metadata changes (a qcow2 cluster that
+        is already ours, a file inside its current length), and raises
+        OSError as write() would for a read-only or broken node.
+
+        Every driver either implements this or inherits "None: the slow way";
+        a subclass that overrides read() or write() without overriding this
+        gets None automatically (BlockNode.__init_subclass__)."""
+        return None
 
     # --- I/O ------------------------------------------------------------
     @abstractmethod
@@ -225,14 +292,28 @@ class BlockNode(ABC):
     # --- introspection (query-named-block-nodes) ---------------------------
     def filename(self) -> str:
         """The image file name as QEMU shows it (file child's name for formats)."""
-        f = self.children.get("file")
+        f = self.child("file")
         return f.filename() if f else ""
 
-    def host_fd(self) -> int | None:
+    def host_fd(self) -> int | str:
         """A descriptor of a plain host file whose bytes are exactly this node's
-        contents (same offsets, same length), or None. Lets an export hand the
-        data path to the kernel (FUSE passthrough). The node owns the fd."""
-        return None
+        contents (same offsets, same length), or the reason there is none.
+        Lets an export hand the data path to the kernel (FUSE passthrough).
+        The node owns the fd."""
+        return f"passthrough needs a raw export of a plain file (node is '{self.driver}')"
+
+    def data_never_blocks(self) -> bool:
+        """Whether reading this node's data never waits for a disk (its file
+        lives on tmpfs), so that reads may be spliced from it (a FUSE export
+        then mounts for splicing). Format nodes ask their file child."""
+        f = self.child("file")
+        return f.data_never_blocks() if f is not None else False
+
+    def refresh_length(self) -> int:
+        """getlength() after re-reading it from the host, for when someone
+        else (the kernel under FUSE passthrough) may have written the file
+        past its end. Nodes whose host_fd() is a descriptor implement it."""
+        return self.getlength()
 
     def info(self) -> dict[str, Any]:
         """Driver-specific extra members for query-named-block-nodes' `image`."""
@@ -247,6 +328,15 @@ def perm_name(p: Perm) -> str:
         Perm.RESIZE: "resize",
     }
     return ", ".join(n for bit, n in names.items() if p & bit)
+
+
+def combine(edges: list[Edge]) -> tuple[Perm, Perm]:
+    """(union of the edges' perm, intersection of their shared)."""
+    perm, shared = Perm(0), Perm.ALL
+    for e in edges:
+        perm |= e.perm
+        shared &= e.shared
+    return perm, shared
 
 
 def describe_owner(owner: object) -> str:

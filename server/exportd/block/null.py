@@ -13,6 +13,7 @@ from typing import Any
 from exportd.block import register_driver
 from exportd.block.node import BlockNode, BlockStatus, Status
 from exportd.block.options import check_members, get_bool, get_int
+from exportd.extents import Extent, zeroes
 
 NULL_MEMBERS = frozenset({"size", "read-zeroes", "latency-ns"})
 DEFAULT_SIZE = 1 << 30
@@ -58,20 +59,13 @@ class NullNode(BlockNode):
             return _ZERO_VIEW[:length]
         return bytes(length)
 
-    # Synchronous twins of read/write for callers on the loop (the FUSE
-    # export's hot path): the same result when the call cannot wait, None or
-    # False when it would (latency), so the caller takes the async path.
-    def read_now(self, offset: int, length: int) -> bytes | memoryview | None:
+    def map_now(self, offset: int, length: int, *, write: bool = False) -> list[Extent] | None:
+        """Zeroes to read, nowhere to write (dropped); None with a latency."""
+        if write and self.read_only:
+            raise OSError(errno.EROFS, "node is read-only")
         if self.latency:
             return None
-        if length <= len(_ZEROS):
-            return _ZERO_VIEW[:length]
-        return bytes(length)
-
-    def write_now(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
-        if self.read_only:
-            raise OSError(errno.EROFS, "node is read-only")
-        return not self.latency
+        return [zeroes(length)]
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         if self.read_only:

@@ -14,6 +14,7 @@ from exportd.block import register_driver
 from exportd.block.node import BlockNode, BlockStatus, Perm, Prealloc, Status
 from exportd.block.options import check_members, get_int
 from exportd.errors import BlockError
+from exportd.extents import Extent
 
 RAW_MEMBERS = frozenset({"file", "offset", "size"})
 SECTOR = 512
@@ -56,7 +57,7 @@ class RawNode(BlockNode):
 
     @property
     def file(self) -> BlockNode:
-        return self.children["file"]
+        return self.child_edges["file"].node
 
     @property
     def has_window(self) -> bool:
@@ -64,9 +65,9 @@ class RawNode(BlockNode):
 
     # --- permissions: forwarded to the file ----------------------------------
     def apply_permissions(self, perm: Perm, shared: Perm) -> None:
-        user = self.child_users.get("file")
-        if user is not None:
-            self.file.update(user, perm, shared)
+        edge = self.child_edges.get("file")
+        if edge is not None:
+            edge.node.update(edge, perm, shared)
 
     # --- introspection ----------------------------------------------------------
     def getlength(self) -> int:
@@ -83,8 +84,15 @@ class RawNode(BlockNode):
         desc["file"] = {"driver": self.file.driver, "filename": self.file.filename()}
         return "json:" + json.dumps(desc)
 
-    def host_fd(self) -> int | None:
-        return None if self.has_window else self.file.host_fd()
+    def host_fd(self) -> int | str:
+        if self.has_window:
+            return "the raw node exposes a window (offset/size) of its file"
+        fd = self.file.host_fd()
+        return "passthrough needs a raw node on a plain file" if isinstance(fd, str) else fd
+
+    def refresh_length(self) -> int:
+        self.file.refresh_length()
+        return self.getlength()
 
     async def allocated_size(self) -> int:
         return await self.file.allocated_size()
@@ -107,13 +115,14 @@ class RawNode(BlockNode):
             data[:n] = await self.file.read(self.offset + offset, n)
         return data
 
-    def read_sources_now(self, offset: int, length: int) -> list[tuple[int, int, int]] | None:
-        """read()'s bytes as file pieces to splice (see FileNode); None
-        when the file cannot say or the range leaves the window."""
-        sources = getattr(self.file, "read_sources_now", None)
-        if sources is None or self._inside(offset, length) != length:
+    def map_now(self, offset: int, length: int, *, write: bool = False) -> list[Extent] | None:
+        """The file's extents for the same bytes (at the window's offset);
+        None for a range that leaves the window (read() zero-fills that part)."""
+        if self._inside(offset, length) != length:
             return None
-        return sources(self.offset + offset, length)
+        if write and self.read_only:
+            raise OSError(errno.EROFS, "node is read-only")
+        return self.file.map_now(self.offset + offset, length, write=write)
 
     def _check_write(self, offset: int, length: int) -> None:
         if self.read_only:

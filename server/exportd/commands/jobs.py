@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 from exportd.block.create import Qcow2Layout, create_image, qcow2_layout
-from exportd.block.node import BlockNode, NodeUser, Perm, Prealloc
+from exportd.block.node import BlockNode, Edge, Perm, Prealloc
 from exportd.commands import command
 from exportd.errors import BlockError
 from exportd.jobs import Job, registry_of
@@ -68,7 +68,7 @@ class _Qcow2Create:
         self.opts = opts
         self.node: BlockNode | None = None
         self.temporary = False  # `file` was a dict: opened for this job only
-        self.user: NodeUser | None = None
+        self.user: Edge | None = None
         self.layout: Qcow2Layout | None = None
 
     def steps(self):

@@ -25,7 +25,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from exportd.block.node import BlockNode, NodeUser, Perm
+from exportd.block.node import BlockNode, Edge, Perm
+from exportd.export.io import ExportIO
 
 if TYPE_CHECKING:
     from exportd.export.table import ExportTable
@@ -34,9 +35,12 @@ log = logging.getLogger(__name__)
 
 
 class BlockExport(ABC):
-    """One export of one block node. Subclasses: exportd.export.fuse.FuseExport."""
+    """One export of one block node, held through an edge (so that a job
+    replacing the node moves the export with it). Export types subclass it
+    and register with @register_export_type (exportd.export)."""
 
-    type: ClassVar[str]
+    type: ClassVar[str]  # QAPI BlockExportType: "fuse", "nbd", ...
+    growable = False  # whether writes past the end grow the node (FUSE's option)
 
     def __init__(
         self,
@@ -49,12 +53,13 @@ class BlockExport(ABC):
     ) -> None:
         self.table = table
         self.id = export_id
-        self.node = node
+        self._node = node  # until the edge exists
         self.writable = writable
         self.writethrough = writethrough
         self.refcount = 1
         self.user_owned = True
-        self.node_user: NodeUser | None = None
+        self.edge: Edge | None = None
+        self.io = ExportIO(self)
         self.deleted = asyncio.Event()
         self._delete_task: asyncio.Task[None] | None = None
 
@@ -67,14 +72,38 @@ class BlockExport(ABC):
     def shutting_down(self) -> bool:
         return not self.user_owned
 
+    @property
+    def node(self) -> BlockNode:
+        edge = self.edge
+        return edge.node if edge is not None else self._node
+
+    def current_length(self) -> int:
+        """The size clients see."""
+        return self.node.getlength()
+
+    def length_changed(self) -> None:  # noqa: B027 (optional hook)
+        """Hook after a truncate (nothing cached here yet)."""
+
     # --- creation -----------------------------------------------------------
     def attach_node(self, perm: Perm, shared: Perm = Perm.ALL) -> None:
-        self.node_user = self.node.attach(self, perm, shared, role="root")
+        self.edge = self._node.attach(self, perm, shared, role="root")
 
     def release_node(self) -> None:
-        if self.node_user is not None:
-            self.node.detach(self.node_user)
-            self.node_user = None
+        edge = self.edge
+        if edge is not None:
+            self._node = edge.node
+            edge.node.detach(edge)
+            self.edge = None
+
+    def refuse_move(self, edge: Edge, new: BlockNode) -> str | None:
+        """Why this export cannot follow its node to `new` (None: it can)."""
+        return None
+
+    def edge_moved(self, edge: Edge, old: BlockNode) -> None:
+        """The graph moved this export from `old` to another node (a
+        snapshot, commit or mirror pivot); requests go on on the new one."""
+        log.info("export %s: now on node %s (was %s)", self.id, edge.node.node_name, old.node_name)
+        self._node = edge.node
 
     @abstractmethod
     async def start(self, options: dict[str, Any]) -> None:

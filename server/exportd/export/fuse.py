@@ -26,10 +26,12 @@ from typing import Any
 from exportd.block.node import Perm
 from exportd.errors import QMPError
 from exportd.export import mountpoint as mp
+from exportd.export import register_export_type
 from exportd.export.base import BlockExport
 from exportd.export.fuse_file import ExportedFile
 from exportd.fuse.mount import is_mount_root
 from exportd.fuse.threads import blocking_call
+from exportd.mountinfo import MountEntry, mounts_at, read_mountinfo
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ UNMOUNT_TIMEOUT_S = 15.0
 STALE_CLEAN_TIMEOUT_S = 30.0
 
 
+@register_export_type
 class FuseExport(BlockExport):
     type = "fuse"
 
@@ -97,23 +100,23 @@ class FuseExport(BlockExport):
         path = self.mountpoint
         canonical, st, mounted = await self._probe(path)
         table = self.table
-        holder = table.mountpoints.get(canonical)
+        holder = table.claims.get(_claim(canonical))
         if holder is not None and holder.shutting_down:
             # being deleted: its mountpoint is free once it is unmounted
             try:
                 await asyncio.wait_for(holder.wait_deleted(), HOLDER_WAIT_S)
             except TimeoutError:
                 pass
-            holder = table.mountpoints.get(canonical)
+            holder = table.claims.get(_claim(canonical))
             if holder is None:
                 canonical, st, mounted = await self._probe(path)  # what is there now
         if holder is not None:
             raise QMPError(f"There already is a FUSE export on '{path}'")
-        entries = mp.mounts_at(canonical, mounted)
-        top = entries[-1] if entries and mp.is_fuse(entries[-1]) else None
+        entries = mounts_at(canonical, mounted)
+        top = entries[-1] if entries and entries[-1].is_fuse else None
         if top is not None and top.dev in self._our_devs():
             raise QMPError(f"There already is a FUSE export on '{path}'")
-        table.mountpoints[canonical] = self  # reserved from here on
+        table.claims[_claim(canonical)] = self  # reserved from here on
         self.canonical = canonical
         try:
             if top is not None and isinstance(st, OSError) and st.errno in mp.DEAD_MOUNT_ERRNOS:
@@ -122,18 +125,18 @@ class FuseExport(BlockExport):
                 canonical, st, _ = await self._probe(path)
             mp.check_regular_file_stat(path, st)
         except BaseException:
-            table.mountpoints.pop(self.canonical, None)
+            table.claims.pop(_claim(self.canonical), None)
             raise
 
     @staticmethod
-    async def _probe(path: str) -> tuple[str, os.stat_result | OSError, list[mp.MountEntry]]:
+    async def _probe(path: str) -> tuple[str, os.stat_result | OSError, list[MountEntry]]:
         """(canonical path, stat result or error, mount table), from one
         worker thread: the mountinfo read and parse stay off the loop."""
-        def probe() -> tuple[str, os.stat_result | OSError, list[mp.MountEntry]]:
+        def probe() -> tuple[str, os.stat_result | OSError, list[MountEntry]]:
             canonical, st = mp.probe_path(path)
             if is_mount_root(canonical) is False:
                 return canonical, st, []  # nothing mounted there: skip the mount table
-            return canonical, st, mp.read_mountinfo()
+            return canonical, st, read_mountinfo()
 
         try:
             return await blocking_call(probe, timeout=mp.PATH_TIMEOUT_S)
@@ -167,7 +170,7 @@ class FuseExport(BlockExport):
         connection = getattr(self.session, "connection", None)
         if connection is not None:
             return (0, connection)
-        entries = [e for e in mp.mounts_at(self.canonical) if mp.is_fuse(e)]
+        entries = [e for e in mounts_at(self.canonical) if e.is_fuse]
         return entries[-1].dev if entries else None
 
     async def _mount(self, *, allow_other: bool, passthrough: bool) -> None:
@@ -216,19 +219,9 @@ class FuseExport(BlockExport):
     # --- passthrough ------------------------------------------------------------
     def _passthrough_source(self) -> tuple[int | None, str]:
         """The host descriptor the kernel may use directly, or why not."""
-        node = self.node
-        if node.driver == "raw":
-            if getattr(node, "has_window", False):
-                return None, "the raw node exposes a window (offset/size) of its file"
-            file_node = node.children.get("file")
-            if file_node is None or file_node.driver != "file":
-                return None, "passthrough needs a raw node on a plain file"
-        elif node.driver != "file":
-            return None, f"passthrough needs a raw export of a plain file (node is '{node.driver}')"
-        host_fd = getattr(node, "host_fd", None)
-        fd = host_fd() if callable(host_fd) else None
-        if fd is None:
-            return None, "the node has no plain host descriptor (cache.direct=on?)"
+        fd = self.node.host_fd()
+        if isinstance(fd, str):
+            return None, fd
         if self.writable and not self.growable:
             return None, (
                 "the kernel would let writes past the end grow the image; "
@@ -236,17 +229,7 @@ class FuseExport(BlockExport):
             )
         if self.writable and self.writethrough:
             return None, "writethrough needs the daemon to flush after every write"
-        if self.writable and self._length_follower() is None:
-            return None, "the block node cannot follow size changes made by the kernel"
         return fd, ""
-
-    def _length_follower(self):  # noqa: ANN202 - callable or None
-        """The node hook that re-reads the file size after the kernel wrote
-        through passthrough (`refresh_length()` on the file node)."""
-        node = self.node
-        target = node.children.get("file") if node.driver == "raw" else node
-        fn = getattr(target, "refresh_length", None)
-        return fn if callable(fn) else None
 
     def _passthrough_wanted(self, mode: str) -> bool:
         if mode == "off":
@@ -303,18 +286,19 @@ class FuseExport(BlockExport):
             os.close(self._backing_fd)
             self._backing_fd = -1
 
+    def refuse_move(self, edge: Any, new: Any) -> str | None:
+        # the kernel reads and writes the old image file itself: it cannot be moved
+        if self.passthrough:
+            return f"Export '{self.id}' uses FUSE passthrough on its image file and cannot move to '{new.node_name}'"
+        return None
+
     # --- what the file handlers ask ------------------------------------------------
     def current_length(self) -> int:
         """The size clients see. Under writable passthrough the kernel writes
-        the file itself and may grow it: the file node re-reads its size."""
+        the file itself and may grow it: the node re-reads its size."""
         if self.passthrough and self.writable:
-            follow = self._length_follower()
-            if follow is not None:
-                follow()
+            return self.node.refresh_length()
         return self.node.getlength()
-
-    def length_changed(self) -> None:
-        """Hook after a truncate (nothing cached here yet)."""
 
     def session_ended(self, reason: str) -> None:
         if reason == "closed" or not self.user_owned:
@@ -334,6 +318,11 @@ class FuseExport(BlockExport):
             "allow-other": self.allow_other,
             "passthrough": self.passthrough,
         }
+
+
+def _claim(canonical: str) -> str:
+    """The export table key that reserves a mountpoint."""
+    return "fuse:" + canonical
 
 
 def _reopen(fd: int | None, writable: bool) -> int:

@@ -17,7 +17,6 @@ import os
 import stat
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TypeVar
 
 from exportd.errors import QMPError
@@ -72,67 +71,6 @@ def canonical_path(path: str) -> str:
     if os.path.islink(canonical):
         canonical = os.path.realpath(canonical)
     return canonical
-
-
-@dataclass(frozen=True)
-class MountEntry:
-    mount_id: int
-    dev: tuple[int, int]
-    mountpoint: str
-    fstype: str
-    source: str
-    options: str
-
-
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo
-    if "\\" not in field:
-        return field
-    out, i = [], 0
-    while i < len(field):
-        c = field[i]
-        if c == "\\" and i + 4 <= len(field) and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(c)
-            i += 1
-    return "".join(out)
-
-
-def read_mountinfo(path: str = "/proc/self/mountinfo") -> list[MountEntry]:
-    """The mount table, in mount order (later entries cover earlier ones)."""
-    entries = []
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split()
-            try:
-                sep = fields.index("-")
-                major, minor = fields[2].split(":")
-                entries.append(
-                    MountEntry(
-                        mount_id=int(fields[0]),
-                        dev=(int(major), int(minor)),
-                        mountpoint=_unescape(fields[4]),
-                        fstype=fields[sep + 1],
-                        source=_unescape(fields[sep + 2]),
-                        options=fields[sep + 3] if len(fields) > sep + 3 else "",
-                    )
-                )
-            except (ValueError, IndexError):
-                continue  # a line we cannot parse is not one of ours
-    return entries
-
-
-def mounts_at(canonical: str, entries: list[MountEntry] | None = None) -> list[MountEntry]:
-    """Entries mounted exactly on `canonical`, bottom first."""
-    if entries is None:
-        entries = read_mountinfo()
-    return [e for e in entries if e.mountpoint == canonical]
-
-
-def is_fuse(entry: MountEntry) -> bool:
-    return entry.fstype == "fuse" or entry.fstype.startswith("fuse.")
 
 
 # what stat says on a FUSE mount whose server is gone

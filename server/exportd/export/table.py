@@ -13,6 +13,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from exportd.errors import QMPError
+from exportd.export import export_type
 from exportd.export.base import BlockExport
 
 if TYPE_CHECKING:
@@ -26,20 +27,15 @@ _ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9\-._]*\Z")
 SHUTDOWN_GRACE_S = 5.0  # requests in flight get this long before being cancelled
 
 
-def export_types() -> dict[str, type[BlockExport]]:
-    from exportd.export.fuse import FuseExport
-
-    return {"fuse": FuseExport}
-
-
 class ExportTable:
     def __init__(self, daemon: Any) -> None:
         self.daemon = daemon
         self._exports: list[BlockExport] = []  # newest first, as QEMU's QLIST_INSERT_HEAD
         self._pending: set[str] = set()  # ids whose add is under way
-        # canonical mountpoint -> export holding it (set by FUSE exports from
-        # their check until they are deleted; includes adds under way)
-        self.mountpoints: dict[str, BlockExport] = {}
+        # what export types reserve across the daemon, key -> export (a FUSE
+        # export's "fuse:<canonical mountpoint>"; an NBD export name...): held
+        # from the type's check, through an add under way, until deletion
+        self.claims: dict[str, BlockExport] = {}
 
     # --- lookup ---------------------------------------------------------------
     def find(self, export_id: str) -> BlockExport | None:
@@ -61,7 +57,7 @@ class ExportTable:
             raise QMPError("Invalid block export id")
         if export_id in self._pending or self.find(export_id) is not None:
             raise QMPError(f"Block export id '{export_id}' is already in use")
-        cls = export_types().get(options.get("type", ""))
+        cls = export_type(options.get("type", ""))
         if cls is None:
             raise QMPError("No driver found for the requested export type")
         node = self._lookup_node(options["node-name"])
@@ -83,7 +79,7 @@ class ExportTable:
                 await exp.start(options)
             except BaseException:
                 exp.release_node()
-                self._forget_mountpoints(exp)
+                self._drop_claims(exp)
                 raise
             self._exports.insert(0, exp)
             return exp
@@ -121,12 +117,12 @@ class ExportTable:
     def _remove(self, exp: BlockExport) -> None:
         if exp in self._exports:
             self._exports.remove(exp)
-        self._forget_mountpoints(exp)
+        self._drop_claims(exp)
 
-    def _forget_mountpoints(self, exp: BlockExport) -> None:
-        for mp, holder in list(self.mountpoints.items()):
+    def _drop_claims(self, exp: BlockExport) -> None:
+        for key, holder in list(self.claims.items()):
             if holder is exp:
-                del self.mountpoints[mp]
+                del self.claims[key]
 
     # --- quit / signals -------------------------------------------------------------
     async def shutdown_all(self) -> None:

@@ -162,6 +162,8 @@ def without_setid(mode: int) -> int:
 class SingleFileFS(ABC):
     """The handler of one single-file FUSE mount. See the module docstring."""
 
+    splice_reads = False  # READ replies may be spliced (mount with a max_read that fits the pipe)
+
     @abstractmethod
     async def getattr(self) -> Attr: ...
 

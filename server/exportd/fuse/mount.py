@@ -25,6 +25,8 @@ import subprocess
 import threading
 from dataclasses import dataclass
 
+from exportd.mountinfo import MountEntry, read_mountinfo
+
 log = logging.getLogger(__name__)
 
 FS_SUBTYPE = "exportd"
@@ -77,62 +79,6 @@ class MountOptions:
     max_read: int = 1 << 20
 
 
-@dataclass(frozen=True)
-class MountInfo:
-    """One line of /proc/self/mountinfo."""
-
-    mount_id: int
-    dev: str  # "major:minor"; minor is the FUSE connection number
-    mountpoint: str
-    fstype: str
-    source: str
-    options: str
-
-    @property
-    def connection(self) -> int:
-        return int(self.dev.split(":")[1])
-
-
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo.
-    if "\\" not in field:
-        return field
-    out = []
-    i = 0
-    while i < len(field):
-        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def read_mountinfo(path: str = "/proc/self/mountinfo") -> list[MountInfo]:
-    result = []
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            left, sep, right = line.rstrip("\n").partition(" - ")
-            if not sep:
-                continue
-            a = left.split(" ")
-            b = right.split(" ")
-            if len(a) < 6 or len(b) < 3:
-                continue
-            result.append(
-                MountInfo(
-                    mount_id=int(a[0]),
-                    dev=a[2],
-                    mountpoint=_unescape(a[4]),
-                    fstype=b[0],
-                    source=_unescape(b[1]),
-                    options=a[5] + "," + b[2],
-                )
-            )
-    return result
-
-
 def _statx_cached(path: str) -> ctypes.Array[ctypes.c_char] | None:
     """statx of `path` itself that never waits on a FUSE server (cached
     attributes only); None when it fails or libc has no statx."""
@@ -170,7 +116,7 @@ def is_mount_root(path: str) -> bool | None:
     return bool(attributes & STATX_ATTR_MOUNT_ROOT)
 
 
-def exportd_mounts(mountpoint: str | None = None) -> list[MountInfo]:
+def exportd_mounts(mountpoint: str | None = None) -> list[MountEntry]:
     """exportd FUSE mounts (optionally only at `mountpoint`), oldest first."""
     target = os.path.abspath(mountpoint) if mountpoint else None
     return [
@@ -180,7 +126,7 @@ def exportd_mounts(mountpoint: str | None = None) -> list[MountInfo]:
     ]
 
 
-def find_mount(mountpoint: str, fsname: str) -> MountInfo | None:
+def find_mount(mountpoint: str, fsname: str) -> MountEntry | None:
     """The newest exportd mount at `mountpoint` with source `fsname`."""
     found = [m for m in exportd_mounts(mountpoint) if m.source == fsname]
     return max(found, key=lambda m: m.mount_id) if found else None
@@ -377,7 +323,7 @@ def probe(mountpoint: str, timeout: float = 2.0) -> str:
 
 def find_stale_mounts(
     mountpoints: list[str] | None = None, timeout: float = 2.0
-) -> list[MountInfo]:
+) -> list[MountEntry]:
     """exportd mounts whose connection is dead (after a crash stat gives ENOTCONN).
 
     Blocking; run it in a thread. `mountpoints` limits the search.

@@ -115,9 +115,8 @@ class FuseSession:
         self._read_now = getattr(fs, "read_now", None)
         self._write_now = getattr(fs, "write_now", None)
         # READ replies spliced from the image file (splice.py), when mounted for it
-        self._read_sources = getattr(fs, "read_sources_now", None)
         self._splice: ReplyPipe | None = None
-        if self._read_sources is not None and options.max_read <= SPLICE_MAX_READ:
+        if fs.splice_reads and options.max_read <= SPLICE_MAX_READ:
             self._splice = pipe_for(loop)
         self.spliced = 0  # replies sent by splice (tests, benchmarks)
         # unique -> (task, resume, interruptible): see _op_interrupt
@@ -403,8 +402,6 @@ class FuseSession:
             # The hot path, inlined (same steps as _op_read, _run, _reply_ok):
             # a read that completes without suspending is answered here.
             fh, offset, size = _READ_HEAD.unpack_from(buf, 40)
-            if size >= SPLICE_MIN and self._splice is not None and self._splice_read(fh, offset, size, unique):
-                return False
             data = None
             if self._read_now is not None:
                 # no coroutine at all when the file system can answer at once
@@ -413,6 +410,10 @@ class FuseSession:
                 except BaseException as exc:  # noqa: B036 - every failure becomes an errno
                     self._reply_exception(unique, exc)
                     return False
+                if type(data) is list:
+                    if size >= SPLICE_MIN and self._splice is not None and self._splice_read(data, unique):
+                        return False
+                    data = _extents_data(data)
             if data is None:
                 coro = self.fs.read(fh, offset, size)
                 try:
@@ -460,19 +461,18 @@ class FuseSession:
             self._reply_error(unique, errno.EIO)
             return False
 
-    def _splice_read(self, fh: int, offset: int, size: int, unique: int) -> bool:
-        """Answer a READ by splicing from the image file; False when the file
-        system cannot say where the bytes are (nothing was sent)."""
+    def _splice_read(self, extents: list[Any], unique: int) -> bool:
+        """Answer a READ by splicing from the image file; False when the
+        extents cannot be spliced (nothing was sent)."""
         if self._fd < 0:
             return False  # the normal path drops the reply
-        sources = self._read_sources(fh, offset, size)
-        if not sources:
-            return False
         total = 0
-        for _, _, n in sources:
+        for fd, _, n, never_blocks in extents:
+            if fd < 0 or not never_blocks:
+                return False
             total += n
         pipe = self._splice
-        if not pipe.fill(_OUT.pack(16 + total, 0, unique), sources, total):
+        if not pipe.fill(_OUT.pack(16 + total, 0, unique), [e[:3] for e in extents], total):
             return False
         try:
             pipe.send(self._fd, 16 + total)
@@ -774,6 +774,36 @@ def _resolve_and_mount(
             found = None
         connection = found.connection if found else None
     return resolved, handed, connection
+
+
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+def _extents_data(extents: list[Any]) -> Any:
+    """The bytes of a read's extents, read without blocking; None when a
+    page is not in memory (the caller awaits fs.read())."""
+    parts: list[Any] = []
+    for fd, off, n, never_blocks in extents:
+        if fd < 0:
+            while n:
+                m = min(n, len(_ZEROS))
+                parts.append(_ZEROS[:m])
+                n -= m
+            continue
+        if never_blocks:
+            data = os.pread(fd, n, off)
+        else:
+            buf = bytearray(n)
+            try:
+                if os.preadv(fd, [buf], off, os.RWF_NOWAIT) != n:
+                    return None
+            except OSError:
+                return None
+            data = buf
+        if len(data) < n:
+            data = bytes(data) + bytes(n - len(data))
+        parts.append(data)
+    return parts[0] if len(parts) == 1 else parts
 
 
 # --- reply payload encoders: (handler result, request argument) -> payload -------

@@ -1,0 +1,77 @@
+"""An export keeps serving while the graph replaces its node (what a
+snapshot, commit or mirror pivot does), with no QMP in between: a file
+descriptor opened on the export before the move keeps working, and its
+reads and writes reach the new node."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from exportd.errors import BlockError
+
+from .conftest import athread, make_image
+from .test_lifecycle import Host, add
+
+SIZE = 1 << 20
+
+
+async def test_open_file_follows_its_export_to_the_new_node(host: Host, workdir: Path) -> None:
+    a = make_image(workdir / "a.img", SIZE, seed=1)
+    b = make_image(workdir / "b.img", SIZE, seed=2)
+    g = host.graph
+    await g.add({"driver": "raw", "node-name": "ra", "file": {"driver": "file", "filename": str(workdir / "a.img")}})
+    rb = await g.add({"driver": "raw", "node-name": "rb",
+                      "file": {"driver": "file", "filename": str(workdir / "b.img")}})
+    exp = await add(host, workdir, "e", "ra", writable=True)
+    mnt = workdir / "e.raw"
+    fd = await athread(os.open, str(mnt), os.O_RDWR)
+    try:
+        assert await athread(os.pread, fd, 4096, 8192) == a[8192 : 8192 + 4096]
+
+        g.replace_node(g.get("ra"), rb)  # on the loop, as a job's pivot is
+
+        assert exp.node is rb and exp.info()["node-name"] == "rb"
+        assert g.get("ra").users == []
+        assert await athread(os.pread, fd, 4096, 8192) == b[8192 : 8192 + 4096]
+        assert await athread(os.pwrite, fd, b"N" * 4096, 0) == 4096
+        await athread(os.fsync, fd)
+    finally:
+        await athread(os.close, fd)
+    assert (workdir / "b.img").read_bytes()[:4096] == b"N" * 4096  # the write landed on the new node
+    assert (workdir / "a.img").read_bytes() == a  # and nothing on the old one
+    await g.delete("ra")  # free now: nobody holds it
+
+
+async def test_a_refused_move_leaves_the_export_serving_the_old_node(host: Host, workdir: Path) -> None:
+    a = make_image(workdir / "a.img", SIZE, seed=3)
+    make_image(workdir / "b.img", SIZE, seed=4)
+    g = host.graph
+    await g.add({"driver": "raw", "node-name": "ra", "file": {"driver": "file", "filename": str(workdir / "a.img")}})
+    rb = await g.add({"driver": "raw", "node-name": "rb", "read-only": True,
+                      "file": {"driver": "file", "filename": str(workdir / "b.img")}})
+    exp = await add(host, workdir, "e", "ra", writable=True)
+    with pytest.raises(BlockError, match="read-only"):
+        g.replace_node(g.get("ra"), rb)  # a writable export cannot move onto a read-only node
+    assert exp.node is g.get("ra") and rb.users == []
+    data = await athread(lambda: (workdir / "e.raw").read_bytes())
+    assert data == a
+
+
+async def test_a_passthrough_export_refuses_to_move(host: Host, workdir: Path) -> None:
+    # the kernel serves its reads from the old image file itself
+    a = make_image(workdir / "a.img", SIZE, seed=5)
+    make_image(workdir / "b.img", SIZE, seed=6)
+    g = host.graph
+    await g.add({"driver": "raw", "node-name": "ra", "file": {"driver": "file", "filename": str(workdir / "a.img")}})
+    rb = await g.add({"driver": "raw", "node-name": "rb",
+                      "file": {"driver": "file", "filename": str(workdir / "b.img")}})
+    exp = await add(host, workdir, "e", "ra")
+    if not exp.passthrough:
+        pytest.skip(f"no FUSE passthrough here: {exp.passthrough_reason}")
+    with pytest.raises(BlockError, match="passthrough"):
+        g.replace_node(g.get("ra"), rb)
+    assert exp.node is g.get("ra") and rb.users == []
+    assert await athread(lambda: (workdir / "e.raw").read_bytes()) == a
