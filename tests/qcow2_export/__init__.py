@@ -2,7 +2,7 @@
 
 test_read        every variant reads as `qemu-img convert -O raw`
 test_write       random writes/punch/zero/qemu-io through the export, then
-                 check, compare, snapshots intact, seek vs map (roundtrip.py)
+                 check, compare, snapshots intact, seek vs map (tests/support/qcow2_roundtrip.py)
 test_combos      the same round trip on variant combinations
 test_seek        SEEK_DATA/SEEK_HOLE vs `qemu-img map`
 test_fallocate   punch-hole/zero-range (incl. past EOF), then check/compare/holes

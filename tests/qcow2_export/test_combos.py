@@ -1,5 +1,5 @@
-"""Variant combinations tests/qcow2/variants.py does not make, through the
-write round trip (roundtrip.py): snapshots on v2 images with 512-byte
+"""Variant combinations tests/support/qcow2_variants.py does not make, through the
+write round trip (tests/support/qcow2_roundtrip.py): snapshots on v2 images with 512-byte
 clusters, compressed zstd clusters shared with a snapshot, 2-bit refcounts at
 their maximum (two snapshots), snapshots in an overlay over a backing file,
 lazy refcounts with a snapshot, 2 MiB clusters with 64-bit refcounts."""

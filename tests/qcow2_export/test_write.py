@@ -3,7 +3,7 @@ export of every variant (over backing files and with internal snapshots):
 the export reads back what was written, then `qemu-img check` is clean,
 `qemu-img compare` matches a raw copy that received the same writes, the
 snapshots are unchanged, and SEEK_DATA/SEEK_HOLE agree with `qemu-img map`
-(see roundtrip.py)."""
+(see tests/support/qcow2_roundtrip.py)."""
 
 from __future__ import annotations
 

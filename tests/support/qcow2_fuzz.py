@@ -1,5 +1,5 @@
 """Seeded fuzzer for the qcow2 driver, run as a child process (under a memory
-limit) by test_fuzz.py: mutate headers, extensions and tables of valid images,
+limit) by tests/qcow2/test_fuzz.py: mutate headers, extensions and tables of valid images,
 open them, read, walk block_status, write. Only BlockError/OSError are allowed
 to come out; anything else (or a hang, or a huge allocation) is a failure.
 Prints one JSON line per failing case and `CASE n` before each case."""
