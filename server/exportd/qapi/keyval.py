@@ -19,8 +19,6 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-from exportd.monitor.jsonstream import JsonStream, ParseError
-
 if TYPE_CHECKING:
     from exportd.qapi.schema import Schema
 
@@ -109,6 +107,9 @@ def parse_option(text: str, implied_key: str | None = None) -> tuple[dict[str, A
     that still need coerce().
     """
     if text.lstrip().startswith("{"):
+        # imported here: plain keyval (every --chardev, --monitor) does without it
+        from exportd.monitor.jsonstream import JsonStream, ParseError
+
         stream = JsonStream()
         items = stream.feed(text.encode())
         if len(items) != 1 or stream.feed(b" ") or not text.strip().endswith("}"):
