@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What the FUSE protocol layer alone costs: fio against the toy filesystems.
 
-Not a test. Mounts exportd.fuse.toy (in its own process) in a few variants
+Not a test. Mounts tests/support/toyfs.py (in its own process) in a few variants
 and runs fio 4 KiB random reads (psync, depth 1) and 1 MiB sequential reads,
 direct=1, against each, next to the same reads on the plain file. Prints a
 markdown table; next to each rate, the daemon's CPU time per request
@@ -23,7 +23,8 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SERVER_DIR = os.path.join(os.path.dirname(HERE), "server")
+REPO = os.path.dirname(HERE)  # where `tests` (tests.support.toyfs) is importable
+SERVER_DIR = os.path.join(REPO, "server")
 
 WORKLOADS = {
     "4k randread qd1": ["--rw=randread", "--bs=4k", "--ioengine=psync", "--iodepth=1"],
@@ -57,12 +58,12 @@ def cpu_seconds(pid: int) -> float:
 
 
 class Toy:
-    """exportd.fuse.toy serving one mount in a child process."""
+    """tests.support.toyfs serving one mount in a child process."""
 
     def __init__(self, mountpoint: str, *args: str) -> None:
-        env = dict(os.environ, PYTHONPATH=SERVER_DIR)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([SERVER_DIR, REPO]))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "exportd.fuse.toy", mountpoint, *args],
+            [sys.executable, "-m", "tests.support.toyfs", mountpoint, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -93,9 +94,9 @@ async def _control_plane(work: str, cycles: int, sessions: int) -> tuple[float, 
     import gc
     import time
 
-    sys.path.insert(0, SERVER_DIR)
+    sys.path[:0] = [SERVER_DIR, REPO]
     from exportd.fuse.session import FuseSession
-    from exportd.fuse.toy import MemoryFS
+    from tests.support.toyfs import MemoryFS
 
     paths = []
     for i in range(sessions + 1):

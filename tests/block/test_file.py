@@ -10,12 +10,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from blockhelpers import make_image
 
 from exportd.block.file import FileNode
 from exportd.block.graph import BlockGraph
 from exportd.block.node import Perm, Prealloc, Status
 from exportd.errors import BlockError
+from tests.support.images import make_pattern_image as make_image
 
 MiB = 1 << 20
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from blockhelpers import make_image
 
 from exportd.block import driver_class, known_drivers, register_driver
 from exportd.block.graph import BlockGraph
 from exportd.block.node import BlockNode, Perm
 from exportd.errors import BlockError
+from tests.support.images import make_pattern_image as make_image
 
 
 async def expect(coro, text: str) -> None:  # noqa: ANN001

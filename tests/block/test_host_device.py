@@ -8,10 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from blockhelpers import make_image
 
 from exportd.block.graph import BlockGraph
 from exportd.errors import BlockError
+from tests.support.images import make_pattern_image as make_image
 
 MiB = 1 << 20
 

@@ -11,14 +11,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from blockhelpers import make_image
 
 from exportd.block.graph import BlockGraph
 from exportd.block.locking import PERM_BASE, SHARED_BASE, byte_locked_by_others
 from exportd.block.node import Perm
 from exportd.errors import BlockError
+from tests.support import SUPPORT_DIR
+from tests.support.images import make_pattern_image as make_image
 
-PEER = str(Path(__file__).with_name("lockpeer.py"))
+PEER = str(SUPPORT_DIR / "lockpeer.py")
 READ = Perm.CONSISTENT_READ
 WRITE = Perm.WRITE
 # what a format node such as qcow2 takes on its file: it never shares writes

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from blockhelpers import make_image
 from qemu.qmp import ExecuteError
+
+from tests.support.images import make_pattern_image as make_image
 
 MiB = 1 << 20
 

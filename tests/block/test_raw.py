@@ -6,12 +6,12 @@ import errno
 from pathlib import Path
 
 import pytest
-from blockhelpers import make_image
 
 from exportd.block.graph import BlockGraph
 from exportd.block.node import Perm, Status
 from exportd.block.raw import RawNode
 from exportd.errors import BlockError
+from tests.support.images import make_pattern_image as make_image
 
 KiB = 1024
 

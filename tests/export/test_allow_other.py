@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Exportd, arun, have, make_image
+from tests.support.daemon import Exportd
+from tests.support.images import make_image
+from tests.support.programs import arun, have
 
 NOBODY = 65534
 

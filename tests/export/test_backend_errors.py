@@ -10,7 +10,9 @@ import errno
 import os
 from pathlib import Path
 
-from .conftest import Exportd, athread, make_image
+from tests.support.daemon import Exportd
+from tests.support.images import make_image
+from tests.support.threads import athread
 
 
 def read_errno(path: Path) -> int | bytes:

@@ -7,7 +7,10 @@ import errno
 import os
 from pathlib import Path
 
-from .conftest import Exportd, athread, fuse_mounts_under, make_image
+from tests.support.daemon import Exportd
+from tests.support.images import make_image
+from tests.support.mounts import fuse_mounts_under
+from tests.support.threads import athread
 
 
 def stat_errno(path: Path) -> int:

@@ -10,7 +10,8 @@ import signal
 import sys
 from pathlib import Path
 
-from .conftest import arun, fuse_mounts_under
+from tests.support.mounts import fuse_mounts_under
+from tests.support.programs import arun
 
 
 async def test_demo_end_to_end(workdir: Path) -> None:

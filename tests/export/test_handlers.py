@@ -20,9 +20,8 @@ from exportd.fuse.filesystem import (
     SEEK_HOLE,
     SetAttr,
 )
-
-from .conftest import make_image
-from .test_lifecycle import Host, add
+from tests.support.host import Host, add
+from tests.support.images import make_image
 
 
 @pytest.fixture

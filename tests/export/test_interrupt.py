@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from .test_lifecycle import Host, add
+from tests.support.host import Host, add
 
 
 async def interrupt_one(workdir: Path, op: str) -> tuple[dict[str, object], dict[str, int], int]:

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Exportd, arun, have, make_image
+from tests.support.daemon import Exportd
+from tests.support.images import make_image
+from tests.support.programs import arun, have
 
 pytestmark = [
     pytest.mark.skipif(not have("qemu-img") or not have("qemu-io"), reason="qemu-utils missing"),

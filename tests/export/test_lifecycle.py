@@ -1,10 +1,11 @@
 """The export life cycle (refcount, safe/hard delete, shutdown phases) on the
 real ExportTable, BlockGraph and FUSE mounts, in this process.
 
-The daemon object here is only what the table needs from exportd's Daemon
-(`graph` and `emit_event`), so that a test can hold a reference the way a
-request in flight does and look at every phase deterministically. All I/O
-on the mounts happens in worker threads, never on this loop that serves them.
+The daemon object here (tests.support.host.Host) is only what the table
+needs from exportd's Daemon (`graph` and `emit_event`), so that a test can
+hold a reference the way a request in flight does and look at every phase
+deterministically. All I/O on the mounts happens in worker threads, never on
+this loop that serves them.
 """
 
 from __future__ import annotations
@@ -17,35 +18,10 @@ from typing import Any
 
 import pytest
 
-from exportd.block.graph import BlockGraph
 from exportd.errors import QMPError
-from exportd.export.table import ExportTable
-
-from .conftest import athread, fuse_mounts_under
-
-
-class Host:
-    """The two things an ExportTable uses of the daemon."""
-
-    def __init__(self) -> None:
-        self.graph = BlockGraph(self)
-        self.events: list[tuple[str, dict[str, Any]]] = []
-        self.on_event = None
-        self.exports = ExportTable(self)
-
-    def emit_event(self, name: str, data: dict[str, Any]) -> None:
-        if self.on_event is not None:
-            self.on_event(name, data)
-        self.events.append((name, data))
-
-
-async def add(h: Host, workdir: Path, export_id: str, node: str = "null0", **opts: Any):  # noqa: ANN201
-    mnt = workdir / f"{export_id}.raw"
-    # in a thread: the path may already be one of this loop's own mounts
-    await athread(lambda: mnt.exists() or mnt.touch())
-    return await h.exports.add(
-        {"type": "fuse", "id": export_id, "node-name": node, "mountpoint": str(mnt), **opts}
-    )
+from tests.support.host import Host, add
+from tests.support.mounts import fuse_mounts_under
+from tests.support.threads import athread
 
 
 async def null_node(h: Host, name: str = "null0", **opts: Any) -> None:

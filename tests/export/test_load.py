@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Exportd, arun, have
+from tests.support.daemon import Exportd
+from tests.support.programs import arun, have
 
 N = 16
 SIZE = 4 << 20

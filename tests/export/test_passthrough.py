@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from exportd.export.fuse import FuseExport
-
-from .conftest import Exportd, arun, athread, make_image
-from .test_lifecycle import Host, add
+from tests.support.daemon import Exportd
+from tests.support.host import Host, add
+from tests.support.images import make_image
+from tests.support.programs import arun
+from tests.support.threads import athread
 
 
 def kernel_has_passthrough() -> bool:

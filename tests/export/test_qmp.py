@@ -11,7 +11,11 @@ import sys
 import threading
 from pathlib import Path
 
-from .conftest import Exportd, arun, athread, fuse_mounts_under, make_image
+from tests.support.daemon import Exportd
+from tests.support.images import make_image
+from tests.support.mounts import fuse_mounts_under
+from tests.support.programs import arun
+from tests.support.threads import athread
 
 
 async def test_error_texts(exportd: Exportd, workdir: Path) -> None:

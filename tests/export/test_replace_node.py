@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from exportd.errors import BlockError
-
-from .conftest import athread, make_image
-from .test_lifecycle import Host, add
+from tests.support.host import Host, add
+from tests.support.images import make_image
+from tests.support.threads import athread
 
 SIZE = 1 << 20
 

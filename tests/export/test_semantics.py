@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Exportd, arun, athread, make_image
+from tests.support.daemon import Exportd
+from tests.support.images import make_image
+from tests.support.programs import arun
+from tests.support.threads import athread
 
 SIZE = 1 << 20
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from exportd.fuse.splice import SPLICE_MAX_READ
-
-from .conftest import arun, make_image
-from .test_lifecycle import Host, add
+from tests.support.host import Host, add
+from tests.support.images import make_image
+from tests.support.programs import arun
 
 MIB = 1 << 20
 SIZE = 6 * MIB + 12345  # the last read runs past the end

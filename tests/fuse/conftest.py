@@ -1,4 +1,4 @@
-"""Shared fixtures for the FUSE protocol layer tests.
+"""Shared fixtures for the FUSE protocol layer tests (helpers: tests.support.fuse).
 
 Every mount made here is unmounted in `finally`; a last-resort fixture
 lazily detaches any exportd mount left under this test's directories.
@@ -6,19 +6,14 @@ lazily detaches any exportd mount left under this test's directories.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import stat
-import subprocess
 import tempfile
-from collections.abc import AsyncIterator
 
 import pytest
 
-from exportd.fuse import mount as fuse_mount
-from exportd.fuse.filesystem import SingleFileFS
-from exportd.fuse.session import FuseSession
+from tests.support.mounts import exportd_mounts_under, lazy_unmount_exportd_mounts
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -31,19 +26,12 @@ def dev_fuse_open_to_all() -> None:
         os.chmod("/dev/fuse", 0o666)
 
 
-def _leftover_mounts(root: str) -> list[str]:
-    return [
-        m.mountpoint for m in fuse_mount.exportd_mounts() if m.mountpoint.startswith(root + os.sep)
-    ]
-
-
 @pytest.fixture
 def workdir(tmp_path):
     """The test's directory; exportd mounts left inside are detached at the end."""
     yield tmp_path
-    for mp in sorted(set(_leftover_mounts(str(tmp_path))), reverse=True):
-        subprocess.run(["umount", "-l", mp], check=False, capture_output=True)
-    assert not _leftover_mounts(str(tmp_path)), "mounts left behind"
+    lazy_unmount_exportd_mounts(str(tmp_path))
+    assert not exportd_mounts_under(str(tmp_path)), "mounts left behind"
 
 
 @pytest.fixture
@@ -52,16 +40,6 @@ def target(workdir) -> str:
     path = workdir / "export.img"
     path.write_bytes(b"")
     return str(path)
-
-
-@contextlib.asynccontextmanager
-async def serving(fs: SingleFileFS, mountpoint: str, **kw) -> AsyncIterator[FuseSession]:
-    kw.setdefault("fsname", "exportd:test")
-    session = await FuseSession.start(fs, mountpoint, **kw)
-    try:
-        yield session
-    finally:
-        await session.close()
 
 
 @pytest.fixture
@@ -74,6 +52,5 @@ def public_target():
     try:
         yield path
     finally:
-        for mp in _leftover_mounts(d):
-            subprocess.run(["umount", "-l", mp], check=False, capture_output=True)
+        lazy_unmount_exportd_mounts(d)
         shutil.rmtree(d, ignore_errors=True)

@@ -10,10 +10,8 @@ import pytest
 
 from exportd.fuse import busypoll
 from exportd.fuse.busypoll import BusyPoller, poller_for
-from exportd.fuse.toy import MemoryFS
-
-from .conftest import serving
-from .helpers import child, pattern
+from tests.support.fuse import child, pattern, serving
+from tests.support.toyfs import MemoryFS
 
 
 @pytest.fixture

@@ -7,8 +7,7 @@ import os
 import signal
 
 from exportd.fuse import mount as fuse_mount
-
-from .helpers import start_toy
+from tests.support.fuse import start_toy
 
 
 def test_mountinfo_parsing_with_escapes(tmp_path):
@@ -50,9 +49,8 @@ def test_a_stopped_daemon_is_hung_not_stale(target):
 
 
 async def test_statx_finds_our_connection_without_the_server(target):
-    from exportd.fuse.toy import MemoryFS
-
-    from .conftest import serving
+    from tests.support.fuse import serving
+    from tests.support.toyfs import MemoryFS
 
     assert fuse_mount.is_mount_root(target) is False
     assert fuse_mount.top_connection(target) is None  # a plain file on a real device

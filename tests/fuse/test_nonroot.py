@@ -1,26 +1,23 @@
-"""The toy mounted by an unprivileged user (`nobody`) through fusermount3."""
+"""The toy mounted by an unprivileged user (`nobody`) through fusermount3.
+
+`nobody` runs the system Python on a readable copy of the code it imports
+(tests.support.other_user): the checkout may be where only root can enter."""
 
 from __future__ import annotations
 
 import json
 import os
-import pwd
 import shutil
 import signal
 import subprocess
 import tempfile
-from pathlib import Path
 
 import pytest
 
 from exportd.fuse import mount as fuse_mount
-
-from .helpers import PRELUDE
-
-# The venv's interpreter may live under /root (0700); the system Python runs
-# the toy as well: it needs only the standard library.
-SYSTEM_PYTHON = "/usr/bin/python3"
-SERVER_DIR = str(Path(__file__).resolve().parents[2] / "server")
+from tests.support.fuse import PRELUDE
+from tests.support.mounts import lazy_unmount_exportd_mounts
+from tests.support.other_user import SYSTEM_PYTHON, other_user
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to nobody"),
@@ -31,24 +28,15 @@ pytestmark = [
 
 @pytest.fixture
 def nobody_dir():
-    user = pwd.getpwnam("nobody")
-    d = tempfile.mkdtemp(prefix="exportd-fuse-nonroot-", dir="/tmp")
-    os.chmod(d, 0o755)
-    os.chown(d, user.pw_uid, user.pw_gid)
-    try:
-        yield d, user
-    finally:
-        for m in fuse_mount.exportd_mounts():
-            if m.mountpoint.startswith(d + os.sep):
-                subprocess.run(["umount", "-l", m.mountpoint], check=False, capture_output=True)
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def as_user(user, argv, **kw):
-    env = {"PYTHONPATH": SERVER_DIR, "PATH": "/usr/bin:/bin", "HOME": "/"}
-    return dict(
-        args=argv, user=user.pw_uid, group=user.pw_gid, extra_groups=[], env=env, cwd="/", **kw
-    )
+    with other_user("nobody") as user:
+        d = tempfile.mkdtemp(prefix="exportd-fuse-nonroot-", dir="/tmp")
+        os.chmod(d, 0o755)
+        os.chown(d, user.pw_uid, user.pw_gid)
+        try:
+            yield d, user
+        finally:
+            lazy_unmount_exportd_mounts(d)
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def test_nobody_mounts_serves_and_unmounts_via_fusermount3(nobody_dir):
@@ -58,12 +46,11 @@ def test_nobody_mounts_serves_and_unmounts_via_fusermount3(nobody_dir):
     open(target, "wb").close()
     os.chown(target, user.pw_uid, user.pw_gid)
     server = subprocess.Popen(
-        **as_user(
-            user,
+        **user.popen_args(
             [
                 SYSTEM_PYTHON,
                 "-m",
-                "exportd.fuse.toy",
+                "tests.support.toyfs",
                 target,
                 "--fill",
                 "--size",
@@ -84,8 +71,7 @@ def test_nobody_mounts_serves_and_unmounts_via_fusermount3(nobody_dir):
         (m,) = fuse_mount.exportd_mounts(target)
         assert m.source == "exportd:nobody" and f"user_id={user.pw_uid}" in m.options
         io = subprocess.run(
-            **as_user(
-                user,
+            **user.popen_args(
                 [
                     SYSTEM_PYTHON,
                     "-c",
@@ -122,15 +108,14 @@ def test_fusermount3_refusal_reaches_the_caller(nobody_dir):
     open(target, "wb").close()
     os.chmod(target, 0o644)  # owned by root: nobody may not mount over it
     proc = subprocess.run(
-        **as_user(
-            user,
+        **user.popen_args(
             [
                 SYSTEM_PYTHON,
                 "-c",
                 """
 import asyncio, sys
 from exportd.fuse.session import FuseSession
-from exportd.fuse.toy import MemoryFS
+from tests.support.toyfs import MemoryFS
 from exportd.fuse.mount import MountError
 async def main():
     try:
@@ -165,12 +150,11 @@ def test_passthrough_refused_without_privileges_falls_back(nobody_dir):
     for p in (target, backing):
         os.chown(p, user.pw_uid, user.pw_gid)
     server = subprocess.Popen(
-        **as_user(
-            user,
+        **user.popen_args(
             [
                 SYSTEM_PYTHON,
                 "-m",
-                "exportd.fuse.toy",
+                "tests.support.toyfs",
                 target,
                 "--file",
                 backing,
@@ -185,7 +169,7 @@ def test_passthrough_refused_without_privileges_falls_back(nobody_dir):
     )
     try:
         assert server.stdout.readline().strip() == "ready"
-        io = subprocess.run(**as_user(user, ["/bin/cat", target], capture_output=True, timeout=60))
+        io = subprocess.run(**user.popen_args(["/bin/cat", target], capture_output=True, timeout=60))
         assert io.returncode == 0 and io.stdout == bytes(range(256)) * 64
         server.send_signal(signal.SIGTERM)
         out, err = server.communicate(timeout=30)

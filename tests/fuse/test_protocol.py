@@ -10,10 +10,8 @@ import pytest
 
 from exportd.fuse import abi, replies, requests
 from exportd.fuse.filesystem import Attr, OpenReply
-from exportd.fuse.toy import MemoryFS
-
-from .conftest import serving
-from .helpers import child
+from tests.support.fuse import child, serving
+from tests.support.toyfs import MemoryFS
 
 
 def request(opcode: int, body: bytes, unique: int = 7, length: int | None = None) -> memoryview:

@@ -17,10 +17,9 @@ from exportd.fuse import mount as fuse_mount
 from exportd.fuse.buffers import pool_for
 from exportd.fuse.mount import MountError
 from exportd.fuse.session import BUFFER_SIZE, FuseSession, PassthroughUnavailable
-from exportd.fuse.toy import FileFS, MemoryFS
-
-from .conftest import serving
-from .helpers import child, command, pattern, start_toy
+from tests.support.fuse import child, pattern, serving, start_toy
+from tests.support.programs import command
+from tests.support.toyfs import FileFS, MemoryFS
 
 
 async def test_twenty_sessions_on_one_loop(workdir):
@@ -83,7 +82,7 @@ async def test_interrupt_cancels_a_handler_that_never_finishes(target):
     fs.data[:] = pattern(65536)
     async with serving(fs, target) as session:
         fs.hang_reads = True
-        from .helpers import PRELUDE
+        from tests.support.fuse import PRELUDE
 
         proc = subprocess.Popen(
             [sys.executable, "-c", PRELUDE + INTERRUPTED_READ, target],

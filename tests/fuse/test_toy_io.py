@@ -12,10 +12,9 @@ import subprocess
 
 import pytest
 
-from exportd.fuse.toy import BLOCK, MemoryFS
-
-from .conftest import serving
-from .helpers import child, command, pattern
+from tests.support.fuse import child, pattern, serving
+from tests.support.programs import command
+from tests.support.toyfs import BLOCK, MemoryFS
 
 SIZE = 3 * 65536 + 1234  # not a multiple of any block size
 

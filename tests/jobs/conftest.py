@@ -1,67 +1,12 @@
-"""Helpers for the job tests: a QMP client that records JOB_STATUS_CHANGE events."""
+"""Fixtures for the job tests (JobClient: tests.support.qmp)."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import pytest
-from qemu.qmp import EventListener, ExecuteError
 
-EVENT_TIMEOUT_S = 15.0
-
-
-class JobClient:
-    """A qemu.qmp client plus every JOB_STATUS_CHANGE it has seen, in order."""
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-        self.listener = EventListener(("JOB_STATUS_CHANGE",))
-        client.register_listener(self.listener)
-        self.seen: list[tuple[str, str]] = []  # (job id, status)
-        self.mark = 0  # where the events of the last run_create start
-
-    async def cmd(self, name: str, args: dict[str, Any] | None = None) -> Any:
-        return await self.client.execute(name, args)
-
-    async def error(self, name: str, args: dict[str, Any] | None = None) -> str:
-        """The desc of the error reply `name` must give."""
-        with pytest.raises(ExecuteError) as ei:
-            await self.client.execute(name, args)
-        assert ei.value.error.error.class_ == "GenericError"
-        return ei.value.error.error.desc
-
-    async def wait_status(self, job_id: str, status: str, since: int = 0) -> list[str]:
-        """Wait for `job_id` to reach `status` (in events from index `since` on);
-        its statuses seen from `since` on."""
-        while (job_id, status) not in self.seen[since:]:
-            ev = await asyncio.wait_for(self.listener.get(), EVENT_TIMEOUT_S)
-            self.seen.append((ev["data"]["id"], ev["data"]["status"]))
-        return [s for i, s in self.seen[since:] if i == job_id]
-
-    async def run_create(self, job_id: str, options: dict[str, Any]) -> dict[str, Any]:
-        """blockdev-create, wait until concluded, then the job's query-jobs entry."""
-        self.mark = len(self.seen)
-        assert await self.cmd("blockdev-create", {"job-id": job_id, "options": options}) == {}
-        await self.wait_status(job_id, "concluded", self.mark)
-        jobs = {j["id"]: j for j in await self.cmd("query-jobs")}
-        return jobs[job_id]
-
-    async def create_ok(self, job_id: str, options: dict[str, Any]) -> None:
-        """A creation that must succeed; the job is dismissed afterwards."""
-        info = await self.run_create(job_id, options)
-        assert "error" not in info, info
-        assert await self.cmd("job-dismiss", {"id": job_id}) == {}
-        await self.wait_status(job_id, "null", self.mark)
-
-    async def create_error(self, job_id: str, options: dict[str, Any]) -> str:
-        """A creation whose job must fail: its error text (the job is dismissed)."""
-        info = await self.run_create(job_id, options)
-        statuses = await self.wait_status(job_id, "concluded", self.mark)
-        assert statuses == ["created", "running", "aborting", "concluded"], statuses
-        assert await self.cmd("job-dismiss", {"id": job_id}) == {}
-        assert "error" in info, info
-        return info["error"]
+from tests.support.qmp import JobClient
 
 
 @pytest.fixture

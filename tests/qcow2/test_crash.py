@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.qcow2 import storm
-from tests.qcow2.qhelpers import MiB, run, to_raw
+from tests.support import qcow2_storm as storm
+from tests.support.qcow2 import MiB, run, to_raw
 
 ROOT = Path(__file__).resolve().parents[2]
 ROUNDS = 20
@@ -55,7 +55,7 @@ def test_kill9_write_storm(tmp_path: Path) -> None:
         img, cs, initial = _make(tmp_path, rnd)
         seed = rng.randrange(1 << 30)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.qcow2.storm", str(img), str(seed), str(TOTAL_OPS)],
+            [sys.executable, "-m", "tests.support.qcow2_storm", str(img), str(seed), str(TOTAL_OPS)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
         )
         try:

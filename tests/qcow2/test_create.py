@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tests.qcow2.qhelpers import MiB, check_clean, info, open_qcow2, read_all, run, to_raw
 
 from exportd.block.create import create_image
 from exportd.block.graph import BlockGraph
 from exportd.errors import BlockError
+from tests.support.qcow2 import MiB, check_clean, info, open_qcow2, read_all, run, to_raw
 
 CASES = [
     dict(size=4 * MiB),

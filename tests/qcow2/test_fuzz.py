@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.qcow2.qhelpers import qemu_io, run
+from tests.support.qcow2 import qemu_io, run
 
 ROOT = Path(__file__).resolve().parents[2]
 CASES = 1200
@@ -54,7 +54,7 @@ def test_fuzz_headers_and_tables(tmp_path: Path) -> None:
     _seed_images(seeds)
     env = dict(os.environ, PYTHONPATH=f"{ROOT / 'server'}:{ROOT}")
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.qcow2.fuzz", str(seeds), str(work), "0", str(CASES)],
+        [sys.executable, "-m", "tests.support.qcow2_fuzz", str(seeds), str(work), "0", str(CASES)],
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=120,
     )
     lines = proc.stdout.splitlines()

@@ -7,10 +7,10 @@ import struct
 from pathlib import Path
 
 import pytest
-from tests.qcow2.qhelpers import MiB, check_clean, info, open_qcow2, read_all, run, to_raw
 
 from exportd.block.graph import BlockGraph
 from exportd.errors import BlockError
+from tests.support.qcow2 import MiB, check_clean, info, open_qcow2, read_all, run, to_raw
 
 
 def _set_u64(path: Path, off: int, value: int) -> None:

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.qcow2.qhelpers import MiB, run, to_raw
 
 from exportd.block import DRIVERS
 from exportd.block.graph import BlockGraph
 from exportd.block.node import BlockNode
+from tests.support.qcow2 import MiB, run, to_raw
 
 SECTOR = 512
 TRIALS = int(os.environ.get("QCOW2_POWERCUT_TRIALS", "16"))  # more for a soak run

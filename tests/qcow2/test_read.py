@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-from tests.qcow2.qhelpers import open_qcow2, read_all, run, to_raw
-from tests.qcow2.variants import VARIANTS, build
 
 from exportd.block.node import Status
+from tests.support.qcow2 import open_qcow2, read_all, run, to_raw
+from tests.support.qcow2_variants import VARIANTS, build
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -10,10 +10,10 @@ import random
 from pathlib import Path
 
 import pytest
-from tests.qcow2.qhelpers import MiB, check_clean, open_qcow2, read_all, run, to_raw
-from tests.qcow2.variants import VARIANTS, build
 
 from exportd.block.graph import BlockGraph
+from tests.support.qcow2 import MiB, check_clean, open_qcow2, read_all, run, to_raw
+from tests.support.qcow2_variants import VARIANTS, build
 
 
 def _aligned(node, off: int, ln: int) -> tuple[int, int]:

@@ -10,10 +10,11 @@ import random
 from pathlib import Path
 
 import pytest
-from tests.export.conftest import Exportd, athread
-from tests.qcow2.qhelpers import MiB, qemu_io, random_io_cmds, run
 
-from .roundtrip import roundtrip
+from tests.support.daemon import Exportd
+from tests.support.qcow2 import MiB, qemu_io, random_io_cmds, run
+from tests.support.qcow2_roundtrip import roundtrip
+from tests.support.threads import athread
 
 # name -> (create options, size, snapshots, compressed with, with backing)
 COMBOS = {

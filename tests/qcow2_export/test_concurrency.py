@@ -13,11 +13,10 @@ import threading
 from pathlib import Path
 
 import pytest
-from tests.export.conftest import Exportd, athread
-from tests.qcow2.qhelpers import MiB
-from tests.qcow2.variants import build
 
-from .helpers import (
+from tests.support.daemon import Exportd
+from tests.support.qcow2 import MiB
+from tests.support.qcow2_export import (
     check_clean,
     check_matches_model,
     compare_raw,
@@ -27,6 +26,8 @@ from .helpers import (
     read_mount,
     unexport,
 )
+from tests.support.qcow2_variants import build
+from tests.support.threads import athread
 
 STRIPE = 3000  # unaligned, so neighbouring stripes of different threads share clusters
 WRITERS = 4

@@ -10,11 +10,11 @@ import json
 from pathlib import Path
 
 import pytest
-from tests.export.conftest import Exportd, arun, athread
-from tests.qcow2.qhelpers import MiB
-from tests.qcow2.variants import build
 
-from .helpers import (
+from tests.support.daemon import Exportd
+from tests.support.programs import arun
+from tests.support.qcow2 import MiB
+from tests.support.qcow2_export import (
     check_clean,
     check_matches_model,
     convert_raw,
@@ -25,6 +25,8 @@ from .helpers import (
     seek_extents,
     unexport,
 )
+from tests.support.qcow2_variants import build
+from tests.support.threads import athread
 
 K = 1024
 

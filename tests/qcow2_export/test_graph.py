@@ -11,10 +11,10 @@ import os
 import threading
 from pathlib import Path
 
-from tests.export.conftest import Exportd, athread
-from tests.qcow2.variants import build
-
-from .helpers import check_clean, compare_raw, convert_raw, fileops, read_mount
+from tests.support.daemon import Exportd
+from tests.support.qcow2_export import check_clean, compare_raw, convert_raw, fileops, read_mount
+from tests.support.qcow2_variants import build
+from tests.support.threads import athread
 
 LAYERS = [("b", "base3.qcow2", None), ("m", "mid3.qcow2", "b"), ("t", "backing3.qcow2", "m")]
 

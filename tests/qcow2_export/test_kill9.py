@@ -15,13 +15,23 @@ import threading
 from pathlib import Path
 
 import pytest
-from tests.export.conftest import Exportd, arun, athread, lazy_unmount_all
-from tests.qcow2.variants import build
 
-from .fileops import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate, ops
-from .helpers import convert_raw, export_qcow2, merge
+from tests.support import SUPPORT_DIR
+from tests.support.daemon import Exportd
+from tests.support.fileops import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    fallocate,
+    ops,
+)
+from tests.support.mounts import lazy_unmount_all
+from tests.support.programs import arun
+from tests.support.qcow2_export import convert_raw, export_qcow2, merge
+from tests.support.qcow2_variants import build
+from tests.support.threads import athread
 
-STORM = Path(__file__).with_name("fuse_storm.py")
+STORM = SUPPORT_DIR / "fuse_storm.py"
 ROUNDS = [("v3-64k", 0), ("backing3", 1), ("snapshots", 2), ("rc64", 3), ("v2", 4),
           ("compressed-zstd", 5), ("lazy", 6)]
 

@@ -10,10 +10,11 @@ import random
 from pathlib import Path
 
 import pytest
-from tests.export.conftest import Exportd, athread
-from tests.qcow2.variants import VARIANTS, build
 
-from .helpers import convert_raw, export_qcow2, read_mount, unexport
+from tests.support.daemon import Exportd
+from tests.support.qcow2_export import convert_raw, export_qcow2, read_mount, unexport
+from tests.support.qcow2_variants import VARIANTS, build
+from tests.support.threads import athread
 
 
 def pread_pieces(path: Path, pieces: list[tuple[int, int]]) -> list[bytes]:

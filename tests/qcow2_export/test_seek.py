@@ -8,10 +8,9 @@ import random
 from pathlib import Path
 
 import pytest
-from tests.export.conftest import Exportd, athread
-from tests.qcow2.variants import VARIANTS, build
 
-from .helpers import (
+from tests.support.daemon import Exportd
+from tests.support.qcow2_export import (
     expected_seek,
     export_qcow2,
     qemu_data_extents,
@@ -19,6 +18,8 @@ from .helpers import (
     seek_extents,
     unexport,
 )
+from tests.support.qcow2_variants import VARIANTS, build
+from tests.support.threads import athread
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

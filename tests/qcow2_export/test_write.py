@@ -10,10 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tests.export.conftest import Exportd, athread
-from tests.qcow2.variants import VARIANTS, build
 
-from .roundtrip import roundtrip
+from tests.support.daemon import Exportd
+from tests.support.qcow2_roundtrip import roundtrip
+from tests.support.qcow2_variants import VARIANTS, build
+from tests.support.threads import athread
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

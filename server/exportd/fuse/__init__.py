@@ -10,7 +10,6 @@ mounted over an existing regular file, as QEMU's FUSE export does.
     session.py     FuseSession: mount, INIT, dispatch on the loop, passthrough, close
     buffers.py     receive buffers shared by all sessions of one loop
     mount.py       mount(2) / fusermount3, unmount, stale-mount finder and cleaner
-    toy.py         reference filesystems (in-memory, plain file) and a tiny server
 
 Public API:
 

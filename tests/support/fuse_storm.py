@@ -1,4 +1,4 @@
-"""Write storm on a FUSE mount for the kill -9 test, run as a child process:
+"""Write storm on a FUSE mount for tests/qcow2_export/test_kill9.py, run as a child process:
 
     python fuse_storm.py PATH SEED
 

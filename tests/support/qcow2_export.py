@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.export.conftest import Exportd, arun, athread
+from tests.support.daemon import Exportd
+from tests.support.programs import arun
+from tests.support.threads import athread
 
 FILEOPS = Path(__file__).with_name("fileops.py")
 

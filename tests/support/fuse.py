@@ -1,13 +1,23 @@
-"""Run I/O on a mount from another process, off the serving event loop."""
+"""Helpers for the FUSE protocol layer tests: serve a SingleFileFS on this
+loop (serving), start the toy server in its own process (start_toy), and run
+I/O on a mount from another process, off the serving event loop (child,
+with PRELUDE's helpers; pattern())."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
 import textwrap
+from collections.abc import AsyncIterator
 from typing import Any
+
+from exportd.fuse.filesystem import SingleFileFS
+from exportd.fuse.session import FuseSession
+from tests.support import REPO
+from tests.support.programs import run
 
 PRELUDE = """
 import ctypes, errno, json, mmap, os, sys
@@ -24,10 +34,6 @@ def out(obj):
 """
 
 
-def _run(argv: list[str], timeout: float, **kw: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
-
-
 async def child(code: str, *args: Any, timeout: float = 60, check: bool = True, **kw: Any) -> Any:
     """Run a Python snippet in a fresh process (in a thread, so the loop keeps serving).
 
@@ -35,7 +41,7 @@ async def child(code: str, *args: Any, timeout: float = 60, check: bool = True, 
     parsed as JSON when it can be.
     """
     argv = [sys.executable, "-c", PRELUDE + textwrap.dedent(code), *map(str, args)]
-    proc = await asyncio.to_thread(_run, argv, timeout, **kw)
+    proc = await asyncio.to_thread(run, argv, timeout=timeout, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"child failed ({proc.returncode}):\n{proc.stderr}\n{proc.stdout}")
     lines = proc.stdout.strip().splitlines()
@@ -45,13 +51,6 @@ async def child(code: str, *args: Any, timeout: float = 60, check: bool = True, 
         return json.loads(lines[-1]) if lines else None
     except json.JSONDecodeError:
         return proc.stdout
-
-
-async def command(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """Run a program (cp, dd, ...) in a thread; fails the test on a nonzero exit."""
-    proc = await asyncio.to_thread(_run, list(argv), timeout)
-    assert proc.returncode == 0, f"{argv} failed: {proc.stderr}"
-    return proc
 
 
 def pattern(n: int, seed: int = 0) -> bytes:
@@ -65,9 +64,10 @@ def dump(obj: Any) -> str:
 
 
 def start_toy(target: str, *extra: str) -> subprocess.Popen[str]:
-    """Start `python -m exportd.fuse.toy` and wait until it serves."""
+    """Start `python -m tests.support.toyfs` and wait until it serves."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "exportd.fuse.toy", target, *extra],
+        [sys.executable, "-m", "tests.support.toyfs", target, *extra],
+        cwd=REPO,  # where `tests` is importable
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -79,3 +79,14 @@ def start_toy(target: str, *extra: str) -> subprocess.Popen[str]:
             f"toy server did not start: {line} {proc.stderr.read() if proc.stderr else ''}"
         )
     return proc
+
+
+@contextlib.asynccontextmanager
+async def serving(fs: SingleFileFS, mountpoint: str, **kw: Any) -> AsyncIterator[FuseSession]:
+    """`fs` mounted on `mountpoint` by a FuseSession on this loop, closed after."""
+    kw.setdefault("fsname", "exportd:test")
+    session = await FuseSession.start(fs, mountpoint, **kw)
+    try:
+        yield session
+    finally:
+        await session.close()

@@ -1,4 +1,5 @@
-"""Write storm for the kill -9 test. Run as a script: it opens an image through
+"""Write storm for the kill -9 test (tests/qcow2/test_crash.py). Run as a script
+(python -m tests.support.qcow2_storm IMAGE SEED COUNT): it opens an image through
 the qcow2 node and does seeded writes, flushing now and then and printing
 `ACK n` once the first n operations are durable. The parent replays the same
 operations (ops()) to know what must be on disk."""

@@ -1,10 +1,11 @@
-"""Reference SingleFileFS implementations, used by tests and bench/fuse_micro.py.
+"""Reference SingleFileFS implementations, used by tests and bench/fuse_micro.py
+(test filesystems: not part of the shipped exportd package).
 
 - MemoryFS: an in-memory sparse file (4 KiB allocation granularity, so
   SEEK_DATA/SEEK_HOLE and punch-hole have something to show).
 - FileFS: a plain file served by pread/pwrite, or by kernel passthrough.
 
-`python -m exportd.fuse.toy MOUNTPOINT [--size N] [--file PATH] ...` mounts
+`python -m tests.support.toyfs MOUNTPOINT [--size N] [--file PATH] ...` mounts
 one and serves it until SIGTERM/SIGINT, printing "ready <counters-path>" on
 stdout once INIT is done. On SIGUSR1 it writes its per-opcode counters as
 JSON to the counters file (tests read them to check e.g. that no READ came).
@@ -22,7 +23,7 @@ import stat
 import sys
 import time
 
-from .filesystem import (
+from exportd.fuse.filesystem import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
@@ -254,7 +255,7 @@ class FileFS(SingleFileFS):
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from .session import FuseSession, PassthroughUnavailable
+    from exportd.fuse.session import FuseSession, PassthroughUnavailable
 
     fs: SingleFileFS
     if args.file:
@@ -301,7 +302,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m exportd.fuse.toy")
+    p = argparse.ArgumentParser(prog="python -m tests.support.toyfs")
     p.add_argument("mountpoint")
     p.add_argument("--size", type=int, default=1 << 20)
     p.add_argument(

@@ -12,10 +12,10 @@ import random
 from pathlib import Path
 from typing import Any
 
-from tests.export.conftest import Exportd, arun, athread
-from tests.qcow2.qhelpers import random_io_cmds
-
-from .helpers import (
+from tests.support.daemon import Exportd
+from tests.support.programs import arun
+from tests.support.qcow2 import random_io_cmds
+from tests.support.qcow2_export import (
     check_clean,
     compare_raw,
     convert_raw,
@@ -26,6 +26,7 @@ from .helpers import (
     seek_extents,
     unexport,
 )
+from tests.support.threads import athread
 
 
 async def qemu_io_raw(path: Path, cmds: list[str]) -> None:

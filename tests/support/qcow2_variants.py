@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from tests.qcow2.qhelpers import MiB, qemu_io, random_io_cmds, run
+from tests.support.qcow2 import MiB, qemu_io, random_io_cmds, run
 
 # name -> (short description); builders below
 VARIANTS = [
