@@ -39,7 +39,7 @@ def default_socket() -> str:
 
 def parse_size(text: str) -> int:
     """512, 64K, 1.5G, 10GiB, 1T (binary units)."""
-    from exportd.qapi import parse_size as qemu_size
+    from exportd.qapi.keyval import parse_size as qemu_size
 
     t = text.strip()
     for tail in ("iB", "ib", "B") if len(t) > 1 and not t[-2].isdigit() else ():
@@ -71,8 +71,8 @@ def table(rows: list[list[str]], header: list[str]) -> str:
 # --- arguments from the command line ---------------------------------------------------------
 def keyval_arguments(command: str, words: Sequence[str]) -> dict[str, Any]:
     """`key=value ...` (dotted keys nest, `key:=JSON` is a typed value) or one '{json}'."""
-    from exportd.keyval import KeyvalError, parse, parse_option
-    from exportd.qapi import schema
+    from exportd.qapi.keyval import KeyvalError, coerce, parse, parse_option
+    from exportd.qapi.schema import schema
 
     if len(words) == 1 and words[0].lstrip().startswith("{"):
         try:
@@ -93,7 +93,7 @@ def keyval_arguments(command: str, words: Sequence[str]) -> dict[str, Any]:
             _merge(args, parse(word.replace(",", ",,")))
         except KeyvalError as e:
             raise UsageError(str(e)) from None
-    args = schema().coerce_keyval(command, args)
+    args = coerce(schema(), command, args)
     for path, value in typed:
         cur = args
         for part in path[:-1]:
@@ -111,15 +111,15 @@ def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
 
 
 def blockdev_arguments(words: Sequence[str]) -> dict[str, Any]:
-    from exportd.keyval import KeyvalError, parse_option
-    from exportd.qapi import schema
+    from exportd.qapi.keyval import KeyvalError, coerce, parse_option
+    from exportd.qapi.schema import schema
 
     if len(words) == 1:
         try:
             args, is_keyval = parse_option(words[0])
         except KeyvalError as e:
             raise UsageError(str(e)) from None
-        return schema().coerce_keyval("blockdev-add", args) if is_keyval else args
+        return coerce(schema(), "blockdev-add", args) if is_keyval else args
     return keyval_arguments("blockdev-add", words)
 
 

@@ -22,11 +22,14 @@ import sys
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from exportd import __version__
 from exportd.errors import QMPError
-from exportd.keyval import KeyvalError, parse, parse_option
+from exportd.qapi.keyval import KeyvalError, coerce, parse, parse_option
+
+if TYPE_CHECKING:
+    from exportd.qapi.schema import Schema
 
 log = logging.getLogger("exportd")
 
@@ -171,14 +174,14 @@ def _parse_monitor(text: str, chardevs: dict[str, str]) -> MonitorSpec:
     return MonitorSpec(chardevs[cid], pretty == "on", name if isinstance(name, str) else "")
 
 
-def option_arguments(daemon_schema: Any, command: str, text: str) -> dict[str, Any]:
+def option_arguments(schema: Schema, command: str, text: str) -> dict[str, Any]:
     """A --blockdev/--export value as the arguments of its QMP command."""
     try:
         args, is_keyval = parse_option(text)
     except KeyvalError as e:
         raise QMPError(str(e)) from None
     if is_keyval:
-        args = daemon_schema.coerce_keyval(command, args)
+        args = coerce(schema, command, args)
     return args
 
 

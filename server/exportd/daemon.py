@@ -1,14 +1,18 @@
 """The daemon object every command handler receives.
 
+It is the monitors' CommandExecutor (exportd.monitor.executor): they hand it
+every command and it gives them its events.
+
 Members others rely on (keep them stable):
   daemon.loop        the one asyncio loop (uvloop when installed)
-  daemon.graph       exportd.block.graph.BlockGraph (or a stand-in while that
-                     module does not exist yet)
-  daemon.exports     exportd.export.table.ExportTable (likewise)
+  daemon.schema      exportd.qapi.schema.Schema, loaded from schema/
+  daemon.graph       exportd.block.graph.BlockGraph
+  daemon.exports     exportd.export.table.ExportTable
   daemon.emit_event(name, data)  an event to every negotiated client of
                      every monitor, with a timestamp
-  await daemon.shutdown(reason)  shut exports down, then graph.close_all(),
-                     emit SHUTDOWN, stop the monitors; the process then exits
+  await daemon.shutdown(reason)  emit SHUTDOWN, shut exports down, finish
+                     the jobs, graph.close_all(), stop the monitors; the
+                     process then exits
   await daemon.execute(name, args)  schema validation + the command's
                      handler: the one path for QMP and the command line
 """
@@ -17,16 +21,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import os
 from typing import Any
 
-from exportd import __version__, commands
+from exportd import __version__, commands, jobs
+from exportd.block.graph import BlockGraph
+from exportd.commands.control import OFFERED_CAPABILITIES
 from exportd.errors import CommandNotFound, QMPError
+from exportd.export.table import ExportTable
 from exportd.monitor.server import Monitor
 from exportd.monitor.session import event_message
-from exportd.qapi import schema
+from exportd.qapi.schema import schema
 
 log = logging.getLogger(__name__)
 
@@ -36,33 +42,6 @@ QEMU_VERSION = {"major": 9, "minor": 2, "micro": 0}
 
 # At shutdown, a command still running on another monitor gets this long.
 SHUTDOWN_COMMAND_WAIT_S = 10.0
-
-
-def _optional(module: str, attr: str) -> Any:
-    """A class from a module another part of the project provides, if present."""
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except ModuleNotFoundError as e:
-        if e.name != module:
-            raise
-        return None
-
-
-class _NoGraph:
-    """Stand-in until exportd.block.graph exists."""
-
-    async def close_all(self) -> None:
-        return None
-
-
-class _NoExports:
-    """Stand-in until exportd.export.table exists."""
-
-    async def shutdown_all(self) -> None:
-        return None
-
-    def __iter__(self):
-        return iter(())
 
 
 class Daemon:
@@ -76,22 +55,19 @@ class Daemon:
         self._shutdown_task: asyncio.Task[None] | None = None
         self.schema = schema()
         commands.load_all()
-        graph_cls = _optional("exportd.block.graph", "BlockGraph")
-        self.graph: Any = graph_cls(self) if graph_cls else _NoGraph()
-        table_cls = _optional("exportd.export.table", "ExportTable")
-        self.exports: Any = table_cls(self) if table_cls else _NoExports()
+        self.graph = BlockGraph(self)
+        self.exports = ExportTable(self)
 
     # --- QMP --------------------------------------------------------------------
     def greeting(self) -> dict[str, Any]:
-        return {
-            "QMP": {
-                "version": {"qemu": dict(QEMU_VERSION), "package": f"exportd {__version__}"},
-                "capabilities": [],
-            }
-        }
+        return {"QMP": {"version": self.version_info(), "capabilities": list(OFFERED_CAPABILITIES)}}
 
     def version_info(self) -> dict[str, Any]:
         return {"qemu": dict(QEMU_VERSION), "package": f"exportd {__version__}"}
+
+    def check_arguments(self, name: str, args: dict[str, Any]) -> None:
+        """Validate only (an already negotiated qmp_capabilities is checked, then refused)."""
+        self.schema.validate(name, args)
 
     async def execute(self, name: str, args: dict[str, Any] | None = None) -> Any:
         """Validate `args` against schema/ and run the command's handler."""
@@ -174,7 +150,7 @@ class Daemon:
                 await self.exports.shutdown_all()
             except Exception:
                 log.exception("shutting the exports down failed")
-            await importlib.import_module("exportd.jobs").finish_all(self)  # jobs cancelled, waited for (QEMU: job_cancel_sync_all)
+            await jobs.finish_all(self)  # jobs cancelled, waited for (QEMU: job_cancel_sync_all)
             try:
                 await self.graph.close_all()
             except Exception:

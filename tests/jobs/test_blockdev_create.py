@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from exportd.qapi import schema
+from exportd.qapi.schema import schema
 
 MiB = 1 << 20
 SUCCESS = ["created", "running", "waiting", "pending", "concluded"]

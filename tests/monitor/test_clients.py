@@ -13,7 +13,7 @@ import pytest
 from qemu.qmp import EventListener, ExecuteError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from exportd.qapi import schema
+from exportd.qapi.schema import schema
 
 
 async def test_qmpclient_execute_and_errors(module_daemon, qmp):

@@ -263,7 +263,7 @@ def test_not_implemented_yet(daemon, raw_qmp, tmp_path):
     """A command described in schema/ but not registered answers so, never silently."""
     import shutil
 
-    from exportd.qapi import default_schema_dir
+    from exportd.qapi.schema import default_schema_dir
 
     schema_dir = tmp_path / "schema"
     shutil.copytree(default_schema_dir(), schema_dir)

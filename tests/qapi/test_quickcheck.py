@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exportd.qapi import schema
+from exportd.qapi.schema import schema
 
 SCHEMA = schema()
 

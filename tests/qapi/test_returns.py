@@ -3,7 +3,7 @@ query-qmp-schema's ret-types tell clients the truth)."""
 
 from __future__ import annotations
 
-from exportd.qapi import schema
+from exportd.qapi.schema import schema
 
 
 def test_replies_match_schema(daemon, raw_qmp):

@@ -1,4 +1,4 @@
-"""schema/ and exportd.qapi: files load, references resolve, errors read as QEMU's."""
+"""schema/ and exportd.qapi.schema: files load, references resolve, errors read as QEMU's."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from exportd import commands
 from exportd.errors import QMPError
-from exportd.qapi import Schema, default_schema_dir, param_name, parse_size, schema
+from exportd.qapi.schema import Schema, default_schema_dir, param_name, schema
 
 
 @pytest.fixture(scope="module")
@@ -198,34 +198,6 @@ def test_param_name():
     assert param_name(["file", "filename"]) == "file.filename"
     assert param_name(["enable", 0]) == "enable[0]"
     assert param_name(["a", 1, "b"]) == "a[1].b"
-
-
-def test_keyval_coercion(s):
-    got = s.coerce_keyval("blockdev-add", {
-        "driver": "raw", "offset": "0x200", "size": "1M",
-        "file": {"driver": "file", "filename": "a,b.img", "cache": {"direct": "on", "no-flush": "off"}},
-    })
-    assert got == {"driver": "raw", "offset": 512, "size": 1 << 20,
-                   "file": {"driver": "file", "filename": "a,b.img",
-                            "cache": {"direct": True, "no-flush": False}}}
-    s.validate("blockdev-add", got)
-    assert s.coerce_keyval("blockdev-add", {"driver": "qcow2", "file": "f", "backing": "null"})["backing"] is None
-    assert s.coerce_keyval("blockdev-add", {"driver": "null-co", "size": "lots"})["size"] == "lots"
-    assert s.coerce_keyval("block-export-add", {"type": "fuse", "writable": "yes"})["writable"] is True
-    assert s.coerce_keyval("qmp_capabilities", {"enable": ["oob"]}) == {"enable": ["oob"]}
-
-
-@pytest.mark.parametrize("text, value", [
-    ("0", 0), ("512", 512), ("4k", 4096), ("64K", 65536), ("1M", 1 << 20), ("1.5G", 3 << 29),
-    ("2T", 2 << 40), ("0x1000", 4096), ("1b", 1),
-])
-def test_parse_size(text, value):
-    assert parse_size(text) == value
-
-
-@pytest.mark.parametrize("text", ["", "abc", "1.5", "-1", "1X", "0x10K", "99999999999E"])
-def test_parse_size_rejects(text):
-    assert parse_size(text) is None
 
 
 def test_check_returns(s):

@@ -4,7 +4,7 @@ The schema layer (exportd.qapi) validates QMP arguments first; drivers check
 again with these helpers so that options reaching them any other way (the
 --blockdev command line, nested dicts, tests) get the same clear errors.
 
-(The --blockdev command line is parsed by exportd.keyval and typed by the
+(The --blockdev command line is parsed by exportd.qapi.keyval and typed by the
 schema layer before it reaches the graph.)
 """
 

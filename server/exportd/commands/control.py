@@ -6,9 +6,10 @@ from typing import Any
 
 from exportd.commands import COMMANDS, command
 from exportd.errors import QMPError
+from exportd.qapi.introspect import schema_info
 
 # Capabilities exportd offers in its greeting (QEMU offers "oob"; exportd
-# has no out-of-band execution).
+# has no out-of-band execution) and accepts in qmp_capabilities.
 OFFERED_CAPABILITIES: tuple[str, ...] = ()
 
 
@@ -33,7 +34,7 @@ async def query_commands(daemon: Any, args: dict[str, Any]) -> list[dict[str, st
 
 @command("query-qmp-schema")
 async def query_qmp_schema(daemon: Any, args: dict[str, Any]) -> list[dict[str, Any]]:
-    return daemon.schema.introspect(sorted(COMMANDS), sorted(daemon.schema.events))
+    return schema_info(daemon.schema, sorted(COMMANDS), sorted(daemon.schema.events))
 
 
 @command("quit")

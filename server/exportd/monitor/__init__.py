@@ -1,3 +1,3 @@
 """The QMP monitor: jsonstream (input framing), session (one client:
-negotiation, dispatch, replies, events), server (UNIX sockets),
-introspect (query-qmp-schema)."""
+negotiation, dispatch, replies, events), server (UNIX sockets), executor
+(the CommandExecutor interface the daemon implements for them)."""

@@ -1,4 +1,8 @@
-"""A QMP monitor: a listening UNIX socket whose clients each get a Session."""
+"""A QMP monitor: a listening UNIX socket whose clients each get a Session.
+
+Every session runs its commands through the one CommandExecutor the monitor
+was given; its owner passes events in through broadcast().
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from exportd.monitor.session import Session
 
 if TYPE_CHECKING:
-    from exportd.daemon import Daemon
+    from exportd.monitor.executor import CommandExecutor
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +80,8 @@ def bind_unix_socket(path: str) -> socket.socket:
 
 
 class Monitor:
-    def __init__(self, daemon: Daemon, path: str, *, pretty: bool = False, name: str = "") -> None:
-        self.daemon = daemon
+    def __init__(self, executor: CommandExecutor, path: str, *, pretty: bool = False, name: str = "") -> None:
+        self.executor = executor
         self.path = path
         self.pretty = pretty
         self.name = name
@@ -93,7 +97,7 @@ class Monitor:
         self._server = await asyncio.start_unix_server(self._client, sock=sock)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        session = Session(self.daemon, reader, writer, pretty=self.pretty)
+        session = Session(self.executor, reader, writer, pretty=self.pretty)
         self.sessions.add(session)
         task = asyncio.current_task()
         if task is not None:

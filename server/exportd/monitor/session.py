@@ -20,7 +20,7 @@ from exportd.monitor.jsonstream import JsonStream, ParseError
 if TYPE_CHECKING:
     import asyncio
 
-    from exportd.daemon import Daemon
+    from exportd.monitor.executor import CommandExecutor
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,13 @@ def event_message(name: str, data: dict[str, Any] | None) -> dict[str, Any]:
 class Session:
     def __init__(
         self,
-        daemon: Daemon,
+        executor: CommandExecutor,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         *,
         pretty: bool = False,
     ) -> None:
-        self.daemon = daemon
+        self.executor = executor
         self.reader = reader
         self.writer = writer
         self.pretty = pretty
@@ -104,7 +104,7 @@ class Session:
 
     # --- input ------------------------------------------------------------------
     async def run(self) -> None:
-        greeting = self.daemon.greeting()
+        greeting = self.executor.greeting()
         await self.send(greeting)
         stream = JsonStream()
         try:
@@ -140,9 +140,9 @@ class Session:
             if not self.negotiated and name != "qmp_capabilities":
                 raise CommandNotFound("Expecting capabilities negotiation with 'qmp_capabilities'")
             if self.negotiated and name == "qmp_capabilities":
-                self.daemon.schema.validate(name, args)  # QEMU checks arguments first
+                self.executor.check_arguments(name, args)  # QEMU checks arguments first
                 raise CommandNotFound("Capabilities negotiation is already complete, command ignored")
-            result = await self.daemon.execute(name, args)
+            result = await self.executor.execute(name, args)
             if name == "qmp_capabilities":
                 self.negotiated = True
         except QMPError as e:

@@ -5,15 +5,17 @@ event and type, with meta-type command/event/object/enum/array/alternate/
 builtin. Types that schema/defs.json names keep their names; anonymous ones
 get QEMU-style names (q_obj_<command>-arg, q_empty). QEMU masks names as
 numbers; exportd leaves them readable, which clients accept.
+
+Only the commands and events the caller names are listed (query-qmp-schema
+passes the implemented ones), with every type they reach.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from exportd.qapi import Schema
+from exportd.qapi.schema import Schema
 
 _BUILTINS = {
     "str": "string",
@@ -137,7 +139,8 @@ class _Builder:
         return req
 
 
-def build(schema: Schema, commands: Iterable[str], events: Iterable[str]) -> list[dict[str, Any]]:
+def schema_info(schema: Schema, commands: Iterable[str], events: Iterable[str]) -> list[dict[str, Any]]:
+    """The SchemaInfo list of `commands` and `events`: query-qmp-schema's reply."""
     b = _Builder(schema)
     out: list[dict[str, Any]] = []
     for name in commands:

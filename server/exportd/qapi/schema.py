@@ -32,7 +32,7 @@ from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
 from exportd.errors import QMPError
-from exportd.quickcheck import QuickCheck
+from exportd.qapi.quickcheck import QuickCheck
 
 BASE_URI = "https://exportd.invalid/schema/"
 
@@ -53,8 +53,8 @@ def default_schema_dir() -> Path:
     env = os.environ.get("EXPORTD_SCHEMA_DIR")
     if env:
         return Path(env)
-    # server/exportd/qapi.py -> repository root / schema
-    return Path(__file__).resolve().parents[2] / "schema"
+    # server/exportd/qapi/schema.py -> repository root / schema
+    return Path(__file__).resolve().parents[3] / "schema"
 
 
 def json_type(value: Any) -> str:
@@ -250,65 +250,6 @@ class Schema:
         )
         return _RANK_TYPE, self._type_error(path, title)
 
-    # --- keyval (command line) ------------------------------------------------
-    def coerce_keyval(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
-        """Turn keyval strings into the JSON types the schema expects.
-
-        `--blockdev driver=null-co,size=1G,read-zeroes=on` gives only strings;
-        QEMU's keyval visitor converts them by the schema, and so does this.
-        What cannot be converted stays a string, for validate() to report.
-        """
-        doc = self.commands.get(command)
-        if doc is None:
-            return args
-        return self._coerce(doc, args)
-
-    def _coerce(self, node: dict[str, Any], value: Any) -> Any:
-        node = self.resolve(node)
-        if "anyOf" in node:
-            for option in node["anyOf"]:
-                opt = self.resolve(option)
-                t = opt.get("type")
-                if isinstance(value, dict) and t == "object":
-                    return self._coerce(opt, value)
-                if isinstance(value, list) and t == "array":
-                    return self._coerce(opt, value)
-            if isinstance(value, str) and value in ("", "null"):
-                if any(self.resolve(o).get("type") == "null" for o in node["anyOf"]):
-                    return None
-            return value
-        t = node.get("type")
-        if isinstance(value, dict):
-            branch = self.branch(node, value)
-            members = self.members(branch if branch is not None else node)
-            return {k: self._coerce(members[k], v) if k in members else v for k, v in value.items()}
-        if isinstance(value, list):
-            items = node.get("items")
-            return [self._coerce(items, v) for v in value] if isinstance(items, dict) else value
-        if not isinstance(value, str):
-            return value
-        if t == "integer":
-            # sizes take suffixes (1G); plain integers too, for convenience
-            parsed = _parse_int(value)
-            if parsed is None:
-                parsed = parse_size(value)
-            return value if parsed is None else parsed
-        if t == "boolean":
-            return {"on": True, "yes": True, "true": True, "y": True,
-                    "off": False, "no": False, "false": False, "n": False}.get(value, value)
-        if t == "number":
-            try:
-                return float(value)
-            except ValueError:
-                return value
-        return value
-
-    # --- introspection --------------------------------------------------------
-    def introspect(self, commands: Iterable[str], events: Iterable[str]) -> list[dict[str, Any]]:
-        from exportd.monitor.introspect import build
-
-        return build(self, commands, events)
-
 
 # Real arguments nest a few levels (a qcow2 over a file, a backing chain);
 # validation time grows faster than linearly with depth, and it runs on the
@@ -340,37 +281,6 @@ def _range_text(qtype: str, schema: dict[str, Any]) -> str:
         return "uint32"
     lo, hi = schema.get("minimum"), schema.get("maximum")
     return f"an integer in the range [{lo}, {hi}]"
-
-
-def _parse_int(text: str) -> int | None:
-    try:
-        return int(text, 0)
-    except ValueError:
-        return None
-
-
-_SIZE_SUFFIX = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
-
-
-def parse_size(text: str) -> int | None:
-    """QEMU's size syntax: 512, 64K, 1.5G, 1T (binary units), 0x200."""
-    s = text.strip()
-    m = re.fullmatch(r"(0[xX][0-9a-fA-F]+|[0-9]+(?:\.[0-9]+)?)\s*([bBkKmMgGtTpPeE]?)", s)
-    if not m:
-        return None
-    number, suffix = m.groups()
-    unit = _SIZE_SUFFIX[suffix.lower()]
-    if number.lower().startswith("0x"):
-        if suffix:
-            return None
-        return int(number, 16)
-    if "." in number:
-        if unit == 1:
-            return None
-        value = int(float(number) * unit)
-    else:
-        value = int(number) * unit
-    return value if value < 1 << 64 else None
 
 
 @functools.cache
