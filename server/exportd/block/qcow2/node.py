@@ -333,12 +333,14 @@ class Qcow2Node(ClusterMap, Writeback, BlockNode):
         runs: list[list[int]] = []
         if self._map_cached(offset, end, runs, write) != end:
             return None
+        if len(runs) == 1 and runs[0][0] == K_DATA:  # the common case: no list to build
+            _, _, n, host = runs[0]
+            if host + n > self.io.end:
+                return None
+            f = self._file_edge.node
+            return f.map_now(host, n, write=True) if write else f.map_now(host, n)
         fe = self.io.end
         file = self._file_edge.node
-        if len(runs) == 1:  # the common case: one run, no list to build
-            kind, g, n, host = runs[0]
-            if kind == K_DATA:
-                return file.map_now(host, n, write=write) if host + n <= fe else None
         out: list[Extent] = []
         for kind, g, n, host in runs:
             if kind == K_DATA:
