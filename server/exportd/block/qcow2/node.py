@@ -380,10 +380,9 @@ class Qcow2Node(ClusterMap, Writeback, BlockNode):
             head = await self.read(offset, size - offset)
             return bytes(head) + bytes(offset + length - size)
         end = offset + length
-        runs: list[list[int]] | None = []
-        if self._map_cached(offset, end, runs, False) != end:  # type: ignore[arg-type]
-            runs = await self._map(offset, length)
-        assert runs is not None
+        mapped: list[list[int]] = []
+        runs = mapped if self._map_cached(offset, end, mapped, False) == end else await self._map(offset, length)
+        assert runs is not None  # reads get runs or a corruption error
         if len(runs) == 1 and runs[0][0] == K_DATA:
             return await self.io.read(runs[0][3], length)
         buf = bytearray(length)
@@ -416,8 +415,9 @@ class Qcow2Node(ClusterMap, Writeback, BlockNode):
         if not n:
             return
         end = offset + n
-        runs: list[list[int]] | None = []
-        pos = self._map_cached(offset, end, runs, True)  # type: ignore[arg-type]
+        mapped: list[list[int]] = []
+        pos = self._map_cached(offset, end, mapped, True)
+        runs: list[list[int]] | None = mapped
         if pos != end:  # not all ours, or an L2 table to load first
             runs = None if pos == STOP else await self._map(offset, n, owned_only=True)
         if runs is not None:  # every cluster is ours alone: in place
