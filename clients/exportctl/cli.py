@@ -314,11 +314,11 @@ async def cmd_qmp(c: Client, a: argparse.Namespace, out: Output) -> int:
 
 def cmd_create(a: argparse.Namespace, out: Output) -> int:
     try:
-        from exportd.block.create import create_image
+        from exportd.block.mkimage import create_image
     except ModuleNotFoundError as e:
-        if e.name not in ("exportd.block.create", "exportd.block"):
+        if e.name not in ("exportd.block.mkimage", "exportd.block"):
             raise
-        print("error: image creation is not available in this build (exportd.block.create is missing)",
+        print("error: image creation is not available in this build (exportd.block.mkimage is missing)",
               file=sys.stderr)
         return EXIT_ERROR
     size = parse_size(a.size)

@@ -210,7 +210,7 @@ def test_events_timeout_without_follow(module_daemon, exportctl):
 
 
 def test_create_raw_and_qcow2(exportctl, tmp_path):
-    pytest.importorskip("exportd.block.create")
+    pytest.importorskip("exportd.block.mkimage")
     raw = tmp_path / "a.raw"
     r = exportctl(None, "create", str(raw), "3M")
     assert r.returncode == 0, r.stderr
@@ -233,6 +233,6 @@ def test_create_errors(exportctl, tmp_path):
     assert r.returncode == 2 and "invalid size 'lots'" in r.stderr
     r = exportctl(None, "create", str(tmp_path / "x.raw"), "1M", "--backing-format", "raw")
     assert r.returncode == 2
-    pytest.importorskip("exportd.block.create")
+    pytest.importorskip("exportd.block.mkimage")
     r = exportctl(None, "create", str(tmp_path / "no" / "such" / "dir.raw"), "1M")
     assert r.returncode == 1 and r.stderr.startswith("error: ")

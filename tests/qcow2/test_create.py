@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from exportd.block.create import create_image
 from exportd.block.graph import BlockGraph
+from exportd.block.mkimage import create_image
 from exportd.errors import BlockError
 from tests.support.qcow2 import MiB, check_clean, info, open_qcow2, read_all, run, to_raw
 
@@ -117,7 +117,7 @@ def test_create_refuses(tmp_path: Path, kwargs: dict, msg: str) -> None:
 @pytest.mark.parametrize("prealloc", ["off", "metadata", "full"])
 async def test_create_on_node(tmp_path: Path, prealloc: str) -> None:
     """The blockdev-create path: format an opened file node."""
-    from exportd.block.create import create_qcow2_on_node
+    from exportd.block.qcow2.create import create_qcow2_on_node
 
     base = tmp_path / "b.qcow2"
     create_image(str(base), MiB)

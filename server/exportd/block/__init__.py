@@ -20,6 +20,12 @@ To add a driver (qcow2, a network driver, ...) define in its module:
         is_format = True
         ...
 
+The class is the driver's table (QEMU's BlockDriver): besides open() and
+the I/O methods it may declare `probe(head)` (how sure it is that an image
+starting with `head` is in its format: exportd.block.probe.probe_format asks
+every format driver) and `create_steps(graph, options)` (blockdev-create:
+commands/jobs.py asks the class, never the driver's name).
+
 A module that prefers not to import the decorator may instead expose its class
 as a module attribute `DRIVER` (or any BlockNode subclass whose `driver` class
 attribute is the name asked for); the lookup registers it.

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from exportd.block import register_driver
+from exportd.block.file_create import file_create_steps
 from exportd.block.locking import ImageLock, probe
 from exportd.block.node import BlockNode, BlockStatus, Perm, Prealloc, Status
 from exportd.block.options import check_members, get_enum, get_str
@@ -103,6 +104,11 @@ class FileNode(BlockNode):
         self._ranges = _RangeLocks()
         self._local_fs = False  # fstat never blocks (set at open)
         self.request_alignment = DIRECT_ALIGNMENT if direct else 1
+
+    # --- creating (blockdev-create driver=file) ---------------------------------
+    @classmethod
+    def create_steps(cls, graph: Any, options: dict[str, Any]) -> tuple[Any, Any] | None:
+        return file_create_steps(options)
 
     # --- opening ----------------------------------------------------------
     @classmethod
@@ -514,6 +520,10 @@ class FileNode(BlockNode):
 @register_driver
 class HostDeviceNode(FileNode):
     driver = "host_device"
+
+    @classmethod
+    def create_steps(cls, graph: Any, options: dict[str, Any]) -> tuple[Any, Any] | None:
+        return None  # devices are not created
 
     @classmethod
     def _check_type(cls, filename: str, fd: int, st: os.stat_result) -> int:

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from exportd.block import register_driver
+from exportd.block.file_create import file_create_steps
 from exportd.block.node import BlockNode, BlockStatus, Perm, Prealloc, Status
 from exportd.block.options import check_members, get_int
 from exportd.errors import BlockError
@@ -29,6 +30,15 @@ class RawNode(BlockNode):
         super().__init__(node_name, read_only=read_only)
         self.offset = offset
         self.size = size  # None: the window reaches the child's end
+
+    # --- the driver table ---------------------------------------------------------
+    @classmethod
+    def probe(cls, head: bytes) -> int:
+        return 1  # raw takes anything: the format when no other claims the image
+
+    @classmethod
+    def create_steps(cls, graph: Any, options: dict[str, Any]) -> tuple[Any, Any] | None:
+        return file_create_steps(options)  # exportd's alias of file (QEMU has no raw creation)
 
     @classmethod
     async def open(cls, graph: Any, node_name: str, options: dict[str, Any]) -> RawNode:

@@ -1,11 +1,15 @@
 """qcow2 format driver (blockdev-add driver=qcow2), written from the published
 format spec (docs/interop/qcow2.txt in qemu/qemu).
 
-Modules: header.py (header, extensions, feature checks), driver.py (the node:
-mapping, reads, allocating writes, write-back order, resize, block status),
-refcount.py (+ refcount_codec.py: refcount table/blocks, allocation, table
-growth), l2cache.py (decoded L2 tables, LRU), compress.py (deflate, zstd).
-Image creation lives in exportd.block.create.
+Modules, split as QEMU splits qcow2: node.py (the node: open, reads, writes,
+zeroing, discard, resize, block status, introspection, the driver table;
+qcow2.c), cluster.py (the one mapping function and cluster allocation;
+qcow2-cluster.c), writeback.py (crash-safe write-back order), refcount.py
+(+ refcount_codec.py: refcount table/blocks, allocation, table growth;
+qcow2-refcount.c) behind imagefile.py (the narrow image file interface),
+l2cache.py (decoded L2 tables, LRU; qcow2-cache.c), snapshots.py (the
+snapshot table; qcow2-snapshot.c), header.py (header, extensions, feature
+checks), compress.py (deflate, zstd), create.py (new images).
 
 Supported: versions 2 and 3; cluster sizes 512 B - 2 MiB; refcount widths
 1 - 64 bits; header extensions read and kept byte for byte; zero clusters;
@@ -23,6 +27,6 @@ read-only only. Lazy refcounts are never used for writing (refcounts are
 always kept exact), so the dirty bit is never set.
 """
 
-from exportd.block.qcow2.driver import Qcow2Node
+from exportd.block.qcow2.node import Qcow2Node
 
 __all__ = ["Qcow2Node"]

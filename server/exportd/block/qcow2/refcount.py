@@ -8,19 +8,22 @@ high, never too low):
 - a grown refcount table is written and fsynced before the header points to it;
 - decrements are applied only after the metadata that dropped the reference is
   durable (the driver queues them and calls `add(..., -1)` after its fsync).
+
+Refcounts sees the image only through what it needs: the image file
+(qcow2.imagefile.ImageFile: read, write, flush, its end, the corruption hook),
+the set of metadata clusters it must not hand out, a way to queue frees, and
+the header update that moves the refcount table.
 """
 
 from __future__ import annotations
 
 import errno
 from array import array
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
 
 from exportd.block.qcow2 import refcount_codec
-from exportd.block.qcow2.l2cache import decode_table, encode_table
-
-if TYPE_CHECKING:
-    from exportd.block.qcow2.driver import Qcow2Node
+from exportd.block.qcow2.imagefile import ImageFile
+from exportd.block.qcow2.l2cache import encode_table
 
 REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 MAX_CACHED_BLOCKS = 512
@@ -36,9 +39,20 @@ class RefBlock:
 
 
 class Refcounts:
-    def __init__(self, node: Qcow2Node, table: array, order: int) -> None:
-        self.node = node
-        self.cbits = node.cluster_bits
+    def __init__(self, io: ImageFile, table: array, order: int, *, cluster_bits: int, table_offset: int,
+                 meta_clusters: set[int], defer_free: Callable[[int, int], None],
+                 move_table: Callable[[int, int], Awaitable[None]]) -> None:
+        """`table`: the decoded refcount table found at `table_offset`;
+        `meta_clusters`: the node's metadata clusters (updated here as blocks
+        and tables come and go); `defer_free(offset, clusters)`: free after
+        the next durable write-back; `move_table(offset, clusters)`: point the
+        header at a new table and make that durable."""
+        self.io = io
+        self.meta = meta_clusters
+        self.defer_free = defer_free
+        self.move_table = move_table
+        self.table_offset = table_offset
+        self.cbits = cluster_bits
         self.cs = 1 << self.cbits
         self.bits = 1 << order
         self.max_value = (1 << self.bits) - 1
@@ -48,10 +62,6 @@ class Refcounts:
         self.table_dirty = False
         self.blocks: dict[int, RefBlock] = {}
         self.free_hint = 0
-
-    @classmethod
-    def table_from_bytes(cls, data: bytes) -> array:
-        return decode_table(data)
 
     # --- blocks -----------------------------------------------------------
     async def _block(self, bi: int) -> RefBlock | None:
@@ -63,9 +73,9 @@ class Refcounts:
         off = self.table[bi] & REFT_OFFSET_MASK
         if not off:
             return None
-        if off & (self.cs - 1) or off + self.cs > self.node.file_end:
-            raise self.node.corruption(f"refcount block {bi} at 0x{off:x} is outside the image or misaligned")
-        data = await self.node.pread(off, self.cs)
+        if off & (self.cs - 1) or off + self.cs > self.io.end:
+            raise self.io.corruption(f"refcount block {bi} at 0x{off:x} is outside the image or misaligned")
+        data = await self.io.read(off, self.cs)
         b = RefBlock(off, refcount_codec.decode(data, self.bits))
         if len(self.blocks) >= MAX_CACHED_BLOCKS:
             for k in [k for k, v in self.blocks.items() if not v.dirty][: MAX_CACHED_BLOCKS // 4]:
@@ -109,11 +119,11 @@ class Refcounts:
         values[at & (self.per_block - 1)] = 1
         off = at << self.cbits
         b = RefBlock(off, values)
-        await self.node.pwrite(off, refcount_codec.encode(values, self.bits))
+        await self.io.write(off, refcount_codec.encode(values, self.bits))
         self.blocks[bi] = b
         self.table[bi] = off
         self.table_dirty = True
-        self.node.meta_clusters.add(at)
+        self.meta.add(at)
         return b
 
     async def _grow_table(self, start: int) -> None:
@@ -148,24 +158,22 @@ class Refcounts:
             b = RefBlock(ci << self.cbits, values)
             new_blocks[bi] = b
             table[bi] = b.offset
-            await self.node.pwrite(b.offset, refcount_codec.encode(values, self.bits))
+            await self.io.write(b.offset, refcount_codec.encode(values, self.bits))
         tbl_off = start << self.cbits
-        await self.node.pwrite(tbl_off, encode_table(table))
-        await self.node.fsync()
-        old_off, old_clusters = self.node.header.refcount_table_offset, self.node.header.refcount_table_clusters
-        self.node.header.refcount_table_offset = tbl_off
-        self.node.header.refcount_table_clusters = t_clusters
-        await self.node.write_header()
-        await self.node.fsync()
+        await self.io.write(tbl_off, encode_table(table))
+        await self.io.flush()
+        old_off, old_clusters = self.table_offset, len(self.table) * 8 >> self.cbits
+        await self.move_table(tbl_off, t_clusters)
+        self.table_offset = tbl_off
         self.table = table
         self.table_dirty = False
         self.blocks.update(new_blocks)
         for c in range(start, used_end):
-            self.node.meta_clusters.add(c)
+            self.meta.add(c)
         old_ci = old_off >> self.cbits
         for c in range(old_ci, old_ci + old_clusters):
-            self.node.meta_clusters.discard(c)
-            self.node.defer_free(c << self.cbits, 1)
+            self.meta.discard(c)
+            self.defer_free(c << self.cbits, 1)
 
     # --- allocation ---------------------------------------------------------
     async def _next_free(self, ci: int) -> int:
@@ -185,7 +193,7 @@ class Refcounts:
         """Allocate `n` contiguous free clusters (refcount 1 each); returns the
         host offset of the first."""
         ci = self.free_hint
-        meta = self.node.meta_clusters
+        meta = self.meta
         while True:
             ci = await self._next_free(ci)
             run_ok = True
@@ -220,12 +228,12 @@ class Refcounts:
         wrote = False
         for b in self.blocks.values():
             if b.dirty:
-                await self.node.pwrite(b.offset, refcount_codec.encode(b.values, self.bits))
+                await self.io.write(b.offset, refcount_codec.encode(b.values, self.bits))
                 b.dirty = False
                 wrote = True
         return wrote
 
     async def write_table(self) -> None:
         if self.table_dirty:
-            await self.node.pwrite(self.node.header.refcount_table_offset, encode_table(self.table))
+            await self.io.write(self.table_offset, encode_table(self.table))
             self.table_dirty = False

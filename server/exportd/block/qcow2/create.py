@@ -1,123 +1,34 @@
-"""Image creation without QEMU: raw and qcow2 (docs/interop/qcow2.txt).
+"""Creating qcow2 images (QEMU's qcow2_co_create): the layout of a new image
+and writing it, to a new host file (`create_qcow2_file`, daemon-free: exportctl
+create) or onto an opened node (`create_qcow2_on_node`, and blockdev-create
+driver=qcow2 through Qcow2Node.create_steps: `Qcow2Create`).
 
-`create_image()` is synchronous (plain file I/O); call it from a worker thread
-when on the event loop. Errors are BlockError with a message for the user.
-
-qcow2 layout written here: cluster 0 header (+ extensions + backing name),
-then the refcount table, the refcount blocks, the L1 table and, with
-preallocation, the L2 tables and the data clusters.
+Layout: cluster 0 header (+ extensions + backing name), then the refcount
+table, the refcount blocks, the L1 table and, with preallocation, the L2
+tables and the data clusters.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from array import array
 from dataclasses import dataclass
+from typing import Any
 
-from exportd.block.locking import ImageLock
-from exportd.block.node import BlockNode, Perm, Prealloc
+from exportd.block.file_create import PREALLOC_MODES, Step, fill, open_new
+from exportd.block.node import BlockNode, Edge, Perm, Prealloc
+from exportd.block.probe import probe_backing_format
 from exportd.block.qcow2 import header as hdr
 from exportd.block.qcow2 import refcount_codec
 from exportd.block.qcow2.l2cache import encode_table
 from exportd.errors import BlockError
 
-PREALLOC_MODES = ("off", "metadata", "falloc", "full")
 COPIED = 1 << 63
-_CHUNK = 1 << 20
 
-
-def create_image(path: str, size: int, fmt: str = "qcow2", cluster_size: int | None = None,
-                 backing: str | None = None, backing_fmt: str | None = None,
-                 preallocation: str = "off", *, refcount_bits: int = 16, compat: str = "1.1",
-                 lazy_refcounts: bool = False, compression_type: str = "zlib") -> None:
-    """Create (or overwrite) the image `path` of virtual size `size` bytes."""
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise BlockError("Image size must be a non-negative integer")
-    if preallocation not in PREALLOC_MODES:
-        raise BlockError(f"Parameter 'preallocation' does not accept value '{preallocation}'")
-    if fmt == "raw":
-        if cluster_size is not None or backing is not None or backing_fmt is not None:
-            raise BlockError("raw images have no cluster size or backing file")
-        _create_raw(path, size, preallocation)
-    elif fmt == "qcow2":
-        _create_qcow2(path, size, cluster_size, backing, backing_fmt, preallocation,
-                      refcount_bits, compat, lazy_refcounts, compression_type)
-    else:
-        raise BlockError(f"Format '{fmt}' does not support image creation (use raw or qcow2)")
-
-
-def _open_new(path: str) -> int:
-    """Open `path` for (re)creation, emptied, holding QEMU-compatible image locks
-    (write + resize, resize not shared), so an image in use by exportd, QEMU or
-    qemu-img is refused instead of being destroyed. Closing the fd drops the locks."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        raise BlockError(f"Could not create '{path}': {e.strerror}") from None
-    try:
-        ImageLock(fd, path).change(Perm.WRITE | Perm.RESIZE, Perm.ALL & ~Perm.RESIZE)
-        os.ftruncate(fd, 0)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _fill(fd: int, start: int, end: int, mode: str) -> None:
-    """Preallocate [start, end) of the file: falloc reserves, full writes zeroes."""
-    if end <= start:
-        return
-    if mode == "falloc":
-        os.posix_fallocate(fd, start, end - start)
-    elif mode == "full":
-        zero = bytes(_CHUNK)
-        pos = start
-        while pos < end:
-            n = min(_CHUNK, end - pos)
-            os.pwrite(fd, zero[:n], pos)
-            pos += n
-
-
-def _create_raw(path: str, size: int, prealloc: str) -> None:
-    if prealloc == "metadata":
-        raise BlockError("Unsupported preallocation mode 'metadata' for raw images")
-    fd = _open_new(path)
-    try:
-        os.ftruncate(fd, size)
-        _fill(fd, 0, size, prealloc)
-        os.fsync(fd)
-    except OSError as e:
-        raise BlockError(f"Could not create '{path}': {e.strerror}") from None
-    finally:
-        os.close(fd)
-
-
-def _probe_backing(base_dir: str, backing: str) -> str:
-    full = backing if os.path.isabs(backing) else os.path.join(base_dir, backing)
-    try:
-        with open(full, "rb") as f:
-            return "qcow2" if f.read(4) == hdr.MAGIC else "raw"
-    except OSError as e:
-        raise BlockError(f"Could not open backing file '{full}': {e.strerror}") from None
-
-
-def _create_qcow2(path: str, size: int, cluster_size: int | None, backing: str | None,
-                  backing_fmt: str | None, prealloc: str, refcount_bits: int, compat: str,
-                  lazy_refcounts: bool, compression_type: str) -> None:
-    lay = qcow2_layout(size, cluster_size, backing, backing_fmt, prealloc, refcount_bits, compat,
-                       lazy_refcounts, compression_type,
-                       base_dir=os.path.dirname(os.path.abspath(path)))
-    fd = _open_new(path)
-    try:
-        for off, data in lay.writes:
-            os.pwrite(fd, data, off)
-        os.ftruncate(fd, lay.end)
-        _fill(fd, lay.data_start, lay.end, prealloc)
-        os.fsync(fd)
-    except OSError as e:
-        raise BlockError(f"Could not create '{path}': {e.strerror}") from None
-    finally:
-        os.close(fd)
+# qcow2_layout words its hints for qemu-img's `-o compat=`; in blockdev-create
+# the option is `version`, and QEMU's texts say so.
+_QMP_HINTS = {"(use compat=1.1 or greater)": "(use version=v3 or greater)"}
 
 
 @dataclass
@@ -165,7 +76,8 @@ def qcow2_layout(size: int, cluster_size: int | None = None, backing: str | None
         if len(backing.encode()) > hdr.MAX_BACKING_NAME:
             raise BlockError("Backing file name too long")
         if backing_fmt is None:
-            backing_fmt = _probe_backing(base_dir, backing)
+            full = backing if os.path.isabs(backing) else os.path.join(base_dir, backing)
+            backing_fmt = probe_backing_format(full)
     elif backing_fmt is not None:
         raise BlockError("Backing format cannot be used without backing file")
 
@@ -254,23 +166,138 @@ def qcow2_layout(size: int, cluster_size: int | None = None, backing: str | None
     return Qcow2Layout(writes, end, data_off)
 
 
+def create_qcow2_file(path: str, size: int, cluster_size: int | None = None, backing: str | None = None,
+                      backing_fmt: str | None = None, preallocation: str = "off", *,
+                      refcount_bits: int = 16, compat: str = "1.1", lazy_refcounts: bool = False,
+                      compression_type: str = "zlib") -> None:
+    """Create (or overwrite) the qcow2 image `path` (synchronous file I/O)."""
+    lay = qcow2_layout(size, cluster_size, backing, backing_fmt, preallocation, refcount_bits, compat,
+                       lazy_refcounts, compression_type,
+                       base_dir=os.path.dirname(os.path.abspath(path)))
+    fd = open_new(path)
+    try:
+        for off, data in lay.writes:
+            os.pwrite(fd, data, off)
+        os.ftruncate(fd, lay.end)
+        fill(fd, lay.data_start, lay.end, preallocation)
+        os.fsync(fd)
+    except OSError as e:
+        raise BlockError(f"Could not create '{path}': {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+async def write_layout(node: BlockNode, lay: Qcow2Layout, preallocation: str) -> None:
+    """Replace the contents of an opened, writable node by a new image."""
+    mode = Prealloc(preallocation) if preallocation in ("falloc", "full") else Prealloc.OFF
+    await node.truncate(0)
+    await node.truncate(lay.data_start)
+    await node.truncate(lay.end, prealloc=mode)
+    for off, data in lay.writes:
+        await node.write(off, data)
+    await node.flush()
+
+
 async def create_qcow2_on_node(node: BlockNode, size: int, *, cluster_size: int | None = None,
                                version: str = "v3", backing_file: str | None = None,
                                backing_fmt: str | None = None, preallocation: str = "off",
                                lazy_refcounts: bool = False, refcount_bits: int = 16,
                                compression_type: str = "zlib") -> None:
-    """Format an opened, writable node (QMP blockdev-create driver=qcow2: the
-    caller attaches to `node` with WRITE and RESIZE first)."""
+    """Format an opened, writable node (the caller attaches to `node` with
+    WRITE and RESIZE first)."""
     base = os.path.dirname(node.filename()) or "."
     compat = {"v2": "0.10", "v3": "1.1"}.get(version)
     if compat is None:
         raise BlockError(f"Parameter 'version' does not accept value '{version}'")
     lay = qcow2_layout(size, cluster_size, backing_file, backing_fmt, preallocation, refcount_bits,
                        compat, lazy_refcounts, compression_type, base_dir=base)
-    await node.truncate(0)
-    mode = Prealloc(preallocation) if preallocation in ("falloc", "full") else Prealloc.OFF
-    await node.truncate(lay.data_start)
-    await node.truncate(lay.end, prealloc=mode)
-    for off, data in lay.writes:
-        await node.write(off, data)
-    await node.flush()
+    await write_layout(node, lay, preallocation)
+
+
+class Qcow2Create:
+    """blockdev-create driver=qcow2: format the node `file` names (or opens)."""
+
+    def __init__(self, graph: Any, opts: dict[str, Any]) -> None:
+        self.graph = graph
+        self.opts = opts
+        self.node: BlockNode | None = None
+        self.temporary = False  # `file` was a dict: opened for this job only
+        self.user: Edge | None = None
+        self.layout: Qcow2Layout | None = None
+
+    def steps(self) -> tuple[Step, Step]:
+        return self.prepare, self.work
+
+    async def prepare(self, job: Any) -> None:
+        o = self.opts
+        if "data-file" in o or o.get("data-file-raw"):
+            raise BlockError("External data files are not supported by exportd")
+        if o.get("extended-l2"):
+            raise BlockError("Extended L2 entries are not supported by exportd")
+        ref = o["file"]
+        # QEMU's order: open the node, check the options, then take permissions
+        if isinstance(ref, str):
+            self.node = self.graph.find(ref)
+            if self.node is None:  # QEMU looks the name up as a device, then as a node
+                raise BlockError(f"Cannot find device='{ref}' nor node-name='{ref}'")
+        else:
+            # a nested definition: an implicit node (#blockNNN) for this job's life
+            self.node = await self.graph._open(dict(ref))
+            self.temporary = True
+        try:
+            await self._validate()
+            self.user = self.node.attach(job, Perm.WRITE | Perm.RESIZE, Perm.ALL, "root")
+        except BaseException:
+            await self._release()
+            raise
+
+    async def _layout(self, prealloc: str) -> Qcow2Layout:
+        """Check the options and compute the image's metadata in a worker thread
+        (a backing file without a format is probed: a file read; preallocated
+        metadata of a large image is a large computation)."""
+        assert self.node is not None
+        o = self.opts
+        compat = {"v2": "0.10", "v3": "1.1"}[o.get("version", "v3")]
+        base = os.path.dirname(self.node.filename()) or "."
+        try:
+            return await asyncio.to_thread(
+                qcow2_layout, o["size"], o.get("cluster-size"), o.get("backing-file"),
+                o.get("backing-fmt"), prealloc, o.get("refcount-bits", 16), compat,
+                o.get("lazy-refcounts", False), o.get("compression-type", "zlib"), base_dir=base)
+        except BlockError as e:
+            desc = e.desc
+            for old, new in _QMP_HINTS.items():
+                desc = desc.replace(old, new)
+            if desc == e.desc:
+                raise
+            raise BlockError(desc) from None
+
+    async def _validate(self) -> None:
+        """Inside the command (which holds the daemon's command lock): the quick
+        checks only. Without preallocation that is the whole layout; with it, the
+        layout without preallocation checks the same options (and with a backing
+        file the preallocation is refused before any heavy work)."""
+        prealloc = self.opts.get("preallocation", "off")
+        quick = prealloc if self.opts.get("backing-file") is not None else "off"
+        layout = await self._layout(quick)
+        self.layout = layout if quick == prealloc else None
+
+    async def work(self, job: Any) -> None:
+        assert self.node is not None
+        prealloc = self.opts.get("preallocation", "off")
+        try:
+            lay = self.layout or await self._layout(prealloc)
+            await write_layout(self.node, lay, prealloc)
+        finally:
+            self.layout = None
+            await self._release()
+
+    async def _release(self) -> None:
+        node, self.node = self.node, None
+        if node is None:
+            return
+        if self.user is not None:
+            node.detach(self.user)
+            self.user = None
+        if self.temporary and node.refcount == 0 and not node.monitor_owned:
+            await self.graph._destroy(node)
