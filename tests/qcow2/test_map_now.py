@@ -12,11 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.qcow2.qhelpers import MiB, check_clean, open_qcow2, qemu_io, run
 
 from exportd.block.graph import BlockGraph
 from exportd.block.node import BlockNode
 from exportd.extents import ZEROES, Extent, total_length
+from tests.support.qcow2 import MiB, check_clean, open_qcow2, qemu_io, run
 
 CS = 65536
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tests.qcow2.qhelpers import MiB, run
 
 from exportd.block import driver_class
 from exportd.block.probe import probe_backing_format, probe_format
 from exportd.errors import BlockError
+from tests.support.qcow2 import MiB, run
 
 
 def test_probe_picks_the_format(tmp_path: Path) -> None:
