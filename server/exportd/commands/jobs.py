@@ -9,10 +9,10 @@ JOB_STATUS_CHANGE events and in query-jobs until job-dismiss.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from typing import Any
 
+from exportd.aio.threads import in_own_thread
 from exportd.block.create import Qcow2Layout, create_image, qcow2_layout
 from exportd.block.node import BlockNode, NodeUser, Perm, Prealloc
 from exportd.commands import command
@@ -55,7 +55,7 @@ def _file_steps(opts: dict[str, Any]):
 
     async def work(job: Job) -> None:
         # plain file I/O (open, lock, truncate, fill, fsync): off the loop
-        await asyncio.to_thread(create_image, filename, size, "raw", preallocation=prealloc)
+        await in_own_thread(create_image, filename, size, "raw", preallocation=prealloc)
 
     return prepare, work
 
@@ -119,7 +119,7 @@ class _Qcow2Create:
         compat = {"v2": "0.10", "v3": "1.1"}[kw["version"]]
         base = os.path.dirname(self.node.filename()) or "."
         try:
-            return await asyncio.to_thread(
+            return await in_own_thread(
                 qcow2_layout, self.opts["size"], kw["cluster_size"], kw["backing_file"],
                 kw["backing_fmt"], prealloc, kw["refcount_bits"], compat,
                 kw["lazy_refcounts"], kw["compression_type"], base_dir=base)

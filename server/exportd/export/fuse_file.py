@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from exportd.aio.resume import Resume
 from exportd.block.node import Perm, Prealloc, Status
 from exportd.errors import QMPError
 from exportd.fuse.filesystem import (
@@ -38,7 +39,6 @@ from exportd.fuse.filesystem import (
     StatFs,
     without_setid,
 )
-from exportd.fuse.resume import Resume
 
 if TYPE_CHECKING:
     from exportd.export.fuse import FuseExport

@@ -28,6 +28,7 @@ import struct
 from array import array
 from typing import Any
 
+from exportd.aio.threads import in_own_thread
 from exportd.block import register_driver
 from exportd.block.node import BlockNode, BlockStatus, Perm, Prealloc, Status
 from exportd.block.qcow2 import header as hdr
@@ -235,7 +236,7 @@ class Qcow2Node(BlockNode):
             path = self._backing_path(name)
             fmt = self.header.backing_format
             if fmt is None:
-                fmt = await asyncio.to_thread(_probe_format, path)
+                fmt = await in_own_thread(_probe_format, path)
             ref = {"driver": fmt, "file": {"driver": "file", "filename": path}}
         me = os.path.realpath(self.file.filename() or self.node_name)
         chain = _OPENING_CHAIN.get()
