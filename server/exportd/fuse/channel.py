@@ -91,6 +91,12 @@ def _overridden(fs: SingleFileFS, name: str) -> Any:
 class Channel:
     """One session's /dev/fuse fd on one loop; see the module docstring."""
 
+    # one per live export: no per-instance dict
+    __slots__ = (
+        "fd", "fs", "owner", "handlers", "read_now", "write_now", "splice", "spliced",
+        "reading", "counts", "other_counts", "_loop", "_pool", "_poller", "_inflight",
+    )
+
     def __init__(
         self,
         fd: int,

@@ -23,8 +23,10 @@ class PassthroughUnavailable(OSError):
 class BackingFiles:
     """The backing ids registered on one /dev/fuse fd."""
 
+    __slots__ = ("_ids",)
+
     def __init__(self) -> None:
-        self._ids: set[int] = set()
+        self._ids: list[int] = []  # none or one, usually: a list is the smallest
 
     def open(self, dev_fd: int, fd: int) -> int:
         """Register `fd` as a backing file; returns its id. Raises
@@ -37,12 +39,12 @@ class BackingFiles:
             raise PassthroughUnavailable(
                 e.errno, f"FUSE_DEV_IOC_BACKING_OPEN refused: {e.strerror}"
             ) from None
-        self._ids.add(backing_id)
+        self._ids.append(backing_id)
         return backing_id
 
     def close(self, dev_fd: int, backing_id: int) -> None:
         if backing_id in self._ids:
-            self._ids.discard(backing_id)
+            self._ids.remove(backing_id)
             _backing_close(dev_fd, backing_id)
 
     def close_all(self, dev_fd: int) -> None:

@@ -48,6 +48,7 @@ def answer_read(ch: Channel, unique: int, buf: memoryview, off: int, end: int) -
     if end - off < _READ_IN_SIZE:
         raise RequestError(f"READ: body of {end - off} bytes, need {_READ_IN_SIZE}")
     fh, offset, size = READ_HEAD.unpack_from(buf, off)
+    data = None
     read_now = ch.read_now
     if read_now is not None:
         try:
@@ -55,28 +56,23 @@ def answer_read(ch: Channel, unique: int, buf: memoryview, off: int, end: int) -
         except BaseException as exc:  # noqa: B036 - every failure becomes an errno
             ch.reply_exception(unique, exc)
             return False
-        if data is not None:
-            if type(data) is not list:
-                _send(ch, unique, data, size)
-                return False
+        if type(data) is list:  # extents
             if _send_extents(ch, unique, data, size):
                 return False
-    try:
-        data = start_eagerly(ch.fs.read(fh, offset, size))
-    except BaseException as exc:  # noqa: B036 - every failure becomes an errno
-        ch.reply_exception(unique, exc)
-        return False
-    if type(data) is Resume:
-        ch.go_on(unique, data, replies.read_out, size, None, True)
-    elif type(data) is list:
-        ch.reply_ok(unique, replies.read_out(data, size))
-    else:
-        _send(ch, unique, data, size)
-    return False
-
-
-def _send(ch: Channel, unique: int, data: Any, size: int) -> None:
-    """One bytes-like reply, with one writev (channel.write, inlined)."""
+            data = None
+    if data is None:
+        try:
+            data = start_eagerly(ch.fs.read(fh, offset, size))
+        except BaseException as exc:  # noqa: B036 - every failure becomes an errno
+            ch.reply_exception(unique, exc)
+            return False
+        if type(data) is Resume:
+            ch.go_on(unique, data, replies.read_out, size, None, True)
+            return False
+        if type(data) is list:  # buffers, sent with one writev
+            ch.reply_ok(unique, replies.read_out(data, size))
+            return False
+    # one bytes-like object: channel.reply_ok, inlined
     if len(data) > size:
         data = memoryview(data)[:size]
     fd = ch.fd
@@ -85,6 +81,7 @@ def _send(ch: Channel, unique: int, data: Any, size: int) -> None:
             os.writev(fd, (OUT.pack(16 + len(data), 0, unique), data))
         except OSError as e:
             ch.write_failed(e)
+    return False
 
 
 def _send_extents(ch: Channel, unique: int, extents: list[Extent], size: int) -> bool:

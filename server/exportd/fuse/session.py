@@ -75,7 +75,7 @@ class FuseSession:
         self._loop = loop
         self._backing = BackingFiles()
         self._init_answered: asyncio.Future[None] = loop.create_future()
-        self._closer: asyncio.Task[None] | None = None  # the unmount under way
+        self._closer: asyncio.Task[None] | None = None  # the unmount (state CLOSING)
         self._cleanup: asyncio.Task[None] | None = None  # referenced until done
 
     # --- life cycle ---------------------------------------------------------------
@@ -166,12 +166,16 @@ class FuseSession:
         """Unmount and stop serving. Idempotent; safe from any task."""
         if self.state is State.ENDED:
             return
-        if self._closer is None:
-            self._closer = self._loop.create_task(self._shutdown("closed"))
+        if self.state is not State.CLOSING:
+            self._begin_shutdown("closed")
+        assert self._closer is not None
         await asyncio.shield(self._closer)
 
-    async def _shutdown(self, reason: str) -> None:
+    def _begin_shutdown(self, reason: str) -> None:
         self.state = State.CLOSING
+        self._closer = self._loop.create_task(self._shutdown(reason))
+
+    async def _shutdown(self, reason: str) -> None:
         try:
             await in_own_thread(unmount_if_ours, self.mountpoint, self.connection)
         except OSError as e:
@@ -219,8 +223,8 @@ class FuseSession:
         log.error("%s: halting FUSE session: %s", self.mountpoint, reason)
         if self.channel is not None:
             self.channel.stop_reading()
-        if self._closer is None and self.state is not State.ENDED:
-            self._closer = self._loop.create_task(self._shutdown("error: " + reason))
+        if self.state is State.MOUNTING or self.state is State.READY:
+            self._begin_shutdown("error: " + reason)
 
     def gone(self) -> None:
         """The device says the connection is over (unmounted or aborted)."""
