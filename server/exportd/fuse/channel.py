@@ -99,7 +99,7 @@ class Channel:
 
     def __init__(
         self,
-        fd: int,
+        fd: int,  # -1 until mounted: the session sets it, then start_reading()
         fs: SingleFileFS,
         owner: Owner,
         handlers: list[Handler | None],

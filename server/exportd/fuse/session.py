@@ -69,7 +69,13 @@ class FuseSession:
         self.proto_minor = 0
         self.max_write = MAX_WRITE
         self.state = State.MOUNTING
-        self.channel: Channel | None = None  # once mounted
+        # the requests; its fd is opened by _mount
+        self.channel = Channel(
+            -1, fs, self, opcodes.BEFORE_INIT,
+            # READ replies spliced when mounted for it (max_read fits the pipe)
+            splice=pipe_for(loop) if options.max_read <= SPLICE_MAX_READ else None,
+            loop=loop,
+        )
         # resolves to the reason the session ended (see filesystem.py)
         self.closed: asyncio.Future[str] = loop.create_future()
         self._loop = loop
@@ -139,10 +145,7 @@ class FuseSession:
                 resolve_and_mount, path, self.fsname, mount_fusermount, None, self.options
             )
         self.mountpoint = resolved
-        splice = pipe_for(self._loop) if self.options.max_read <= SPLICE_MAX_READ else None
-        self.channel = Channel(
-            fd, self.fs, self, opcodes.BEFORE_INIT, splice=splice, loop=self._loop
-        )
+        self.channel.fd = fd
         self.channel.start_reading()
         self.connection = connection
 
@@ -192,11 +195,9 @@ class FuseSession:
                 MountError(errno.EIO, f"session ended before INIT: {reason}")
             )
             self._init_answered.exception()  # mark retrieved
-        channel = self.channel
-        if channel is not None:
-            channel.stop_reading()
-            self._backing.close_all(channel.fd)
-            channel.close()
+        self.channel.stop_reading()
+        self._backing.close_all(self.channel.fd)
+        self.channel.close()
         self.closed.set_result(reason)
         log.info("%s: FUSE session ended (%s)", self.mountpoint, reason)
         try:
@@ -221,15 +222,13 @@ class FuseSession:
     def halt(self, reason: str) -> None:
         """Stop trusting the device; unmount and end in the background."""
         log.error("%s: halting FUSE session: %s", self.mountpoint, reason)
-        if self.channel is not None:
-            self.channel.stop_reading()
+        self.channel.stop_reading()
         if self.state is State.MOUNTING or self.state is State.READY:
             self._begin_shutdown("error: " + reason)
 
     def gone(self) -> None:
         """The device says the connection is over (unmounted or aborted)."""
-        if self.channel is not None:
-            self.channel.stop_reading()
+        self.channel.stop_reading()
         if self.state is State.CLOSING:
             return  # _shutdown finishes the job
         if self.state is State.ENDED:
@@ -250,8 +249,6 @@ class FuseSession:
     def counters(self) -> dict[str, int]:
         """Requests seen per opcode name (only nonzero ones)."""
         ch = self.channel
-        if ch is None:
-            return {}
         out = {abi.opcode_name(op): n for op, n in enumerate(ch.counts) if n}
         out.update({abi.opcode_name(op): n for op, n in ch.other_counts.items()})
         return out
@@ -261,12 +258,12 @@ class FuseSession:
 
     @property
     def in_flight(self) -> int:
-        return self.channel.in_flight if self.channel is not None else 0
+        return self.channel.in_flight
 
     @property
     def spliced(self) -> int:
         """READ replies sent by splice (tests, benchmarks)."""
-        return self.channel.spliced if self.channel is not None else 0
+        return self.channel.spliced
 
     # --- passthrough ------------------------------------------------------------
 
@@ -276,13 +273,12 @@ class FuseSession:
         Raises PassthroughUnavailable when passthrough was not negotiated or
         the kernel refuses (e.g. EPERM without CAP_SYS_ADMIN).
         """
-        ch = self.channel
-        if not self.passthrough_available or ch is None or ch.fd < 0:
+        dev_fd = self.channel.fd
+        if not self.passthrough_available or dev_fd < 0:
             raise PassthroughUnavailable(
                 errno.EOPNOTSUPP, "FUSE passthrough not negotiated with the kernel"
             )
-        return self._backing.open(ch.fd, fd)
+        return self._backing.open(dev_fd, fd)
 
     def close_backing(self, backing_id: int) -> None:
-        if self.channel is not None:
-            self._backing.close(self.channel.fd, backing_id)
+        self._backing.close(self.channel.fd, backing_id)
