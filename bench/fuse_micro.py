@@ -2,7 +2,8 @@
 """What the FUSE protocol layer alone costs: fio against the toy filesystems.
 
 Not a test. Mounts tests/support/toyfs.py (in its own process) in a few variants
-and runs fio 4 KiB random reads (psync, depth 1) and 1 MiB sequential reads,
+(read() coroutines; read_now extents, spliced or pread: fuse/readreply.py;
+kernel passthrough) and runs fio 4 KiB random reads (psync, depth 1) and 1 MiB sequential reads,
 direct=1, against each, next to the same reads on the plain file. Prints a
 markdown table; next to each rate, the daemon's CPU time per request
 (user + system, from /proc), which stays meaningful on a noisy machine
@@ -146,6 +147,7 @@ def main() -> int:
         ("toy MemoryFS, asyncio", ["--size", str(size), "--fill"]),
         ("toy MemoryFS, uvloop", ["--size", str(size), "--fill", "--uvloop"]),
         ("toy FileFS pread, uvloop", ["--file", backing, "--uvloop"]),
+        ("toy FileFS extents, uvloop", ["--file", backing, "--extents", "--uvloop"]),
         ("toy FileFS passthrough", ["--file", backing, "--passthrough", "--uvloop"]),
     ]
     rows = []

@@ -109,7 +109,7 @@ async def test_truncated_request_gets_einval_and_session_keeps_serving(target, c
         # A READ whose body is too short, as if the kernel sent garbage.
         buf = request(abi.READ, bytes(10), unique=0xDEAD)
         with caplog.at_level(logging.WARNING):
-            assert session._dispatch(buf, len(buf)) is False
+            assert session.channel._dispatch(buf, len(buf)) is False
         assert "READ: body of 10 bytes" in caplog.text
         assert await child("out(os.stat(sys.argv[1]).st_size)", target) == 4096
         assert not session.closed.done()
@@ -120,7 +120,7 @@ async def test_inconsistent_header_halts_the_session(target, caplog):
     async with serving(fs, target) as session:
         buf = request(abi.GETATTR, bytes(16), length=999)
         with caplog.at_level(logging.ERROR):
-            session._dispatch(buf, len(buf))
+            session.channel._dispatch(buf, len(buf))
         reason = await asyncio.wait_for(session.closed, 10)
     assert reason.startswith("error: header length 999")
     assert fs.ended == reason

@@ -15,8 +15,10 @@ import pytest
 
 from exportd.fuse import mount as fuse_mount
 from exportd.fuse.buffers import pool_for
+from exportd.fuse.channel import BUFFER_SIZE
 from exportd.fuse.mount import MountError
-from exportd.fuse.session import BUFFER_SIZE, FuseSession, PassthroughUnavailable
+from exportd.fuse.passthrough import PassthroughUnavailable
+from exportd.fuse.session import FuseSession
 from tests.support.fuse import child, pattern, serving, start_toy
 from tests.support.programs import command
 from tests.support.toyfs import FileFS, MemoryFS

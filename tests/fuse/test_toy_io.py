@@ -549,7 +549,7 @@ async def test_interrupted_large_write_is_not_cancelled(target):
     fs = ThreadedWriteFS(4 << 20, direct_io=True)
     async with serving(fs, target) as session:
         from exportd.fuse.buffers import pool_for
-        from exportd.fuse.session import BUFFER_SIZE
+        from exportd.fuse.channel import BUFFER_SIZE
 
         pool = pool_for(asyncio.get_running_loop(), BUFFER_SIZE)
         fs.hang_writes = True

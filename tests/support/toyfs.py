@@ -4,6 +4,7 @@
 - MemoryFS: an in-memory sparse file (4 KiB allocation granularity, so
   SEEK_DATA/SEEK_HOLE and punch-hole have something to show).
 - FileFS: a plain file served by pread/pwrite, or by kernel passthrough.
+- FileExtentsFS: FileFS whose read_now answers with extents of the file.
 
 `python -m tests.support.toyfs MOUNTPOINT [--size N] [--file PATH] ...` mounts
 one and serves it until SIGTERM/SIGINT, printing "ready <counters-path>" on
@@ -23,6 +24,8 @@ import stat
 import sys
 import time
 
+from exportd.block.posixio import RAMFS_MAGIC, TMPFS_MAGIC, fs_magic
+from exportd.extents import Extent
 from exportd.fuse.filesystem import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -254,12 +257,29 @@ class FileFS(SingleFileFS):
         os.close(self.fd)
 
 
+class FileExtentsFS(FileFS):
+    """FileFS whose read_now maps each read to the file's own range: the
+    session splices, preads or awaits read() (fuse/readreply.py)."""
+
+    def __init__(self, path: str, *, read_only: bool = False) -> None:
+        super().__init__(path, read_only=read_only)
+        # tmpfs and ramfs pages never make a reader wait: reads may be spliced
+        self.never_blocks = fs_magic(self.fd) in (TMPFS_MAGIC, RAMFS_MAGIC)
+        self.splice_reads = self.never_blocks
+
+    def read_now(self, fh: int, offset: int, size: int) -> list[Extent]:
+        n = min(size, os.fstat(self.fd).st_size - offset)
+        return [(self.fd, offset, n, self.never_blocks)] if n > 0 else []
+
+
 async def _serve(args: argparse.Namespace) -> int:
-    from exportd.fuse.session import FuseSession, PassthroughUnavailable
+    from exportd.fuse.passthrough import PassthroughUnavailable
+    from exportd.fuse.session import FuseSession
 
     fs: SingleFileFS
     if args.file:
-        fs = FileFS(args.file, read_only=args.read_only)
+        fs_class = FileExtentsFS if args.extents else FileFS
+        fs = fs_class(args.file, read_only=args.read_only)
     else:
         fs = MemoryFS(args.size, direct_io=args.direct_io)
         fs.hang_reads = args.hang_reads
@@ -313,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--read-only", action="store_true")
     p.add_argument("--allow-other", action="store_true")
     p.add_argument("--passthrough", action="store_true")
+    p.add_argument(
+        "--extents", action="store_true", help="with --file: read_now answers with extents"
+    )
     p.add_argument("--direct-io", action="store_true")
     p.add_argument("--hang-reads", action="store_true", help="reads never finish (tests)")
     p.add_argument("--counters", help="where SIGUSR1 writes the opcode counters (JSON)")

@@ -21,6 +21,7 @@ import stat
 from collections.abc import AsyncIterator
 from typing import Any
 
+from exportd.aio.threads import in_io_thread
 from exportd.block import register_driver
 from exportd.block.file_create import file_create_steps
 from exportd.block.locking import ImageLock, probe
@@ -38,8 +39,6 @@ from exportd.block.posixio import (
     blockdev_size,
     fallocate,
     fs_magic,
-    in_thread,
-    io_pool,
 )
 from exportd.errors import BlockError
 from exportd.extents import Extent, zeroes
@@ -127,7 +126,7 @@ class FileNode(BlockNode):
         direct = options["cache"]["direct"]
         # everything that touches the file runs in a thread: it may live on a
         # FUSE mount, even one this daemon serves
-        opening = io_pool().submit(
+        opening = in_io_thread(
             cls._open_fd, filename, read_only, direct, options.get("auto-read-only", False),
             locking != "off",
         )
@@ -229,14 +228,14 @@ class FileNode(BlockNode):
     async def allocated_size(self) -> int:
         if self._local_fs:
             return os.fstat(self.fd).st_blocks * 512
-        return (await in_thread(os.fstat, self.fd)).st_blocks * 512
+        return (await in_io_thread(os.fstat, self.fd)).st_blocks * 512
 
     # --- reads ------------------------------------------------------------------
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         if length <= 0:
             return b""
         if self.direct:
-            return await in_thread(self._read_direct, offset, length)
+            return await in_io_thread(self._read_direct, offset, length)
         if self._inline:
             return self._read_inline(offset, length)
         buf = bytearray(length)
@@ -252,7 +251,7 @@ class FileNode(BlockNode):
                 self._nowait_reads = False  # file system without RWF_NOWAIT
             if done == length:
                 return buf
-        await in_thread(self._pread_into, buf, done, offset + done)
+        await in_io_thread(self._pread_into, buf, done, offset + done)
         return buf
 
     def _read_inline(self, offset: int, length: int) -> bytes | bytearray:
@@ -328,7 +327,7 @@ class FileNode(BlockNode):
         else:
             done = self._try_pwrite_nowait(data, offset) if self._nowait_writes and not flags else 0
             if done < length:
-                await in_thread(self._pwrite_all, memoryview(data)[done:], offset + done, flags)
+                await in_io_thread(self._pwrite_all, memoryview(data)[done:], offset + done, flags)
         if offset + length > self._size:
             self._size = offset + length
 
@@ -359,7 +358,7 @@ class FileNode(BlockNode):
         end = -(-(offset + length) // a) * a
         partial = start != offset or end != offset + length
         async with self._ranges.hold(start, end, exclusive=partial):
-            await in_thread(self._write_direct_sync, offset, data, start, end, partial, flags)
+            await in_io_thread(self._write_direct_sync, offset, data, start, end, partial, flags)
 
     def _write_direct_sync(self, offset: int, data: Any, start: int, end: int,
                            partial: bool, flags: int) -> None:
@@ -484,7 +483,7 @@ class FileNode(BlockNode):
     async def _run(self, fn: Any, *args: Any) -> Any:
         if self._inline:
             return fn(*args)
-        return await in_thread(fn, *args)
+        return await in_io_thread(fn, *args)
 
     # --- block status -------------------------------------------------------------
     async def block_status(self, offset: int, length: int) -> BlockStatus:

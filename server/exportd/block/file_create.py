@@ -8,11 +8,11 @@ loop. Errors are BlockError with a message for the user.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from exportd.aio.threads import in_own_thread
 from exportd.block.locking import ImageLock
 from exportd.block.node import Perm
 from exportd.errors import BlockError
@@ -86,6 +86,6 @@ def file_create_steps(options: dict[str, Any]) -> tuple[Step, Step]:
 
     async def work(job: Any) -> None:
         # plain file I/O (open, lock, truncate, fill, fsync): off the loop
-        await asyncio.to_thread(create_file, filename, size, prealloc)
+        await in_own_thread(create_file, filename, size, prealloc)
 
     return prepare, work

@@ -23,6 +23,7 @@ import logging
 import os
 from typing import Any
 
+from exportd.aio.threads import in_own_thread
 from exportd.block.node import Perm
 from exportd.errors import QMPError
 from exportd.export import mountpoint as mp
@@ -30,7 +31,6 @@ from exportd.export import register_export_type
 from exportd.export.base import BlockExport
 from exportd.export.fuse_file import ExportedFile
 from exportd.fuse.mount import is_mount_root
-from exportd.fuse.threads import blocking_call
 from exportd.mountinfo import MountEntry, mounts_at, read_mountinfo
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ class FuseExport(BlockExport):
             return canonical, st, read_mountinfo()
 
         try:
-            return await blocking_call(probe, timeout=mp.PATH_TIMEOUT_S)
+            return await in_own_thread(probe, timeout=mp.PATH_TIMEOUT_S)
         except OSError as e:  # the worker thread timed out: a hung mount
             raise QMPError(f"Failed to stat '{path}': {os.strerror(e.errno or errno.EIO)}") from None
 
@@ -156,7 +156,7 @@ class FuseExport(BlockExport):
         from exportd.fuse import mount as fuse_mount
 
         try:
-            cleaned = await mp.in_thread(
+            cleaned = await in_own_thread(
                 lambda: fuse_mount.clean_stale_mounts([canonical]), timeout=STALE_CLEAN_TIMEOUT_S
             )
         except Exception as e:  # noqa: BLE001 - the stat below reports what is wrong

@@ -27,10 +27,10 @@ from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from exportd.aio.resume import Resume, start_eagerly
 from exportd.block.node import Perm, Prealloc
 from exportd.errors import QMPError
 from exportd.extents import Extent
-from exportd.fuse.resume import Resume
 
 if TYPE_CHECKING:
     from exportd.export.base import BlockExport
@@ -67,11 +67,10 @@ async def to_the_end(work: Coroutine[Any, Any, T]) -> T:
     """Await `work` even when the request is cancelled (see the module
     docstring). Work that finishes without waiting (tmpfs, page cache) runs
     inline, without a task."""
-    try:
-        pending = work.send(None)
-    except StopIteration as stop:
-        return stop.value
-    task = asyncio.ensure_future(_drive(Resume(work, pending)))
+    started = start_eagerly(work)
+    if type(started) is not Resume:
+        return started  # type: ignore[return-value]
+    task = asyncio.ensure_future(_drive(started))
     cancelled = False
     while True:
         try:

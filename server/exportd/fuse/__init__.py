@@ -5,10 +5,16 @@ mounted over an existing regular file, as QEMU's FUSE export does.
 
     abi.py         constants and struct layouts of include/uapi/linux/fuse.h (7.45)
     requests.py    decoding of requests read from /dev/fuse
-    replies.py     encoding of reply payloads
+    replies.py     encoding of reply payloads (INIT's included)
     filesystem.py  SingleFileFS: the handler interface an export implements
-    session.py     FuseSession: mount, INIT, dispatch on the loop, passthrough, close
+    session.py     FuseSession: the life cycle (mount, INIT, close, end) and its State
+    channel.py     the /dev/fuse fd: read loop, requests in flight, replies
+    opcodes.py     the opcode table (decoder, handler, encoder) and the handshake
+    readreply.py   how a READ is answered: splice, inline (extents) or await read()
+    splice.py      the per-loop pipe READ replies are spliced through
+    passthrough.py backing files for FUSE passthrough
     buffers.py     receive buffers shared by all sessions of one loop
+    busypoll.py    adaptive busy-polling of a loop's FUSE fds
     mount.py       mount(2) / fusermount3, unmount, stale-mount finder and cleaner
 
 Public API:
@@ -25,7 +31,8 @@ Public API:
 
 from .filesystem import Attr, OpenReply, SetAttr, SingleFileFS, StatFs
 from .mount import MountError
-from .session import FuseSession, PassthroughUnavailable
+from .passthrough import PassthroughUnavailable
+from .session import FuseSession
 
 __all__ = [
     "Attr",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import mmap
 
-from .perloop import PerLoop
+from exportd.aio.perloop import PerLoop
 
 # How many idle buffers a pool keeps for reuse; more are unmapped.
 KEEP_FREE = 4

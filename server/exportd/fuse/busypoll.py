@@ -24,7 +24,7 @@ import select
 import time
 from collections.abc import Callable
 
-from .perloop import PerLoop
+from exportd.aio.perloop import PerLoop
 
 DEFAULT_WINDOW_US = 50.0
 # Windows shorter than this are not worth a syscall loop: polling stops.

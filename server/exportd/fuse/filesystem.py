@@ -33,6 +33,19 @@ Contract (stable; other modules code against it):
 - `read()` may return fewer bytes than asked only at end of file. It may
   return one bytes-like object or a list of them (sent with one writev,
   never joined); anything beyond `size` is cut off.
+- `read_now(fh, offset, size)` is read()'s synchronous shortcut, called on
+  the loop for every READ before read() (it must never block): a ReadResult
+  when it can say at once what the reply holds, None for "await read()" (the
+  default). A ReadResult is a bytes-like object, or a list of extents
+  (exportd.extents: host file ranges and zeroes, covering the reply in
+  order), which the session sends without copying them through Python where
+  it can (splice, preadv; fuse/readreply.py). Errors: raise OSError(errno).
+- `write_now(fh, offset, data)` is write()'s: the count written, or None
+  (the default) for "await write()", having done nothing. `data` as for
+  write(), valid only until it returns.
+- `splice_reads = True` asks for a mount whose READs fit the splice pipe
+  (max_read of 1020 KiB: fuse/splice.py), for file systems whose read_now
+  returns extents of files that never block (tmpfs).
 - open(): flags are the open(2) flags (O_ACCMODE, O_TRUNC, O_APPEND, O_DIRECT,
   O_SYNC...). The session negotiates FUSE_ATOMIC_O_TRUNC, so an
   open(O_TRUNC) is NOT preceded by setattr(size=0): the handler truncates.
@@ -69,6 +82,8 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from exportd.extents import Extent
+
 # FOPEN_* flags for OpenReply.flags, re-exported for handlers.
 from exportd.fuse.abi import (  # noqa: F401  (re-exported for handlers)
     FOPEN_CACHE_DIR,
@@ -91,6 +106,10 @@ FALLOC_FL_UNSHARE_RANGE = 0x40
 
 SEEK_DATA = 3
 SEEK_HOLE = 4
+
+Bytes = bytes | bytearray | memoryview
+# What read_now() says a READ's reply holds (see the module docstring).
+ReadResult = Bytes | list[Extent]
 
 
 @dataclass(slots=True)
@@ -162,7 +181,8 @@ def without_setid(mode: int) -> int:
 class SingleFileFS(ABC):
     """The handler of one single-file FUSE mount. See the module docstring."""
 
-    splice_reads = False  # READ replies may be spliced (mount with a max_read that fits the pipe)
+    # READs sized for the splice pipe (see the module docstring)
+    splice_reads: bool = False
 
     @abstractmethod
     async def getattr(self) -> Attr: ...
@@ -174,12 +194,19 @@ class SingleFileFS(ABC):
     async def open(self, flags: int) -> OpenReply: ...
 
     @abstractmethod
-    async def read(
-        self, fh: int, offset: int, size: int
-    ) -> bytes | bytearray | memoryview | list[bytes | bytearray | memoryview]: ...
+    async def read(self, fh: int, offset: int, size: int) -> Bytes | list[Bytes]: ...
+
+    def read_now(self, fh: int, offset: int, size: int) -> ReadResult | None:
+        """The reply to a READ without waiting, or None: await read()."""
+        return None
 
     async def write(self, fh: int, offset: int, data: memoryview) -> int:
         raise OSError(errno.EROFS, "read-only")
+
+    def write_now(self, fh: int, offset: int, data: memoryview) -> int | None:
+        """write() without waiting: the count written, or None (nothing
+        done): await write()."""
+        return None
 
     async def flush(self, fh: int) -> None:
         return None

@@ -7,7 +7,7 @@ socketpair (_FUSE_COMMFD, SCM_RIGHTS).
 
 Every function here may block on the mountpoint (path lookup of a FUSE
 mount): callers on the event loop run them in a worker thread
-(asyncio.to_thread), never on the loop that serves the mount.
+(exportd.aio.threads.in_own_thread), never on the loop that serves the mount.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ import stat
 import struct
 import subprocess
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from exportd.mountinfo import MountEntry, read_mountinfo
 
@@ -236,6 +238,36 @@ def _receive_fd(sock: socket.socket) -> int | None:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
     return fds[0] if fds else None
+
+
+def resolve_and_mount(
+    path: str,
+    fsname: str,
+    mount: Callable[..., Any],
+    fd: int | None,
+    options: MountOptions,
+) -> tuple[str, int | None, int | None]:
+    """Resolve `path`, mount on it, find the new mount's FUSE connection:
+    one worker thread does all three while the loop is free to answer INIT
+    (one thread hop per mount instead of three: bench/README.md, add+del
+    cycle). `mount` is mount_root (with the open /dev/fuse `fd`) or
+    mount_fusermount (fd None). Returns (resolved path, the fd fusermount3
+    handed over or None, the connection number or None)."""
+    resolved = os.path.realpath(path)
+    if fd is None:
+        fd = mount(resolved, options)
+        handed = fd
+    else:
+        mount(fd, resolved, options)
+        handed = None
+    connection = top_connection(resolved)
+    if connection is None:
+        try:
+            found = find_mount(resolved, fsname)
+        except OSError:
+            found = None
+        connection = found.connection if found else None
+    return resolved, handed, connection
 
 
 def unmount(mountpoint: str, *, lazy: bool = False) -> bool:

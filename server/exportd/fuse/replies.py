@@ -1,9 +1,18 @@
-"""Encoding of FUSE replies: the payload structs that follow fuse_out_header."""
+"""Encoding of FUSE replies: the payload structs that follow fuse_out_header.
+
+The opcode table (opcodes.py) calls its encoders as encode(result, request):
+the handler's result and the request as its decoder returned it (READ's and
+WRITE's replies depend on the size asked); encoders that need no request
+ignore it. A payload is bytes, None (an empty reply) or a Scatter (several
+buffers sent with one writev).
+"""
 
 from __future__ import annotations
 
+import errno
 import math
 import stat
+from typing import Any
 
 from . import abi
 from .filesystem import Attr, OpenReply, StatFs
@@ -24,7 +33,7 @@ def _split_seconds(seconds: float) -> tuple[int, int]:
     return int(whole), int(frac * _NS)
 
 
-def attr(a: Attr, ino: int = abi.ROOT_ID) -> bytes:
+def attr(a: Attr, _request: object = None) -> bytes:
     """fuse_attr_out for the one file."""
     mode = a.mode
     if stat.S_IFMT(mode) == 0:
@@ -35,7 +44,7 @@ def attr(a: Attr, ino: int = abi.ROOT_ID) -> bytes:
         valid_s,
         valid_ns,
         0,
-        ino,
+        abi.ROOT_ID,
         a.size,
         blocks,
         a.atime_ns // _NS,
@@ -54,7 +63,7 @@ def attr(a: Attr, ino: int = abi.ROOT_ID) -> bytes:
     )
 
 
-def open_out(reply: OpenReply) -> bytes:
+def open_out(reply: OpenReply, _request: object = None) -> bytes:
     flags = reply.flags
     if reply.backing_id:
         # The kernel refuses (EIO on open) passthrough combined with page
@@ -67,11 +76,56 @@ def write_out(size: int) -> bytes:
     return abi.WRITE_OUT.pack(size, 0)
 
 
-def lseek_out(offset: int) -> bytes:
+def written(count: int, size: int) -> bytes:
+    """WRITE's reply: `count` of the `size` bytes asked were written."""
+    if not 0 <= count <= size:
+        raise OSError(errno.EIO, f"write handler returned {count} for {size} bytes")
+    return abi.WRITE_OUT.pack(count, 0)
+
+
+def lseek_out(offset: int, _request: object = None) -> bytes:
     return abi.LSEEK_OUT.pack(offset)
 
 
-def statfs_out(s: StatFs) -> bytes:
+def nothing(_result: object, _request: object = None) -> None:
+    """An empty reply, whatever the handler returned."""
+    return None
+
+
+class Scatter:
+    """A reply payload in several buffers, written with one writev (no join)."""
+
+    __slots__ = ("parts", "length")
+
+    def __init__(self, parts: list[Any], length: int) -> None:
+        self.parts = parts
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def read_out(data: Any, size: int) -> Any:
+    """READ's reply from read()'s result (one bytes-like or a list of them),
+    cut to the `size` bytes asked."""
+    if type(data) is list:
+        parts = []
+        length = 0
+        for part in data:
+            n = len(part)
+            if length + n > size:
+                parts.append(memoryview(part)[: size - length])
+                length = size
+                break
+            parts.append(part)
+            length += n
+        return Scatter(parts, length)
+    if len(data) > size:
+        data = memoryview(data)[:size]
+    return data
+
+
+def statfs_out(s: StatFs, _request: object = None) -> bytes:
     return abi.STATFS_OUT.pack(
         s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize, 0
     )
@@ -109,3 +163,11 @@ def init_out(
     if minor < 23:
         return full[: abi.INIT_OUT_COMPAT_22_SIZE]
     return full
+
+
+def init_major_only() -> bytes:
+    """The INIT reply to a kernel whose major is newer than ours: only our
+    major and minor (the first 8 bytes); the kernel retries INIT with them."""
+    return abi.INIT_OUT.pack(
+        abi.KERNEL_VERSION, abi.KERNEL_MINOR_VERSION, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
+    )[: abi.INIT_OUT_COMPAT_SIZE]

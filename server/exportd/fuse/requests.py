@@ -1,13 +1,17 @@
 """Decoding of FUSE requests read from /dev/fuse.
 
-The session reads one request per read(2) into a shared buffer; this module
-turns the bytes after the 40-byte fuse_in_header into Python values. Decoders
-raise RequestError when the body is shorter than its opcode's struct (the
-session answers EINVAL and logs); they never read past the request.
+The channel reads one request per read(2) into a shared buffer; this module
+turns the bytes after the 40-byte fuse_in_header into Python values. Every
+decoder is called as decode(buf, off, end) (the body is buf[off:end]) and
+returns what the opcode's handler takes (opcodes.py). Decoders raise
+RequestError when the body is shorter than its opcode's struct (the channel
+answers EINVAL and logs); they never read past the request.
 """
 
 from __future__ import annotations
 
+import struct
+import time
 from dataclasses import dataclass
 
 from . import abi
@@ -54,7 +58,10 @@ def init_in(buf: memoryview, off: int, end: int) -> InitIn:
     return InitIn(major, minor, max_readahead, flags)
 
 
-def setattr_in(buf: memoryview, off: int, end: int, now_ns: int) -> SetAttr:
+def setattr_in(buf: memoryview, off: int, end: int, now_ns: int | None = None) -> SetAttr:
+    """The changes asked; times asked as "now" become `now_ns` (default: now)."""
+    if now_ns is None:
+        now_ns = time.time_ns()
     (
         valid,
         _pad,
@@ -108,3 +115,57 @@ def write_in(buf: memoryview, off: int, end: int) -> tuple[int, int, memoryview,
     if end - start != size:
         raise RequestError(f"WRITE: size {size} but {end - start} data bytes")
     return fh, offset, buf[start:end], write_flags
+
+
+def nothing(buf: memoryview, off: int, end: int) -> None:
+    """For requests whose body exportd does not need (GETATTR, STATFS)."""
+    return None
+
+
+READ_HEAD = struct.Struct("<QQI")  # fh, offset, size: the start of fuse_read_in
+
+
+def read_in(buf: memoryview, off: int, end: int) -> tuple[int, int, int]:
+    """(fh, offset, size) of a READ (inlined in readreply.answer_read)."""
+    if end - off < abi.READ_IN.size:
+        raise RequestError(f"READ: body of {end - off} bytes, need {abi.READ_IN.size}")
+    return READ_HEAD.unpack_from(buf, off)
+
+
+def open_in(buf: memoryview, off: int, end: int) -> tuple[int, int]:
+    """(flags, open_flags) of an OPEN."""
+    return body(abi.OPEN_IN, buf, off, end, "OPEN")
+
+
+def release_in(buf: memoryview, off: int, end: int) -> tuple[int, int]:
+    """(fh, flags) of a RELEASE."""
+    fh, flags, _release_flags, _lock_owner = body(abi.RELEASE_IN, buf, off, end, "RELEASE")
+    return fh, flags
+
+
+def flush_in(buf: memoryview, off: int, end: int) -> int:
+    """fh of a FLUSH."""
+    return body(abi.FLUSH_IN, buf, off, end, "FLUSH")[0]
+
+
+def fsync_in(buf: memoryview, off: int, end: int) -> tuple[int, bool]:
+    """(fh, datasync) of an FSYNC."""
+    fh, fsync_flags, _pad = body(abi.FSYNC_IN, buf, off, end, "FSYNC")
+    return fh, bool(fsync_flags & abi.FSYNC_FDATASYNC)
+
+
+def fallocate_in(buf: memoryview, off: int, end: int) -> tuple[int, int, int, int]:
+    """(fh, offset, length, mode) of a FALLOCATE."""
+    fh, offset, length, mode, _pad = body(abi.FALLOCATE_IN, buf, off, end, "FALLOCATE")
+    return fh, offset, length, mode
+
+
+def lseek_in(buf: memoryview, off: int, end: int) -> tuple[int, int, int]:
+    """(fh, offset, whence) of an LSEEK."""
+    fh, offset, whence, _pad = body(abi.LSEEK_IN, buf, off, end, "LSEEK")
+    return fh, offset, whence
+
+
+def interrupt_in(buf: memoryview, off: int, end: int) -> int:
+    """The unique id of the request an INTERRUPT is about."""
+    return body(abi.INTERRUPT_IN, buf, off, end, "INTERRUPT")[0]

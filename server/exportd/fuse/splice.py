@@ -9,8 +9,8 @@ pages and the kernel copies them once, into the reader's pages:
     splice(image fd -> pipe)        per piece: references, no copy
     splice(pipe -> /dev/fuse)       the one copy
 
-Only for files whose pages cannot make us wait (tmpfs: the block layer's
-"inline" files), since the loop thread does it. A pipe holds at most
+Only for files whose pages cannot make us wait (tmpfs: extents that say
+never_blocks), since the loop thread does it; readreply.py decides. A pipe holds at most
 pipe-max-size bytes (1 MiB here, and raising it takes CAP_SYS_RESOURCE), the
 header included, so sessions that splice mount with max_read = SPLICE_MAX_READ:
 a 1 MiB read arrives as 1020 KiB + 4 KiB (measured: still 15-20% faster than
@@ -23,15 +23,14 @@ import asyncio
 import fcntl
 import os
 
-from .perloop import PerLoop
+from exportd.aio.perloop import PerLoop
+from exportd.extents import Extent
 
 PIPE_SIZE = 1 << 20
 HEADER_PAGE = 4096  # the out header takes a pipe slot (a page) of its own
 SPLICE_MAX_READ = PIPE_SIZE - HEADER_PAGE
 # Below this, the extra syscalls cost more than the copy saved.
 SPLICE_MIN = 64 * 1024
-
-Source = tuple[int, int, int]  # (fd, file offset, length)
 
 
 class ReplyPipe:
@@ -67,12 +66,13 @@ class ReplyPipe:
                 os.close(fd)
         self._r = self._w = -1
 
-    def fill(self, header: bytes, sources: list[Source], total: int) -> bool:
-        """Put header + data in the pipe; False (pipe emptied) when the
-        files gave less than `total` bytes or failed: answer another way."""
+    def fill(self, header: bytes, extents: list[Extent]) -> bool:
+        """Put header + the extents' bytes (host file ranges: fd >= 0) in
+        the pipe; False (pipe emptied) when a file gave less than its
+        extent's length or failed: answer another way."""
         try:
             os.write(self._w, header)
-            for fd, offset, length in sources:
+            for fd, offset, length, _ in extents:
                 while length:
                     n = os.splice(fd, self._w, length, offset_src=offset)
                     if n <= 0:

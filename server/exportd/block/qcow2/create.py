@@ -10,12 +10,12 @@ tables and the data clusters.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from array import array
 from dataclasses import dataclass
 from typing import Any
 
+from exportd.aio.threads import in_own_thread
 from exportd.block.file_create import PREALLOC_MODES, Step, fill, open_new
 from exportd.block.node import BlockNode, Edge, Perm, Prealloc
 from exportd.block.probe import probe_backing_format
@@ -260,7 +260,7 @@ class Qcow2Create:
         compat = {"v2": "0.10", "v3": "1.1"}[o.get("version", "v3")]
         base = os.path.dirname(self.node.filename()) or "."
         try:
-            return await asyncio.to_thread(
+            return await in_own_thread(
                 qcow2_layout, o["size"], o.get("cluster-size"), o.get("backing-file"),
                 o.get("backing-fmt"), prealloc, o.get("refcount-bits", 16), compat,
                 o.get("lazy-refcounts", False), o.get("compression-type", "zlib"), base_dir=base)

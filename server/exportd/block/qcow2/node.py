@@ -19,6 +19,7 @@ import struct
 from array import array
 from typing import Any
 
+from exportd.aio.threads import in_own_thread
 from exportd.block import register_driver
 from exportd.block.node import BlockNode, BlockStatus, Edge, Perm, Prealloc, Status
 from exportd.block.probe import probe_backing_format
@@ -246,7 +247,7 @@ class Qcow2Node(ClusterMap, Writeback, BlockNode):
             path = self._backing_path(name)
             fmt = self.header.backing_format
             if fmt is None:
-                fmt = await asyncio.to_thread(probe_backing_format, path)
+                fmt = await in_own_thread(probe_backing_format, path)
             ref = {"driver": fmt, "file": {"driver": "file", "filename": path}}
         me = os.path.realpath(self._file_edge.node.filename() or self.node_name)
         chain = _OPENING_CHAIN.get()

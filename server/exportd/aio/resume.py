@@ -1,16 +1,25 @@
-"""Continuing a coroutine that already ran up to its first wait.
+"""Resumable requests: start a coroutine inline, continue it only if it waits.
 
-Requests start eagerly (a coroutine is driven with send(None) right where
-the request is read) and become tasks only when they really wait; Resume is
-the awaitable such a task runs, resuming exactly where the coroutine
-stopped. Used by the FUSE session and by the export's write path.
+    result = start_eagerly(handler(...))
+    if type(result) is Resume:             # it waits: go on in a task
+        task = loop.create_task(finish(result))    # finish() awaits it
+    else:
+        ...                                # done inline, no task at all
+
+Most requests finish without waiting (page-cache hits, tmpfs, in-memory
+data); running them inline where the request is read saves the task and the
+loop round trip. Only one that really waits becomes a task, which resumes it
+exactly where it stopped. Used by the FUSE channel for every request and by
+the export's write path.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine, Generator
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class Resume:
@@ -53,3 +62,15 @@ class Resume:
                     value = coro.send(sent)
                 except StopIteration as stop:
                     return stop.value
+
+
+def start_eagerly(coro: Coroutine[Any, Any, T]) -> T | Resume:
+    """Run `coro` up to its first wait. Returns its result when it finished
+    without waiting, else a Resume that continues it (await it, in a task).
+    Its exception, if it fails before waiting, propagates. No object is made
+    for a coroutine that finishes inline (the hot path allocates nothing)."""
+    try:
+        pending = coro.send(None)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    return Resume(coro, pending)
