@@ -33,6 +33,8 @@ raw_qmp                      Factory: a plain-socket QMP connection (bytes level
 
 graph                        An in-process BlockGraph (no daemon), every node closed at teardown.
 
+shm                          A private directory on /dev/shm (tmpfs), removed at teardown.
+
 exportctl                    Run the exportctl CLI against a daemon:
                                  r = exportctl(d, "list", "--json")   # CompletedProcess (text)
                              d may be None (no -s given) or a socket path.
@@ -44,10 +46,12 @@ All processes started here are ended by pid; sockets live in short paths
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -162,3 +166,16 @@ async def graph() -> AsyncIterator[BlockGraph]:
         yield g
     finally:
         await g.close_all()
+
+
+@pytest.fixture
+def shm() -> Iterator[Path]:
+    """A private directory on tmpfs, whose pages never block (the inline,
+    spliced data path), removed afterwards."""
+    if not os.access("/dev/shm", os.W_OK):
+        pytest.skip("no writable /dev/shm")
+    d = Path(tempfile.mkdtemp(prefix="exportd-shm-", dir="/dev/shm"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,14 +17,6 @@ from exportd.extents import LENGTH, ZEROES, total_length
 
 SIZE = 256 * 1024 + 1000
 
-
-@pytest.fixture
-def shm() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="exportd-map-", dir="/dev/shm"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def bytes_of(extents: list) -> bytes:  # noqa: ANN001

@@ -8,8 +8,6 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,14 +35,6 @@ os.close(fd)
 print(json.dumps(bad))
 """
 
-
-@pytest.fixture
-def shm() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="exportd-splice-", dir="/dev/shm"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 async def read_back(mountpoint: Path, image_as_raw: Path) -> list:

@@ -7,7 +7,6 @@ what the mount should show.
 from __future__ import annotations
 
 import os
-import tempfile
 
 import pytest
 
@@ -144,16 +143,6 @@ class ExtentFS(SingleFileFS):
             parts.append(data + bytes(n - len(data)))
         return b"".join(parts)
 
-
-@pytest.fixture
-def shm():
-    if not os.path.isdir("/dev/shm"):
-        pytest.skip("no /dev/shm")
-    d = tempfile.mkdtemp(prefix="exportd-read-now-", dir="/dev/shm")
-    yield d
-    for name in os.listdir(d):
-        os.unlink(os.path.join(d, name))
-    os.rmdir(d)
 
 
 async def test_read_now_extents_of_tmpfs_disk_and_zeroes(target, workdir, shm):

@@ -7,8 +7,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,17 +18,6 @@ from tests.support.qcow2 import MiB, check_clean, open_qcow2, qemu_io, run
 
 CS = 65536
 
-
-@pytest.fixture
-def shm() -> Iterator[Path]:
-    """A private directory on tmpfs (pages that never block)."""
-    if not os.access("/dev/shm", os.W_OK):
-        pytest.skip("no writable /dev/shm")
-    d = Path(tempfile.mkdtemp(prefix="exportd-qmap-", dir="/dev/shm"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def bytes_of(extents: list[Extent]) -> bytes:

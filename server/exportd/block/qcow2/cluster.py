@@ -17,11 +17,9 @@ from __future__ import annotations
 from array import array
 from typing import TYPE_CHECKING, Any
 
-from exportd.block.qcow2 import header as hdr
 from exportd.block.qcow2.compress import decompress
-from exportd.block.qcow2.imagefile import ImageFile
-from exportd.block.qcow2.l2cache import L2Cache, L2Table, decode_table
-from exportd.block.qcow2.refcount import Refcounts
+from exportd.block.qcow2.l2cache import L2Table, decode_table
+from exportd.block.qcow2.state import Qcow2State
 
 if TYPE_CHECKING:
     from exportd.block.node import BlockNode
@@ -38,34 +36,20 @@ K_UNALLOC, K_ZERO, K_DATA, K_COMP, K_BAD = 0, 1, 2, 3, 4
 STOP = -1  # _map_cached: the walk ended before the range did (see there)
 
 
-class ClusterMap:
+class ClusterMap(Qcow2State):
     """The mapping and allocation half of Qcow2Node (a mixin: the node's state)."""
 
-    io: ImageFile
-    rc: Refcounts
-    header: hdr.Header
-    l1: array
-    l2cache: L2Cache
-    l1_dirty: bool
-    meta_clusters: set[int]
-    pending_free: list[tuple[int, int, bool]]
     version: int
-    cluster_bits: int
-    cs: int
-    cmask: int
     l2_mask: int
     l1_shift: int
     comp_shift: int
     comp_off_mask: int
     comp_sec_mask: int
     _pass_discard: bool
-    _last_comp: tuple[int, bytes]
 
     if TYPE_CHECKING:  # defined by the node
         @property
         def backing(self) -> BlockNode | None: ...
-
-        def corruption(self, msg: str) -> OSError: ...
 
     # ------------------------------------------------------------- mapping
     def _map_cached(self, pos: int, end: int, out: list[list[int]], owned_only: bool,

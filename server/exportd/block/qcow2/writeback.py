@@ -19,34 +19,13 @@ that dropped it is durable.
 
 from __future__ import annotations
 
-from array import array
-from typing import TYPE_CHECKING
-
-from exportd.block.qcow2 import header as hdr
 from exportd.block.qcow2.cluster import OFFSET_MASK
-from exportd.block.qcow2.imagefile import ImageFile
-from exportd.block.qcow2.l2cache import L2Cache, encode_table
-from exportd.block.qcow2.refcount import Refcounts
+from exportd.block.qcow2.l2cache import encode_table
+from exportd.block.qcow2.state import Qcow2State
 
 
-class Writeback:
+class Writeback(Qcow2State):
     """The write-back half of Qcow2Node (a mixin: the node's state)."""
-
-    io: ImageFile
-    rc: Refcounts
-    header: hdr.Header
-    l1: array
-    l2cache: L2Cache
-    l1_dirty: bool
-    meta_clusters: set[int]
-    pending_free: list[tuple[int, int, bool]]
-    cluster_bits: int
-    cs: int
-    cmask: int
-    _last_comp: tuple[int, bytes]
-
-    if TYPE_CHECKING:  # defined by the node
-        def corruption(self, msg: str) -> OSError: ...
 
     async def _writeback(self) -> None:
         """Write dirty metadata in crash-safe order (see module docstring). Lock held."""
