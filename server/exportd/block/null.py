@@ -13,7 +13,7 @@ from typing import Any
 from exportd.block import register_driver
 from exportd.block.node import BlockNode, BlockStatus, Status
 from exportd.block.options import check_members, get_bool, get_int
-from exportd.extents import Extent, zeroes
+from exportd.extents import ZEROES, Extent
 
 NULL_MEMBERS = frozenset({"size", "read-zeroes", "latency-ns"})
 DEFAULT_SIZE = 1 << 30
@@ -65,7 +65,7 @@ class NullNode(BlockNode):
             raise OSError(errno.EROFS, "node is read-only")
         if self.latency:
             return None
-        return [zeroes(length)]
+        return [(ZEROES, 0, length, True)]
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         if self.read_only:

@@ -53,7 +53,10 @@ class BlockExport(ABC):
     ) -> None:
         self.table = table
         self.id = export_id
-        self._node = node  # until the edge exists
+        # The node this export serves: the one its edge points at. Kept as a
+        # plain attribute (read on every request) that edge_moved() updates
+        # when the graph moves the edge.
+        self.node = node
         self.writable = writable
         self.writethrough = writethrough
         self.refcount = 1
@@ -72,11 +75,6 @@ class BlockExport(ABC):
     def shutting_down(self) -> bool:
         return not self.user_owned
 
-    @property
-    def node(self) -> BlockNode:
-        edge = self.edge
-        return edge.node if edge is not None else self._node
-
     def current_length(self) -> int:
         """The size clients see."""
         return self.node.getlength()
@@ -86,12 +84,11 @@ class BlockExport(ABC):
 
     # --- creation -----------------------------------------------------------
     def attach_node(self, perm: Perm, shared: Perm = Perm.ALL) -> None:
-        self.edge = self._node.attach(self, perm, shared, role="root")
+        self.edge = self.node.attach(self, perm, shared, role="root")
 
     def release_node(self) -> None:
         edge = self.edge
         if edge is not None:
-            self._node = edge.node
             edge.node.detach(edge)
             self.edge = None
 
@@ -103,7 +100,7 @@ class BlockExport(ABC):
         """The graph moved this export from `old` to another node (a
         snapshot, commit or mirror pivot); requests go on on the new one."""
         log.info("export %s: now on node %s (was %s)", self.id, edge.node.node_name, old.node_name)
-        self._node = edge.node
+        self.node = edge.node
 
     @abstractmethod
     async def start(self, options: dict[str, Any]) -> None:

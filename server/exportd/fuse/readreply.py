@@ -87,6 +87,25 @@ def answer_read(ch: Channel, unique: int, buf: memoryview, off: int, end: int) -
 def _send_extents(ch: Channel, unique: int, extents: list[Extent], size: int) -> bool:
     """Splice or read inline; False when that would wait (nothing sent)."""
     pipe = ch.splice
+    if len(extents) == 1 and (pipe is None or size < SPLICE_MIN):
+        # the common small read: one piece, no list of parts
+        fd, offset, length, never_blocks = extents[0]
+        if length > size:
+            length = size
+        if fd < 0:
+            data: Any = _ZEROES[:length]
+        elif never_blocks:
+            try:
+                data = os.pread(fd, length, offset)
+            except OSError:
+                return False
+            if len(data) < length:
+                data = None  # past the host file's end: the general path pads
+        else:
+            data = None
+        if data is not None:
+            ch.write((OUT.pack(16 + length, 0, unique), data))
+            return True
     if pipe is not None and size >= SPLICE_MIN:
         total = 0
         for fd, _, length, never_blocks in extents:
