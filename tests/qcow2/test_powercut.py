@@ -35,6 +35,7 @@ class PowerCutDevice(BlockNode):
     """A block device in memory with a volatile write cache (test fault injector)."""
 
     driver = "x-powercut-test"
+    option_members = frozenset({"filename"})  # the driver table: its blockdev-add members
 
     def __init__(self, node_name: str, data: bytes, path: str) -> None:
         super().__init__(node_name, read_only=False)

@@ -26,7 +26,7 @@ from exportd.block import register_driver
 from exportd.block.file_create import file_create_steps
 from exportd.block.locking import ImageLock, probe
 from exportd.block.node import BlockNode, BlockStatus, Perm, Prealloc, Status
-from exportd.block.options import check_members, get_enum, get_str
+from exportd.block.options import get_enum, get_str
 from exportd.block.posixio import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -85,6 +85,7 @@ def _close_opened(fut: asyncio.Future[Any]) -> None:
 @register_driver
 class FileNode(BlockNode):
     driver = "file"
+    option_members = FILE_MEMBERS
 
     def __init__(self, node_name: str, *, read_only: bool, fd: int, filename: str,
                  size: int, direct: bool, discard_unmap: bool, lock: ImageLock | None,
@@ -112,7 +113,6 @@ class FileNode(BlockNode):
     # --- opening ----------------------------------------------------------
     @classmethod
     async def open(cls, graph: Any, node_name: str, options: dict[str, Any]) -> FileNode:
-        check_members(options, FILE_MEMBERS)
         filename = get_str(options, "filename")
         locking = get_enum(options, "locking", ("auto", "on", "off"), "auto")
         aio = get_enum(options, "aio", ("threads", "native", "io_uring"), "threads")

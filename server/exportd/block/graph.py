@@ -36,6 +36,7 @@ from typing import Any
 
 from exportd.block import driver_class
 from exportd.block.node import BlockNode, Edge, Perm, combine
+from exportd.block.options import check_members
 from exportd.errors import BlockError
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,7 @@ class BlockGraph:
         if cls is None:
             raise BlockError(f"Parameter 'driver' does not accept value '{driver}'")
         opts = normalize_common(options)
+        check_members(opts, cls.option_members)
         opts["node-name"] = name
         self._reserved.add(name)
         self._pending_opts[name] = opts

@@ -84,6 +84,9 @@ class BlockNode(ABC):
 
     driver: ClassVar[str]  # QAPI driver name: "file", "raw", "qcow2", ...
     is_format: ClassVar[bool] = False  # format drivers (raw, qcow2) sit on a file child
+    # blockdev-add members of this driver beyond the common ones (the graph
+    # refuses any other with QEMU's "Parameter 'x' is unexpected" before open())
+    option_members: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, node_name: str, *, read_only: bool) -> None:
         self.node_name = node_name

@@ -12,7 +12,7 @@ from typing import Any
 
 from exportd.block import register_driver
 from exportd.block.node import BlockNode, BlockStatus, Status
-from exportd.block.options import check_members, get_bool, get_int
+from exportd.block.options import get_bool, get_int
 from exportd.extents import ZEROES, Extent
 
 NULL_MEMBERS = frozenset({"size", "read-zeroes", "latency-ns"})
@@ -24,6 +24,7 @@ _ZERO_VIEW = memoryview(_ZEROS)
 @register_driver
 class NullNode(BlockNode):
     driver = "null-co"
+    option_members = NULL_MEMBERS
 
     def __init__(self, node_name: str, *, read_only: bool, size: int = DEFAULT_SIZE,
                  read_zeroes: bool = False, latency_ns: int = 0) -> None:
@@ -34,7 +35,6 @@ class NullNode(BlockNode):
 
     @classmethod
     async def open(cls, graph: Any, node_name: str, options: dict[str, Any]) -> NullNode:
-        check_members(options, NULL_MEMBERS)
         return cls(
             node_name,
             read_only=options["read-only"],

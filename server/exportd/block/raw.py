@@ -13,7 +13,7 @@ from typing import Any
 from exportd.block import register_driver
 from exportd.block.file_create import file_create_steps
 from exportd.block.node import BlockNode, BlockStatus, Perm, Prealloc, Status
-from exportd.block.options import check_members, get_int
+from exportd.block.options import get_int
 from exportd.errors import BlockError
 from exportd.extents import Extent
 
@@ -24,6 +24,7 @@ SECTOR = 512
 @register_driver
 class RawNode(BlockNode):
     driver = "raw"
+    option_members = RAW_MEMBERS
     is_format = True
 
     def __init__(self, node_name: str, *, read_only: bool, offset: int = 0, size: int | None = None) -> None:
@@ -42,7 +43,6 @@ class RawNode(BlockNode):
 
     @classmethod
     async def open(cls, graph: Any, node_name: str, options: dict[str, Any]) -> RawNode:
-        check_members(options, RAW_MEMBERS)
         if "file" not in options:
             raise BlockError("Parameter 'file' is missing")
         offset = get_int(options, "offset", 0)

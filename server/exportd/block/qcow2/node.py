@@ -51,18 +51,18 @@ MAX_CHAIN_DEPTH = 64
 # images whose backing chain is being opened right now, in this task (loop detection)
 _OPENING_CHAIN: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("qcow2_chain", default=())
 
-_KNOWN_OPTIONS = {
-    "driver", "node-name", "read-only", "auto-read-only", "force-share", "discard", "cache",
-    "detect-zeroes", "file", "backing", "lazy-refcounts", "pass-discard-request",
+QCOW2_MEMBERS = frozenset({
+    "file", "backing", "lazy-refcounts", "pass-discard-request",
     "pass-discard-snapshot", "pass-discard-other", "discard-no-unref", "overlap-check",
     "cache-size", "l2-cache-size", "l2-cache-entry-size", "refcount-cache-size",
     "cache-clean-interval", "encrypt", "data-file",
-}
+})
 
 
 @register_driver
 class Qcow2Node(ClusterMap, Writeback, BlockNode):
     driver = "qcow2"
+    option_members = QCOW2_MEMBERS
     is_format = True
 
     def __init__(self, node_name: str, *, read_only: bool) -> None:
@@ -93,9 +93,6 @@ class Qcow2Node(ClusterMap, Writeback, BlockNode):
     # ------------------------------------------------------------------ open
     @classmethod
     async def open(cls, graph: Any, node_name: str, options: dict[str, Any]) -> Qcow2Node:
-        for key in options:
-            if key not in _KNOWN_OPTIONS:
-                raise BlockError(f"Parameter '{key}' is unexpected")
         if options.get("data-file") is not None:
             raise BlockError("qcow2: external data files ('data-file') are not supported")
         if options.get("encrypt") is not None:
