@@ -364,11 +364,11 @@ def parent_users(node: BlockNode) -> list[Edge]:
 def _subtree(node: BlockNode) -> set[BlockNode]:
     """`node` and every node below it."""
     seen: set[BlockNode] = set()
-    todo = [node]
-    while todo:
-        n = todo.pop()
+    pending = [node]
+    while pending:
+        n = pending.pop()
         if n in seen:
             continue
         seen.add(n)
-        todo.extend(e.node for e in n.child_edges.values())
+        pending.extend(e.node for e in n.child_edges.values())
     return seen
