@@ -5,6 +5,7 @@ reads and writes reach the new node."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -75,3 +76,20 @@ async def test_a_passthrough_export_refuses_to_move(host: Host, workdir: Path) -
         g.replace_node(g.get("ra"), rb)
     assert exp.node is g.get("ra") and rb.users == []
     assert await athread(lambda: (workdir / "e.raw").read_bytes()) == a
+
+
+async def test_the_kernel_sees_the_new_nodes_size_at_once(host: Host, workdir: Path) -> None:
+    # the export is its node's only writer, so the kernel caches the size
+    # for a second (as with QEMU); a replacement must drop that cache
+    make_image(workdir / "a.img", SIZE, seed=7)
+    make_image(workdir / "b.img", 2 * SIZE, seed=8)
+    g = host.graph
+    await g.add({"driver": "raw", "node-name": "ra", "file": {"driver": "file", "filename": str(workdir / "a.img")}})
+    rb = await g.add({"driver": "raw", "node-name": "rb",
+                      "file": {"driver": "file", "filename": str(workdir / "b.img")}})
+    exp = await add(host, workdir, "e", "ra", writable=True)
+    mnt = str(workdir / "e.raw")
+    assert (await athread(os.stat, mnt)).st_size == SIZE  # now cached for up to 1 s
+    g.replace_node(g.get("ra"), rb)
+    await asyncio.gather(*exp._invalidations)
+    assert (await athread(os.stat, mnt)).st_size == 2 * SIZE

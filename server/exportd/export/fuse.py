@@ -58,6 +58,7 @@ class FuseExport(BlockExport):
         self._close_task: asyncio.Task[None] | None = None
         self.mount_dev: tuple[int, int] | None = None
         self.file = ExportedFile(self)
+        self._invalidations: set[asyncio.Task[None]] = set()  # cache drops under way (kept referenced)
 
     # --- start ----------------------------------------------------------------
     async def start(self, options: dict[str, Any]) -> None:
@@ -285,6 +286,16 @@ class FuseExport(BlockExport):
         if self._backing_fd >= 0:
             os.close(self._backing_fd)
             self._backing_fd = -1
+
+    def edge_moved(self, edge: Any, old: Any) -> None:
+        super().edge_moved(edge, old)
+        # the kernel may hold the old node's size (attributes cached for up
+        # to a second) and pages (shared mmap): have it drop them
+        session = self.session
+        if session is not None:
+            task = asyncio.get_running_loop().create_task(session.invalidate_cache())
+            self._invalidations.add(task)
+            task.add_done_callback(self._invalidations.discard)
 
     def refuse_move(self, edge: Any, new: Any) -> str | None:
         # the kernel reads and writes the old image file itself: it cannot be moved

@@ -224,6 +224,12 @@ FALLOCATE_IN = struct.Struct("<QQQII")
 # fuse_lseek_in: fh, offset, whence, padding
 LSEEK_IN = struct.Struct("<QQII")
 LSEEK_OUT = struct.Struct("<Q")
+
+# Notifications: messages the server sends unasked (unique 0, the code in
+# the error field of fuse_out_header).
+NOTIFY_INVAL_INODE = 2
+NOTIFY_INVAL_INODE_OUT = struct.Struct("<Qqq")  # ino, off, len
+ROOT_ID = 1  # the root inode, here the one file
 # fuse_kstatfs: blocks, bfree, bavail, files, ffree, bsize, namelen, frsize, padding, spare[6]
 STATFS_OUT = struct.Struct("<QQQQQIIII24x")
 COMPAT_STATFS_SIZE = 48

@@ -171,3 +171,11 @@ def init_major_only() -> bytes:
     return abi.INIT_OUT.pack(
         abi.KERNEL_VERSION, abi.KERNEL_MINOR_VERSION, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
     )[: abi.INIT_OUT_COMPAT_SIZE]
+
+
+def inval_inode(ino: int = abi.ROOT_ID, offset: int = 0, length: int = 0) -> bytes:
+    """A whole FUSE_NOTIFY_INVAL_INODE message: the kernel drops the inode's
+    cached attributes and its cached pages from `offset` on (`length` 0: to
+    the end; a negative offset: attributes only)."""
+    body = abi.NOTIFY_INVAL_INODE_OUT.pack(ino, offset, length)
+    return abi.OUT_HEADER.pack(abi.OUT_HEADER.size + len(body), abi.NOTIFY_INVAL_INODE, 0) + body

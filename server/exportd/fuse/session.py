@@ -22,7 +22,7 @@ from typing import Any
 
 from exportd.aio.threads import in_own_thread
 
-from . import abi, opcodes
+from . import abi, opcodes, replies
 from .channel import MAX_WRITE, Channel
 from .filesystem import SingleFileFS
 from .mount import (
@@ -38,6 +38,8 @@ from .passthrough import BackingFiles, PassthroughUnavailable
 from .splice import SPLICE_MAX_READ, pipe_for
 
 log = logging.getLogger(__name__)
+
+INVALIDATE_TIMEOUT_S = 10.0  # a kernel stuck on a page lock: give up waiting, not the loop
 
 
 class State(enum.Enum):
@@ -266,6 +268,20 @@ class FuseSession:
         return self.channel.spliced
 
     # --- passthrough ------------------------------------------------------------
+
+    async def invalidate_cache(self) -> None:
+        """Make the kernel forget the file's cached attributes (size) and
+        pages, after the data behind the mount changed under it (its block
+        node was replaced). The write runs in a worker thread: the kernel may
+        wait there for a page lock held by a request that waits for us."""
+        fd = self.channel.fd
+        if self.state is not State.READY or fd < 0:
+            return
+        message = replies.inval_inode()
+        try:
+            await in_own_thread(os.write, fd, message, timeout=INVALIDATE_TIMEOUT_S)
+        except OSError as e:  # ENOENT: nothing cached; a dead connection: nothing to do
+            log.debug("%s: cache invalidation: %s", self.mountpoint, e)
 
     def open_backing(self, fd: int) -> int:
         """Register `fd` as a passthrough backing file; returns the backing id.
