@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,8 @@ from typing import Any
 import pytest
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
-QSD = shutil.which("qemu-storage-daemon")
+from tests.support.qsd import QSD, running_qsd
+
 MiB = 1 << 20
 
 
@@ -101,20 +101,8 @@ async def play(socket_path: str, steps: list[tuple[str, dict[str, Any]]]) -> tup
 
 
 async def run_qsd(socket_path: str, steps: list) -> tuple[list, dict]:
-    proc = subprocess.Popen([QSD, "--chardev", f"socket,id=m,path={socket_path},server=on,wait=off",
-                             "--monitor", "chardev=m"], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(600):
-            if Path(socket_path).exists():
-                break
-            if proc.poll() is not None:
-                pytest.fail(f"qemu-storage-daemon exited with status {proc.returncode} at start")
-            await asyncio.sleep(0.05)
+    async with running_qsd(socket_path):
         return await play(socket_path, steps)
-    finally:
-        proc.terminate()
-        proc.wait(15)
 
 
 def image_facts(img: Path) -> dict[str, Any]:

@@ -15,6 +15,7 @@ qcow2.py            qemu-img/qemu-io as oracles, open_qcow2(), read_all()
 qcow2_variants.py   qcow2 image variants built by qemu-img/qemu-io
 qcow2_export.py     qcow2 images exported over QMP; SEEK_DATA/HOLE vs `qemu-img map`
 qcow2_roundtrip.py  the write round trip of the qcow2 export tests
+qsd.py              qemu-storage-daemon as the differential tests' reference (running_qsd)
 
 Scripts run as child processes by tests:
 fileops.py          seeded random file operations (python fileops.py PATH SEED COUNT fuse|ref)

@@ -31,6 +31,7 @@ module defines a BlockNode subclass decorated with `@register_driver`, and
 from __future__ import annotations
 
 import logging
+import os
 import re
 from typing import Any
 
@@ -283,6 +284,45 @@ class BlockGraph:
         log.debug("replaced node %s by %s (%d edges moved)", old.node_name, new.node_name, len(moving))
         return moving
 
+    # --- block_resize ---------------------------------------------------------
+    async def resize(self, node: BlockNode, size: int) -> None:
+        """Grow or shrink `node` (QMP block_resize), holding the resize
+        permission for the call as QEMU's temporary BlockBackend does; then
+        every parent up the graph hears of it (`node_resized`)."""
+        if node.read_only:  # QEMU takes the permission, then its truncate refuses
+            raise BlockError("Image is read-only")
+        resizer = _Resizer()
+        edge = node.attach(resizer, Perm.RESIZE, Perm.ALL, "root")  # BlockError on a conflict
+        try:
+            await node.truncate(size, exact=False)
+        except OSError as e:
+            raise BlockError(e.strerror or os.strerror(e.errno or 0)) from None
+        finally:
+            node.detach(edge)
+            self.notify_resized(node)
+
+    def notify_resized(self, node: BlockNode) -> None:
+        """Tell every parent above `node` that its length may have changed
+        (an export then drops what the kernel cached of its size)."""
+        seen: set[int] = set()
+        pending = [node]
+        while pending:
+            n = pending.pop()
+            for e in n.users:
+                parent = e.parent
+                if id(parent) in seen:
+                    continue
+                seen.add(id(parent))
+                if isinstance(parent, BlockNode):
+                    pending.append(parent)
+                else:
+                    hook = getattr(parent, "node_resized", None)
+                    if hook is not None:
+                        try:
+                            hook()
+                        except Exception:
+                            log.exception("%r: node_resized hook failed", parent)
+
     async def _release_children(self, node: BlockNode) -> None:
         for role in list(node.children):
             await self.detach_child(node, role)
@@ -355,6 +395,13 @@ def _install_detect_zeroes(node: BlockNode, *, unmap: bool) -> None:
         return None if write else plain_map_now(offset, length)
 
     node.map_now = map_now  # type: ignore[method-assign]
+
+
+class _Resizer:
+    """The user block_resize attaches for the time of the call."""
+
+    def describe(self) -> str:
+        return "block_resize"
 
 
 def parent_users(node: BlockNode) -> list[Edge]:

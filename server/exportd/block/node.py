@@ -273,7 +273,7 @@ class BlockNode(ABC):
         """Make completed writes durable."""
 
     async def truncate(self, size: int, *, prealloc: Prealloc = Prealloc.OFF, exact: bool = True) -> None:
-        raise OSError(95, "truncate not supported")  # EOPNOTSUPP
+        raise OSError(95, "Image format driver does not support resize")  # EOPNOTSUPP (QEMU's text)
 
     @abstractmethod
     def getlength(self) -> int:

@@ -1,5 +1,6 @@
 """QMP commands of the block layer: blockdev-add, blockdev-del,
-query-named-block-nodes (daemon.graph is the exportd.block.graph.BlockGraph)."""
+query-named-block-nodes, block_resize (daemon.graph is the
+exportd.block.graph.BlockGraph)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 from exportd.block.query import named_block_nodes
 from exportd.commands import command
+from exportd.errors import BlockError
 
 
 @command("blockdev-add")
@@ -24,3 +26,18 @@ async def blockdev_del(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
 @command("query-named-block-nodes")
 async def query_named_block_nodes(daemon: Any, args: dict[str, Any]) -> list[dict[str, Any]]:
     return await named_block_nodes(daemon.graph.nodes(), flat=bool(args.get("flat", False)))
+
+
+@command("block_resize")
+async def block_resize(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
+    # QEMU looks `device` up among named BlockBackends first; a storage
+    # daemon has none, so only node-name can find a node (as in qsd)
+    device, node_name = args.get("device"), args.get("node-name")
+    node = daemon.graph.find(node_name) if node_name is not None else None
+    if node is None:
+        raise BlockError(f"Cannot find device='{device or ''}' nor node-name='{node_name or ''}'")
+    size = args["size"]
+    if size < 0:
+        raise BlockError("Parameter 'size' expects a >0 size")
+    await daemon.graph.resize(node, size)
+    return {}

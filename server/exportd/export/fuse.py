@@ -291,6 +291,13 @@ class FuseExport(BlockExport):
         super().edge_moved(edge, old)
         # the kernel may hold the old node's size (attributes cached for up
         # to a second) and pages (shared mmap): have it drop them
+        self._drop_kernel_cache()
+
+    def node_resized(self) -> None:
+        """The node (or one below it) was resized by someone else (block_resize)."""
+        self._drop_kernel_cache()
+
+    def _drop_kernel_cache(self) -> None:
         session = self.session
         if session is not None:
             task = asyncio.get_running_loop().create_task(session.invalidate_cache())
