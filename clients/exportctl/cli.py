@@ -268,6 +268,13 @@ async def cmd_blockdev_del(c: Client, a: argparse.Namespace, out: Output) -> int
     return EXIT_OK
 
 
+async def cmd_resize(c: Client, a: argparse.Namespace, out: Output) -> int:
+    size = parse_size(a.size)
+    result = await c.execute("block_resize", {"node-name": a.node, "size": size})
+    out.result(result, f"resized node {a.node} to {human_size(size)}")
+    return EXIT_OK
+
+
 async def cmd_events(c: Client, a: argparse.Namespace, out: Output) -> int:
     async def follow() -> int:
         count = 0
@@ -353,7 +360,8 @@ def _error_text(e: BaseException) -> str:
 
 COMMANDS = {
     "version": cmd_version, "list": cmd_list, "nodes": cmd_nodes, "add": cmd_add, "del": cmd_del,
-    "blockdev-add": cmd_blockdev_add, "blockdev-del": cmd_blockdev_del, "events": cmd_events,
+    "blockdev-add": cmd_blockdev_add, "blockdev-del": cmd_blockdev_del, "resize": cmd_resize,
+    "events": cmd_events,
     "quit": cmd_quit, "qmp": cmd_qmp,
 }
 
@@ -386,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("options", nargs="+", metavar="OPTIONS")
     s = sub.add_parser("blockdev-del", help="delete a block node")
     s.add_argument("node")
+    s = sub.add_parser("resize", help="grow or shrink a block node (block_resize)")
+    s.add_argument("node")
+    s.add_argument("size", help="the new size: 512, 64K, 10G, 1.5GiB ...")
     s = sub.add_parser("events", help="print events (the next one, or all with --follow)")
     s.add_argument("--follow", "-f", action="store_true", help="keep printing until the daemon exits")
     s.add_argument("--count", type=int, default=1, help="without --follow: how many events to wait for")

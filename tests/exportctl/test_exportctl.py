@@ -111,7 +111,7 @@ def test_errors_print_desc_and_exit_1(module_daemon, exportctl):
     assert r.returncode == 1 and r.stderr.startswith("error: ")
 
 
-def test_blockdev_add_nodes_and_del(daemon, exportctl):
+def test_blockdev_add_nodes_and_del(daemon, exportctl, tmp_path):
     d = daemon()
     r = exportctl(d, "blockdev-add", "driver=null-co,node-name=kv,size=2M,read-zeroes=on")
     assert r.returncode == 0, r.stderr
@@ -128,6 +128,14 @@ def test_blockdev_add_nodes_and_del(daemon, exportctl):
     lines = r.stdout.splitlines()
     assert lines[0].split() == ["NODE", "DRIVER", "MODE", "SIZE", "FILE"]
     assert any(line.split()[:2] == ["kv", "null-co"] and "2 MiB" in line for line in lines[1:])
+    (tmp_path / "f.img").write_bytes(bytes(4096))
+    r = exportctl(d, "blockdev-add", f"driver=file,node-name=f,filename={tmp_path / 'f.img'}")
+    assert r.returncode == 0, r.stderr
+    r = exportctl(d, "resize", "f", "1M")
+    assert r.returncode == 0 and r.stdout.strip() == "resized node f to 1 MiB", r.stderr
+    assert (tmp_path / "f.img").stat().st_size == 1 << 20
+    r = exportctl(d, "resize", "kv", "1M")  # null-co cannot be resized: QEMU's text, status 1
+    assert r.returncode == 1 and r.stderr.strip() == "error: Image format driver does not support resize"
     r = exportctl(d, "blockdev-del", "js")
     assert r.returncode == 0 and r.stdout.strip() == "deleted node js"
     r = exportctl(d, "--json", "nodes")
