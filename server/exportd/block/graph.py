@@ -284,6 +284,40 @@ class BlockGraph:
         log.debug("replaced node %s by %s (%d edges moved)", old.node_name, new.node_name, len(moving))
         return moving
 
+    # --- blockdev-snapshot ------------------------------------------------------
+    async def snapshot(self, node_name: str, overlay_name: str) -> None:
+        """Put `overlay` on top of `node` (QEMU's blockdev-snapshot, checks and
+        texts in QEMU's order): `node` becomes the overlay's backing node and
+        every other parent of `node` moves to the overlay (replace_node), all
+        or nothing."""
+        node = self._lookup(node_name)
+        _check_not_backing(node)
+        if not node.read_only:
+            await node.flush()  # what the snapshot freezes is on disk
+        overlay = self._lookup(overlay_name)
+        if any(not isinstance(e.parent, BlockNode) for e in overlay.users):
+            raise BlockError("The overlay is already in use")
+        if overlay.child("backing") is not None:
+            raise BlockError("The overlay already has a backing image")
+        if not type(overlay).supports_backing:
+            raise BlockError("The overlay does not support backing images")
+        edge = node.attach(overlay, Perm.CONSISTENT_READ, Perm.ALL, "backing")
+        overlay.child_edges["backing"] = edge
+        try:
+            self.replace_node(node, overlay)
+        except BaseException:
+            del overlay.child_edges["backing"]
+            node.detach(edge)
+            raise
+
+    def _lookup(self, name: str) -> BlockNode:
+        """A node by the name QMP gives as device or node-name (QEMU's
+        bdrv_lookup_bs; a storage daemon has no named devices)."""
+        node = self._nodes.get(name)
+        if node is None:
+            raise BlockError(f"Cannot find device='{name}' nor node-name='{name}'")
+        return node
+
     # --- block_resize ---------------------------------------------------------
     async def resize(self, node: BlockNode, size: int) -> None:
         """Grow or shrink `node` (QMP block_resize), holding the resize
@@ -346,6 +380,7 @@ class BlockGraph:
         others = [u for u in node.users if not isinstance(u.parent, BlockNode)]
         if others:  # an export (QEMU: a BlockBackend) uses it
             raise BlockError(f"Node {node_name} is in use")
+        _check_not_backing(node)
         if not node.monitor_owned:
             raise BlockError(f"Node {node_name} is not owned by the monitor")
         if parents:
@@ -395,6 +430,13 @@ def _install_detect_zeroes(node: BlockNode, *, unmap: bool) -> None:
         return None if write else plain_map_now(offset, length)
 
     node.map_now = map_now  # type: ignore[method-assign]
+
+
+def _check_not_backing(node: BlockNode) -> None:
+    """QEMU blocks most operations on a backing node (its op blocker), with this text."""
+    for e in node.users:
+        if e.role == "backing" and isinstance(e.parent, BlockNode):
+            raise BlockError(f"Node '{node.node_name}' is busy: node is used as backing hd of '{e.parent.node_name}'")
 
 
 class _Resizer:

@@ -87,6 +87,7 @@ class BlockNode(ABC):
     # blockdev-add members of this driver beyond the common ones (the graph
     # refuses any other with QEMU's "Parameter 'x' is unexpected" before open())
     option_members: ClassVar[frozenset[str]] = frozenset()
+    supports_backing: ClassVar[bool] = False  # may have a `backing` child (an overlay can)
 
     def __init__(self, node_name: str, *, read_only: bool) -> None:
         self.node_name = node_name

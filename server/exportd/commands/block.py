@@ -1,5 +1,5 @@
 """QMP commands of the block layer: blockdev-add, blockdev-del,
-query-named-block-nodes, block_resize (daemon.graph is the
+query-named-block-nodes, block_resize, blockdev-snapshot (daemon.graph is the
 exportd.block.graph.BlockGraph)."""
 
 from __future__ import annotations
@@ -40,4 +40,10 @@ async def block_resize(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
     if size < 0:
         raise BlockError("Parameter 'size' expects a >0 size")
     await daemon.graph.resize(node, size)
+    return {}
+
+
+@command("blockdev-snapshot")
+async def blockdev_snapshot(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
+    await daemon.graph.snapshot(args["node"], args["overlay"])
     return {}

@@ -63,6 +63,7 @@ QCOW2_MEMBERS = frozenset({
 class Qcow2Node(ClusterMap, Writeback, BlockNode):
     driver = "qcow2"
     option_members = QCOW2_MEMBERS
+    supports_backing = True
     is_format = True
 
     def __init__(self, node_name: str, *, read_only: bool) -> None:

@@ -1,0 +1,117 @@
+"""blockdev-snapshot: the same replies as qemu-storage-daemon, and a FUSE
+export moves to the overlay with no unmount: a descriptor opened before the
+snapshot keeps working, its reads see the old data through the backing
+node, and its next write lands in the overlay."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from qemu.qmp import ExecuteError, QMPClient
+
+from tests.support.daemon import Exportd
+from tests.support.qsd import QSD, running_qsd
+from tests.support.threads import athread
+
+MiB = 1 << 20
+
+
+def images(d: Path) -> None:
+    for name in ("base.qcow2", "ovl.qcow2", "plain.img"):
+        (d / name).unlink(missing_ok=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(d / "base.qcow2"), str(MiB)], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x61 0 1M", str(d / "base.qcow2")],
+                   check=True, capture_output=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(d / "base.qcow2"), "-F", "qcow2",
+                    str(d / "ovl.qcow2")], check=True)
+    (d / "plain.img").write_bytes(bytes(MiB))
+
+
+def script(d: Path) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        ("blockdev-add", {"driver": "qcow2", "node-name": "base",
+                          "file": {"driver": "file", "filename": str(d / "base.qcow2")}}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "ovl", "backing": None,
+                          "file": {"driver": "file", "filename": str(d / "ovl.qcow2"), "node-name": "ovl-file"}}),
+        ("blockdev-add", {"driver": "file", "node-name": "plain", "filename": str(d / "plain.img")}),
+        ("blockdev-snapshot", {"node": "nope", "overlay": "ovl"}),
+        ("blockdev-snapshot", {"node": "base", "overlay": "nope"}),
+        ("blockdev-snapshot", {"node": "base", "overlay": "plain"}),
+        ("blockdev-snapshot", {"node": "ovl-file", "overlay": "plain"}),
+        ("blockdev-snapshot", {"node": "base", "overlay": "ovl"}),
+        ("blockdev-snapshot", {"node": "base", "overlay": "ovl"}),
+        ("blockdev-del", {"node-name": "base"}),
+        ("blockdev-snapshot", {"node": "base"}),
+    ]
+
+
+async def play(socket_path: str, steps: list[tuple[str, dict[str, Any]]]) -> list[Any]:
+    client = QMPClient("snapshot")
+    await client.connect(socket_path)
+    replies: list[Any] = []
+    try:
+        for name, args in steps:
+            try:
+                replies.append({"return": await client.execute(name, args)})
+            except ExecuteError as e:
+                replies.append({"error": [e.error.error.class_, e.error.error.desc]})
+    finally:
+        await client.disconnect()
+    return replies
+
+
+@pytest.mark.skipif(QSD is None, reason="qemu-storage-daemon is not installed")
+async def test_blockdev_snapshot_same_as_qemu(daemon, tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    work.mkdir()
+    steps = script(work)
+    images(work)
+    async with running_qsd(str(tmp_path / "qsd.sock")):
+        theirs = await play(str(tmp_path / "qsd.sock"), steps)
+    images(work)
+    ours = await play(daemon().socket, steps)
+    for i, (step, a, b) in enumerate(zip(steps, ours, theirs, strict=True)):
+        assert a == b, (i, step)
+
+
+def allocated_in(image: Path) -> list[tuple[int, int]]:
+    """(start, length) of the ranges `image` itself holds data for (qemu-img map)."""
+    r = subprocess.run(["qemu-img", "map", "-U", "--output=json", str(image)], capture_output=True,
+                       text=True, check=True)
+    return [(e["start"], e["length"]) for e in json.loads(r.stdout) if e["data"] and e["depth"] == 0]
+
+
+async def test_an_open_file_moves_to_the_overlay(exportd: Exportd, workdir: Path) -> None:
+    images(workdir)
+    for args in script(workdir)[:2]:
+        await exportd.cmd(*args)
+    mnt = workdir / "disk.raw"
+    mnt.touch()
+    await exportd.add_export("e", "base", mnt, writable=True)
+    fd = await athread(os.open, str(mnt), os.O_RDWR)
+    try:
+        assert await athread(os.pread, fd, 4096, 0) == b"a" * 4096
+        await exportd.cmd("blockdev-snapshot", {"node": "base", "overlay": "ovl"})
+        exports = await exportd.exports()
+        assert [(e["id"], e["node-name"]) for e in exports] == [("e", "ovl")]
+        assert await athread(os.pread, fd, 4096, 8192) == b"a" * 4096  # through the backing node
+        assert await athread(os.pwrite, fd, b"b" * 65536, 0) == 65536
+        await athread(os.fsync, fd)
+        assert await athread(os.pread, fd, 65536 + 4096, 0) == b"b" * 65536 + b"a" * 4096
+    finally:
+        await athread(os.close, fd)
+    await exportd.del_export("e")
+    await exportd.cmd("blockdev-del", {"node-name": "ovl"})
+    await exportd.cmd("blockdev-del", {"node-name": "base"})
+    # the write is in the overlay, the base is as it was
+    assert allocated_in(workdir / "ovl.qcow2") == [(0, 65536)]
+    r = subprocess.run(["qemu-io", "-f", "qcow2", "-r", "-c", "read -P 0x61 0 1M", str(workdir / "base.qcow2")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout
+    for image in ("ovl.qcow2", "base.qcow2"):
+        assert subprocess.run(["qemu-img", "check", "-q", str(workdir / image)]).returncode == 0
