@@ -115,3 +115,59 @@ async def test_an_open_file_moves_to_the_overlay(exportd: Exportd, workdir: Path
     assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout
     for image in ("ovl.qcow2", "base.qcow2"):
         assert subprocess.run(["qemu-img", "check", "-q", str(workdir / image)]).returncode == 0
+
+
+def sync_script(d: Path) -> list[tuple[str, dict[str, Any]]]:
+    s1, s2 = str(d / "s1.qcow2"), str(d / "s2.qcow2")
+    return [
+        ("blockdev-add", {"driver": "qcow2", "node-name": "base",
+                          "file": {"driver": "file", "filename": str(d / "base.qcow2")}}),
+        # with nothing on it, a node's implicit overlay would go at once (QEMU frees it)
+        ("block-export-add", {"type": "fuse", "id": "e", "node-name": "base", "writable": True,
+                              "mountpoint": str(d / "mnt.raw")}),
+        ("blockdev-snapshot-sync", {"node-name": "nope", "snapshot-file": s1}),
+        ("blockdev-snapshot-sync", {"device": "nope", "snapshot-file": s1}),
+        ("blockdev-snapshot-sync", {"snapshot-file": s1}),
+        ("blockdev-snapshot-sync", {"node-name": "base", "snapshot-file": str(d / "none.qcow2"),
+                                    "mode": "existing"}),
+        ("blockdev-snapshot-sync", {"node-name": "base", "snapshot-file": s1, "snapshot-node-name": "base"}),
+        ("blockdev-snapshot-sync", {"node-name": "base", "snapshot-file": s1, "snapshot-node-name": "s1"}),
+        ("blockdev-snapshot-sync", {"node-name": "base", "snapshot-file": s2}),
+        ("blockdev-snapshot-sync", {"node-name": "s1", "snapshot-file": s2, "snapshot-node-name": "s2"}),
+        ("blockdev-snapshot-sync", {"node-name": "s2", "snapshot-file": s1, "mode": "bogus"}),
+        ("blockdev-snapshot-sync", {"node-name": "base", "snapshot-file": s2, "snapshot-node-name": "s3"}),
+        ("block-export-del", {"id": "e"}),
+    ]
+
+
+def chain_facts(img: Path) -> dict[str, Any]:
+    r = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(img)], capture_output=True,
+                       text=True, check=True)
+    i = json.loads(r.stdout)
+    return {k: i.get(k) for k in ("format", "virtual-size", "backing-filename", "backing-filename-format")}
+
+
+@pytest.mark.skipif(QSD is None, reason="qemu-storage-daemon is not installed")
+async def test_blockdev_snapshot_sync_same_as_qemu(daemon, tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    work.mkdir()
+    steps = sync_script(work)
+
+    def fresh() -> None:
+        for p in work.glob("s*.qcow2"):
+            p.unlink()
+        images(work)
+        (work / "mnt.raw").touch()
+
+    fresh()
+    async with running_qsd(str(tmp_path / "qsd.sock")):
+        theirs = await play(str(tmp_path / "qsd.sock"), steps)
+    theirs_chain = [chain_facts(work / n) for n in ("s1.qcow2", "s2.qcow2") if (work / n).exists()]
+    fresh()
+    d = daemon()
+    ours = await play(d.socket, steps)
+    for i, (step, a, b) in enumerate(zip(steps, ours, theirs, strict=True)):
+        assert a == b, (i, step)
+    d.terminate()
+    assert [chain_facts(work / n) for n in ("s1.qcow2", "s2.qcow2") if (work / n).exists()] == theirs_chain
+    assert [c["backing-filename"] for c in theirs_chain] == [str(work / "base.qcow2"), str(work / "s1.qcow2")]

@@ -35,6 +35,7 @@ import os
 import re
 from typing import Any
 
+from exportd.aio.threads import in_own_thread
 from exportd.block import driver_class
 from exportd.block.node import BlockNode, Edge, Perm, combine
 from exportd.block.options import check_members
@@ -294,7 +295,46 @@ class BlockGraph:
         _check_not_backing(node)
         if not node.read_only:
             await node.flush()  # what the snapshot freezes is on disk
-        overlay = self._lookup(overlay_name)
+        await self._append(node, self._lookup(overlay_name))
+
+    async def snapshot_sync(self, device: str | None, node_name: str | None, snapshot_file: str,
+                            snapshot_node_name: str | None, fmt: str, mode: str) -> None:
+        """QEMU's blockdev-snapshot-sync: the overlay image is created (mode
+        absolute-paths: backing file = the node's file name, its format the
+        node's driver) or taken as it is (existing), opened without its
+        backing chain, then put on top as blockdev-snapshot does."""
+        node = self._nodes.get(node_name or "") or self._nodes.get(device or "")
+        if node is None:
+            raise BlockError(f"Cannot find device='{device or ''}' nor node-name='{node_name or ''}'")
+        _check_not_backing(node)
+        if not node.read_only:
+            await node.flush()
+        if node_name is not None and snapshot_node_name is None:
+            raise BlockError("New overlay node-name missing")
+        if snapshot_node_name is not None and snapshot_node_name in self._nodes:
+            raise BlockError("New overlay node-name already in use")
+        if mode != "existing":
+            from exportd.block.mkimage import create_image
+
+            await in_own_thread(create_image, snapshot_file, node.getlength(), fmt,
+                                backing=node.filename(), backing_fmt=node.driver)
+        options: dict[str, Any] = {"driver": fmt, "backing": None,
+                                   "file": {"driver": "file", "filename": snapshot_file}}
+        if snapshot_node_name is not None:
+            options["node-name"] = snapshot_node_name
+        overlay = await self._open(options)  # owned by its parents, as QEMU's
+        try:
+            await self._append(node, overlay)
+        except BaseException:
+            await self._destroy(overlay)
+            raise
+        if overlay.refcount == 0:
+            # nothing used the node, so nothing moved to the overlay: as in
+            # QEMU, the implicit overlay goes with the command's reference
+            await self._destroy(overlay)
+
+    async def _append(self, node: BlockNode, overlay: BlockNode) -> None:
+        """QEMU's bdrv_append after its checks: `overlay` over `node`."""
         if any(not isinstance(e.parent, BlockNode) for e in overlay.users):
             raise BlockError("The overlay is already in use")
         if overlay.child("backing") is not None:

@@ -1,5 +1,6 @@
 """QMP commands of the block layer: blockdev-add, blockdev-del,
-query-named-block-nodes, block_resize, blockdev-snapshot (daemon.graph is the
+query-named-block-nodes, block_resize, blockdev-snapshot,
+blockdev-snapshot-sync (daemon.graph is the
 exportd.block.graph.BlockGraph)."""
 
 from __future__ import annotations
@@ -46,4 +47,13 @@ async def block_resize(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
 @command("blockdev-snapshot")
 async def blockdev_snapshot(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
     await daemon.graph.snapshot(args["node"], args["overlay"])
+    return {}
+
+
+@command("blockdev-snapshot-sync")
+async def blockdev_snapshot_sync(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
+    await daemon.graph.snapshot_sync(
+        args.get("device"), args.get("node-name"), args["snapshot-file"],
+        args.get("snapshot-node-name"), args.get("format", "qcow2"), args.get("mode", "absolute-paths"),
+    )
     return {}
