@@ -5,6 +5,7 @@ node, and its next write lands in the overlay."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -140,6 +141,22 @@ def sync_script(d: Path) -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
+async def named_nodes_once_exports_are_gone(socket_path: str) -> list[str]:
+    """The named nodes left once every export is deleted (implicit overlays
+    go with their last user)."""
+    client = QMPClient("nodes")
+    await client.connect(socket_path)
+    try:
+        for _ in range(100):
+            if not await client.execute("query-block-exports"):
+                break
+            await asyncio.sleep(0.05)
+        nodes = await client.execute("query-named-block-nodes")
+    finally:
+        await client.disconnect()
+    return sorted(n["node-name"] for n in nodes if not n["node-name"].startswith("#"))
+
+
 def chain_facts(img: Path) -> dict[str, Any]:
     r = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(img)], capture_output=True,
                        text=True, check=True)
@@ -162,12 +179,14 @@ async def test_blockdev_snapshot_sync_same_as_qemu(daemon, tmp_path: Path) -> No
     fresh()
     async with running_qsd(str(tmp_path / "qsd.sock")):
         theirs = await play(str(tmp_path / "qsd.sock"), steps)
+        theirs_left = await named_nodes_once_exports_are_gone(str(tmp_path / "qsd.sock"))
     theirs_chain = [chain_facts(work / n) for n in ("s1.qcow2", "s2.qcow2") if (work / n).exists()]
     fresh()
     d = daemon()
     ours = await play(d.socket, steps)
     for i, (step, a, b) in enumerate(zip(steps, ours, theirs, strict=True)):
         assert a == b, (i, step)
+    assert await named_nodes_once_exports_are_gone(d.socket) == theirs_left == ["base"]
     d.terminate()
     assert [chain_facts(work / n) for n in ("s1.qcow2", "s2.qcow2") if (work / n).exists()] == theirs_chain
     assert [c["backing-filename"] for c in theirs_chain] == [str(work / "base.qcow2"), str(work / "s1.qcow2")]

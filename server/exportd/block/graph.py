@@ -244,6 +244,15 @@ class BlockGraph:
         if not child.monitor_owned and child.refcount == 0:
             await self._destroy(child)
 
+    async def release(self, edge: Edge) -> None:
+        """A parent that is not a node (an export, a job) lets go of its edge;
+        a node nobody owns (an implicit snapshot overlay) goes with its last
+        user, as in QEMU."""
+        node = edge.node
+        node.detach(edge)
+        if not node.monitor_owned and node.refcount == 0 and self._nodes.get(node.node_name) is node:
+            await self._destroy(node)
+
     # --- moving parents -------------------------------------------------------
     def replace_node(self, old: BlockNode, new: BlockNode) -> list[Edge]:
         """Move every edge that points at `old` to `new` (QEMU's

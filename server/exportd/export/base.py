@@ -86,11 +86,11 @@ class BlockExport(ABC):
     def attach_node(self, perm: Perm, shared: Perm = Perm.ALL) -> None:
         self.edge = self.node.attach(self, perm, shared, role="root")
 
-    def release_node(self) -> None:
+    async def release_node(self) -> None:
         edge = self.edge
         if edge is not None:
-            edge.node.detach(edge)
             self.edge = None
+            await self.table.daemon.graph.release(edge)
 
     def refuse_move(self, edge: Edge, new: BlockNode) -> str | None:
         """Why this export cannot follow its node to `new` (None: it can)."""
@@ -168,7 +168,10 @@ class BlockExport(ABC):
         except Exception:  # noqa: BLE001 - the export must still go away
             log.exception("export %s: teardown failed", self.id)
         finally:
-            self.release_node()
+            try:
+                await self.release_node()
+            except Exception:  # noqa: BLE001 - the export must still go away
+                log.exception("export %s: releasing its node failed", self.id)
             self.table._remove(self)
             self.table.daemon.emit_event("BLOCK_EXPORT_DELETED", {"id": self.id})
             self.deleted.set()

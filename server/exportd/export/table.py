@@ -78,7 +78,7 @@ class ExportTable:
             try:
                 await exp.start(options)
             except BaseException:
-                exp.release_node()
+                await exp.release_node()
                 self._drop_claims(exp)
                 raise
             self._exports.insert(0, exp)
