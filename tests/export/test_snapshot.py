@@ -128,6 +128,7 @@ def sync_script(d: Path) -> list[tuple[str, dict[str, Any]]]:
                               "mountpoint": str(d / "mnt.raw")}),
         ("blockdev-snapshot-sync", {"node-name": "nope", "snapshot-file": s1}),
         ("blockdev-snapshot-sync", {"device": "nope", "snapshot-file": s1}),
+        ("blockdev-snapshot-sync", {"device": "base", "snapshot-file": s1}),  # no device of that name
         ("blockdev-snapshot-sync", {"snapshot-file": s1}),
         ("blockdev-snapshot-sync", {"node-name": "base", "snapshot-file": str(d / "none.qcow2"),
                                     "mode": "existing"}),

@@ -312,7 +312,8 @@ class BlockGraph:
         absolute-paths: backing file = the node's file name, its format the
         node's driver) or taken as it is (existing), opened without its
         backing chain, then put on top as blockdev-snapshot does."""
-        node = self._nodes.get(node_name or "") or self._nodes.get(device or "")
+        # a storage daemon has no named devices: only node-name finds a node
+        node = self._nodes.get(node_name) if node_name is not None else None
         if node is None:
             raise BlockError(f"Cannot find device='{device or ''}' nor node-name='{node_name or ''}'")
         _check_not_backing(node)
