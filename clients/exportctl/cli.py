@@ -275,6 +275,16 @@ async def cmd_resize(c: Client, a: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+async def cmd_snapshot(c: Client, a: argparse.Namespace, out: Output) -> int:
+    overlay_file = os.path.abspath(a.overlay_file)
+    name = a.name or os.path.splitext(os.path.basename(overlay_file))[0]
+    args = {"node-name": a.node, "snapshot-file": overlay_file, "snapshot-node-name": name,
+            "format": a.format, "mode": "existing" if a.existing else "absolute-paths"}
+    result = await c.execute("blockdev-snapshot-sync", args)
+    out.result(result, f"node {a.node} now under overlay {name} ({overlay_file})")
+    return EXIT_OK
+
+
 async def cmd_events(c: Client, a: argparse.Namespace, out: Output) -> int:
     async def follow() -> int:
         count = 0
@@ -361,7 +371,7 @@ def _error_text(e: BaseException) -> str:
 COMMANDS = {
     "version": cmd_version, "list": cmd_list, "nodes": cmd_nodes, "add": cmd_add, "del": cmd_del,
     "blockdev-add": cmd_blockdev_add, "blockdev-del": cmd_blockdev_del, "resize": cmd_resize,
-    "events": cmd_events,
+    "snapshot": cmd_snapshot, "events": cmd_events,
     "quit": cmd_quit, "qmp": cmd_qmp,
 }
 
@@ -397,6 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("resize", help="grow or shrink a block node (block_resize)")
     s.add_argument("node")
     s.add_argument("size", help="the new size: 512, 64K, 10G, 1.5GiB ...")
+    s = sub.add_parser("snapshot", help="put a new overlay image on top of a node (blockdev-snapshot-sync)")
+    s.add_argument("node")
+    s.add_argument("overlay_file", metavar="OVERLAY-FILE", help="created, backed by the node's file")
+    s.add_argument("--name", help="the overlay's node-name (default: the file name without extension)")
+    s.add_argument("--format", default="qcow2")
+    s.add_argument("--existing", action="store_true", help="use OVERLAY-FILE as it is (mode existing)")
     s = sub.add_parser("events", help="print events (the next one, or all with --follow)")
     s.add_argument("--follow", "-f", action="store_true", help="keep printing until the daemon exits")
     s.add_argument("--count", type=int, default=1, help="without --follow: how many events to wait for")

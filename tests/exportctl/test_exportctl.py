@@ -244,3 +244,25 @@ def test_create_errors(exportctl, tmp_path):
     pytest.importorskip("exportd.block.mkimage")
     r = exportctl(None, "create", str(tmp_path / "no" / "such" / "dir.raw"), "1M")
     assert r.returncode == 1 and r.stderr.startswith("error: ")
+
+
+def test_snapshot_moves_the_export_to_a_new_overlay(daemon, exportctl, tmp_path):
+    base, ovl, mnt = tmp_path / "base.qcow2", tmp_path / "ovl.qcow2", tmp_path / "mnt.raw"
+    assert exportctl(None, "create", str(base), "1M").returncode == 0
+    mnt.write_bytes(b"")
+    d = daemon("--blockdev", f"driver=qcow2,node-name=base,file.driver=file,file.filename={base}")
+    r = exportctl(d, "add", "base", str(mnt), "--id", "e0", "--writable")
+    assert r.returncode == 0, r.stderr
+    try:
+        r = exportctl(d, "snapshot", "base", str(ovl))
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == f"node base now under overlay ovl ({ovl})"
+        assert [e["node-name"] for e in json.loads(exportctl(d, "--json", "list").stdout)] == ["ovl"]
+        r = exportctl(d, "snapshot", "base", str(tmp_path / "again.qcow2"))  # base is a backing node now
+        assert r.returncode == 1
+        assert r.stderr.strip() == "error: Node 'base' is busy: node is used as backing hd of 'ovl'"
+    finally:
+        assert exportctl(d, "del", "e0").returncode == 0
+    info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(ovl)],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert info["backing-filename"] == str(base) and info["backing-filename-format"] == "qcow2"
