@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from qemu.qmp import ExecuteError, QMPClient
 
 from tests.support.daemon import Exportd
-from tests.support.qsd import QSD, running_qsd
+from tests.support.qsd import QSD, replies_of, running_qsd
 from tests.support.threads import athread
 
 MiB = 1 << 20
@@ -51,20 +50,6 @@ def fresh(d: Path) -> None:
     assert r.returncode == 0
 
 
-async def play(socket_path: str, steps: list[tuple[str, dict[str, Any]]]) -> list[Any]:
-    client = QMPClient("resize")
-    await client.connect(socket_path)
-    replies: list[Any] = []
-    try:
-        for name, args in steps:
-            try:
-                replies.append({"return": await client.execute(name, args)})
-            except ExecuteError as e:
-                replies.append({"error": [e.error.error.class_, e.error.error.desc]})
-    finally:
-        await client.disconnect()
-    return replies
-
 
 def virtual_size(img: Path) -> int:
     r = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(img)], capture_output=True,
@@ -79,11 +64,11 @@ async def test_block_resize_same_as_qemu(daemon, tmp_path: Path) -> None:
     steps = script(work)
     fresh(work)
     async with running_qsd(str(tmp_path / "qsd.sock")):
-        theirs = await play(str(tmp_path / "qsd.sock"), steps)
+        theirs = await replies_of(str(tmp_path / "qsd.sock"), steps)
     theirs_sizes = (os.path.getsize(work / "r.img"), virtual_size(work / "q.qcow2"))
     fresh(work)
     d = daemon()
-    ours = await play(d.socket, steps)
+    ours = await replies_of(d.socket, steps)
     for i, (step, a, b) in enumerate(zip(steps, ours, theirs, strict=True)):
         assert a == b, (i, step)
     d.terminate()

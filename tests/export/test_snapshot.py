@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import QMPClient
 
 from tests.support.daemon import Exportd
-from tests.support.qsd import QSD, running_qsd
+from tests.support.qsd import QSD, replies_of, running_qsd
 from tests.support.threads import athread
 
 MiB = 1 << 20
@@ -51,21 +51,6 @@ def script(d: Path) -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
-async def play(socket_path: str, steps: list[tuple[str, dict[str, Any]]]) -> list[Any]:
-    client = QMPClient("snapshot")
-    await client.connect(socket_path)
-    replies: list[Any] = []
-    try:
-        for name, args in steps:
-            try:
-                replies.append({"return": await client.execute(name, args)})
-            except ExecuteError as e:
-                replies.append({"error": [e.error.error.class_, e.error.error.desc]})
-    finally:
-        await client.disconnect()
-    return replies
-
-
 @pytest.mark.skipif(QSD is None, reason="qemu-storage-daemon is not installed")
 async def test_blockdev_snapshot_same_as_qemu(daemon, tmp_path: Path) -> None:
     work = tmp_path / "w"
@@ -73,9 +58,9 @@ async def test_blockdev_snapshot_same_as_qemu(daemon, tmp_path: Path) -> None:
     steps = script(work)
     images(work)
     async with running_qsd(str(tmp_path / "qsd.sock")):
-        theirs = await play(str(tmp_path / "qsd.sock"), steps)
+        theirs = await replies_of(str(tmp_path / "qsd.sock"), steps)
     images(work)
-    ours = await play(daemon().socket, steps)
+    ours = await replies_of(daemon().socket, steps)
     for i, (step, a, b) in enumerate(zip(steps, ours, theirs, strict=True)):
         assert a == b, (i, step)
 
@@ -179,12 +164,12 @@ async def test_blockdev_snapshot_sync_same_as_qemu(daemon, tmp_path: Path) -> No
 
     fresh()
     async with running_qsd(str(tmp_path / "qsd.sock")):
-        theirs = await play(str(tmp_path / "qsd.sock"), steps)
+        theirs = await replies_of(str(tmp_path / "qsd.sock"), steps)
         theirs_left = await named_nodes_once_exports_are_gone(str(tmp_path / "qsd.sock"))
     theirs_chain = [chain_facts(work / n) for n in ("s1.qcow2", "s2.qcow2") if (work / n).exists()]
     fresh()
     d = daemon()
-    ours = await play(d.socket, steps)
+    ours = await replies_of(d.socket, steps)
     for i, (step, a, b) in enumerate(zip(steps, ours, theirs, strict=True)):
         assert a == b, (i, step)
     assert await named_nodes_once_exports_are_gone(d.socket) == theirs_left == ["base"]

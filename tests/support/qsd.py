@@ -1,5 +1,6 @@
 """qemu-storage-daemon as the differential tests' reference (Debian's, an
-oracle only): start it on a QMP socket, stopped by pid afterwards."""
+oracle only): start it on a QMP socket, stopped by pid afterwards; and
+replies_of(), which plays the same QMP script against either daemon."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
+from qemu.qmp import ExecuteError, QMPClient
 
 QSD = shutil.which("qemu-storage-daemon")
 
@@ -34,3 +37,19 @@ async def running_qsd(socket_path: str, *args: str) -> AsyncIterator[subprocess.
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+async def replies_of(socket_path: str, steps: list[tuple[str, dict[str, Any]]]) -> list[Any]:
+    """Each step's reply: {"return": ...} or {"error": [class, desc]}."""
+    client = QMPClient("differential")
+    await client.connect(socket_path)
+    replies: list[Any] = []
+    try:
+        for name, args in steps:
+            try:
+                replies.append({"return": await client.execute(name, args)})
+            except ExecuteError as e:
+                replies.append({"error": [e.error.error.class_, e.error.error.desc]})
+    finally:
+        await client.disconnect()
+    return replies
