@@ -310,6 +310,7 @@ class Job:
             raise QMPError("Job is already paused")
         self.user_paused = True
         self.pause_count += 1
+        self.enter()  # a sleeping job pauses at once
 
     def user_resume(self) -> None:
         if not self.user_paused or self.pause_count <= 0:

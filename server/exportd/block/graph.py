@@ -484,8 +484,9 @@ class BlockGraph:
         if node is None:
             raise BlockError(f"Failed to find node with node-name='{node_name}'")
         parents = [u for u in node.users if isinstance(u.parent, BlockNode)]
-        others = [u for u in node.users if not isinstance(u.parent, BlockNode)]
-        if others:  # an export (QEMU: a BlockBackend) uses it
+        others = [u for u in node.users
+                  if not isinstance(u.parent, BlockNode) and not isinstance(getattr(u.parent, "op_blocker", None), str)]
+        if others:  # an export or a job's target (QEMU: a BlockBackend) uses it
             raise BlockError(f"Node {node_name} is in use")
         _check_not_backing(node)
         if not node.monitor_owned:
@@ -539,14 +540,18 @@ def _install_detect_zeroes(node: BlockNode, *, unmap: bool) -> None:
     node.map_now = map_now  # type: ignore[method-assign]
 
 
-def check_not_backing(node: BlockNode) -> None:
-    """QEMU blocks most operations on a backing node (its op blocker), with this text."""
-    for e in node.users:
+def check_not_busy(node: BlockNode) -> None:
+    """QEMU's op blockers, with its texts: a block job's hold on the node
+    (the newest blocker is reported first), or its use as a backing node."""
+    for e in reversed(node.users):
+        blocker = getattr(e.parent, "op_blocker", None)
+        if isinstance(blocker, str):
+            raise BlockError(f"Node '{node.node_name}' is busy: {blocker}")
         if e.role == "backing" and isinstance(e.parent, BlockNode):
             raise BlockError(f"Node '{node.node_name}' is busy: node is used as backing hd of '{e.parent.node_name}'")
 
 
-_check_not_backing = check_not_backing
+check_not_backing = _check_not_backing = check_not_busy
 
 
 class _Resizer:

@@ -38,30 +38,38 @@ def _by_filename(top: BlockNode, filename: str) -> BlockNode | None:
 
 
 def _job_id(daemon: Any, args: dict[str, Any]) -> str:
-    job_id = args.get("job-id")
-    if job_id is None:
-        raise BlockError("An explicit job ID is required for this node")
+    # a node has no device name for QEMU to default to: its id is then ''
+    job_id = args.get("job-id", "")
     registry_of(daemon).check_new_id(job_id)
     return job_id
 
 
 def _job_options(args: dict[str, Any]) -> dict[str, Any]:
-    speed = args.get("speed", 0)
-    check_speed(speed)
-    return {"speed": speed, "auto_finalize": args.get("auto-finalize", True),
-            "auto_dismiss": args.get("auto-dismiss", True)}
+    return {"auto_finalize": args.get("auto-finalize", True), "auto_dismiss": args.get("auto-dismiss", True)}
 
 
-async def _start(job: BlockJob, setup: Any) -> None:
-    """Register the job, let it change the graph, and start its work; a
-    failed set-up leaves no job behind."""
+async def _start(job: BlockJob, setup: Any, speed: int) -> None:
+    """Register the job (announced as created), check its speed as QEMU
+    does then, let it change the graph and start its work; a refused
+    command leaves no job behind."""
     registry_of(job.daemon).add(job)
     try:
+        check_speed(speed)
+        job.speed = job.rate.speed = speed
         await setup
     except BaseException:
+        setup.close()
         registry_of(job.daemon)._forget(job)
         raise
     job.start()
+
+
+def _root_node(daemon: Any, name: str) -> BlockNode:
+    """QEMU's qmp_get_root_bs: a node with no node above it."""
+    node = _node(daemon, name, as_device=True)
+    if any(isinstance(e.parent, BlockNode) for e in node.users):
+        raise BlockError("Need a root block node")
+    return node
 
 
 # --- block-stream ----------------------------------------------------------------------
@@ -96,7 +104,7 @@ async def block_stream(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
     opts = _job_options(args)
     job = StreamJob(daemon, _job_id(daemon, args), top, base, backing_file, on_error=args.get("on-error", "report"),
                     **opts)
-    await _start(job, job.setup(args.get("filter-node-name")))
+    await _start(job, job.setup(args.get("filter-node-name")), args.get("speed", 0))
     return {}
 
 
@@ -141,12 +149,12 @@ async def block_commit(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
         job: BlockJob = ActiveCommitJob(daemon, _job_id(daemon, args), active, base, base=base,
                                         on_source_error=args.get("on-error", "report"),
                                         on_target_error=args.get("on-error", "report"), **opts)
-        await _start(job, job.setup(args.get("filter-node-name"), "commit_top"))  # type: ignore[attr-defined]
+        await _start(job, job.setup(args.get("filter-node-name"), "commit_top"), args.get("speed", 0))  # type: ignore[attr-defined]
         return {}
     overlay = overlay_of(active, top)
     job = CommitJob(daemon, _job_id(daemon, args), top, base, overlay, backing_file,
                     on_error=args.get("on-error", "report"), **opts)
-    await _start(job, job.setup())  # type: ignore[attr-defined]
+    await _start(job, job.setup(), args.get("speed", 0))  # type: ignore[attr-defined]
     return {}
 
 
@@ -171,7 +179,7 @@ def _mirror_kwargs(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
 
 @command("blockdev-mirror")
 async def blockdev_mirror(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
-    source = _node(daemon, args["device"], as_device=True)
+    source = _root_node(daemon, args["device"])
     target = _node(daemon, args["target"], as_device=True)
     _mirror_checks(daemon, args, source)
     if target is source:
@@ -179,7 +187,7 @@ async def blockdev_mirror(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
     check_not_backing(target)
     kwargs = _mirror_kwargs(daemon, args)
     job = MirrorJob(daemon, _job_id(daemon, args), source, target, **kwargs)
-    await _start(job, job.setup(args.get("filter-node-name")))
+    await _start(job, job.setup(args.get("filter-node-name")), args.get("speed", 0))
     return {}
 
 
@@ -189,7 +197,7 @@ async def drive_mirror(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
     from exportd.block.mkimage import create_image
 
     graph = daemon.graph
-    source = _node(daemon, args["device"], as_device=True)
+    source = _root_node(daemon, args["device"])
     _mirror_checks(daemon, args, source)
     sync, mode = args["sync"], args.get("mode", "absolute-paths")
     fmt = args.get("format") or (source.driver if mode != "existing" else None)
@@ -217,7 +225,7 @@ async def drive_mirror(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
     try:
         job = MirrorJob(daemon, job_id, source, target,
                         target_backing=backing if mode != "existing" else None, **kwargs)
-        await _start(job, job.setup(None))
+        await _start(job, job.setup(None), args.get("speed", 0))
     except BaseException:
         if target.refcount == 0:
             await graph._destroy(target)

@@ -67,10 +67,18 @@ class BlockJob(Job):
     def graph_node_name(self) -> str:
         return self.id
 
+    @property
+    def op_blocker(self) -> str:
+        """Why the nodes the job holds itself refuse other operations (QEMU's text)."""
+        return f"block device is in use by block job: {self.type}"
+
     # --- nodes --------------------------------------------------------------------------------
-    def hold(self, node: BlockNode, role: str, perm: Perm, shared: Perm) -> Edge:
-        """An edge from the job to `node` (BlockError on a permission conflict)."""
-        edge = node.attach(self, perm, shared, role)
+    def hold(self, node: BlockNode, role: str, perm: Perm, shared: Perm, *, backend: bool = False) -> Edge:
+        """An edge from the job to `node` (BlockError on a permission conflict).
+        The job's own edges block other operations on the node; a `backend`
+        edge (the job writes through it, as QEMU's job BlockBackends) does
+        not, but keeps blockdev-del away like an export."""
+        edge = node.attach(JobBackend(self) if backend else self, perm, shared, role)
         self.edges.append(edge)
         return edge
 
@@ -95,10 +103,11 @@ class BlockJob(Job):
         self.current_progress += n
         self.rate.account(n)
         delay = self.rate.delay()
-        if delay > 0:
-            await self.sleep(delay)
-        else:
+        if not delay:
             await self.pause_point()
+        while delay and not self.is_cancelled():
+            await self.sleep(delay)  # woken early by a verb: the speed may have changed
+            delay = self.rate.delay()
 
     # --- I/O errors ---------------------------------------------------------------------------------
     async def io_error(self, exc: OSError, *, is_read: bool, policy: str | None = None) -> bool:
@@ -158,6 +167,21 @@ class BlockJob(Job):
             if self.error is not None:
                 data["error"] = self.error
             self.emit("BLOCK_JOB_COMPLETED", data)
+
+
+class JobBackend:
+    """The parent of a job's edge to a node it writes (QEMU's job BlockBackend)."""
+
+    graph_node_type = "block-backend"
+
+    def __init__(self, job: BlockJob) -> None:
+        self.job = job
+
+    def describe(self) -> str:
+        return self.job.describe()
+
+    def graph_node_name(self) -> str:
+        return ""
 
 
 def block_job(daemon: Any, job_id: str) -> BlockJob:

@@ -43,7 +43,7 @@ class CommitJob(BlockJob):
             perm = Perm.WRITE
             if self.base.getlength() < self.top.getlength():
                 perm |= Perm.RESIZE
-            self.hold(self.base, "base", perm, Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED | Perm.WRITE)
+            self.hold(self.base, "base", perm, Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED | Perm.WRITE, backend=True)
             for node in backing_chain(self.top, self.base):
                 # nobody may change the layers being committed
                 self.hold(node, "intermediate node", Perm(0), Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED)

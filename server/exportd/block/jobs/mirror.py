@@ -78,7 +78,8 @@ class MirrorJob(BlockJob):
                 if self.target.getlength() < self.source.getlength():
                     perm |= Perm.RESIZE
                 shared |= Perm.CONSISTENT_READ | Perm.WRITE
-            self.target_edge = self.hold(self.target, "target", perm, shared)
+            self.target_edge = self.hold(self.target, "target", perm, shared, backend=True)
+            self.hold(self.source, "source", Perm(0), Perm.ALL)  # blocks other operations on it
         except BaseException:
             await self._undo_setup()
             raise

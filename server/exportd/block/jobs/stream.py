@@ -45,6 +45,7 @@ class StreamJob(BlockJob):
             self.graph.insert_filter(self.top, filt, "file")
             self.filter = filt
             filt.serialize_writes = True
+            self.hold(self.top, "source", Perm(0), Perm.ALL)  # blocks other operations on it
             backing = self.top.child("backing")
             if backing is not None:
                 for node in backing_chain(backing, self.base):
