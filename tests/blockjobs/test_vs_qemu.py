@@ -6,6 +6,7 @@ be the same."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -86,7 +87,8 @@ async def both(tmp_path: Path, make: Callable[[Path], None], steps: Callable[[Pa
         for _ in range(600):
             if sock.exists():
                 break
-            await __import__("asyncio").sleep(0.05)
+            assert proc.poll() is None, (tmp_path / "exportd.log").read_text()
+            await asyncio.sleep(0.05)
         ours, our_events = await play(str(sock), steps(d))
     finally:
         proc.terminate()
@@ -184,3 +186,72 @@ def busy_flow(d: Path) -> list[Step]:
 
 async def test_busy_nodes_same_as_qemu(tmp_path: Path) -> None:
     await both(tmp_path, chain, busy_flow, events=False)
+
+
+def commit_flow(d: Path) -> list[Step]:
+    return [
+        add_top(d),
+        cmd("block-commit", job_id="c", device="nope"),
+        cmd("block-commit", job_id="c", device="top", top_node="nope"),
+        cmd("block-commit", job_id="c", device="top", base_node="nope"),
+        cmd("block-commit", job_id="c", device="top", top_node="top", top="x"),
+        cmd("block-commit", job_id="c", device="top", base_node="top"),
+        cmd("block-commit", job_id="c", device="top", base="nope.qcow2"),
+        cmd("block-commit", job_id="c", device="top", top="nope.qcow2"),
+        cmd("block-commit", device="top"),
+        cmd("block-commit", job_id="c", device="top", backing_file="x"),
+        cmd("block-commit", job_id="c", device="top", top_node="#block999"),
+        # intermediate: mid into base; the overlay's header then names base
+        cmd("query-named-block-nodes", flat=True),
+    ]
+
+
+def commit_intermediate_flow(d: Path) -> list[Step]:
+    return [
+        add_top(d),
+        cmd("block-commit", job_id="c", device="top", top=str(d / "mid.qcow2"), auto_dismiss=False),
+        wait("JOB_STATUS_CHANGE", id="c", status="concluded"),
+        cmd("query-block-jobs"),
+        cmd("job-dismiss", id="c"),
+        cmd("blockdev-del", node_name="top"),
+    ]
+
+
+def commit_active_flow(d: Path) -> list[Step]:
+    return [
+        add_top(d),
+        cmd("block-commit", job_id="c", device="top", base=str(d / "mid.qcow2")),
+        wait("BLOCK_JOB_READY", device="c"),
+        cmd("query-block-jobs"),
+        cmd("job-complete", id="c"),
+        wait("JOB_STATUS_CHANGE", id="c", status="null"),
+        cmd("blockdev-del", node_name="top"),
+    ]
+
+
+def stream_flow(d: Path) -> list[Step]:
+    return [
+        add_top(d),
+        cmd("block-stream", job_id="s", device="nope"),
+        cmd("block-stream", job_id="s", device="top", base_node="nope"),
+        cmd("block-stream", job_id="s", device="top", base_node="top"),
+        cmd("block-stream", job_id="s", device="top", base="nope.qcow2"),
+        cmd("block-stream", job_id="s", device="top", base="x", base_node="y"),
+        cmd("block-stream", job_id="s", device="top", bottom="x", base_node="y"),
+        cmd("block-stream", job_id="s", device="top", base="x", bottom="y"),
+        cmd("block-stream", job_id="s", device="top", backing_file="x"),
+        cmd("block-stream", job_id="s", device="top", bottom="nope"),
+        cmd("block-stream", job_id="s", device="top", base=str(d / "base.qcow2"), auto_finalize=False),
+        wait("BLOCK_JOB_PENDING", id="s"),
+        cmd("query-block-jobs"),
+        cmd("block-job-finalize", id="s"),
+        wait("JOB_STATUS_CHANGE", id="s", status="null"),
+        cmd("block-stream", job_id="s2", device="top"),
+        wait("JOB_STATUS_CHANGE", id="s2", status="null"),
+        cmd("blockdev-del", node_name="top"),
+    ]
+
+
+@pytest.mark.parametrize("flow", [commit_flow, commit_intermediate_flow, commit_active_flow, stream_flow])
+async def test_commit_and_stream_same_as_qemu(tmp_path: Path, flow: Callable[[Path], list[Step]]) -> None:
+    await both(tmp_path, chain, flow)
