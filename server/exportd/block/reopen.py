@@ -236,7 +236,7 @@ def _permissions(order: list[_Plan], undo: list[Callable[[], None]]) -> None:
     for p in reversed(order):
         if p.read_only:
             _update_child_edges(p, undo)
-    for p in order:
+    for p in reversed(order):  # parents first: a parent's writer is the cause
         if p.read_only:
             for e in p.node.users:
                 if e.perm & _WRITERS:
