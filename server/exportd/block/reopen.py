@@ -112,6 +112,10 @@ def _queue(graph: Any, options_list: list[dict[str, Any]]) -> list[_Plan]:
         node = graph.find(name)
         if node is None:
             raise BlockError(f"Cannot find device='' nor node-name='{name}'")
+        if raw.get("driver") != node.driver:
+            raise BlockError("Cannot change the option 'driver'")
+        if bool(raw.get("force-share")) != bool(node.options.get("force-share")):
+            raise BlockError("Cannot change the option 'force-share'")
         opts = normalize_common(raw)
         _check_changes(node, opts)
         plan = _Plan(node, opts, opts["read-only"])
@@ -133,10 +137,6 @@ def _queue(graph: Any, options_list: list[dict[str, Any]]) -> list[_Plan]:
 
 def _check_changes(node: BlockNode, opts: dict[str, Any]) -> None:
     """Refuse what the driver cannot change live, with QEMU's text."""
-    if opts.get("driver") != node.driver:
-        raise BlockError("Cannot change the option 'driver'")
-    if bool(opts.get("force-share")) != bool(node.options.get("force-share")):
-        raise BlockError("Cannot change the option 'force-share'")
     cls = type(node)
     fixed = cls.option_members - cls.reopen_members - set(_CHILD_ROLES)
     for key in sorted(fixed):
