@@ -219,3 +219,21 @@ async def test_set_backing_file(graph: BlockGraph, tmp_path: Path) -> None:
     r = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x33 0 4k", "-c", "read -P 0x44 8k 4k",
                         "-c", "read -P 0 16k 4k", str(top)], capture_output=True, text=True)
     assert r.returncode == 0 and "verification failed" not in r.stdout, r.stdout
+
+
+async def test_nested_child_options(graph: BlockGraph, tmp_path: Path) -> None:
+    path = tmp_path / "d.img"
+    path.write_bytes(bytes(MiB))
+    r = await graph.add({"driver": "raw", "node-name": "r", "file": {"driver": "file", "filename": str(path)}})
+    f = r.child("file")
+    assert not f.monitor_owned
+    # the nested options reopen the current child (and inherit read-only)
+    await reopen_many(graph, [{"driver": "raw", "node-name": "r", "read-only": True,
+                               "file": {"driver": "file", "filename": str(path), "discard": "unmap"}}])
+    assert r.read_only and f.read_only and f.discard_unmap and r.child("file") is f
+    await expect(reopen_many(graph, [{"driver": "raw", "node-name": "r",
+                                      "file": {"driver": "null-co"}}]), "Cannot change the option 'file.driver'")
+    await reopen_many(graph, [{"driver": "raw", "node-name": "r", "file": f.node_name}])
+    assert not r.read_only and f.read_only  # the child keeps its state unless read-only is stated
+    await reopen_many(graph, [{"driver": "raw", "node-name": "r", "file": f.node_name, "read-only": False}])
+    assert not f.read_only and access_mode(f.fd) == os.O_RDWR

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from exportd.block.graph import _INHERITED, normalize_common
 from exportd.block.node import BlockNode, Edge, Perm
 from exportd.errors import BlockError
 
@@ -101,11 +102,11 @@ def _current_options(node: BlockNode) -> dict[str, Any]:
 
 
 def _queue(graph: Any, options_list: list[dict[str, Any]]) -> list[_Plan]:
-    from exportd.block.graph import normalize_common
-
     plans: dict[str, _Plan] = {}
     given: list[tuple[_Plan, dict[str, Any]]] = []
-    for raw in options_list:
+    pending = list(options_list)
+    while pending:
+        raw = pending.pop(0)
         name = raw.get("node-name")
         if name is None:
             raise BlockError("node-name not specified")
@@ -120,6 +121,20 @@ def _queue(graph: Any, options_list: list[dict[str, Any]]) -> list[_Plan]:
         _check_changes(node, opts)
         plan = _Plan(node, opts, opts["read-only"])
         plan.children = _child_changes(graph, node, opts)
+        # nested options are the current child's new options (QEMU's
+        # "file.x"): that child is reopened too
+        for role in _CHILD_ROLES:
+            ref, child = raw.get(role), node.child(role)
+            if isinstance(ref, dict) and child is not None:
+                if ref.get("node-name", child.node_name) != child.node_name:
+                    raise BlockError(f"Cannot change the option '{role}.node-name'")
+                sub = dict(ref, **{"node-name": child.node_name})
+                for key in _INHERITED:  # what the parent states, unless the child does
+                    if key not in sub and key in raw:
+                        sub[key] = raw[key]
+                if role == "backing":
+                    sub.setdefault("read-only", True)
+                pending.append(sub)
         plans[name] = plan  # a later element for the same node wins (as in QEMU)
         given.append((plan, raw))
     # a `file` child named as it is follows its parent's explicit read-only
@@ -150,6 +165,8 @@ def _child_changes(graph: Any, node: BlockNode, opts: dict[str, Any]) -> dict[st
     for role in _CHILD_ROLES:
         if role == "backing" and not type(node).supports_backing:
             continue
+        if role == "file" and not node.is_format:
+            continue
         current = node.child(role)
         if role not in opts:
             if role == "backing" and current is not None:
@@ -161,8 +178,9 @@ def _child_changes(graph: Any, node: BlockNode, opts: dict[str, Any]) -> dict[st
             # reopen children through them: they must restate it
             if current is None or ref.get("driver", current.driver) != current.driver:
                 raise BlockError(f"Cannot change the option '{role}.driver'")
+            opts[role] = current.node_name
             continue
-        if ref is None or ref == "":
+        if ref is None:
             if current is not None:
                 changes[role] = None
             continue
@@ -272,6 +290,7 @@ async def _commit(graph: Any, p: _Plan) -> None:
     from exportd.block.graph import _install_detect_zeroes
 
     node = p.node
+    length = node.getlength()
     for role, target in p.children.items():
         await graph.detach_child(node, role)  # the old child (an implicit one goes with it)
         if target is not None:
@@ -299,4 +318,6 @@ async def _commit(graph: Any, p: _Plan) -> None:
             new[role] = None
     new["node-name"] = node.node_name
     node.options = new
+    if node.getlength() != length:  # a raw window moved: exports above hear of it
+        graph.notify_resized(node)
     log.debug("reopened node %s (read-only %s)", node.node_name, node.read_only)
