@@ -82,14 +82,26 @@ def script(d: Path) -> list[tuple[str, dict[str, Any]]]:
         ("blockdev-reopen", {"options": [dict(top, backing="base"), dict(top, backing="base")]}),
         ("blockdev-reopen", {"options": [{"driver": "raw", "node-name": "praw", "file": "pf"}]}),
         ("block-export-del", {"id": "e"}),
+        # a node with children it opened itself
+        ("blockdev-add", {"driver": "qcow2", "node-name": "t2",
+                          "file": {"driver": "file", "filename": str(d / "top.qcow2"), "force-share": True,
+                                   "read-only": True}, "read-only": True, "force-share": True}),
+        ("blockdev-reopen", {"options": [{"driver": "qcow2", "node-name": "t2", "read-only": True, "force-share": True,
+                                          "file": {"driver": "file", "filename": str(d / "top.qcow2")},
+                                          "backing": None}]}),
+        ("blockdev-reopen", {"options": [{"driver": "qcow2", "node-name": "t2", "read-only": True, "force-share": True,
+                                          "file": {"driver": "file", "filename": str(d / "top.qcow2")}}]}),
+        nodes,
     ]
 
 
 def comparable(reply: Any) -> Any:
-    """query-named-block-nodes: only what reopen changes (name, ro, backing)."""
+    """query-named-block-nodes: only what reopen changes (name, ro, backing);
+    generated names are numbered differently."""
     ret = reply.get("return")
     if isinstance(ret, list):
-        return sorted((n["node-name"], n["ro"], n.get("backing_file")) for n in ret)
+        return sorted(("#" if n["node-name"].startswith("#") else n["node-name"], n["ro"], n.get("backing_file"))
+                      for n in ret)
     return reply
 
 

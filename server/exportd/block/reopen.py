@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from exportd.block.graph import _INHERITED, normalize_common
+from exportd.block.graph import normalize_common
 from exportd.block.node import BlockNode, Edge, Perm
 from exportd.errors import BlockError
 
@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 # members every driver may change live (BlockdevOptionsBase; force-share may not)
 _COMMON_LIVE = ("read-only", "auto-read-only", "discard", "cache", "detect-zeroes")
 _CHILD_ROLES = ("file", "backing")
+# what nested child options take from the parent's unless they state it
+# (force-share is not among them in QEMU's reopen)
+_INHERITED = ("read-only", "auto-read-only", "discard", "cache", "detect-zeroes")
 _WRITERS = Perm.WRITE | Perm.RESIZE
 
 
@@ -104,15 +107,17 @@ def _current_options(node: BlockNode) -> dict[str, Any]:
 def _queue(graph: Any, options_list: list[dict[str, Any]]) -> list[_Plan]:
     plans: dict[str, _Plan] = {}
     given: list[tuple[_Plan, dict[str, Any]]] = []
-    pending = list(options_list)
+    pending = [(o, True) for o in options_list]
     while pending:
-        raw = pending.pop(0)
+        raw, listed = pending.pop(0)
         name = raw.get("node-name")
         if name is None:
             raise BlockError("node-name not specified")
         node = graph.find(name)
         if node is None:
             raise BlockError(f"Cannot find device='' nor node-name='{name}'")
+        if listed and node.auto_named:  # QEMU: a generated name was never an option
+            raise BlockError("Cannot change the option 'node-name'")
         if raw.get("driver") != node.driver:
             raise BlockError("Cannot change the option 'driver'")
         if bool(raw.get("force-share")) != bool(node.options.get("force-share")):
@@ -134,7 +139,7 @@ def _queue(graph: Any, options_list: list[dict[str, Any]]) -> list[_Plan]:
                         sub[key] = raw[key]
                 if role == "backing":
                     sub.setdefault("read-only", True)
-                pending.append(sub)
+                pending.append((sub, False))
         plans[name] = plan  # a later element for the same node wins (as in QEMU)
         given.append((plan, raw))
     # a `file` child named as it is follows its parent's explicit read-only
@@ -169,7 +174,9 @@ def _child_changes(graph: Any, node: BlockNode, opts: dict[str, Any]) -> dict[st
             continue
         current = node.child(role)
         if role not in opts:
-            if role == "backing" and current is not None:
+            # also when the image names a backing file that is not open
+            header = getattr(node, "header", None)
+            if role == "backing" and (current is not None or getattr(header, "backing_file", None)):
                 raise BlockError(f"backing is missing for '{node.node_name}'")
             continue
         ref = opts[role]
