@@ -201,8 +201,6 @@ def commit_flow(d: Path) -> list[Step]:
         cmd("block-commit", device="top"),
         cmd("block-commit", job_id="c", device="top", backing_file="x"),
         cmd("block-commit", job_id="c", device="top", top_node="#block999"),
-        # intermediate: mid into base; the overlay's header then names base
-        cmd("query-named-block-nodes", flat=True),
     ]
 
 

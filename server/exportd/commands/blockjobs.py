@@ -17,7 +17,7 @@ from exportd.block.jobs.mirror import ActiveCommitJob, MirrorJob, check_granular
 from exportd.block.jobs.stream import StreamJob
 from exportd.block.node import BlockNode
 from exportd.commands import command
-from exportd.errors import BlockError
+from exportd.errors import BlockError, DeviceNotFound
 from exportd.jobs import registry_of
 
 
@@ -90,7 +90,7 @@ async def block_stream(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
     if base_name is not None:
         base = _by_filename(top, base_name)
         if base is None:
-            raise BlockError(f"Base '{base_name}' not found")
+            raise BlockError(f"Can't find '{base_name}' in the backing chain")
     if base_node_name is not None:
         base = _node(daemon, base_node_name)
         if base is top or not chain_contains(top, base):
@@ -117,7 +117,7 @@ async def block_stream(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
 async def block_commit(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
     device = args["device"]
     if daemon.graph.find(device) is None:
-        raise BlockError(f"Device '{device}' not found")
+        raise DeviceNotFound(f"Device '{device}' not found")
     active = _root_node(daemon, device)
     check_not_busy(active, backing=False)
     top = active
@@ -142,7 +142,7 @@ async def block_commit(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
     elif args.get("base") is not None:
         base = _by_filename(top, args["base"])
         if base is None:
-            raise BlockError(f"Base '{args['base']}' not found")
+            raise BlockError(f"Can't find '{args['base']}' in the backing chain")
     else:
         base = backing_chain(top)[-1]
     for node in backing_chain(top, base):
