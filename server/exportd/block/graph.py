@@ -271,7 +271,7 @@ class BlockGraph:
         if not moving:
             return []
         for e in moving:
-            new.check_perm(e.perm, e.shared, ignore=())
+            new.check_perm(e.perm, e.shared, (), e.parent, e.role)
             refuse = getattr(e.parent, "refuse_move", None)
             reason = refuse(e, new) if refuse is not None else None
             if reason:
@@ -559,7 +559,7 @@ class _Resizer:
     """The user block_resize attaches for the time of the call."""
 
     def describe(self) -> str:
-        return "block_resize"
+        return "an unnamed block device"  # QEMU's block_resize uses an anonymous BlockBackend
 
 
 def parent_users(node: BlockNode) -> list[Edge]:

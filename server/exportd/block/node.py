@@ -165,14 +165,15 @@ class BlockNode(ABC):
         """A new edge from `parent` to this node; raises BlockError (and changes
         nothing) on a conflict with another user, a read-only node, or what
         lower layers (file locks) refuse."""
-        self.check_perm(perm, shared, ignore=())
+        self.check_perm(perm, shared, (), parent, role)
         edge = Edge(parent, role, self, perm, shared)
         self._commit_users([*self.users, edge])
         return edge
 
-    def check_perm(self, perm: Perm, shared: Perm, ignore: tuple[Edge, ...] | list[Edge]) -> None:
-        """Raise BlockError if a new user with (perm, shared) conflicts with
-        the users of this node other than `ignore`."""
+    def check_perm(self, perm: Perm, shared: Perm, ignore: tuple[Edge, ...] | list[Edge],
+                   parent: object = None, role: str = "") -> None:
+        """Raise BlockError if a new user (`parent` as `role`) with (perm,
+        shared) conflicts with the users of this node other than `ignore`."""
         from exportd.errors import BlockError
 
         if perm & (Perm.WRITE | Perm.RESIZE) and self.read_only:
@@ -180,29 +181,26 @@ class BlockNode(ABC):
         for u in self.users:
             if u in ignore:
                 continue
-            clash = (perm & ~u.shared) | (u.perm & ~shared)
-            if clash:
-                raise BlockError(
-                    f"Conflicts with use by {describe_owner(u.parent)} as '{u.role or 'root'}', "
-                    f"which {'does not allow' if perm & ~u.shared else 'uses'} "
-                    f"'{perm_name(clash)}' on {self.node_name}"
-                )
+            if perm & ~u.shared:
+                raise self._conflict(perm & ~u.shared, parent, role, u.parent, u.role)
+            if u.perm & ~shared:
+                raise self._conflict(u.perm & ~shared, u.parent, u.role, parent, role)
+
+    def _conflict(self, clash: Perm, needs: object, needs_role: str, refuses: object, refuses_role: str) -> Exception:
+        """QEMU's text for a permission conflict between two users of this node."""
+        from exportd.errors import BlockError
+
+        me = self.node_name
+        return BlockError(
+            f"Permission conflict on node '{me}': permissions '{perm_name(clash)}' are both required by "
+            f"{describe_owner(needs)} (uses node '{me}' as '{needs_role or 'root'}' child) and unshared by "
+            f"{describe_owner(refuses)} (uses node '{me}' as '{refuses_role or 'root'}' child)."
+        )
 
     def update(self, edge: Edge, perm: Perm, shared: Perm) -> None:
         """Change one edge's permissions (e.g. take RESIZE for one truncate).
         Raises BlockError and leaves the old permissions on a conflict."""
-        from exportd.errors import BlockError
-
-        if perm & (Perm.WRITE | Perm.RESIZE) and self.read_only:
-            raise BlockError("Block node is read-only")
-        for u in self.users:
-            if u is edge:
-                continue
-            clash = (perm & ~u.shared) | (u.perm & ~shared)
-            if clash:
-                raise BlockError(
-                    f"Conflicts with use by {describe_owner(u.parent)}: '{perm_name(clash)}' on {self.node_name}"
-                )
+        self.check_perm(perm, shared, (edge,), edge.parent, edge.role)
         old = (edge.perm, edge.shared)
         edge.perm, edge.shared = perm, shared
         try:
@@ -364,5 +362,10 @@ def combine(edges: list[Edge]) -> tuple[Perm, Perm]:
 
 
 def describe_owner(owner: object) -> str:
+    """How QEMU's permission errors name a user of a node: "node 'x'", a
+    job ("mirror job 'm'"), else "an unnamed block device" (exports and the
+    other users QEMU gives anonymous BlockBackends)."""
+    if isinstance(owner, BlockNode):
+        return f"node '{owner.node_name}'"
     d = getattr(owner, "describe", None)
-    return d() if callable(d) else type(owner).__name__
+    return d() if callable(d) else "an unnamed block device"

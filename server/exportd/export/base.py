@@ -68,8 +68,9 @@ class BlockExport(ABC):
 
     # --- identity ---------------------------------------------------------
     def describe(self) -> str:
-        """How permission conflicts on the node name this user."""
-        return f"block export '{self.id}'"
+        """How permission conflicts on the node name this user (QEMU's words
+        for an export's anonymous BlockBackend)."""
+        return "an unnamed block device"
 
     @property
     def shutting_down(self) -> bool:

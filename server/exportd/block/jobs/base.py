@@ -78,9 +78,18 @@ class BlockJob(Job):
         The job's own edges block other operations on the node; a `backend`
         edge (the job writes through it, as QEMU's job BlockBackends) does
         not, but keeps blockdev-del away like an export."""
-        edge = node.attach(JobBackend(self) if backend else self, perm, shared, role)
+        # a BlockBackend's edge is its 'root' child, as QEMU names it
+        edge = node.attach(JobBackend(self), perm, shared, "root") if backend else node.attach(self, perm, shared, role)
         self.edges.append(edge)
         return edge
+
+    def hold_filter(self, filt: BlockNode, *, backend: bool = False) -> Edge:
+        """The job's own edge on its filter node (QEMU's 'main node' child, or
+        for a stream its BlockBackend's 'root'): it reads through it and lets
+        nobody resize what it works on."""
+        if backend:
+            return filt.attach(JobBackend(self), Perm.CONSISTENT_READ, Perm.ALL & ~Perm.RESIZE, "root")
+        return filt.attach(self, Perm.CONSISTENT_READ, Perm.ALL & ~Perm.RESIZE, "main node")
 
     async def let_go(self, edge: Edge) -> None:
         if edge in self.edges:
@@ -178,7 +187,7 @@ class JobBackend:
         self.job = job
 
     def describe(self) -> str:
-        return self.job.describe()
+        return "an unnamed block device"  # as QEMU names a job's BlockBackend
 
     def graph_node_name(self) -> str:
         return ""

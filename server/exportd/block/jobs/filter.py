@@ -62,13 +62,11 @@ class JobFilter(BlockNode):
 
     driver = "mirror_top"  # per instance: mirror_top, commit_top, copy-on-read
 
-    def __init__(self, node_name: str, driver: str, role: str, owner: Any,
-                 *, forbidden: Perm = Perm.RESIZE) -> None:
+    def __init__(self, node_name: str, driver: str, role: str, owner: Any) -> None:
         super().__init__(node_name, read_only=False)
         self.driver = driver  # type: ignore[misc]
         self.role = role
-        self.owner = owner  # the job: named in permission errors
-        self.forbidden = forbidden  # what the job does not let parents take
+        self.owner = owner  # the job
         self.locks = RangeLocks()
         self.serialize_writes = False  # wait for the job's held ranges
         self.written: WriteHook | None = None
@@ -89,16 +87,7 @@ class JobFilter(BlockNode):
 
     # --- permissions: the parents' needs pass to the child ----------------------------
     def apply_permissions(self, perm: Perm, shared: Perm) -> None:
-        from exportd.errors import BlockError
-
-        clash = perm & self.forbidden
-        if clash:
-            from exportd.block.node import perm_name
-
-            raise BlockError(
-                f"Permission conflict on node '{self.node_name}': permissions '{perm_name(clash)}' are both "
-                f"required by a parent and unshared by {self.owner.describe()}"
-            )
+        # what the job itself refuses (resize) it refuses with its own edge on the filter
         edge = self.child_edges.get(self.role)
         if edge is not None:
             edge.node.update(edge, perm, shared)

@@ -70,7 +70,12 @@ class MirrorJob(BlockJob):
             self._made_base_writable = True
         try:
             filt = JobFilter(graph.new_node_name(filter_node_name), filter_driver, "backing", self)
-            graph.insert_filter(self.source, filt, "backing")
+            self.main_edge = self.hold_filter(filt)
+            try:
+                graph.insert_filter(self.source, filt, "backing")
+            except BaseException:
+                filt.detach(self.main_edge)
+                raise
             self.filter = filt
             perm = Perm.WRITE
             shared = Perm.WRITE_UNCHANGED
@@ -91,6 +96,7 @@ class MirrorJob(BlockJob):
     async def _undo_setup(self) -> None:
         await self.let_go_all()
         if self.filter is not None:
+            self.filter.detach(self.main_edge)
             await self.graph.drop_filter(self.filter)
             self.filter = None
         if self._made_base_writable:
@@ -244,8 +250,9 @@ class MirrorJob(BlockJob):
         if not self.should_complete or self.cancelled:
             return
         graph = self.graph
-        # the job's own hold on the target must not stand in the way
+        # the job's own holds must not stand in the way, nor move
         self.target.update(self.target_edge, Perm(0), Perm.ALL)
+        self.filter.detach(self.main_edge)
         try:
             if self.to_replace is not self.source:
                 graph.replace_node(self.to_replace, self.target)
@@ -261,6 +268,8 @@ class MirrorJob(BlockJob):
 
     async def clean(self) -> None:
         if self.filter is not None:
+            if self.main_edge in self.filter.users:
+                self.filter.detach(self.main_edge)
             self.filter.thaw()
             filt, self.filter = self.filter, None
             await self.graph.drop_filter(filt)

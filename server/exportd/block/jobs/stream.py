@@ -42,7 +42,12 @@ class StreamJob(BlockJob):
             self._made_writable = True
         try:
             filt = JobFilter(self.graph.new_node_name(filter_node_name), "copy-on-read", "file", self)
-            self.graph.insert_filter(self.top, filt, "file")
+            self.main_edge = self.hold_filter(filt, backend=True)
+            try:
+                self.graph.insert_filter(self.top, filt, "file")
+            except BaseException:
+                filt.detach(self.main_edge)
+                raise
             self.filter = filt
             filt.serialize_writes = True
             self.hold(self.top, "source", Perm(0), Perm.ALL)  # blocks other operations on it
@@ -114,6 +119,7 @@ class StreamJob(BlockJob):
         await self.let_go_all()
         if self.filter is not None:
             filt, self.filter = self.filter, None
+            filt.detach(self.main_edge)
             await self.graph.drop_filter(filt)
         if self._made_writable:
             from exportd.block.reopen import set_read_only
