@@ -50,6 +50,7 @@ class _Plan:
     read_only: bool
     children: dict[str, BlockNode | None] = field(default_factory=dict)  # roles that change
     hooks: Any = None  # (commit, abort) from the driver's reopen_prepare
+    new_edges: dict[str, Edge] = field(default_factory=dict)  # role -> edge to the new child
 
 
 async def reopen_many(graph: Any, options_list: list[dict[str, Any]], *, internal: bool = False) -> None:
@@ -275,8 +276,7 @@ def _permissions(order: list[_Plan], undo: list[Callable[[], None]]) -> None:
             perm, shared = Perm.CONSISTENT_READ, Perm.ALL
             edge = target.attach(p.node, perm, shared, role)
             undo.append(lambda t=target, e=edge: t.detach(e))  # type: ignore[misc]
-            p.children[role] = target
-            setattr(p, f"_new_{role}", edge)
+            p.new_edges[role] = edge
     # writable nodes take write on their children (and the children's locks)
     for p in reversed(order):
         if not p.read_only:
@@ -302,7 +302,7 @@ async def _commit(graph: Any, p: _Plan) -> None:
     for role, target in p.children.items():
         await graph.detach_child(node, role)  # the old child (an implicit one goes with it)
         if target is not None:
-            node.child_edges[role] = getattr(p, f"_new_{role}")
+            node.child_edges[role] = p.new_edges[role]
     if p.hooks is not None:
         try:
             await p.hooks[0]()
