@@ -16,6 +16,7 @@ named by its role ("file", "backing"; "root" for a backend's edge).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from exportd.block.node import BlockNode, Edge, Perm
@@ -47,8 +48,11 @@ def node_name(parent: object) -> str:
     return name() if callable(name) else ""
 
 
-def block_graph(nodes: list[BlockNode]) -> dict[str, Any]:
-    """The XDbgBlockGraph of `nodes` (BlockGraph.nodes(): oldest first)."""
+def block_graph(nodes: list[BlockNode], parents: Sequence[object] = ()) -> dict[str, Any]:
+    """The XDbgBlockGraph of `nodes` (BlockGraph.nodes(): oldest first).
+    `parents` lists parents that are not nodes oldest first (the exports:
+    QEMU lists BlockBackends in the order they were made); any other comes
+    after them, in the order the nodes' users name it."""
     ids: dict[int, int] = {}
     out_nodes: list[dict[str, Any]] = []
     out_edges: list[dict[str, Any]] = []
@@ -66,14 +70,14 @@ def block_graph(nodes: list[BlockNode]) -> dict[str, Any]:
         })
 
     # the parents that are not nodes, each with its edges, in the order met
-    others: dict[int, tuple[object, list[Edge]]] = {}
+    others: dict[int, tuple[object, list[Edge]]] = {id(p): (p, []) for p in parents}
     for n in nodes:
         for e in n.users:
             if not isinstance(e.parent, BlockNode):
                 others.setdefault(id(e.parent), (e.parent, []))[1].append(e)
     for kind in ("block-backend", "block-job"):
         for parent, edges in others.values():
-            if node_type(parent) == kind:
+            if edges and node_type(parent) == kind:
                 add_node(parent)
                 for e in edges:
                     add_edge(e)

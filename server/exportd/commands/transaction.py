@@ -31,7 +31,7 @@ async def transaction_(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
 
 @command("x-debug-query-block-graph")
 async def x_debug_query_block_graph(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
-    return block_graph(daemon.graph.nodes())
+    return block_graph(daemon.graph.nodes(), list(reversed(list(daemon.exports))))
 
 
 @command("query-block")
