@@ -35,7 +35,6 @@ import os
 import re
 from typing import Any
 
-from exportd.aio.threads import in_own_thread
 from exportd.block import driver_class
 from exportd.block.node import BlockNode, Edge, Perm, combine
 from exportd.block.options import check_members
@@ -352,70 +351,28 @@ class BlockGraph:
             await self._destroy(old)
 
     # --- blockdev-snapshot ------------------------------------------------------
+    # The steps live in exportd.block.snapshot (shared with QMP transaction);
+    # a single command is a transaction of one action.
     async def snapshot(self, node_name: str, overlay_name: str) -> None:
-        """Put `overlay` on top of `node` (QEMU's blockdev-snapshot, checks and
-        texts in QEMU's order): `node` becomes the overlay's backing node and
-        every other parent of `node` moves to the overlay (replace_node), all
-        or nothing."""
-        node = self._lookup(node_name)
-        _check_not_backing(node)
-        if not node.read_only:
-            await node.flush()  # what the snapshot freezes is on disk
-        await self._append(node, self._lookup(overlay_name))
+        """Put `overlay` on top of `node` (QEMU's blockdev-snapshot): `node`
+        becomes the overlay's backing node and every other parent of `node`
+        moves to the overlay (replace_node), all or nothing."""
+        from exportd.block import snapshot, transaction
+
+        await transaction.run([snapshot.SnapshotAction(self, {"node": node_name, "overlay": overlay_name})])
 
     async def snapshot_sync(self, device: str | None, node_name: str | None, snapshot_file: str,
                             snapshot_node_name: str | None, fmt: str, mode: str) -> None:
-        """QEMU's blockdev-snapshot-sync: the overlay image is created (mode
-        absolute-paths: backing file = the node's file name, its format the
-        node's driver) or taken as it is (existing), opened without its
-        backing chain, then put on top as blockdev-snapshot does."""
-        # a storage daemon has no named devices: only node-name finds a node
-        node = self._nodes.get(node_name) if node_name is not None else None
-        if node is None:
-            raise BlockError(f"Cannot find device='{device or ''}' nor node-name='{node_name or ''}'")
-        _check_not_backing(node)
-        if not node.read_only:
-            await node.flush()
-        if node_name is not None and snapshot_node_name is None:
-            raise BlockError("New overlay node-name missing")
-        if snapshot_node_name is not None and snapshot_node_name in self._nodes:
-            raise BlockError("New overlay node-name already in use")
-        if mode != "existing":
-            from exportd.block.mkimage import create_image
+        """QEMU's blockdev-snapshot-sync: the overlay image is created or
+        taken as it is, opened without its backing chain, then put on top as
+        blockdev-snapshot does."""
+        from exportd.block import snapshot, transaction
 
-            await in_own_thread(create_image, snapshot_file, node.getlength(), fmt,
-                                backing=node.filename(), backing_fmt=node.driver)
-        options: dict[str, Any] = {"driver": fmt, "backing": None,
-                                   "file": {"driver": "file", "filename": snapshot_file}}
-        if snapshot_node_name is not None:
-            options["node-name"] = snapshot_node_name
-        overlay = await self._open(options)  # owned by its parents, as QEMU's
-        try:
-            await self._append(node, overlay)
-        except BaseException:
-            await self._destroy(overlay)
-            raise
-        if overlay.refcount == 0:
-            # nothing used the node, so nothing moved to the overlay: as in
-            # QEMU, the implicit overlay goes with the command's reference
-            await self._destroy(overlay)
-
-    async def _append(self, node: BlockNode, overlay: BlockNode) -> None:
-        """QEMU's bdrv_append after its checks: `overlay` over `node`."""
-        if any(not isinstance(e.parent, BlockNode) for e in overlay.users):
-            raise BlockError("The overlay is already in use")
-        if overlay.child("backing") is not None:
-            raise BlockError("The overlay already has a backing image")
-        if not type(overlay).supports_backing:
-            raise BlockError("The overlay does not support backing images")
-        edge = node.attach(overlay, Perm.CONSISTENT_READ, Perm.ALL, "backing")
-        overlay.child_edges["backing"] = edge
-        try:
-            self.replace_node(node, overlay)
-        except BaseException:
-            del overlay.child_edges["backing"]
-            node.detach(edge)
-            raise
+        data: dict[str, Any] = {"snapshot-file": snapshot_file, "format": fmt, "mode": mode}
+        for key, value in (("device", device), ("node-name", node_name), ("snapshot-node-name", snapshot_node_name)):
+            if value is not None:
+                data[key] = value
+        await transaction.run([snapshot.SnapshotSyncAction(self, data)])
 
     def _lookup(self, name: str) -> BlockNode:
         """A node by the name QMP gives as device or node-name (QEMU's
