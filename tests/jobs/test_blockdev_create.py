@@ -202,7 +202,7 @@ async def test_node_in_use_is_refused(daemon, jobs_client, tmp_path):
     await c.cmd("blockdev-add", {"driver": "file", "node-name": "f", "filename": str(img)})
     await c.cmd("blockdev-add", {"driver": "qcow2", "node-name": "q", "file": "f"})
     err = await c.create_error("j", {"driver": "qcow2", "file": "f", "size": 2 * MiB})
-    assert err.startswith("Conflicts with use by") and "'write, resize'" in err, err
+    assert err.startswith("Permission conflict on node") and "'write, resize'" in err, err
     # the file driver takes image locks: the opened file is not emptied under its user
     err = await c.create_error("k", {"driver": "file", "filename": str(img), "size": 0})
     assert err.startswith('Failed to get "write" lock'), err

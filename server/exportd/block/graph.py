@@ -445,7 +445,7 @@ class BlockGraph:
                   if not isinstance(u.parent, BlockNode) and not isinstance(getattr(u.parent, "op_blocker", None), str)]
         if others:  # an export or a job's target (QEMU: a BlockBackend) uses it
             raise BlockError(f"Node {node_name} is in use")
-        _check_not_backing(node)
+        check_not_busy(node)
         if not node.monitor_owned:
             raise BlockError(f"Node {node_name} is not owned by the monitor")
         if parents:
@@ -509,7 +509,6 @@ def check_not_busy(node: BlockNode, *, backing: bool = True) -> None:
             raise BlockError(f"Node '{node.node_name}' is busy: node is used as backing hd of '{e.parent.node_name}'")
 
 
-check_not_backing = _check_not_backing = check_not_busy
 
 
 class _Resizer:

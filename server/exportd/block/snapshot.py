@@ -37,9 +37,9 @@ class _ExternalSnapshot(Action):
         self.backing_edge: Edge | None = None  # set once the overlay is appended
 
     async def _check_node(self, node: BlockNode) -> None:
-        from exportd.block.graph import _check_not_backing
+        from exportd.block.graph import check_not_busy
 
-        _check_not_backing(node)
+        check_not_busy(node)
         if not node.read_only:
             await node.flush()  # what the snapshot freezes is on disk
 
