@@ -288,3 +288,37 @@ def without_export_resize(reply: Any) -> Any:
 
 async def test_permission_conflicts_same_as_qemu(tmp_path: Path) -> None:
     await both(tmp_path, chain, conflicts_flow, normalize=without_export_resize)
+
+
+def graph_flow(d: Path) -> list[Step]:
+    """The graph while a job runs: its filter node, its edges and their names."""
+    return [
+        add_top(d),
+        cmd("blockdev-add", driver="qcow2", node_name="dst",
+            file={"driver": "file", "filename": str(d / "dst.qcow2"), "node-name": "dstf"}),
+        cmd("blockdev-mirror", job_id="m", device="top", target="dst", sync="full", filter_node_name="f"),
+        wait("BLOCK_JOB_READY"),
+        cmd("x-debug-query-block-graph"),
+        cmd("block-job-cancel", device="m", force=True),
+        wait("JOB_STATUS_CHANGE", id="m", status="null"),
+        cmd("block-stream", job_id="s", device="top", filter_node_name="f", speed=1),
+        cmd("x-debug-query-block-graph"),
+        cmd("block-job-cancel", device="s", force=True),
+        wait("JOB_STATUS_CHANGE", id="s", status="null"),
+        cmd("x-debug-query-block-graph"),
+    ]
+
+
+def graph_shape(reply: Any) -> Any:
+    """Nodes and named edges of an x-debug-query-block-graph reply (ids,
+    generated names and permissions aside: see the README)."""
+    graph = reply.get("return")
+    if not isinstance(graph, dict) or "nodes" not in graph:
+        return reply
+    names = {n["id"]: (n["type"], "#" if n["name"].startswith("#") else n["name"]) for n in graph["nodes"]}
+    return sorted(set(names.values())), sorted((names[e["parent"]], names[e["child"]], e["name"])
+                                               for e in graph["edges"])
+
+
+async def test_graph_during_jobs_same_as_qemu(tmp_path: Path) -> None:
+    await both(tmp_path, chain, graph_flow, normalize=graph_shape)

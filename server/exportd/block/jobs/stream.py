@@ -50,7 +50,9 @@ class StreamJob(BlockJob):
                 raise
             self.filter = filt
             filt.serialize_writes = True
-            self.hold(self.top, "source", Perm(0), Perm.ALL)  # blocks other operations on it
+            # the job's own edges block other operations on its nodes (QEMU's op blockers)
+            self.hold(filt, "main node", Perm(0), Perm.ALL)
+            self.hold(self.top, "active node", Perm(0), Perm.ALL)
             backing = self.top.child("backing")
             if backing is not None:
                 for node in backing_chain(backing, self.base):
