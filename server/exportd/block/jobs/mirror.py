@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from exportd.block.graph import is_zero
 from exportd.block.jobs.base import BlockJob
 from exportd.block.jobs.chain import allocated_above
 from exportd.block.jobs.dirty import DirtyMap
@@ -225,15 +226,14 @@ class MirrorJob(BlockJob):
         await self.processed(n)
 
     async def _read_source(self, offset: int, n: int) -> tuple[bool, bytes | bytearray | memoryview | None]:
-        """(zero, data): data None when the target already reads zeroes there."""
-        st = await self.source.block_status(offset, n)
-        if st.status & Status.ZERO and st.length >= n:
-            # zeroes: nothing to write where the target reads zeroes already
-            tst = await self.target.block_status(offset, n)
-            return True, b"" if not (tst.status & Status.ZERO and tst.length >= n) else None
-
+        """(zero, data): data None when the target already reads zeroes there.
+        The bytes tell whether they are zeroes: cheaper than asking the
+        source's block status, which may have to search the host file."""
         data = await self.source.read(offset, n)
-        return False, data
+        if not is_zero(data):
+            return False, data
+        tst = await self.target.block_status(offset, n)
+        return True, b"" if not (tst.status & Status.ZERO and tst.length >= n) else None
 
     # --- verbs ------------------------------------------------------------------------------
     def do_complete(self) -> None:
