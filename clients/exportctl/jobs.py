@@ -121,8 +121,15 @@ async def _show_progress(c: Client, job_id: str) -> None:
 @contextlib.asynccontextmanager
 async def _bar(job_id: str) -> AsyncIterator[Any]:
     try:
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TaskProgressColumn,
-                                   TextColumn, TimeRemainingColumn, TransferSpeedColumn)
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
     except ModuleNotFoundError:
         with _plain_bar(job_id) as update:
             yield update

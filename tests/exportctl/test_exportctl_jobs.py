@@ -8,6 +8,8 @@ open, so the checks use -U (no lock).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -57,14 +59,34 @@ class Daemon:
             pytest.skip(f"{self.kind} lacks {', '.join(missing)}")
 
 
+@pytest.fixture(scope="session")
+def exportd_commands(exportd_bin: Path, tmp_path_factory: pytest.TempPathFactory) -> set[str]:
+    """What this build of exportd answers to query-commands (one probe daemon)."""
+    logdir = tmp_path_factory.mktemp("exportd-probe")
+    workdir = short_dir(logdir)
+    d = spawn_daemon(exportd_bin, workdir, logdir)
+    try:
+        # a thread of its own: this may be asked for from inside a test's loop
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, _commands(d.socket)).result(60)
+    finally:
+        d.terminate()
+        if workdir != logdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
 @pytest.fixture(params=["qsd", "exportd"])
 async def jobd(request, exportd_bin: Path, tmp_path: Path) -> AsyncIterator[Callable[..., object]]:
     """Factory: start(*blockdev_options) -> Daemon, the parametrized daemon with
-    those --blockdev nodes. The exportd variant is skipped when exportd's
-    query-commands does not list JOB_COMMANDS (asked of the daemon itself)."""
+    those --blockdev nodes. The exportd variant is skipped while exportd's
+    query-commands lacks one of JOB_COMMANDS: it runs as soon as they land."""
     kind = request.param
     if kind == "qsd" and QSD is None:
         pytest.skip("qemu-storage-daemon is not installed")
+    if kind == "exportd":
+        missing = sorted(JOB_COMMANDS - request.getfixturevalue("exportd_commands"))
+        if missing:
+            pytest.skip(f"exportd lacks {', '.join(missing)}")
     workdir = short_dir(tmp_path)
     stack = contextlib.AsyncExitStack()
 
