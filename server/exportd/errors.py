@@ -24,3 +24,8 @@ class DeviceNotFound(QMPError):
 
 class BlockError(QMPError):
     """A block-layer failure at open/attach/permission time (GenericError)."""
+
+
+class DeviceNotActive(QMPError):
+    def __init__(self, desc: str) -> None:
+        super().__init__(desc, "DeviceNotActive")

@@ -1,13 +1,24 @@
 """Background jobs as QEMU's job layer has them (qapi/job.json, job.c).
 
 A job moves through JobStatus states and announces each change with a
-JOB_STATUS_CHANGE event. exportd's jobs (blockdev-create) are created as
-QEMU creates them: auto-finalize on, auto-dismiss off, so a finished job
-stays `concluded` (with its `error`, if it failed) until `job-dismiss`.
+JOB_STATUS_CHANGE event:
 
-    success:  created -> running -> waiting -> pending -> concluded
-    failure:  created -> running -> aborting -> concluded
-    dismiss:  concluded -> null (the job is gone, its id free again)
+    created -> running [-> paused -> running] [-> ready [-> standby -> ready]]
+      success:  -> waiting -> pending [job-finalize] -> concluded [job-dismiss] -> null
+      failure or cancel:  -> aborting -> concluded [job-dismiss] -> null
+
+A driver (a Job subclass) implements `run()`, the work, which calls
+`await self.pause_point()` between pieces of work and stops when
+`self.should_stop()`; a job that can reach READY calls `self.set_ready()`
+and implements `do_complete()`. After run() returns, `prepare()` (may fail),
+then `commit()` or `abort()`, then `clean()` change the graph, as QEMU's
+JobDriver callbacks do. Block jobs (exportd.block.jobs) add their events
+through the `event_*` hooks.
+
+Cancel is QEMU's: force-cancel (job-cancel, block-job-cancel force=true)
+stops the work at its next pause point and the job aborts with
+"Operation canceled"; a soft cancel (block-job-cancel) of a READY mirror
+finishes it without its graph change, as a success.
 
 The registry belongs to one daemon; `registry_of(daemon)` creates it on first
 use (daemon.py does not know about jobs).
@@ -23,7 +34,7 @@ import os
 import re
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from exportd.errors import QMPError
 
@@ -45,9 +56,14 @@ class JobStatus(enum.StrEnum):
 
 
 S = JobStatus
-# Which states accept which verb (job.c's JobVerbTable, for the verbs exportd has).
+_ACTIVE = frozenset({S.CREATED, S.RUNNING, S.PAUSED, S.READY, S.STANDBY})
+# Which states accept which verb (job.c's verb table).
 VERB_STATES: dict[str, frozenset[JobStatus]] = {
-    "cancel": frozenset({S.CREATED, S.RUNNING, S.PAUSED, S.READY, S.STANDBY, S.WAITING, S.PENDING}),
+    "cancel": _ACTIVE | {S.WAITING, S.PENDING, S.ABORTING},
+    "pause": _ACTIVE,
+    "resume": _ACTIVE,
+    "set-speed": _ACTIVE,
+    "complete": frozenset({S.READY}),
     "finalize": frozenset({S.PENDING}),
     "dismiss": frozenset({S.CONCLUDED}),
 }
@@ -55,27 +71,70 @@ VERB_STATES: dict[str, frozenset[JobStatus]] = {
 # QEMU's id_wellformed(): a letter, then letters, digits, '-', '.', '_'.
 _ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
 
-# Prepare step: checks that are quick (option validation, node lookup and
-# permissions); run inside the command, so its failure is visible in
-# query-jobs by the time the client has the reply, as with QEMU.
-# Work step: the I/O, in a task of its own. Either may raise; the job
-# then concludes with the message as its error.
+# blockdev-create's steps: `prepare` runs inside the command (quick checks,
+# so a failure shows in query-jobs by the time the client has the reply),
+# `work` in the job's task.
 Step = Callable[["Job"], Awaitable[None]]
 
 
 class Job:
-    def __init__(self, registry: JobRegistry, job_id: str, job_type: str) -> None:
+    job_type: ClassVar[str] = ""
+    can_complete: ClassVar[bool] = False  # has a READY state and job-complete
+
+    def __init__(self, registry: JobRegistry, job_id: str, *, auto_finalize: bool = True,
+                 auto_dismiss: bool = True) -> None:
         self.registry = registry
         self.id = job_id
-        self.type = job_type
+        self.type = self.job_type
+        self.auto_finalize = auto_finalize
+        self.auto_dismiss = auto_dismiss
         self.status = JobStatus.UNDEFINED
         self.current_progress = 0
         self.total_progress = 0
         self.error: str | None = None
-        self.cancelled = False
+        self.cancelled = False  # a cancel was asked for (soft or forced)
+        self.force_cancel = False
+        self.user_paused = False
+        self.pause_count = 0
+        self.busy = False  # the work is running (not sleeping, not paused)
+        self.done_running = False  # run() returned: QEMU's deferred_to_main_loop
         self.task: asyncio.Task[None] | None = None
         self.finished = asyncio.Event()  # set when concluded
+        self._wake = asyncio.Event()  # job_enter(): ends a sleep or pause early
+        self._finalizing = False
 
+    # --- what a driver implements -------------------------------------------------
+    async def run(self) -> None:
+        """The work; raises to fail the job."""
+
+    def do_complete(self) -> None:
+        """job-complete on a READY job: make run() finish with the pivot."""
+
+    def do_cancel(self, force: bool) -> bool:
+        """A cancel request reaches the driver; returns whether it is a
+        forced one (QEMU's JobDriver.cancel: a mirror treats a soft cancel
+        before READY as forced)."""
+        return True
+
+    async def prepare(self) -> None:
+        """After a successful run: the graph change that may still fail."""
+
+    async def commit(self) -> None:
+        """After a successful prepare."""
+
+    async def abort(self) -> None:
+        """After a failed or cancelled run, or a failed prepare."""
+
+    async def clean(self) -> None:
+        """Always, last."""
+
+    # --- event hooks (block jobs announce more) -------------------------------------
+    def event_ready(self) -> None: ...
+    def event_pending(self) -> None: ...
+    def event_finished(self) -> None:
+        """After commit/abort: BLOCK_JOB_COMPLETED or _CANCELLED."""
+
+    # --- queries ----------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         """A JobInfo (query-jobs)."""
         info: dict[str, Any] = {
@@ -91,62 +150,232 @@ class Job:
 
     def describe(self) -> str:
         """How block-layer permission errors name this job as a node user."""
-        return f"job '{self.id}'"
+        return f"{self.type} job '{self.id}'"
+
+    def is_cancelled(self) -> bool:
+        """A forced cancel: the work must stop (QEMU's job_is_cancelled)."""
+        return self.cancelled and self.force_cancel
+
+    def is_ready(self) -> bool:
+        return self.status in (S.READY, S.STANDBY)
+
+    def should_stop(self) -> bool:
+        """run() leaves its loop: forced cancel, or a soft cancel once READY."""
+        return self.is_cancelled() or (self.cancelled and self.is_ready())
 
     def check_verb(self, verb: str) -> None:
         if self.status not in VERB_STATES[verb]:
             raise QMPError(f"Job '{self.id}' in state '{self.status}' cannot accept command verb '{verb}'")
 
+    # --- the work's side ----------------------------------------------------------------
     def _transition(self, status: JobStatus) -> None:
         self.status = status
         self.registry.emit("JOB_STATUS_CHANGE", {"id": self.id, "status": str(status)})
 
-    def _fail(self, exc: BaseException) -> None:
-        if self.error is None:
-            self.error = error_text(exc)
+    def set_ready(self) -> None:
+        """run() reached the READY state (QEMU's job_transition_to_ready)."""
+        if self.status == S.RUNNING:
+            self._transition(S.READY)
+            self.event_ready()
 
-    async def _run(self, prepare: Step | None, work: Step | None) -> None:
-        """Prepare inline (the caller awaits it), then work in a task."""
-        self._transition(JobStatus.RUNNING)
-        self.total_progress = 1  # create jobs count one unit, as QEMU's
-        try:
-            if prepare is not None:
-                await prepare(self)
-        except Exception as e:
-            self._fail(e)
-            self._complete()
+    def enter(self) -> None:
+        """Wake the work from a sleep or a pause."""
+        self._wake.set()
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep for up to `seconds`, or until enter() (a cancel, resume,
+        complete or speed change), as QEMU's job_sleep_ns; a pause point follows."""
+        if not self.should_stop():
+            self._wake.clear()
+            self.busy = False
+            try:
+                if seconds > 0:
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), seconds)
+                    except TimeoutError:
+                        pass
+                else:
+                    await self._wake.wait()
+            finally:
+                self.busy = True
+        await self.pause_point()
+
+    async def pause_point(self) -> None:
+        """Where the work may be paused (QEMU's job_pause_point)."""
+        await asyncio.sleep(0)  # let the loop serve others between pieces of work
+        if self.pause_count <= 0 or self.is_cancelled():
             return
-        except asyncio.CancelledError:
-            self.error = self.error or os.strerror(errno.ECANCELED)
-            self._complete()  # never leave a job 'running' without a task
-            raise
-        self.task = asyncio.get_running_loop().create_task(self._work(work))
-
-    async def _work(self, work: Step | None) -> None:
+        resume_to = self.status
+        self._transition(S.STANDBY if resume_to == S.READY else S.PAUSED)
+        self.busy = False
         try:
-            if work is not None:
-                await work(self)
-        except Exception as e:
-            self._fail(e)
+            while self.pause_count > 0 and not self.is_cancelled():
+                self._wake.clear()
+                await self._wake.wait()
+        finally:
+            self.busy = True
+        self._transition(resume_to)
+
+    def fail(self, message: str) -> None:
+        if self.error is None:
+            self.error = message
+
+    # --- life cycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        """QEMU's job_start: running, with the work in a task of its own."""
+        self._transition(S.RUNNING)
+        self.busy = True
+        self.task = asyncio.get_running_loop().create_task(self._main(), name=f"job {self.id}")
+
+    async def _main(self) -> None:
+        try:
+            await self.run()
         except asyncio.CancelledError:
             # the loop is going away (daemon shutdown): nothing more to report
-            self.error = self.error or os.strerror(errno.ECANCELED)
-            self.status = JobStatus.CONCLUDED
+            self.fail(os.strerror(errno.ECANCELED))
+            self.status = S.CONCLUDED
             self.finished.set()
             raise
-        self._complete()
+        except Exception as e:
+            self.fail(error_text(e))
+        self.busy = False
+        self.done_running = True
+        await self._completed()
 
-    def _complete(self) -> None:
-        self.current_progress = self.total_progress
-        if self.error is None and self.cancelled:
+    async def _completed(self) -> None:
+        """QEMU's job_completed: waiting and pending on success, aborting else."""
+        if self.error is None and self.is_cancelled():
             self.error = os.strerror(errno.ECANCELED)  # "Operation canceled", as QEMU
-        if self.error is None:
-            self._transition(JobStatus.WAITING)
-            self._transition(JobStatus.PENDING)  # auto-finalize: straight on
-        else:
-            self._transition(JobStatus.ABORTING)
-        self._transition(JobStatus.CONCLUDED)
+        if self.error is not None:
+            self._transition(S.ABORTING)
+            await self._finalize_single()
+            return
+        self.current_progress = max(self.current_progress, 0)
+        self._transition(S.WAITING)
+        self._transition(S.PENDING)
+        if not self.auto_finalize:
+            self.event_pending()
+            return  # job-finalize continues
+        await self._do_finalize()
+
+    async def _do_finalize(self) -> None:
+        self._finalizing = True
+        try:
+            await self.prepare()
+        except Exception as e:
+            self.fail(error_text(e))
+            self._transition(S.ABORTING)
+        await self._finalize_single()
+
+    async def _finalize_single(self) -> None:
+        try:
+            if self.error is None:
+                await self.commit()
+            else:
+                await self.abort()
+        except Exception as e:
+            log.exception("job %s: %s failed", self.id, "commit" if self.error is None else "abort")
+            self.fail(error_text(e))
+        try:
+            await self.clean()
+        except Exception:
+            log.exception("job %s: clean-up failed", self.id)
+        self.event_finished()
+        self._transition(S.CONCLUDED)
         self.finished.set()
+        if self.auto_dismiss:
+            self.registry._forget(self)
+
+    # --- verbs (QMP) --------------------------------------------------------------------------
+    def user_cancel(self, force: bool) -> None:
+        self.check_verb("cancel")
+        force = self.do_cancel(force)
+        if self.user_paused:  # a cancelled job must be able to run to its end
+            self.user_paused = False
+            self.pause_count -= 1
+        if force or not self.done_running:
+            self.cancelled = True
+            self.force_cancel |= force
+        if self.done_running:
+            if self.is_cancelled() and self.status == S.PENDING and not self._finalizing:
+                self.fail(os.strerror(errno.ECANCELED))
+                self._transition(S.ABORTING)
+                asyncio.get_running_loop().create_task(self._finalize_single())
+        else:
+            self.enter()
+
+    def user_pause(self) -> None:
+        self.check_verb("pause")
+        if self.user_paused:
+            raise QMPError("Job is already paused")
+        self.user_paused = True
+        self.pause_count += 1
+        self.enter()  # a sleeping job pauses at once
+
+    def user_resume(self) -> None:
+        if not self.user_paused or self.pause_count <= 0:
+            raise QMPError("Can't resume a job that was not paused")
+        self.check_verb("resume")
+        self.user_paused = False
+        self.pause_count -= 1
+        if self.pause_count == 0:
+            self.enter()
+
+    def user_complete(self) -> None:
+        self.check_verb("complete")
+        if self.cancelled or not self.can_complete:
+            raise QMPError(f"The active block job '{self.id}' cannot be completed")
+        self.do_complete()
+        self.enter()
+
+    async def user_finalize(self) -> None:
+        self.check_verb("finalize")
+        await self._do_finalize()
+
+    def user_dismiss(self) -> None:
+        self.check_verb("dismiss")
+        self.registry._forget(self)
+
+
+class CreateJob(Job):
+    """blockdev-create: `prepare` inside the command, `work` in the task.
+    Its work is not interrupted by a cancel (a half-written image is worse
+    than a finished one); the job then concludes with 'Operation canceled'."""
+
+    job_type = "create"
+
+    def __init__(self, registry: JobRegistry, job_id: str, prepare: Step | None, work: Step | None) -> None:
+        super().__init__(registry, job_id, auto_finalize=True, auto_dismiss=False)
+        self._prepare_step = prepare
+        self._work_step = work
+
+    async def run(self) -> None:
+        if self._work_step is not None:
+            await self._work_step(self)
+        self.current_progress = self.total_progress
+
+    async def start_with_prepare(self) -> None:
+        self._transition(S.RUNNING)
+        self.total_progress = 1  # create jobs count one unit, as QEMU's
+        try:
+            if self._prepare_step is not None:
+                await self._prepare_step(self)
+        except Exception as e:
+            self.fail(error_text(e))
+            self.done_running = True
+            self.current_progress = self.total_progress
+            await self._completed()
+            return
+        except asyncio.CancelledError:
+            self.fail(os.strerror(errno.ECANCELED))
+            self.status = S.CONCLUDED
+            self.finished.set()
+            raise
+        self.busy = True
+        self.task = asyncio.get_running_loop().create_task(self._main(), name=f"job {self.id}")
+
+    async def abort(self) -> None:
+        self.current_progress = self.total_progress
 
 
 class JobRegistry:
@@ -167,36 +396,42 @@ class JobRegistry:
     def __iter__(self):
         return iter(list(self._jobs.values()))
 
-    async def start(self, job_id: str, job_type: str, *, prepare: Step | None = None,
-                    work: Step | None = None) -> Job:
-        """Create the job (errors for a bad or taken id are the command's), then
-        run `prepare` before returning and `work` in the background."""
+    def check_new_id(self, job_id: str) -> None:
         if not _ID_RE.match(job_id):
             raise QMPError(f"Invalid job ID '{job_id}'")
         if job_id in self._jobs:
             raise QMPError(f"Job ID '{job_id}' already in use")
-        job = Job(self, job_id, job_type)
-        self._jobs[job_id] = job
-        job._transition(JobStatus.CREATED)
-        await job._run(prepare, work)
+
+    def add(self, job: Job) -> None:
+        """Register a new job (its id checked) and announce it as created."""
+        self.check_new_id(job.id)
+        self._jobs[job.id] = job
+        job._transition(S.CREATED)
+
+    def _forget(self, job: Job) -> None:
+        if self._jobs.get(job.id) is job:
+            del self._jobs[job.id]
+        job._transition(S.NULL)
+
+    async def start(self, job_id: str, job_type: str, *, prepare: Step | None = None,
+                    work: Step | None = None) -> Job:
+        """blockdev-create's job: errors for a bad or taken id are the
+        command's; `prepare` runs before returning, `work` in the background."""
+        assert job_type == CreateJob.job_type
+        job = CreateJob(self, job_id, prepare, work)
+        self.add(job)
+        await job.start_with_prepare()
         return job
 
+    # QMP verbs by job id (the job-* commands)
     def cancel(self, job_id: str) -> None:
-        """Best effort: the work is not interrupted (a half-written image is worse
-        than a finished one); the job then concludes with 'Operation canceled'."""
-        job = self.get(job_id)
-        job.check_verb("cancel")
-        job.cancelled = True
+        self.get(job_id).user_cancel(force=True)  # job-cancel always forces, as QEMU's
 
-    def finalize(self, job_id: str) -> None:
-        # every exportd job finalizes itself, so none is ever left pending
-        self.get(job_id).check_verb("finalize")
+    async def finalize(self, job_id: str) -> None:
+        await self.get(job_id).user_finalize()
 
     def dismiss(self, job_id: str) -> None:
-        job = self.get(job_id)
-        job.check_verb("dismiss")
-        del self._jobs[job_id]
-        job._transition(JobStatus.NULL)
+        self.get(job_id).user_dismiss()
 
 
 def error_text(exc: BaseException) -> str:
@@ -210,23 +445,31 @@ def error_text(exc: BaseException) -> str:
 
 
 async def finish_all(daemon: Any, timeout: float = 60.0) -> None:
-    """At shutdown, before the block nodes close: cancel every unfinished job and
-    wait for it (the work is not interrupted, so an image is never left half
-    written), as qemu-storage-daemon's job_cancel_sync_all(). Never raises."""
+    """At shutdown, before the block nodes close: force-cancel every
+    unfinished job and wait for it, as qemu-storage-daemon's
+    job_cancel_sync_all() (a create job's I/O is not interrupted, so an image
+    is never left half written). Never raises."""
     reg = _REGISTRIES.get(daemon)
     if reg is None:
         return
-    tasks = []
+    waits = []
     for job in reg:
-        if job.task is not None and not job.task.done():
-            job.cancelled = True
-            tasks.append(job.task)
-    if not tasks:
+        if job.finished.is_set():
+            continue
+        if job.status in VERB_STATES["cancel"]:
+            try:
+                job.user_cancel(force=True)
+            except Exception:
+                log.exception("cancelling job %s at shutdown failed", job.id)
+        waits.append(asyncio.ensure_future(job.finished.wait()))
+    if not waits:
         return
     try:
-        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        _, pending = await asyncio.wait(waits, timeout=timeout)
         if pending:
             log.warning("%d job(s) still running after %.0f s at shutdown", len(pending), timeout)
+            for w in pending:
+                w.cancel()
     except Exception:
         log.exception("waiting for the jobs at shutdown failed")
 

@@ -254,10 +254,10 @@ class BlockGraph:
             await self._destroy(node)
 
     # --- moving parents -------------------------------------------------------
-    def replace_node(self, old: BlockNode, new: BlockNode) -> list[Edge]:
-        """Move every edge that points at `old` to `new` (QEMU's
-        bdrv_replace_node), except edges whose parent is `new` itself or
-        lies below it (an overlay keeps its backing edge to `old`). The
+    def replace_node(self, old: BlockNode, new: BlockNode, edges: list[Edge] | None = None) -> list[Edge]:
+        """Move every edge that points at `old` (or only `edges`) to `new`
+        (QEMU's bdrv_replace_node), except edges whose parent is `new` itself
+        or lies below it (an overlay keeps its backing edge to `old`). The
         permissions of the moved edges are checked on `new` first; on a
         conflict BlockError is raised and nothing moved. A parent may refuse
         with `refuse_move(edge, new) -> reason or None`; parents that define
@@ -267,7 +267,7 @@ class BlockGraph:
         # a parent at or below `new` would make a loop (an overlay's own
         # backing edge to `old` stays where it is)
         below_new = _subtree(new)
-        moving = [e for e in old.users if e.parent not in below_new]
+        moving = [e for e in (old.users if edges is None else edges) if e.parent not in below_new]
         if not moving:
             return []
         for e in moving:
@@ -276,9 +276,17 @@ class BlockGraph:
             reason = refuse(e, new) if refuse is not None else None
             if reason:
                 raise BlockError(reason)
-        # all the moved edges and new's current users at once: one lock change
+        # all the moved edges and new's current users at once: one lock change.
+        # The moving edges already count as gone from `old`, so that a `new`
+        # sitting on `old` (a job's filter) may pass their permissions down.
         perm, shared = combine([*new.users, *moving])
-        new.apply_permissions(perm, shared)  # raises BlockError: nothing moved
+        old_users = old.users
+        old.users = [u for u in old_users if u not in moving]
+        try:
+            new.apply_permissions(perm, shared)  # raises BlockError: nothing moved
+        except BaseException:
+            old.users = old_users
+            raise
         new.users = [*new.users, *moving]
         new.permissions_changed()
         for e in moving:
@@ -293,6 +301,55 @@ class BlockGraph:
                     log.exception("%r: edge_moved hook failed", e.parent)
         log.debug("replaced node %s by %s (%d edges moved)", old.node_name, new.node_name, len(moving))
         return moving
+
+    # --- what block jobs change --------------------------------------------------
+    def new_node_name(self, name: str | None) -> str:
+        """A checked explicit node name, or an automatic #blockNNN."""
+        if name is None:
+            return self._generate_name()
+        self._check_new_name(name)
+        return name
+
+    def insert_filter(self, node: BlockNode, filt: BlockNode, role: str) -> None:
+        """Put `filt` (a job's filter node, not yet in the graph) above
+        `node`: it takes `node` as its `role` child and every parent of
+        `node` moves onto it, all or nothing (QEMU's bdrv_append)."""
+        edge = node.attach(filt, Perm(0), Perm.ALL, role)
+        filt.child_edges[role] = edge
+        self._nodes[filt.node_name] = filt
+        try:
+            self.replace_node(node, filt)
+        except BaseException:
+            del self._nodes[filt.node_name]
+            del filt.child_edges[role]
+            node.detach(edge)
+            raise
+
+    async def drop_filter(self, filt: BlockNode) -> None:
+        """Take a job's filter out: whoever still sits on it moves back
+        onto its child, and it goes."""
+        (edge,) = filt.child_edges.values()
+        if filt.users:
+            self.replace_node(filt, edge.node)
+        await self._destroy(filt)
+
+    async def set_backing(self, node: BlockNode, backing: BlockNode | None) -> None:
+        """Point `node`'s backing edge at `backing`, or drop it (QEMU's
+        bdrv_set_backing_hd in the graph; the image header is the driver's).
+        The old backing node goes when nobody else holds it."""
+        edge = node.child_edges.get("backing")
+        if edge is None and backing is not None:
+            node.child_edges["backing"] = backing.attach(node, Perm.CONSISTENT_READ, Perm.ALL, "backing")
+            return
+        if edge is None or edge.node is backing:
+            return
+        old = edge.node
+        if backing is None:
+            await self.detach_child(node, "backing")
+            return
+        self.replace_node(old, backing, edges=[edge])
+        if not old.monitor_owned and old.refcount == 0 and self._nodes.get(old.node_name) is old:
+            await self._destroy(old)
 
     # --- blockdev-snapshot ------------------------------------------------------
     async def snapshot(self, node_name: str, overlay_name: str) -> None:
@@ -427,8 +484,9 @@ class BlockGraph:
         if node is None:
             raise BlockError(f"Failed to find node with node-name='{node_name}'")
         parents = [u for u in node.users if isinstance(u.parent, BlockNode)]
-        others = [u for u in node.users if not isinstance(u.parent, BlockNode)]
-        if others:  # an export (QEMU: a BlockBackend) uses it
+        others = [u for u in node.users
+                  if not isinstance(u.parent, BlockNode) and not isinstance(getattr(u.parent, "op_blocker", None), str)]
+        if others:  # an export or a job's target (QEMU: a BlockBackend) uses it
             raise BlockError(f"Node {node_name} is in use")
         _check_not_backing(node)
         if not node.monitor_owned:
@@ -482,11 +540,18 @@ def _install_detect_zeroes(node: BlockNode, *, unmap: bool) -> None:
     node.map_now = map_now  # type: ignore[method-assign]
 
 
-def _check_not_backing(node: BlockNode) -> None:
-    """QEMU blocks most operations on a backing node (its op blocker), with this text."""
-    for e in node.users:
+def check_not_busy(node: BlockNode) -> None:
+    """QEMU's op blockers, with its texts: a block job's hold on the node
+    (the newest blocker is reported first), or its use as a backing node."""
+    for e in reversed(node.users):
+        blocker = getattr(e.parent, "op_blocker", None)
+        if isinstance(blocker, str):
+            raise BlockError(f"Node '{node.node_name}' is busy: {blocker}")
         if e.role == "backing" and isinstance(e.parent, BlockNode):
             raise BlockError(f"Node '{node.node_name}' is busy: node is used as backing hd of '{e.parent.node_name}'")
+
+
+check_not_backing = _check_not_backing = check_not_busy
 
 
 class _Resizer:

@@ -276,6 +276,12 @@ class BlockNode(ABC):
     async def truncate(self, size: int, *, prealloc: Prealloc = Prealloc.OFF, exact: bool = True) -> None:
         raise OSError(95, "Image format driver does not support resize")  # EOPNOTSUPP (QEMU's text)
 
+    async def set_backing_file(self, filename: str | None, fmt: str | None) -> None:
+        """Record a new backing file name and format in the image, or none
+        (QEMU's bdrv_change_backing_file; stream and commit call it when
+        they drop layers). Only formats with backing files can."""
+        raise OSError(95, "Operation not supported")  # EOPNOTSUPP
+
     @abstractmethod
     def getlength(self) -> int:
         """Current virtual size in bytes; cheap, no I/O."""

@@ -51,5 +51,5 @@ async def job_cancel(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
 
 @command("job-finalize")
 async def job_finalize(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
-    registry_of(daemon).finalize(args["id"])
+    await registry_of(daemon).finalize(args["id"])
     return {}

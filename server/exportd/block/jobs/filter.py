@@ -1,0 +1,180 @@
+"""The filter node a block job puts above the node it works on (QEMU's
+mirror_top, commit_top and copy-on-read filters).
+
+Every parent of the job's node moves onto the filter (graph.insert_filter),
+so every write to the node passes through the job's hands:
+
+- after a write completes the job hears of it (`written`): a mirror marks
+  the range dirty, or in write-blocking mode copies it to the target first;
+- writes wait while the job holds the range (`RangeLocks`): a stream copying
+  a cluster from the backing chain must not overwrite a guest write that
+  lands between its read and its write.
+
+Reads take the node's own fast path (map_now); writes always take the slow
+path, because the job must see each one after it completed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from exportd.block.node import BlockNode, BlockStatus, Perm, Prealloc
+from exportd.extents import Extent
+
+
+class RangeLocks:
+    """Byte ranges the job is copying right now; writes to an overlapping
+    range wait until the job lets go (QEMU's serialising requests)."""
+
+    def __init__(self) -> None:
+        self._held: dict[int, tuple[int, int]] = {}
+        self._next = 0
+        self._released = asyncio.Event()
+
+    def _overlaps(self, offset: int, length: int) -> bool:
+        end = offset + length
+        return any(o < end and offset < o + n for o, n in self._held.values())
+
+    async def wait_free(self, offset: int, length: int) -> None:
+        while self._overlaps(offset, length):
+            self._released.clear()
+            await self._released.wait()
+
+    async def acquire(self, offset: int, length: int) -> int:
+        await self.wait_free(offset, length)
+        self._next += 1
+        self._held[self._next] = (offset, length)
+        return self._next
+
+    def release(self, token: int) -> None:
+        del self._held[token]
+        self._released.set()
+
+
+# (offset, length, data or None for zeroes/discard) -> awaited after the write
+WriteHook = Callable[[int, int, "bytes | bytearray | memoryview | None"], Awaitable[None]]
+
+
+class JobFilter(BlockNode):
+    """A pass-through node over one child (`role`), owned by a job."""
+
+    driver = "mirror_top"  # per instance: mirror_top, commit_top, copy-on-read
+
+    def __init__(self, node_name: str, driver: str, role: str, owner: Any,
+                 *, forbidden: Perm = Perm.RESIZE) -> None:
+        super().__init__(node_name, read_only=False)
+        self.driver = driver  # type: ignore[misc]
+        self.role = role
+        self.owner = owner  # the job: named in permission errors
+        self.forbidden = forbidden  # what the job does not let parents take
+        self.locks = RangeLocks()
+        self.serialize_writes = False  # wait for the job's held ranges
+        self.written: WriteHook | None = None
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._open = asyncio.Event()  # cleared while frozen (a pivot is coming)
+        self._open.set()
+        self.redirect: BlockNode | None = None  # after a pivot: where writes go
+
+    @classmethod
+    async def open(cls, graph: Any, node_name: str, options: dict[str, Any]) -> BlockNode:
+        raise NotImplementedError("a job filter is only created by its job")
+
+    @property
+    def inner(self) -> BlockNode:
+        return self.child_edges[self.role].node
+
+    # --- permissions: the parents' needs pass to the child ----------------------------
+    def apply_permissions(self, perm: Perm, shared: Perm) -> None:
+        from exportd.errors import BlockError
+
+        clash = perm & self.forbidden
+        if clash:
+            from exportd.block.node import perm_name
+
+            raise BlockError(
+                f"Permission conflict on node '{self.node_name}': permissions '{perm_name(clash)}' are both "
+                f"required by a parent and unshared by {self.owner.describe()}"
+            )
+        edge = self.child_edges.get(self.role)
+        if edge is not None:
+            edge.node.update(edge, perm, shared)
+
+    # --- data -----------------------------------------------------------------------------
+    def getlength(self) -> int:
+        return self.inner.getlength()
+
+    def map_now(self, offset: int, length: int, *, write: bool = False) -> list[Extent] | None:
+        return None if write else self.inner.map_now(offset, length)
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        return await self.inner.read(offset, length)
+
+    async def _write_op(self, offset: int, length: int, data: bytes | bytearray | memoryview | None,
+                        op: Callable[[BlockNode], Awaitable[None]]) -> None:
+        while not self._open.is_set():
+            await self._open.wait()
+        self.in_flight += 1
+        self._idle.clear()
+        try:
+            if self.serialize_writes:
+                await self.locks.wait_free(offset, length)
+            await op(self.redirect or self.inner)  # only once the range is free
+            if self.written is not None:
+                await self.written(offset, length, data)
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+        await self._write_op(offset, len(data), data, lambda node: node.write(offset, data, fua=fua))
+
+    async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
+        await self._write_op(offset, length, None,
+                             lambda node: node.write_zeroes(offset, length, may_unmap=may_unmap))
+
+    async def discard(self, offset: int, length: int) -> None:
+        await self._write_op(offset, length, None, lambda node: node.discard(offset, length))
+
+    async def wait_idle(self) -> None:
+        """Until no write is in flight through the filter."""
+        await self._idle.wait()
+
+    def freeze(self) -> None:
+        """New writes wait (in flight ones finish): the job is about to pivot."""
+        self._open.clear()
+
+    def thaw(self, redirect: BlockNode | None = None) -> None:
+        """Let the waiting writes go, to `redirect` once the parents moved there."""
+        if redirect is not None:
+            self.redirect = redirect
+        self._open.set()
+
+    async def flush(self) -> None:
+        await self.inner.flush()
+
+    async def truncate(self, size: int, *, prealloc: Prealloc = Prealloc.OFF, exact: bool = True) -> None:
+        await self.inner.truncate(size, prealloc=prealloc, exact=exact)
+
+    async def block_status(self, offset: int, length: int) -> BlockStatus:
+        return await self.inner.block_status(offset, length)
+
+    async def allocated_size(self) -> int:
+        return await self.inner.allocated_size()
+
+    # --- introspection --------------------------------------------------------------------
+    def filename(self) -> str:
+        return self.inner.filename()
+
+    def host_fd(self) -> int | str:
+        return f"a block job works on the node ({self.owner.describe()})"
+
+    def data_never_blocks(self) -> bool:
+        return self.inner.data_never_blocks()
+
+    def refresh_length(self) -> int:
+        return self.inner.refresh_length()

@@ -1,0 +1,291 @@
+"""The mirror job (blockdev-mirror, drive-mirror) and active commit, which
+is a mirror of the active layer into a node of its own backing chain.
+
+A filter above the source sees every write (filter.py). The job copies the
+dirty chunks (at first: everything, or what the top layer or the layers
+above the commit base hold) to the target; once nothing is dirty it is
+READY and keeps copying what new writes dirty. job-complete then freezes
+the writes, copies the last dirty chunks, and moves every parent of the
+filter onto the target (graph.replace_node), all in one step of the loop;
+the writes that waited go to the target. A soft cancel once READY does
+the same without the move: the source stays, the target holds a
+consistent copy.
+
+In write-blocking mode a write to the source is also written to the
+target before it completes, so the job converges whatever the write rate.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from exportd.block.jobs.base import BlockJob
+from exportd.block.jobs.chain import allocated_above
+from exportd.block.jobs.dirty import DirtyMap
+from exportd.block.jobs.filter import JobFilter
+from exportd.block.node import BlockNode, Perm, Status
+from exportd.errors import BlockError
+
+log = logging.getLogger(__name__)
+
+MAX_CHUNK = 1 << 20  # bytes copied per step (at most buf-size)
+
+
+class MirrorJob(BlockJob):
+    job_type = "mirror"
+    can_complete = True
+
+    def __init__(self, daemon: Any, job_id: str, source: BlockNode, target: BlockNode, *, sync: str = "full",
+                 granularity: int = 0, buf_size: int = 16 << 20, copy_mode: str = "background",
+                 base: BlockNode | None = None, replaces: BlockNode | None = None,
+                 on_source_error: str = "report", on_target_error: str = "report",
+                 target_backing: BlockNode | None = None, **kwargs: Any) -> None:
+        super().__init__(daemon, job_id, **kwargs)
+        self.source = source
+        self.target = target
+        self.sync = sync
+        self.granularity = granularity or default_granularity(target)
+        self.buf_size = buf_size
+        self.copy_mode = copy_mode
+        self.base = base  # active commit: the node committed into (the target)
+        self.to_replace = replaces or source
+        self.on_source_error = on_source_error
+        self.on_target_error = on_target_error
+        self.target_backing = target_backing  # drive-mirror: the target's backing after the pivot
+        self.filter: JobFilter | None = None
+        self.dirty: DirtyMap | None = None
+        self.should_complete = False
+        self.pivoted = False
+        self._made_base_writable = False
+
+    # --- set-up (inside the command: a failure changes nothing) ----------------------------
+    async def setup(self, filter_node_name: str | None, filter_driver: str = "mirror_top") -> None:
+        graph = self.graph
+        target_in_chain = self.base is not None
+        if target_in_chain and self.target.read_only:
+            from exportd.block.reopen import set_read_only
+
+            await set_read_only(graph, self.target, False)
+            self._made_base_writable = True
+        try:
+            filt = JobFilter(graph.new_node_name(filter_node_name), filter_driver, "backing", self)
+            graph.insert_filter(self.source, filt, "backing")
+            self.filter = filt
+            perm = Perm.WRITE
+            shared = Perm.WRITE_UNCHANGED
+            if target_in_chain:
+                if self.target.getlength() < self.source.getlength():
+                    perm |= Perm.RESIZE
+                shared |= Perm.CONSISTENT_READ | Perm.WRITE
+            self.target_edge = self.hold(self.target, "target", perm, shared, backend=True)
+            self.hold(self.source, "source", Perm(0), Perm.ALL)  # blocks other operations on it
+        except BaseException:
+            await self._undo_setup()
+            raise
+        self.filter.written = self._written
+        self.filter.serialize_writes = self.copy_mode == "write-blocking"
+
+    async def _undo_setup(self) -> None:
+        await self.let_go_all()
+        if self.filter is not None:
+            await self.graph.drop_filter(self.filter)
+            self.filter = None
+        if self._made_base_writable:
+            from exportd.block.reopen import set_read_only
+
+            self._made_base_writable = False
+            try:
+                await set_read_only(self.graph, self.target, True)
+            except Exception:
+                log.exception("job %s: making %s read-only again failed", self.id, self.target.node_name)
+
+    # --- writes through the filter ------------------------------------------------------
+    async def _written(self, offset: int, length: int, data: Any) -> None:
+        dirty = self.dirty
+        if dirty is None or self.pivoted:
+            return
+        if self.copy_mode == "write-blocking" and not self.should_stop() and data is not None:
+            try:
+                await self.target.write(offset, data)
+                return  # the target has it: the chunk stays as clean or dirty as it was
+            except OSError:
+                log.warning("job %s: write-blocking copy failed; left for the background copy", self.id)
+        self.total_progress += dirty.mark(offset, length)
+        self.enter()
+
+    # --- the work ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        assert self.filter is not None
+        source, target = self.source, self.target
+        length = source.getlength()
+        target_length = target.getlength()
+        if self.base is not None:
+            if length > target_length:
+                await target.truncate(length, exact=False)
+        elif length != target_length:
+            raise BlockError("Source and target image have different sizes")
+        self.dirty = dirty = DirtyMap(length, self.granularity)
+        await self._initial_dirty(length)
+        self.total_progress = dirty.dirty_bytes()
+        chunk = max(self.granularity, min(self.buf_size, MAX_CHUNK))
+        cursor = 0
+        while True:
+            if self.is_cancelled():
+                return
+            run = dirty.next_run(cursor, chunk)
+            if run is not None:
+                offset, n = run
+                cursor = offset + n
+                await self._copy(offset, n)
+                continue
+            # nothing dirty
+            if not self.is_ready():
+                await target.flush()
+                if dirty.count or self.is_cancelled():
+                    continue
+                self.set_ready()
+            if self.should_complete or self.should_stop():
+                if await self._converged():
+                    return
+                continue
+            await self.sleep(0)  # until a write dirties something, or a verb
+
+    async def _converged(self) -> bool:
+        """Freeze new writes, let the ones in flight finish; True when then
+        nothing is dirty (the writes stay frozen until the pivot)."""
+        assert self.filter is not None and self.dirty is not None
+        self.filter.freeze()
+        await self.filter.wait_idle()
+        if self.dirty.count or self.is_cancelled():
+            self.filter.thaw()
+            return False
+        try:
+            await self.target.flush()
+        except OSError:
+            self.filter.thaw()
+            raise
+        return True
+
+    async def _initial_dirty(self, length: int) -> None:
+        """What the first pass copies: QEMU's mirror_dirty_init."""
+        assert self.dirty is not None
+        if self.sync == "none":
+            return
+        if self.sync == "full" and self.base is None:
+            self.dirty.mark(0, length)
+            return
+        # sync=top: what the source's own layer holds; active commit: the layers above base
+        base = self.base if self.base is not None else self.source.child("backing")
+        offset = 0
+        while offset < length:
+            allocated, _zero, n = await allocated_above(self.source, base, offset, length - offset)
+            if allocated:
+                self.dirty.mark(offset, n)
+            offset += n
+            await self.pause_point()
+
+    async def _copy(self, offset: int, n: int) -> None:
+        """Copy one dirty run to the target (zeroes as zeroes)."""
+        assert self.dirty is not None and self.filter is not None
+        self.dirty.clear(offset, n)
+        token = await self.filter.locks.acquire(offset, n) if self.filter.serialize_writes else None
+        try:
+            while True:
+                try:
+                    zero, data = await self._read_source(offset, n)
+                    break
+                except OSError as e:
+                    if not await self.io_error(e, is_read=True, policy=self.on_source_error):
+                        self.current_progress += n
+                        return
+            while True:
+                try:
+                    if zero and data is None:
+                        pass
+                    elif zero:
+                        await self.target.write_zeroes(offset, n, may_unmap=True)
+                    else:
+                        await self.target.write(offset, data)
+                    break
+                except OSError as e:
+                    if not await self.io_error(e, is_read=False, policy=self.on_target_error):
+                        break
+        finally:
+            if token is not None:
+                self.filter.locks.release(token)
+        await self.processed(n)
+
+    async def _read_source(self, offset: int, n: int) -> tuple[bool, bytes | bytearray | memoryview | None]:
+        """(zero, data): data None when the target already reads zeroes there."""
+        st = await self.source.block_status(offset, n)
+        if st.status & Status.ZERO and st.length >= n:
+            # zeroes: nothing to write where the target reads zeroes already
+            tst = await self.target.block_status(offset, n)
+            return True, b"" if not (tst.status & Status.ZERO and tst.length >= n) else None
+
+        data = await self.source.read(offset, n)
+        return False, data
+
+    # --- verbs ------------------------------------------------------------------------------
+    def do_complete(self) -> None:
+        self.should_complete = True
+
+    def do_cancel(self, force: bool) -> bool:
+        return force or not self.is_ready()  # before READY every cancel is forced
+
+    # --- finalization -------------------------------------------------------------------------
+    async def prepare(self) -> None:
+        """The pivot (only after job-complete): every parent of the filter
+        moves onto the target, in one step, then the frozen writes go there."""
+        assert self.filter is not None
+        if not self.should_complete or self.cancelled:
+            return
+        graph = self.graph
+        # the job's own hold on the target must not stand in the way
+        self.target.update(self.target_edge, Perm(0), Perm.ALL)
+        try:
+            if self.to_replace is not self.source:
+                graph.replace_node(self.to_replace, self.target)
+            else:
+                graph.replace_node(self.filter, self.target)
+        except BaseException:
+            self.filter.thaw()
+            raise
+        self.pivoted = True
+        self.filter.thaw(redirect=self.target)
+        if self.target_backing is not None and self.target.child("backing") is None:
+            await graph.set_backing(self.target, self.target_backing)
+
+    async def clean(self) -> None:
+        if self.filter is not None:
+            self.filter.thaw()
+            filt, self.filter = self.filter, None
+            await self.graph.drop_filter(filt)
+        await self.let_go_all()
+        if self._made_base_writable and not self.pivoted:
+            from exportd.block.reopen import set_read_only
+
+            try:
+                await set_read_only(self.graph, self.target, True)
+            except Exception:
+                log.exception("job %s: making %s read-only again failed", self.id, self.target.node_name)
+
+
+class ActiveCommitJob(MirrorJob):
+    """block-commit of the active layer: a mirror into its own base."""
+
+    job_type = "commit"
+
+
+def default_granularity(target: BlockNode) -> int:
+    """The target's cluster size, 4 KiB to 64 KiB (QEMU's default)."""
+    cluster = int(getattr(target, "cluster_size", 0) or 0)
+    return min(max(cluster, 4096), 65536)
+
+
+def check_granularity(granularity: int) -> None:
+    if granularity and not 512 <= granularity <= 64 << 20:
+        raise BlockError("Parameter 'granularity' expects a value in range [512B, 64MB]")
+    if granularity & (granularity - 1):
+        raise BlockError("Parameter 'granularity' expects a power of 2")

@@ -1,0 +1,119 @@
+"""blockdev-mirror on a live FUSE export: writes during the copy reach the
+target, job-complete moves the export onto the target with no unmount, and
+a soft cancel after READY leaves the source in place with a consistent copy."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from tests.support.daemon import Exportd
+from tests.support.threads import athread
+
+MiB = 1 << 20
+
+
+def qcow2(path: Path, size: int, *cmds: str) -> None:
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)], check=True)
+    for c in cmds:
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", c, str(path)], check=True, capture_output=True)
+
+
+def check_clean(*images: Path) -> None:
+    for img in images:
+        r = subprocess.run(["qemu-img", "check", "-q", str(img)], capture_output=True, text=True)
+        assert r.returncode == 0, (img, r.stdout, r.stderr)
+
+
+async def statuses(exportd: Exportd, job_id: str, until: str) -> list[str]:
+    seen = []
+    while True:
+        ev = await exportd.event("JOB_STATUS_CHANGE")
+        if ev["id"] == job_id:
+            seen.append(ev["status"])
+            if ev["status"] == until:
+                return seen
+
+
+async def test_mirror_pivots_a_live_export(exportd: Exportd, workdir: Path) -> None:
+    src, dst = workdir / "src.qcow2", workdir / "dst.qcow2"
+    qcow2(src, 8 * MiB, "write -P 0x61 0 4M")
+    qcow2(dst, 8 * MiB)
+    await exportd.cmd("blockdev-add", {"driver": "qcow2", "node-name": "src",
+                                       "file": {"driver": "file", "filename": str(src)}})
+    await exportd.cmd("blockdev-add", {"driver": "qcow2", "node-name": "dst",
+                                       "file": {"driver": "file", "filename": str(dst)}})
+    mnt = workdir / "disk.raw"
+    mnt.touch()
+    await exportd.add_export("e", "src", mnt, writable=True)
+    fd = await athread(os.open, str(mnt), os.O_RDWR)
+    try:
+        await exportd.cmd("blockdev-mirror", {"job-id": "m", "device": "src", "target": "dst", "sync": "full"})
+        await athread(os.pwrite, fd, b"b" * MiB, 6 * MiB)  # during the copy
+        assert await exportd.event("BLOCK_JOB_READY", timeout=30)
+        await athread(os.pwrite, fd, b"c" * 4096, 0)  # after READY: mirrored
+        jobs = await exportd.cmd("query-block-jobs")
+        assert [(j["device"], j["status"], j["ready"]) for j in jobs] == [("m", "ready", True)]
+        await exportd.cmd("job-complete", {"id": "m"})
+        done = await exportd.event("BLOCK_JOB_COMPLETED", timeout=30)
+        assert "error" not in done, done
+        exports = await exportd.exports()
+        assert [(e["id"], e["node-name"]) for e in exports] == [("e", "dst")]
+        await athread(os.pwrite, fd, b"d" * 4096, 4096)  # after the pivot: to dst only
+        await athread(os.fsync, fd)
+        data = await athread(os.pread, fd, 8 * MiB, 0)
+    finally:
+        await athread(os.close, fd)
+    expect = bytearray(b"a" * 4 * MiB + bytes(4 * MiB))
+    expect[6 * MiB:7 * MiB] = b"b" * MiB
+    expect[0:4096] = b"c" * 4096
+    expect[4096:8192] = b"d" * 4096
+    assert data == expect
+    await exportd.del_export("e")
+    await exportd.cmd("blockdev-del", {"node-name": "dst"})
+    await exportd.cmd("blockdev-del", {"node-name": "src"})
+    check_clean(src, dst)
+    raw = workdir / "dst.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(dst), str(raw)], check=True)
+    assert raw.read_bytes() == expect
+    # the source has everything up to the pivot, not the write after it
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(src), str(raw)], check=True)
+    before = bytearray(expect)
+    before[4096:8192] = b"a" * 4096
+    assert raw.read_bytes() == before
+
+
+async def test_soft_cancel_after_ready_keeps_the_source(exportd: Exportd, workdir: Path) -> None:
+    src, dst = workdir / "src.qcow2", workdir / "dst.qcow2"
+    qcow2(src, 4 * MiB, "write -P 0x61 0 1M")
+    qcow2(dst, 4 * MiB)
+    await exportd.cmd("blockdev-add", {"driver": "qcow2", "node-name": "src",
+                                       "file": {"driver": "file", "filename": str(src)}})
+    await exportd.cmd("blockdev-add", {"driver": "qcow2", "node-name": "dst",
+                                       "file": {"driver": "file", "filename": str(dst)}})
+    mnt = workdir / "disk.raw"
+    mnt.touch()
+    await exportd.add_export("e", "src", mnt, writable=True)
+    await exportd.cmd("blockdev-mirror", {"job-id": "m", "device": "src", "target": "dst", "sync": "full"})
+    await exportd.event("BLOCK_JOB_READY", timeout=30)
+    await athread(_write_at, mnt, 2 * MiB, b"z" * 8192)
+    await exportd.cmd("block-job-cancel", {"device": "m"})
+    done = await exportd.event("BLOCK_JOB_COMPLETED", timeout=30)
+    assert "error" not in done
+    assert [(e["id"], e["node-name"]) for e in await exportd.exports()] == [("e", "src")]
+    await exportd.del_export("e")
+    await exportd.cmd("blockdev-del", {"node-name": "dst"})
+    await exportd.cmd("blockdev-del", {"node-name": "src"})
+    check_clean(src, dst)
+    r = subprocess.run(["qemu-img", "compare", "-q", str(src), str(dst)])
+    assert r.returncode == 0
+
+
+def _write_at(path: Path, offset: int, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
