@@ -371,3 +371,30 @@ async def test_progress_bar_only_on_a_terminal(jobd, exportctl_bin, tmp_path: Pa
     assert "%" in text and "top (running)" in text  # the bar: job id, status, percentage
     assert text.rstrip().endswith("stream job top completed")
     assert same(tmp_path / "top.qcow2", ref)
+
+
+async def test_job_finalize_and_dismiss(jobd, exportctl, tmp_path: Path) -> None:
+    nodes, ref = chain(tmp_path)
+    d = await jobd(*nodes)
+    d.require("job-finalize")
+    r = exportctl(d.socket, "qmp", '{"execute": "block-stream", "arguments": {"job-id": "s", "device": "top",'
+                  ' "auto-finalize": false, "auto-dismiss": false}}')
+    assert r.returncode == 0, r.stderr
+
+    def status() -> str:
+        jobs = json.loads(exportctl(d.socket, "--json", "jobs").stdout)["jobs"]
+        return jobs[0]["status"] if jobs else "gone"
+
+    for verb, before, after in (("finalize", "pending", "concluded"), ("dismiss", "concluded", "gone")):
+        deadline = time.monotonic() + 30
+        while status() != before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert status() == before
+        r = exportctl(d.socket, "job", verb, "s")
+        assert r.returncode == 0, r.stderr
+        deadline = time.monotonic() + 30
+        while status() != after and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert status() == after
+    d.stop()
+    assert same(tmp_path / "top.qcow2", ref)
