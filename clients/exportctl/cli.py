@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from exportctl.client import Client, ConnectError, QMPError
-from exportctl.jobs import JOB_HEADER, job_rows, merge_jobs, wait_job
+from exportctl.jobs import JOB_HEADER, JobVanished, job_rows, merge_jobs, wait_job
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONNECT = 0, 1, 2, 3
 
@@ -307,8 +307,12 @@ async def _start_job(c: Client, a: argparse.Namespace, out: Output, command: str
     if not (a.wait or getattr(a, "complete", False)):  # --complete implies --wait
         out.result({"job-id": job_id}, f"started {kind} job {job_id}")
         return EXIT_OK
-    outcome = await wait_job(c, job_id, complete=getattr(a, "complete", False),
-                             progress=not out.as_json and sys.stdout.isatty())
+    try:
+        outcome = await wait_job(c, job_id, complete=getattr(a, "complete", False),
+                                 progress=not out.as_json and sys.stdout.isatty())
+    except JobVanished as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
     if not outcome.ok:
         print(f"error: {outcome.error}", file=sys.stderr)
         return EXIT_ERROR

@@ -19,6 +19,7 @@ from typing import Any
 from exportctl.client import Client, ConnectError, QMPError
 
 POLL_S = 0.2  # progress bar refresh: one query-block-jobs per tick
+CHECK_S = 2.0  # a job quiet this long is looked up in query-jobs
 
 
 @dataclass
@@ -59,7 +60,14 @@ async def wait_job(c: Client, job_id: str, *, complete: bool, progress: bool) ->
 async def _follow(c: Client, job_id: str, complete: bool) -> JobOutcome:
     ended: dict[str, Any] | None = None  # BLOCK_JOB_COMPLETED / _CANCELLED data
     cancelled = False
-    async for ev in c.events():
+    while True:
+        try:
+            ev = await c.next_event(CHECK_S)
+        except ConnectError:
+            raise ConnectError(f"the connection ended before job {job_id} concluded") from None
+        if ev is None:
+            await _check_listed(c, job_id)
+            continue
         name, data = ev.get("event"), ev.get("data") or {}
         if name in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED") and data.get("device") == job_id:
             ended, cancelled = data, name == "BLOCK_JOB_CANCELLED"
@@ -75,7 +83,19 @@ async def _follow(c: Client, job_id: str, complete: bool) -> JobOutcome:
                 await c.execute("job-complete", {"id": job_id})
             elif status in ("concluded", "null"):
                 return await _concluded(c, job_id, ended, cancelled)
-    raise ConnectError(f"the connection ended before job {job_id} concluded")
+
+
+async def _check_listed(c: Client, job_id: str) -> None:
+    """A quiet job must still be listed: one that vanished without its
+    events (a daemon's bug) would otherwise be waited for forever. Events
+    precede the reply on the socket, so any the job sent are queued by now."""
+    listed = any(j.get("id") == job_id for j in await c.execute("query-jobs"))
+    if not listed and not c.has_events():
+        raise JobVanished(f"job '{job_id}' ended without reporting how (no JOB_STATUS_CHANGE)")
+
+
+class JobVanished(Exception):
+    pass
 
 
 async def _concluded(c: Client, job_id: str, ended: dict[str, Any] | None, cancelled: bool) -> JobOutcome:

@@ -398,3 +398,14 @@ async def test_job_finalize_and_dismiss(jobd, exportctl, tmp_path: Path) -> None
         assert status() == after
     d.stop()
     assert same(tmp_path / "top.qcow2", ref)
+
+
+def test_help_lists_the_job_commands(exportctl) -> None:
+    r = exportctl(None, "--help")
+    assert r.returncode == 0
+    listed = {line.split()[0] for line in r.stdout.splitlines() if line.startswith("    ") and line.split()}
+    assert {"stream", "commit", "mirror", "jobs", "job"} <= set(listed)
+    r = exportctl(None, "mirror", "--help")
+    for flag in ("--target-file", "--sync", "--granularity", "--buf-size", "--copy-mode", "--complete",
+                 "--wait", "--speed", "--job-id"):
+        assert flag in r.stdout
