@@ -185,7 +185,7 @@ class Job:
     async def sleep(self, seconds: float) -> None:
         """Sleep for up to `seconds`, or until enter() (a cancel, resume,
         complete or speed change), as QEMU's job_sleep_ns; a pause point follows."""
-        if not self.should_stop():
+        if not self.should_stop() and self.pause_count <= 0:
             self._wake.clear()
             self.busy = False
             try:

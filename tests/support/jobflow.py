@@ -53,7 +53,7 @@ async def play(socket_path: str, steps: list[Step], timeout: float = 30) -> tupl
                     await asyncio.sleep(step[1])
             await asyncio.sleep(0.2)
             while not listener.empty():
-                ev = listener.get_nowait()
+                ev = await listener.get()
                 events.append((ev["event"], ev.get("data", {})))
     finally:
         await client.disconnect()

@@ -21,7 +21,7 @@ import stat
 from collections.abc import AsyncIterator
 from typing import Any
 
-from exportd.aio.threads import in_io_thread
+from exportd.aio.threads import in_io_thread, in_own_thread
 from exportd.block import register_driver
 from exportd.block.file_create import file_create_steps
 from exportd.block.locking import ImageLock, probe
@@ -86,6 +86,8 @@ def _close_opened(fut: asyncio.Future[Any]) -> None:
 class FileNode(BlockNode):
     driver = "file"
     option_members = FILE_MEMBERS
+    # exportd ignores these at open too; filename, locking, aio, x-io-policy are fixed
+    reopen_members = frozenset({"aio-max-batch", "drop-cache", "x-check-cache-dropped"})
 
     def __init__(self, node_name: str, *, read_only: bool, fd: int, filename: str,
                  size: int, direct: bool, discard_unmap: bool, lock: ImageLock | None,
@@ -191,6 +193,55 @@ class FileNode(BlockNode):
             self._lock.release()
         os.close(self.fd)
         self.fd = -1
+
+    # --- blockdev-reopen ----------------------------------------------------------
+    async def reopen_prepare(self, options: dict[str, Any], read_only: bool) -> Any:
+        """A change of read-only or cache.direct opens a new description of
+        the same file (through /proc/self/fd: the path may be covered by an
+        export's mount by now); commit moves the OFD locks to it and puts it
+        under the node's descriptor number (dup2), so extents and exports
+        that hold the number keep working."""
+        direct = options["cache"]["direct"]
+        no_flush = options["cache"]["no-flush"]
+        unmap = options["discard"] == "unmap"
+        new_fd = -1
+        if (read_only != self.read_only or direct != self.direct) and self.fd >= 0:
+            flags = os.O_CLOEXEC | (os.O_DIRECT if direct else 0) | (os.O_RDONLY if read_only else os.O_RDWR)
+            try:
+                new_fd = await in_own_thread(os.open, f"/proc/self/fd/{self.fd}", flags)
+            except OSError as e:
+                raise BlockError(f"Could not reopen file: {os.strerror(e.errno or 0)}") from None
+
+        async def commit() -> None:
+            if new_fd >= 0:
+                await in_own_thread(self._take_over_fd, new_fd)
+                self.direct = direct
+                self.request_alignment = DIRECT_ALIGNMENT if direct else 1
+                if direct:
+                    self._inline = self._nowait_reads = False
+            self._no_flush = no_flush
+            self.discard_unmap = unmap
+
+        async def abort() -> None:
+            if new_fd >= 0:
+                await in_own_thread(os.close, new_fd)
+
+        return commit, abort
+
+    def _take_over_fd(self, new_fd: int) -> None:
+        """Make `new_fd`'s description the node's, under the same number,
+        with the locks the node holds now (in a thread: the old description's
+        close may wait on a FUSE mount)."""
+        old = self._lock
+        if old is not None:
+            moved = ImageLock(new_fd, old.filename)
+            moved._set(old.perm, old.unshared)  # already checked: ours, moved
+            old.release()  # the old description may live on (FUSE passthrough)
+        os.dup2(new_fd, self.fd, inheritable=False)
+        os.close(new_fd)
+        if old is not None:
+            moved.fd = self.fd
+            self._lock = moved
 
     # --- permissions -> image locks -----------------------------------------
     def apply_permissions(self, perm: Perm, shared: Perm) -> None:

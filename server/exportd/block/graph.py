@@ -540,14 +540,15 @@ def _install_detect_zeroes(node: BlockNode, *, unmap: bool) -> None:
     node.map_now = map_now  # type: ignore[method-assign]
 
 
-def check_not_busy(node: BlockNode) -> None:
+def check_not_busy(node: BlockNode, *, backing: bool = True) -> None:
     """QEMU's op blockers, with its texts: a block job's hold on the node
-    (the newest blocker is reported first), or its use as a backing node."""
+    (the newest blocker is reported first), or its use as a backing node
+    (unless `backing` is False: stream and commit work on backing nodes)."""
     for e in reversed(node.users):
         blocker = getattr(e.parent, "op_blocker", None)
         if isinstance(blocker, str):
             raise BlockError(f"Node '{node.node_name}' is busy: {blocker}")
-        if e.role == "backing" and isinstance(e.parent, BlockNode):
+        if backing and e.role == "backing" and isinstance(e.parent, BlockNode):
             raise BlockError(f"Node '{node.node_name}' is busy: node is used as backing hd of '{e.parent.node_name}'")
 
 

@@ -88,6 +88,9 @@ class BlockNode(ABC):
     # refuses any other with QEMU's "Parameter 'x' is unexpected" before open())
     option_members: ClassVar[frozenset[str]] = frozenset()
     supports_backing: ClassVar[bool] = False  # may have a `backing` child (an overlay can)
+    # driver members blockdev-reopen may change on a live node (any other
+    # change is refused with "Cannot change the option 'x'")
+    reopen_members: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, node_name: str, *, read_only: bool) -> None:
         self.node_name = node_name
@@ -145,6 +148,17 @@ class BlockNode(ABC):
 
     async def close(self) -> None:  # noqa: B027 (optional hook)
         """Release resources; the graph detaches children afterwards."""
+
+    async def reopen_prepare(self, options: dict[str, Any], read_only: bool) -> Any:
+        """blockdev-reopen, first phase (exportd.block.reopen drives it): get
+        ready to run with `options` (the full normalized set) and `read_only`,
+        doing whatever may fail (open a new descriptor, check the image can
+        be written, flush before going read-only) without changing what the
+        node serves. Return (commit, abort): commit is an async callable that
+        makes the new state current once every node and permission is ready
+        and must not fail; abort undoes the preparation. None: nothing to do
+        beyond the common members."""
+        return None
 
     # --- permissions ------------------------------------------------------
     def attach(self, parent: object, perm: Perm, shared: Perm, role: str = "") -> Edge:

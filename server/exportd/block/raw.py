@@ -25,6 +25,7 @@ SECTOR = 512
 class RawNode(BlockNode):
     driver = "raw"
     option_members = RAW_MEMBERS
+    reopen_members = frozenset({"offset", "size"})
     is_format = True
 
     def __init__(self, node_name: str, *, read_only: bool, offset: int = 0, size: int | None = None) -> None:
@@ -64,6 +65,30 @@ class RawNode(BlockNode):
             raise BlockError(f"Specified size is not multiple of {SECTOR}")
         node.request_alignment = child.request_alignment
         return node
+
+    async def reopen_prepare(self, options: dict[str, Any], read_only: bool) -> Any:
+        """A new window (offset, size) is checked as at open; nothing else to do
+        (permissions are forwarded to the file as they are)."""
+        offset = get_int(options, "offset", 0)
+        size = get_int(options, "size", None)
+        real = self.file.getlength()
+        if offset > real:
+            raise BlockError(f"Offset ({offset}) cannot be greater than size of the containing file ({real})")
+        if size is not None and real - offset < size:
+            raise BlockError(
+                f"The sum of offset ({offset}) and size ({size}) has to be smaller or equal to the "
+                f" actual size of the containing file ({real})"
+            )
+        if size is not None and size % SECTOR:
+            raise BlockError(f"Specified size is not multiple of {SECTOR}")
+
+        async def commit() -> None:
+            self.offset, self.size = offset, size
+
+        async def abort() -> None:
+            pass
+
+        return commit, abort
 
     @property
     def file(self) -> BlockNode:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from exportd.block.graph import check_not_busy
 from exportd.block.query import named_block_nodes
 from exportd.commands import command
 from exportd.errors import BlockError
@@ -40,6 +41,10 @@ async def block_resize(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
     size = args["size"]
     if size < 0:
         raise BlockError("Parameter 'size' expects a >0 size")
+    try:
+        check_not_busy(node)  # a backing node, or one a block job holds
+    except BlockError:
+        raise BlockError(f"Device '{device if device is not None else '(null)'}' is in use") from None
     await daemon.graph.resize(node, size)
     return {}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from exportd.block.graph import check_not_backing
+from exportd.block.graph import check_not_busy
 from exportd.block.jobs.base import BlockJob, block_job, check_speed
 from exportd.block.jobs.chain import backing_chain, chain_contains, overlay_of
 from exportd.block.jobs.commit import CommitJob
@@ -17,7 +17,7 @@ from exportd.block.jobs.mirror import ActiveCommitJob, MirrorJob, check_granular
 from exportd.block.jobs.stream import StreamJob
 from exportd.block.node import BlockNode
 from exportd.commands import command
-from exportd.errors import BlockError
+from exportd.errors import BlockError, DeviceNotFound
 from exportd.jobs import registry_of
 
 
@@ -65,9 +65,11 @@ async def _start(job: BlockJob, setup: Any, speed: int) -> None:
 
 
 def _root_node(daemon: Any, name: str) -> BlockNode:
-    """QEMU's qmp_get_root_bs: a node with no node above it."""
+    """QEMU's qmp_get_root_bs: a node whose only parents are exports or
+    a job's writers (BlockBackends), not nodes nor a job's own hold."""
     node = _node(daemon, name, as_device=True)
-    if any(isinstance(e.parent, BlockNode) for e in node.users):
+    if any(isinstance(e.parent, BlockNode) or isinstance(getattr(e.parent, "op_blocker", None), str)
+           for e in node.users):
         raise BlockError("Need a root block node")
     return node
 
@@ -88,7 +90,7 @@ async def block_stream(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
     if base_name is not None:
         base = _by_filename(top, base_name)
         if base is None:
-            raise BlockError(f"Base '{base_name}' not found")
+            raise BlockError(f"Can't find '{base_name}' in the backing chain")
     if base_node_name is not None:
         base = _node(daemon, base_node_name)
         if base is top or not chain_contains(top, base):
@@ -98,6 +100,8 @@ async def block_stream(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
         if not chain_contains(top, bottom):
             raise BlockError(f"Node '{bottom_name}' is not in a chain starting from '{device}'")
         base = bottom.child("backing")
+    for node in backing_chain(top, base):
+        check_not_busy(node, backing=False)
     backing_file = args.get("backing-file")
     if base is None and backing_file is not None:
         raise BlockError("backing file specified, but streaming the entire chain")
@@ -112,8 +116,10 @@ async def block_stream(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
 @command("block-commit")
 async def block_commit(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
     device = args["device"]
-    active = _node(daemon, device, as_device=True)
-    check_not_backing(active)
+    if daemon.graph.find(device) is None:
+        raise DeviceNotFound(f"Device '{device}' not found")
+    active = _root_node(daemon, device)
+    check_not_busy(active, backing=False)
     top = active
     if args.get("top-node") is not None and args.get("top") is not None:
         raise BlockError("'top-node' and 'top' are mutually exclusive")
@@ -136,9 +142,11 @@ async def block_commit(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
     elif args.get("base") is not None:
         base = _by_filename(top, args["base"])
         if base is None:
-            raise BlockError(f"Base '{args['base']}' not found")
+            raise BlockError(f"Can't find '{args['base']}' in the backing chain")
     else:
         base = backing_chain(top)[-1]
+    for node in backing_chain(top, base):
+        check_not_busy(node, backing=False)
     if base is top:
         raise BlockError("cannot commit an image into itself")
     opts = _job_options(args)
@@ -166,7 +174,7 @@ def _mirror_checks(daemon: Any, args: dict[str, Any], source: BlockNode) -> None
     check_granularity(args.get("granularity", 0))
     if args.get("buf-size", 0) < 0:
         raise BlockError("Invalid parameter 'buf-size'")
-    check_not_backing(source)
+    check_not_busy(source)
 
 
 def _mirror_kwargs(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
@@ -184,7 +192,7 @@ async def blockdev_mirror(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
     _mirror_checks(daemon, args, source)
     if target is source:
         raise BlockError("Can't mirror node into itself")
-    check_not_backing(target)
+    check_not_busy(target)
     kwargs = _mirror_kwargs(daemon, args)
     job = MirrorJob(daemon, _job_id(daemon, args), source, target, **kwargs)
     await _start(job, job.setup(args.get("filter-node-name")), args.get("speed", 0))

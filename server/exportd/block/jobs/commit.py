@@ -44,6 +44,7 @@ class CommitJob(BlockJob):
             if self.base.getlength() < self.top.getlength():
                 perm |= Perm.RESIZE
             self.hold(self.base, "base", perm, Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED | Perm.WRITE, backend=True)
+            self.hold(self.base, "base", Perm(0), Perm.ALL)  # blocks other operations on it
             for node in backing_chain(self.top, self.base):
                 # nobody may change the layers being committed
                 self.hold(node, "intermediate node", Perm(0), Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED)

@@ -79,7 +79,9 @@ class MirrorJob(BlockJob):
                     perm |= Perm.RESIZE
                 shared |= Perm.CONSISTENT_READ | Perm.WRITE
             self.target_edge = self.hold(self.target, "target", perm, shared, backend=True)
-            self.hold(self.source, "source", Perm(0), Perm.ALL)  # blocks other operations on it
+            # the job's own edges block other operations on its nodes (QEMU's op blockers)
+            self.hold(self.target, "target", Perm(0), Perm.ALL)
+            self.hold(self.source, "source", Perm(0), Perm.ALL)
         except BaseException:
             await self._undo_setup()
             raise

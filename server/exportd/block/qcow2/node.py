@@ -38,6 +38,7 @@ from exportd.block.qcow2.create import Qcow2Create
 from exportd.block.qcow2.imagefile import ImageFile
 from exportd.block.qcow2.l2cache import L2Cache, decode_table, encode_table
 from exportd.block.qcow2.refcount import Refcounts
+from exportd.block.qcow2.reopen import QCOW2_REOPEN_MEMBERS, Qcow2Reopen
 from exportd.block.qcow2.snapshots import read_snapshot_table
 from exportd.block.qcow2.writeback import Writeback
 from exportd.errors import BlockError
@@ -60,9 +61,10 @@ QCOW2_MEMBERS = frozenset({
 
 
 @register_driver
-class Qcow2Node(ClusterMap, Writeback, BlockNode):
+class Qcow2Node(ClusterMap, Writeback, Qcow2Reopen, BlockNode):
     driver = "qcow2"
     option_members = QCOW2_MEMBERS
+    reopen_members = QCOW2_REOPEN_MEMBERS
     supports_backing = True
     is_format = True
 
