@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from exportctl.client import Client, ConnectError, QMPError
+from exportctl.jobs import JOB_HEADER, JobVanished, job_rows, merge_jobs, wait_job
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONNECT = 0, 1, 2, 3
 
@@ -285,6 +286,122 @@ async def cmd_snapshot(c: Client, a: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+# --- block jobs ---------------------------------------------------------------------------------
+def parse_speed(text: str) -> int:
+    """A rate in bytes per second: 1M, 512K/s, 0 (unlimited)."""
+    return parse_size(text[:-2] if text.lower().endswith("/s") else text)
+
+
+def _job_options(a: argparse.Namespace, args: dict[str, Any]) -> dict[str, Any]:
+    """job-id (default: the node's name, as QEMU does for a device) and speed."""
+    args["job-id"] = a.job_id or a.node
+    if a.speed is not None:
+        args["speed"] = parse_speed(a.speed)
+    return args
+
+
+async def _start_job(c: Client, a: argparse.Namespace, out: Output, command: str,
+                     args: dict[str, Any], kind: str) -> int:
+    job_id = args["job-id"]
+    await c.execute(command, args)
+    if not (a.wait or getattr(a, "complete", False)):  # --complete implies --wait
+        out.result({"job-id": job_id}, f"started {kind} job {job_id}")
+        return EXIT_OK
+    try:
+        outcome = await wait_job(c, job_id, complete=getattr(a, "complete", False),
+                                 progress=not out.as_json and sys.stdout.isatty())
+    except JobVanished as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    if not outcome.ok:
+        print(f"error: {outcome.error}", file=sys.stderr)
+        return EXIT_ERROR
+    if outcome.status == "ready":
+        human = f"job {job_id} is ready (finish it with: exportctl job complete {job_id})"
+    else:
+        human = f"{kind} job {job_id} completed"
+    out.result(outcome.as_dict(), human)
+    return EXIT_OK
+
+
+async def cmd_stream(c: Client, a: argparse.Namespace, out: Output) -> int:
+    args = _job_options(a, {"device": a.node})
+    if a.base_node:
+        args["base-node"] = a.base_node
+    if a.backing_file:
+        args["backing-file"] = a.backing_file
+    return await _start_job(c, a, out, "block-stream", args, "stream")
+
+
+async def cmd_commit(c: Client, a: argparse.Namespace, out: Output) -> int:
+    args = _job_options(a, {"device": a.node})
+    for key, value in (("top-node", a.top_node), ("base-node", a.base_node),
+                       ("backing-file", a.backing_file)):
+        if value:
+            args[key] = value
+    return await _start_job(c, a, out, "block-commit", args, "commit")
+
+
+async def cmd_mirror(c: Client, a: argparse.Namespace, out: Output) -> int:
+    if (a.target is None) == (a.target_file is None):
+        raise UsageError("mirror needs either TARGET (a node) or --target-file FILE")
+    if a.target is not None and (a.format or a.existing):
+        raise UsageError("--format and --existing go with --target-file")
+    args = _job_options(a, {"device": a.node, "sync": a.sync})
+    for key, value in (("granularity", a.granularity), ("buf-size", a.buf_size)):
+        if value is not None:
+            args[key] = parse_size(value)
+    if a.copy_mode:
+        args["copy-mode"] = a.copy_mode
+    if a.target is not None:
+        args["target"] = a.target
+        return await _start_job(c, a, out, "blockdev-mirror", args, "mirror")
+    # drive-mirror creates the file (with the source's format unless told),
+    # and opens it as a new node: one step instead of create + blockdev-add
+    args["target"] = os.path.abspath(a.target_file)
+    args["mode"] = "existing" if a.existing else "absolute-paths"
+    if a.format:
+        args["format"] = a.format
+    return await _start_job(c, a, out, "drive-mirror", args, "mirror")
+
+
+async def cmd_jobs(c: Client, a: argparse.Namespace, out: Output) -> int:
+    jobs, block_jobs = await asyncio.gather(c.execute("query-jobs"), c.execute("query-block-jobs"))
+    if out.as_json:
+        out.result({"jobs": jobs, "block-jobs": block_jobs})
+        return EXIT_OK
+    merged = merge_jobs(jobs, block_jobs)
+    if not merged:
+        print("no jobs")
+        return EXIT_OK
+    print(table(job_rows(merged, human_size), JOB_HEADER))
+    return EXIT_OK
+
+
+JOB_VERBS = ("cancel", "complete", "pause", "resume", "dismiss", "finalize")
+
+
+async def cmd_job(c: Client, a: argparse.Namespace, out: Output) -> int:
+    if a.force and a.verb != "cancel":
+        raise UsageError("--force goes with cancel only")
+    if a.verb == "cancel" and await _is_block_job(c, a.id):
+        # QEMU's job-cancel always forces; block-job-cancel without force
+        # lets a READY mirror or active commit end with a consistent copy
+        # (no pivot) and refuses a paused job.
+        command, args = "block-job-cancel", {"device": a.id, "force": a.force}
+    else:
+        command, args = f"job-{a.verb}", {"id": a.id}
+    result = await c.execute(command, args)
+    done = {"cancel": "cancel of", "complete": "completion of", "pause": "pause of",
+            "resume": "resumption of", "dismiss": "dismissal of", "finalize": "finalization of"}
+    out.result(result, f"{done[a.verb]} job {a.id} requested")
+    return EXIT_OK
+
+
+async def _is_block_job(c: Client, job_id: str) -> bool:
+    return any(j.get("device") == job_id for j in await c.execute("query-block-jobs"))
+
+
 async def cmd_events(c: Client, a: argparse.Namespace, out: Output) -> int:
     async def follow() -> int:
         count = 0
@@ -372,6 +489,7 @@ COMMANDS = {
     "version": cmd_version, "list": cmd_list, "nodes": cmd_nodes, "add": cmd_add, "del": cmd_del,
     "blockdev-add": cmd_blockdev_add, "blockdev-del": cmd_blockdev_del, "resize": cmd_resize,
     "snapshot": cmd_snapshot, "events": cmd_events,
+    "stream": cmd_stream, "commit": cmd_commit, "mirror": cmd_mirror, "jobs": cmd_jobs, "job": cmd_job,
     "quit": cmd_quit, "qmp": cmd_qmp,
 }
 
@@ -413,6 +531,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", help="the overlay's node-name (default: the file name without extension)")
     s.add_argument("--format", default="qcow2")
     s.add_argument("--existing", action="store_true", help="use OVERLAY-FILE as it is (mode existing)")
+    s = sub.add_parser("stream", help="copy a node's backing chain into it (block-stream)")
+    s.add_argument("node", help="the node that receives the data")
+    s.add_argument("--base-node", help="stop at this backing node (default: the whole chain)")
+    s.add_argument("--backing-file", help="the backing file name written into NODE's image")
+    _job_arguments(s, completes=False)
+    s = sub.add_parser("commit", help="merge layers of a chain into a lower one (block-commit)")
+    s.add_argument("node", help="the chain's active (top) node")
+    s.add_argument("--top-node", help="the top layer to commit (default: NODE, an active commit)")
+    s.add_argument("--base-node", help="the layer to commit into (default: the bottom of the chain)")
+    s.add_argument("--backing-file", help="the backing file name written into the layer above")
+    _job_arguments(s, completes=True)
+    s = sub.add_parser("mirror", help="copy a node to a target and keep it in sync (blockdev-mirror)")
+    s.add_argument("node")
+    s.add_argument("target", nargs="?", help="the target node's name")
+    s.add_argument("--target-file", help="instead of TARGET: create this image (drive-mirror)")
+    s.add_argument("--format", help="with --target-file: its format (default: the source's)")
+    s.add_argument("--existing", action="store_true", help="with --target-file: use the file as it is")
+    s.add_argument("--sync", choices=("full", "top", "none"), default="full",
+                   help="what to copy: the whole chain (default), the top layer, or new writes only")
+    s.add_argument("--granularity", help="the dirty bitmap's granularity (512 to 64M, a power of 2)")
+    s.add_argument("--buf-size", help="the copy buffer's size")
+    s.add_argument("--copy-mode", choices=("background", "write-blocking"))
+    _job_arguments(s, completes=True)
+    sub.add_parser("jobs", help="running jobs, as a table (query-jobs + query-block-jobs)")
+    s = sub.add_parser("job", help="act on a job: cancel, complete, pause, resume, dismiss, finalize")
+    s.add_argument("verb", choices=JOB_VERBS, metavar="ACTION", help=", ".join(JOB_VERBS))
+    s.add_argument("id", metavar="ID")
+    s.add_argument("--force", action="store_true",
+                   help="cancel: at once, also a paused job or a READY one (no consistent copy)")
     s = sub.add_parser("events", help="print events (the next one, or all with --follow)")
     s.add_argument("--follow", "-f", action="store_true", help="keep printing until the daemon exits")
     s.add_argument("--count", type=int, default=1, help="without --follow: how many events to wait for")
@@ -430,6 +577,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backing-format", "-F")
     s.add_argument("--preallocation", default="off", choices=("off", "metadata", "falloc", "full"))
     return p
+
+
+def _job_arguments(s: argparse.ArgumentParser, completes: bool) -> None:
+    s.add_argument("--job-id", help="the job's id (default: the node's name)")
+    s.add_argument("--speed", help="a rate limit in bytes per second: 10M, 512K/s (default: none)")
+    s.add_argument("--wait", action="store_true",
+                   help="follow the job until it ends; exit status 1 with its error if it fails")
+    if completes:
+        s.add_argument("--complete", action="store_true",
+                       help="wait, and complete the job once it is READY (pivot to the new node)")
 
 
 async def _run(a: argparse.Namespace, out: Output) -> int:

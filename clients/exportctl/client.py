@@ -10,6 +10,7 @@
             print(e.cls, e.desc)
         async for event in c.events():            # {"event", "data", "timestamp"}
             ...
+        ev = await c.next_event(timeout=1.0)       # or one at a time: None if none came
 
 Server messages are lines ending in CRLF. Replies are matched to requests
 by id, so several commands may be in flight at once; events go to a queue
@@ -142,6 +143,21 @@ class Client:
                 self._events.put_nowait(None)  # later iterators end too
                 return
             yield ev
+
+    async def next_event(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """The next event, or None after `timeout` seconds without one;
+        ConnectError once the connection has ended."""
+        try:
+            ev = await asyncio.wait_for(self._events.get(), timeout)
+        except TimeoutError:
+            return None
+        if ev is None:
+            self._events.put_nowait(None)
+            raise self._error or ConnectError("connection closed")
+        return ev
+
+    def has_events(self) -> bool:
+        return not self._events.empty()
 
     async def close(self) -> None:
         if self._writer is not None:
