@@ -9,7 +9,7 @@ from typing import Any
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
-Step = tuple[Any, ...]  # ("cmd", name, args) | ("wait", EVENT, {data subset}) | ("sleep", s)
+Step = tuple[Any, ...]  # ("cmd", name, args) | ("wait", EVENT, {data subset}) | ("sleep", s) | ("call", fn)
 
 
 def cmd(name: str, **args: Any) -> Step:
@@ -51,6 +51,8 @@ async def play(socket_path: str, steps: list[Step], timeout: float = 30) -> tupl
                         events.append(("TIMEOUT", {"waiting-for": step[1], **step[2]}))
                 elif step[0] == "sleep":
                     await asyncio.sleep(step[1])
+                elif step[0] == "call":  # a change outside QMP (a full disk freed...)
+                    step[1]()
             await asyncio.sleep(0.2)
             while not listener.empty():
                 ev = await listener.get()
@@ -62,13 +64,17 @@ async def play(socket_path: str, steps: list[Step], timeout: float = 30) -> tupl
 
 def job_events(events: list[tuple[str, Any]], *, keep_numbers: bool = False) -> list[tuple[str, Any]]:
     """The job events, without the fields whose values depend on timing
-    (progress figures) unless `keep_numbers`."""
-    out = []
+    (progress figures) unless `keep_numbers`; repeats of one BLOCK_JOB_ERROR
+    count as one (QEMU sends one per failed request, and how many were in
+    flight is its business)."""
+    out: list[tuple[str, Any]] = []
     for name, data in events:
         if name.startswith("BLOCK_JOB") or name in ("JOB_STATUS_CHANGE", "TIMEOUT"):
             d = dict(data)
             if not keep_numbers:
                 d.pop("len", None)
                 d.pop("offset", None)
+            if name == "BLOCK_JOB_ERROR" and out and out[-1] == (name, d):
+                continue
             out.append((name, d))
     return out
