@@ -379,3 +379,38 @@ async def test_enospc_stop_and_resume_same_as_qemu(tmp_path: Path) -> None:
         small = tmp_path / "img" / "small-fs"
         if small.exists():
             subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def drive_mirror_flow(d: Path) -> list[Step]:
+    """drive-mirror creates its target: full (no backing), top (backing =
+    the source's backing file) and none, each pivoted; then existing."""
+    steps: list[Step] = [add_top(d)]
+    for sync in ("full", "top", "none"):
+        steps += [
+            cmd("drive-mirror", job_id=f"m-{sync}", device="top", target=str(d / f"t-{sync}.qcow2"), sync=sync,
+                format="qcow2", node_name=f"t-{sync}"),
+            wait("BLOCK_JOB_READY", device=f"m-{sync}"),
+            cmd("block-job-cancel", device=f"m-{sync}"),
+            wait("JOB_STATUS_CHANGE", id=f"m-{sync}", status="null"),
+        ]
+    steps += [
+        cmd("drive-mirror", job_id="m", device="top", target=str(d / "dst.qcow2"), sync="full", mode="existing"),
+        cmd("drive-mirror", job_id="x", device="top", target=str(d / "nope" / "x.qcow2"), sync="full"),
+        cmd("drive-mirror", job_id="x", device="top", target=str(d / "x.qcow2"), sync="full", node_name="top"),
+        wait("BLOCK_JOB_READY", device="m"),
+        cmd("job-complete", id="m"),
+        wait("JOB_STATUS_CHANGE", id="m", status="null"),
+        cmd("query-named-block-nodes"),
+    ]
+    return steps
+
+
+def node_names(reply: Any) -> Any:
+    ret = reply.get("return")
+    if isinstance(ret, list) and ret and "node-name" in ret[0]:
+        return sorted((n["node-name"], n["drv"], Path(n["file"]).name) for n in ret if not n["node-name"].startswith("#"))
+    return reply
+
+
+async def test_drive_mirror_same_as_qemu(tmp_path: Path) -> None:
+    await both(tmp_path, chain, drive_mirror_flow, normalize=node_names)

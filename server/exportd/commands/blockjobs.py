@@ -232,7 +232,8 @@ async def drive_mirror(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
     target = await graph._open(options)  # owned by its users: gone with the job if never pivoted
     try:
         job = MirrorJob(daemon, job_id, source, target,
-                        target_backing=backing if mode != "existing" else None, **kwargs)
+                        target_backing=backing if mode != "existing" else None,
+                        zero_target=mode == "existing", **kwargs)
         await _start(job, job.setup(None), args.get("speed", 0))
     except BaseException:
         if target.refcount == 0:

@@ -41,7 +41,7 @@ class MirrorJob(BlockJob):
                  granularity: int = 0, buf_size: int = 16 << 20, copy_mode: str = "background",
                  base: BlockNode | None = None, replaces: BlockNode | None = None,
                  on_source_error: str = "report", on_target_error: str = "report",
-                 target_backing: BlockNode | None = None, **kwargs: Any) -> None:
+                 target_backing: BlockNode | None = None, zero_target: bool = True, **kwargs: Any) -> None:
         super().__init__(daemon, job_id, **kwargs)
         self.source = source
         self.target = target
@@ -54,6 +54,9 @@ class MirrorJob(BlockJob):
         self.on_source_error = on_source_error
         self.on_target_error = on_target_error
         self.target_backing = target_backing  # drive-mirror: the target's backing after the pivot
+        # sync=full copies everything unless the target is known to read
+        # zeroes (an image drive-mirror just made): then what is allocated
+        self.zero_target = zero_target
         self.filter: JobFilter | None = None
         self.dirty: DirtyMap | None = None
         self.should_complete = False
@@ -181,11 +184,15 @@ class MirrorJob(BlockJob):
         assert self.dirty is not None
         if self.sync == "none":
             return
-        if self.sync == "full" and self.base is None:
+        if self.sync == "full" and self.base is None and self.zero_target:
             self.dirty.mark(0, length)
             return
-        # sync=top: what the source's own layer holds; active commit: the layers above base
-        base = self.base if self.base is not None else self.source.child("backing")
+        # sync=top: what the source's own layer holds; active commit: the
+        # layers above base; full onto zeroes: what the whole chain holds
+        if self.base is not None or self.sync == "full":
+            base = self.base
+        else:
+            base = self.source.child("backing")
         offset = 0
         while offset < length:
             allocated, _zero, n = await allocated_above(self.source, base, offset, length - offset)
