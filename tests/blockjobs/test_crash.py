@@ -259,9 +259,11 @@ async def test_kill9_during_a_job(exportd: Exportd, workdir: Path, case: str) ->
         await q.event("BLOCK_JOB_READY", timeout=30)
         writer = Writer(mnt, model, seed=len(case))
         writing = asyncio.ensure_future(athread(writer.run))
-        while writer.count < 40 and not writing.done():
+        for _ in range(1500):  # 30 s
+            if writer.count >= 40 or writing.done():
+                break
             await asyncio.sleep(0.02)
-        assert writer.error is None and not writing.done(), writer.error
+        assert writer.count >= 40 and writer.error is None and not writing.done(), writer.error
         info = await job_info(q)
         assert info["ready"] and info["status"] == "ready", info
     else:
