@@ -281,8 +281,7 @@ async def test_kill9_during_a_job(exportd: Exportd, workdir: Path, case: str) ->
         writer.stop.set()
         await writing
         assert writer.error is not None or writer.count >= 40
-    lazy_unmount_all(str(d))
-    assert fuse_mounts_under(str(d)) == []
+    assert fuse_mounts_under(str(d)) == [str(mnt)]  # dead: the next export on it cleans it
 
     # 2. what the crash left: clean images, the guest's data in the active layer
     assert_clean(*images, leaks_allowed=writer is not None)
@@ -290,16 +289,24 @@ async def test_kill9_during_a_job(exportd: Exportd, workdir: Path, case: str) ->
     model.pending = None
     model.data[:] = raw(d / "top.qcow2")  # the write in flight settled one way or the other
 
-    # 3. a fresh daemon runs the same job to its end
+    # 3. a fresh daemon exports the same file on the same (dead) mountpoint
+    # and runs the same job to its end; the export ends on the job's result
     again = Exportd(d)
     await again.start()
     try:
         await open_images(again, d, c)
+        await again.add_export("e", "top", mnt, writable=True)
+        model.check(await athread(mnt.read_bytes), "through the new export")
         await again.cmd(c["cmd"], {"job-id": "j", **job_args(c, d)})
         await run_to_end(again, c)
+        assert [e["node-name"] for e in await again.exports()] == [c["lands"]]
+        model.check(await athread(mnt.read_bytes), "through the export after the job")
+        await again.del_export("e")
         await again.quit()
+        assert fuse_mounts_under(str(d)) == []  # the dead mount went with the new export
     finally:
         await again.stop()
+        lazy_unmount_all(str(d))
     assert_clean(*images)
     lands = d / f"{c['lands']}.qcow2"
     model.check(raw(lands), "after the restarted job")
