@@ -7,9 +7,13 @@ images can then run the same job to its end.
 Each case builds base <- mid <- top (qcow2, distinct patterns per layer,
 a zeroed range in top), exports top, starts one kind of job rate-limited,
 writes through the export (a few known writes mid-copy, or a writer that
-keeps going after READY), kills the daemon, and checks with qemu-img and
-qemu-io only: the model is what qemu-img read from the chain before the
-daemon opened it, plus the acknowledged writes."""
+keeps going after READY), kills the daemon, and checks with qemu-img only:
+the model is what qemu-img read from the chain before the daemon opened
+it, plus the acknowledged writes. A leaked cluster (qemu-img check's exit
+3) passes only when a guest write was in flight at the kill, as QEMU's
+qcow2 can leave one too; corruption never passes. Then a new daemon
+exports the same file on the dead mountpoint, runs the same job again to
+its end (job-complete once READY), and everything is checked again."""
 
 from __future__ import annotations
 
