@@ -17,29 +17,36 @@ SLICE = 0.1  # QEMU's rate limit slice (100 ms)
 
 class RateLimit:
     """Bytes per second in 100 ms slices, as QEMU's ratelimit: work is done
-    in pieces, and after each piece the job sleeps for `delay()`."""
+    in pieces, and after each piece the job sleeps for `delay()`. A piece
+    bigger than a slice's quota stretches its slice; once the stretched
+    slice is over, nothing is owed any more (so delay() reaches zero)."""
 
     def __init__(self, speed: int) -> None:
         self.speed = speed
+        self._slice_start = 0.0
         self._slice_end = 0.0
         self._dispatched = 0
 
+    def _new_slice_if_over(self, now: float) -> None:
+        if now > self._slice_end:
+            self._slice_start, self._slice_end, self._dispatched = now, now + SLICE, 0
+
     def account(self, n: int) -> None:
         if self.speed:
-            now = time.monotonic()
-            if now > self._slice_end:
-                self._slice_end = now + SLICE
-                self._dispatched = 0
+            self._new_slice_if_over(time.monotonic())
             self._dispatched += n
 
     def delay(self) -> float:
         if not self.speed:
             return 0.0
+        now = time.monotonic()
+        self._new_slice_if_over(now)
         quota = self.speed * SLICE
-        slices = int(self._dispatched // quota)
-        if slices == 0:
+        if self._dispatched < quota:
             return 0.0
-        return max(0.0, self._slice_end - time.monotonic()) + (slices - 1) * SLICE
+        # the slice lasts as many slices as the work done is worth
+        self._slice_end = self._slice_start + self._dispatched / quota * SLICE
+        return max(0.0, self._slice_end - now)
 
 
 def check_speed(speed: int) -> None:
