@@ -117,7 +117,7 @@ def write_outputs(record: dict, out: Path) -> None:
     if plot_ratios(record, out / "latest.png"):
         log(f"wrote {out / 'latest.png'}")
     else:
-        log("matplotlib not installed: no chart")
+        log("no chart (matplotlib not installed, or no peer to chart)")
     log(f"wrote {out / 'latest.json'} and {out / 'latest.md'}")
     if out.resolve() == DEFAULT_OUT.resolve():
         update_readme(markdown)
