@@ -179,18 +179,24 @@ def jobs_markdown(jobs: dict | None) -> list[str]:
     lines.append("")
     if jobs.get("speed") or any(jobs["errors"].values()):
         lines += ["### `speed` as a rate limit", "",
-                  f"A mirror alone with speed={s['speed'] // 2**20} MiB/s: offset from "
-                  f"query-block-jobs over {s['speed_window_s']:g} s from the command's return.", "",
-                  "| daemon | speed | measured | measured / speed |", "|---|---:|---:|---:|"]
+                  f"A mirror alone with speed={s['speed'] // 2**20} MiB/s, query-block-jobs' "
+                  f"offset sampled every 0.1 s for {s['speed_window_s']:g} s. *measured*: bytes / "
+                  "time between the first and the last sample where the offset moved (a daemon "
+                  "may copy a whole buffer at once and then sleep it off: qemu-storage-daemon "
+                  "moves in 16 MiB steps); *from start*: offset / time since the command "
+                  "returned, bursts included.", "",
+                  "| daemon | speed | measured | measured / speed | from start |",
+                  "|---|---:|---:|---:|---:|"]
         for name, d in daemons.items():
             sp = jobs["speed"].get(name)
             if sp:
                 lines.append(f"| {_cell(d['label'])} | {sp['speed'] / 2**20:g} MiB/s "
-                             f"| {sp['bytes_per_s'] / 2**20:.2f} MiB/s | {sp['ratio']:.2f}x |")
+                             f"| {sp['bytes_per_s'] / 2**20:.2f} MiB/s | {sp['ratio']:.2f}x "
+                             f"| {sp['bytes_per_s_from_start'] / 2**20:.2f} MiB/s |")
             else:
                 errors = [e for e in jobs["errors"].get(name, []) if e.startswith("speed")]
                 why = d["reason"] or (errors[0] if errors else "no data")
-                lines.append(f"| {_cell(d['label'])} | | {_cell(_short(why))} | |")
+                lines.append(f"| {_cell(d['label'])} | | {_cell(_short(why))} | | |")
         lines.append("")
     for name, d in daemons.items():
         if d.get("command"):
