@@ -51,7 +51,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="smoke run: 64 MiB images, 1 s per fio run, 1 repetition")
     p.add_argument("--only", default="",
                    help="comma-separated peer names or families (raw, qcow2, null-co); "
-                        "the control plane runs when unrestricted or with null-co or 'control'")
+                        "the control plane runs when unrestricted or with null-co or 'control', "
+                        "the block-job section when unrestricted or with 'jobs'")
     p.add_argument("--no-control", action="store_true", help="skip the QMP control-plane figures")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
     p.add_argument("--runtime", type=float, help="seconds per fio run (overrides the mode)")
@@ -116,7 +117,7 @@ def write_outputs(record: dict, out: Path) -> None:
     if plot_ratios(record, out / "latest.png"):
         log(f"wrote {out / 'latest.png'}")
     else:
-        log("matplotlib not installed: no chart")
+        log("no chart (matplotlib not installed, or no peer to chart)")
     log(f"wrote {out / 'latest.json'} and {out / 'latest.md'}")
     if out.resolve() == DEFAULT_OUT.resolve():
         update_readme(markdown)
@@ -129,13 +130,14 @@ def main(argv: list[str]) -> int:
         return 0
     only = [x.strip() for x in args.only.split(",") if x.strip()] or None
     if only:
-        known = {"control"} | {p.name for p in fio_peers()} | {p.family for p in fio_peers()}
+        known = {"control", "jobs"} | {p.name for p in fio_peers()} | {p.family for p in fio_peers()}
         unknown = [x for x in only if x not in known]
         if unknown:
             print(f"--only: unknown {', '.join(unknown)}; known: {', '.join(sorted(known))}",
                   file=sys.stderr)
             return 2
     control = not args.no_control and (only is None or "control" in only or "null-co" in only)
+    jobs = only is None or "jobs" in only
     exportd_cmd, missing = find_exportd(args.exportd)
     for tool in ("fio",):
         if shutil.which(tool) is None:
@@ -150,7 +152,7 @@ def main(argv: list[str]) -> int:
         exportd_env[name] = value
     raise_on_termination_signals()
     run = BenchRun(settings_from(args), only, control, exportd_cmd, missing,
-                   args.pyfuse3_python, REPO, exportd_env=exportd_env, note=args.note)
+                   args.pyfuse3_python, REPO, exportd_env=exportd_env, note=args.note, jobs=jobs)
     try:
         record = run.run()
     except (KeyboardInterrupt, Interrupted) as exc:

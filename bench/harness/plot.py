@@ -72,8 +72,8 @@ def _panel(ax, record: dict, kind: str, categories: list[tuple[str, str]],
 
 def plot_ratios(record: dict, path: Path) -> bool:
     """Write the chart; False when matplotlib is not installed."""
-    if not matplotlib_available():
-        return False
+    if not matplotlib_available() or not record["peers"]:
+        return False  # nothing to chart (e.g. --only jobs: its figures are tables)
     import matplotlib
 
     matplotlib.use("Agg")

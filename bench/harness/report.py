@@ -97,14 +97,111 @@ def _header(record: dict) -> list[str]:
         f"pyfuse3 {m['pyfuse3']}; {exportd if exportd.startswith('exportd') else 'exportd ' + exportd}; commit {m['git_commit'][:12]}"
         + (" (uncommitted changes)" if m.get("git_dirty") else "") + ".",
         "",
-        "Ratios: > 1 means better than the reference (throughput and IOPS: peer / reference; "
-        "time and memory: reference / peer). *vs qsd* compares with qemu-storage-daemon on the "
-        "same kind of node (raw, qcow2, null-co); *vs direct* with fio on the raw image file itself.",
-        "",
-        "Targets (issue 7): " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
-        + ("; n/a means the peer or its reference did not run." if counts.get("n/a") else "."),
-        "",
     ]
+    if record["peers"]:
+        lines += [
+            "Ratios: > 1 means better than the reference (throughput and IOPS: peer / reference; "
+            "time and memory: reference / peer). *vs qsd* compares with qemu-storage-daemon on the "
+            "same kind of node (raw, qcow2, null-co); *vs direct* with fio on the raw image file itself.",
+            "",
+        ]
+    if record["targets"]:
+        lines += [
+            "Targets (issue 7): " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+            + ("; n/a means the peer or its reference did not run." if counts.get("n/a") else "."),
+            "",
+        ]
+    return lines
+
+
+JOB_FIGURES = (("p50_us", "p50 read latency", "us"), ("p99_us", "p99 read latency", "us"),
+               ("max_us", "max read latency", "us"), ("iops", "read IOPS", "IOPS"))
+
+
+def _spread_cell(sp: dict | None, fmt: str, unit: str = "") -> str:
+    if not sp:
+        return ""
+    cell = f"{sp['median']:{fmt}}{unit}"
+    if sp["min"] != sp["max"]:
+        cell += f" [{sp['min']:{fmt}}–{sp['max']:{fmt}}]"
+    return cell
+
+
+def jobs_markdown(jobs: dict | None) -> list[str]:
+    """The block-job section (issue 12): its own tables."""
+    if not jobs:
+        return []
+    if "skipped" in jobs:
+        return ["## Block jobs (issue 12)", "", f"Skipped: {jobs['skipped']}.", ""]
+    s, summary, daemons = jobs["settings"], jobs["summary"], jobs["daemons"]
+    size = s["image_size"]
+    size_text = f"{size // 2**30} GiB" if size >= 2**30 else f"{size // 2**20} MiB"
+    lines = [
+        "## Block jobs (issue 12): 4 KiB reads on one export while a job copies another", "",
+        f"One daemon, two FUSE exports of two {size_text} qcow2 images. Read load on export A: "
+        f"{s['read_load']}, {s['runtime_s']:g} s per run, {s['reps']} repetition(s) interleaved "
+        f"(without job: exportd, qsd; with job: exportd, qsd). Job: {s['job']}, at full speed "
+        "(no `speed`). Completion latency (fio clat). Cells: median [min–max] over the "
+        "repetitions; *with / without* is the ratio per repetition (latency: > 1 is worse; "
+        "IOPS: < 1 is worse); *exportd / qsd* the same for the two daemons (latency: < 1 "
+        "means exportd is faster). qemu-storage-daemon serves export A in an iothread of its "
+        "own, the job in its main loop; exportd serves everything in one loop.", "",
+        "| daemon | figure | without job | with job | with / without | exportd / qsd without "
+        "| exportd / qsd with |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    vs = summary.get("exportd_over_qsd", {})
+    for name, d in daemons.items():
+        entry = summary.get(name)
+        if d["status"] != "ok" or not entry or not entry["p50_us"]["without"]:
+            why = d["reason"] or "; ".join(jobs["errors"].get(name, [])) or "no data"
+            lines.append(f"| {_cell(d['label'])} | | {_cell(_short(why))} | | | | |")
+            continue
+        for i, (key, title, unit) in enumerate(JOB_FIGURES):
+            fmt = ",.0f" if unit == "IOPS" else ",.1f"
+            u = " IOPS" if unit == "IOPS" else " us"
+            mine = vs.get(key, {}) if name == "exportd" else {}
+            lines.append("| " + " | ".join(_cell(c) for c in (
+                d["label"] if i == 0 else "", title,
+                _spread_cell(entry[key]["without"], fmt, u), _spread_cell(entry[key]["with"], fmt, u),
+                _spread_cell(entry[key]["with_over_without"], ".2f", "x"),
+                _spread_cell(mine.get("without"), ".2f", "x"),
+                _spread_cell(mine.get("with"), ".2f", "x"))) + " |")
+        rate = entry.get("job_bytes_per_s")
+        duty = entry.get("job_duty")
+        if rate:
+            scaled = {k: v / 2**20 for k, v in rate.items()}
+            lines.append(f"| | job throughput (while fio ran) | | {_spread_cell(scaled, ',.0f', ' MiB/s')} "
+                         f"| copying {_spread_cell(duty, '.0%')} of the time | | |")
+        load = entry.get("loadavg_1min")
+        if load:
+            lines.append(f"| | load average (1 min) | | {_spread_cell(load, '.2f')} | | | |")
+    lines.append("")
+    if jobs.get("speed") or any(jobs["errors"].values()):
+        lines += ["### `speed` as a rate limit", "",
+                  f"A mirror alone with speed={s['speed'] // 2**20} MiB/s, query-block-jobs' "
+                  f"offset sampled every 0.1 s for {s['speed_window_s']:g} s. *measured*: bytes / "
+                  "time between the first and the last sample where the offset moved (a daemon "
+                  "may copy a whole buffer at once and then sleep it off: qemu-storage-daemon "
+                  "moves in 16 MiB steps); *from start*: offset / time since the command "
+                  "returned, bursts included.", "",
+                  "| daemon | speed | measured | measured / speed | from start |",
+                  "|---|---:|---:|---:|---:|"]
+        for name, d in daemons.items():
+            sp = jobs["speed"].get(name)
+            if sp:
+                lines.append(f"| {_cell(d['label'])} | {sp['speed'] / 2**20:g} MiB/s "
+                             f"| {sp['bytes_per_s'] / 2**20:.2f} MiB/s | {sp['ratio']:.2f}x "
+                             f"| {sp['bytes_per_s_from_start'] / 2**20:.2f} MiB/s |")
+            else:
+                errors = [e for e in jobs["errors"].get(name, []) if e.startswith("speed")]
+                why = d["reason"] or (errors[0] if errors else "no data")
+                lines.append(f"| {_cell(d['label'])} | | {_cell(_short(why))} | | |")
+        lines.append("")
+    for name, d in daemons.items():
+        if d.get("command"):
+            lines.append(f"- {name}: `{_cell(_scratchless(' '.join(d['command'])))}`")
+    lines.append("")
     return lines
 
 
@@ -189,6 +286,10 @@ def render_markdown(record: dict) -> str:
                 first = False
         lines.append("")
 
+    lines += jobs_markdown(record.get("jobs"))
+
+    if not peers:
+        return "\n".join(lines)
     lines += ["## Peers", "", "| peer | status | how it runs |", "|---|---|---|"]
     for name, p in peers.items():
         status = p["status"] if p["status"] == "ok" else f"{p['status']}: {p['reason']}"

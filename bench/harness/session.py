@@ -14,6 +14,7 @@ from .control import measure_cycles, measure_memory
 from .figures import CONTROL_METRICS, Figures, issue7_targets, median
 from .fio import FioError, run_fio
 from .images import Images
+from .jobs import JobsSection, job_settings, jobs_available
 from .machine import load_average, machine_info
 from .peers import DaemonPeer, Peer, PeerEnv, PeerUnavailable, control_peers, fio_peers, select
 from .scratch import Scratch, sweep_stale
@@ -93,7 +94,9 @@ class BenchRun:
     def __init__(self, settings: Settings, only: list[str] | None, control: bool,
                  exportd_cmd: list[str] | None, exportd_missing_reason: str,
                  pyfuse3_python: str, repo: Path, exportd_env: dict[str, str] | None = None,
-                 note: str = "") -> None:
+                 note: str = "", jobs: bool = False) -> None:
+        self.jobs = jobs
+        self.jobs_record: dict | None = None
         self.exportd_env = exportd_env or {}
         self.note = note
         self.settings = settings
@@ -109,7 +112,10 @@ class BenchRun:
         self.control_record: dict[str, dict] = {}
 
     def estimate_s(self) -> float:
-        return len(WORKLOADS) * self.settings.reps * len(self.peers) * (self.settings.runtime_s + 0.4)
+        fio = len(WORKLOADS) * self.settings.reps * len(self.peers) * (self.settings.runtime_s + 0.4)
+        if self.jobs:  # 2 daemons x (without, with) x reps, plus the speed figure
+            fio += 4 * self.settings.reps * (self.settings.runtime_s + 0.8) + 10
+        return fio
 
     def run(self) -> dict:
         started, t0 = _now(), time.monotonic()
@@ -126,6 +132,8 @@ class BenchRun:
                           pyfuse3_script=self.repo / "bench" / "peers" / "pyfuse3_file.py",
                           exportd_env=self.exportd_env)
             self._io_phase(env, scratch)
+            if self.jobs:
+                self._jobs_phase(env)
             if self.ctl_peers:
                 self._control_phase(env, scratch)
             image_facts = images.facts
@@ -195,6 +203,18 @@ class BenchRun:
                         f"{result.value(w.metric):,.0f} {w.unit}")
         for peer in self.peers:
             peer.stop()
+
+    # block jobs (issue 12) ---------------------------------------------------
+
+    def _jobs_phase(self, env: PeerEnv) -> None:
+        missing = jobs_available()
+        if missing:
+            log(f"jobs: skipped: {missing}")
+            self.jobs_record = {"skipped": missing}
+            return
+        s = self.settings
+        section = JobsSection(job_settings(s.mode, s.runtime_s, s.reps), log)
+        self.jobs_record = section.run(env, start_peer)
 
     # control plane -----------------------------------------------------------
 
@@ -285,6 +305,7 @@ class BenchRun:
                         for p in self.ctl_peers},
             "fio": self.fio_record,
             "control": self.control_record,
+            "jobs": self.jobs_record,
             "figures": {f"{peer}/{key}": v for (peer, key), v in figures.values.items()},
             "ratios": ratios,
             "targets": targets,

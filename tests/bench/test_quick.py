@@ -53,17 +53,18 @@ def _kill_processes_working_in(directory: str) -> None:
                 os.kill(int(entry.name), signal.SIGKILL)
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory):
-    out = tmp_path_factory.mktemp("bench-out")
+@contextlib.contextmanager
+def harness_run(args: list[str], out: Path, timeout: float = 170):
+    """Run bench/run.py with `args` into `out`; yields the CompletedProcess.
+    Whatever happens, nothing of the run stays mounted or on tmpfs."""
     proc = subprocess.Popen(
-        [sys.executable, str(RUN), "--quick", "--only", "null-co", "--out", str(out)],
+        [sys.executable, str(RUN), *args, "--out", str(out)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     scratch = f"/dev/shm/exportd-bench-{proc.pid}"
     try:
-        stdout, stderr = proc.communicate(timeout=170)
-        yield subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), out
+        stdout, stderr = proc.communicate(timeout=timeout)
+        yield subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     finally:
         # The harness cleans up after itself; this is the net for when it could not.
         if proc.poll() is None:
@@ -74,6 +75,13 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory):
             for mount in sorted(_mounts_under(scratch), key=len, reverse=True):
                 subprocess.run(["umount", "-l", mount], capture_output=True, timeout=30)
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("bench-out")
+    with harness_run(["--quick", "--only", "null-co"], out) as proc:
+        yield proc, out
 
 
 def test_harness_exits_cleanly(quick_run) -> None:
@@ -161,3 +169,4 @@ def test_chart_only_with_matplotlib(quick_run) -> None:
         assert not (out / "latest.png").exists()
     else:
         assert (out / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
