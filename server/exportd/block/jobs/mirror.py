@@ -30,7 +30,7 @@ from exportd.errors import BlockError
 
 log = logging.getLogger(__name__)
 
-MAX_CHUNK = 1 << 20  # bytes copied per step (at most buf-size)
+MAX_CHUNK = 256 << 10  # bytes copied per step (at most buf-size): the loop is held for one step
 
 
 class MirrorJob(BlockJob):
