@@ -36,6 +36,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
+from exportd.aio.threads import set_background
 from exportd.errors import QMPError
 
 log = logging.getLogger(__name__)
@@ -228,6 +229,7 @@ class Job:
         self.task = asyncio.get_running_loop().create_task(self._main(), name=f"job {self.id}")
 
     async def _main(self) -> None:
+        set_background()  # the job's I/O leaves the loop to the requests clients wait on
         try:
             await self.run()
         except asyncio.CancelledError:

@@ -20,11 +20,17 @@ Two policies, because the two kinds of calls fail differently:
   future with one call_soon_threadsafe. Measured on the 2-core VM (uvloop,
   4 KiB pwrite): 58 vs 80 us per request at depth 1, 13 vs 31 us at depth 16,
   against loop.run_in_executor().
+
+A third rule, for work no client is waiting on (a block job's copy): inside
+`background()` the drivers send even the I/O they would do inline on the
+loop (tmpfs, page-cache hits) to the pool, so the loop is free for the
+requests that are waited on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import functools
 import os
@@ -34,6 +40,18 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+_BACKGROUND: contextvars.ContextVar[bool] = contextvars.ContextVar("exportd_background", default=False)
+
+
+def set_background() -> None:
+    """From here on in this task (and the coroutines it awaits), I/O is background work."""
+    _BACKGROUND.set(True)
+
+
+def in_background() -> bool:
+    return _BACKGROUND.get()
+
 
 KEEP_IDLE = 2  # own threads kept waiting for work; more exit when done
 POOL_THREADS = 16  # many requests in flight; the threads mostly sleep in the kernel

@@ -21,7 +21,7 @@ import stat
 from collections.abc import AsyncIterator
 from typing import Any
 
-from exportd.aio.threads import in_io_thread, in_own_thread
+from exportd.aio.threads import in_background, in_io_thread, in_own_thread
 from exportd.block import register_driver
 from exportd.block.file_create import file_create_steps
 from exportd.block.locking import ImageLock, probe
@@ -287,11 +287,11 @@ class FileNode(BlockNode):
             return b""
         if self.direct:
             return await in_io_thread(self._read_direct, offset, length)
-        if self._inline:
+        if self._inline and not in_background():
             return self._read_inline(offset, length)
         buf = bytearray(length)
         done = 0
-        if self._nowait_reads:
+        if self._nowait_reads and not in_background():
             try:
                 done = os.preadv(self.fd, [buf], offset, os.RWF_NOWAIT)
             except BlockingIOError:
@@ -373,10 +373,11 @@ class FileNode(BlockNode):
         flags = os.RWF_DSYNC if fua and not self._no_flush else 0
         if self.direct:
             await self._write_direct(offset, data, flags)
-        elif self._inline:
+        elif self._inline and not in_background():
             self._pwrite_all(data, offset, flags)
         else:
-            done = self._try_pwrite_nowait(data, offset) if self._nowait_writes and not flags else 0
+            inline_ok = self._nowait_writes and not flags and not in_background()
+            done = self._try_pwrite_nowait(data, offset) if inline_ok else 0
             if done < length:
                 await in_io_thread(self._pwrite_all, memoryview(data)[done:], offset + done, flags)
         if offset + length > self._size:
@@ -532,7 +533,7 @@ class FileNode(BlockNode):
         os.ftruncate(self.fd, end)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
-        if self._inline:
+        if self._inline and not in_background():
             return fn(*args)
         return await in_io_thread(fn, *args)
 

@@ -164,17 +164,22 @@ class MirrorJob(BlockJob):
             await self.sleep(0)  # until a write dirties something, or a verb
 
     async def _converged(self) -> bool:
-        """Freeze new writes, let the ones in flight finish; True when then
-        nothing is dirty (the writes stay frozen until the pivot)."""
+        """Freeze new writes, let the ones in flight finish, copy what they
+        dirtied while nothing new can come (QEMU's drained final copy); True
+        when the target is then in sync, with the writes still frozen until
+        the pivot (or a cancel) lets them go."""
         assert self.filter is not None and self.dirty is not None
         self.filter.freeze()
-        await self.filter.wait_idle()
-        if self.dirty.count or self.is_cancelled():
-            self.filter.thaw()
-            return False
         try:
+            await self.filter.wait_idle()
+            while self.dirty.count and not self.is_cancelled():
+                offset, n = self.dirty.next_run(0, MAX_CHUNK)  # type: ignore[misc]
+                await self._copy(offset, n, throttle=False)
+            if self.is_cancelled():
+                self.filter.thaw()
+                return False
             await self.target.flush()
-        except OSError:
+        except BaseException:
             self.filter.thaw()
             raise
         return True
@@ -201,7 +206,7 @@ class MirrorJob(BlockJob):
             offset += n
             await self.pause_point()
 
-    async def _copy(self, offset: int, n: int) -> None:
+    async def _copy(self, offset: int, n: int, *, throttle: bool = True) -> None:
         """Copy one dirty run to the target (zeroes as zeroes)."""
         assert self.dirty is not None and self.filter is not None
         self.dirty.clear(offset, n)
@@ -230,7 +235,10 @@ class MirrorJob(BlockJob):
         finally:
             if token is not None:
                 self.filter.locks.release(token)
-        await self.processed(n)
+        if throttle:
+            await self.processed(n)
+        else:
+            self.current_progress += n
 
     async def _read_source(self, offset: int, n: int) -> tuple[bool, bytes | bytearray | memoryview | None]:
         """(zero, data): data None when the target already reads zeroes there.
@@ -261,6 +269,10 @@ class MirrorJob(BlockJob):
         self.target.update(self.target_edge, Perm(0), Perm.ALL)
         self.filter.detach(self.main_edge)
         try:
+            # drive-mirror's new image gets its backing node before anyone
+            # writes to it (a partial cluster copies from the backing node)
+            if self.target_backing is not None and self.target.child("backing") is None:
+                await graph.set_backing(self.target, self.target_backing)
             if self.to_replace is not self.source:
                 graph.replace_node(self.to_replace, self.target)
             else:
@@ -270,8 +282,6 @@ class MirrorJob(BlockJob):
             raise
         self.pivoted = True
         self.filter.thaw(redirect=self.target)
-        if self.target_backing is not None and self.target.child("backing") is None:
-            await graph.set_backing(self.target, self.target_backing)
 
     async def clean(self) -> None:
         if self.filter is not None:
