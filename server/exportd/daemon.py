@@ -26,6 +26,7 @@ import os
 from typing import Any
 
 from exportd import __version__, commands, jobs
+from exportd.aio.settle import settled
 from exportd.block.graph import BlockGraph
 from exportd.commands.control import OFFERED_CAPABILITIES
 from exportd.errors import CommandNotFound, QMPError
@@ -79,7 +80,9 @@ class Daemon:
         if cmd is None:
             raise QMPError(f"Command {name} is not implemented yet")
         async with self.command_lock:
-            return await cmd.handler(self, args)
+            result = await cmd.handler(self, args)
+            await settled()  # e.g. the kernel dropped an export's cached size
+            return result
 
     def emit_event(self, name: str, data: dict[str, Any] | None = None) -> None:
         message = event_message(name, data)

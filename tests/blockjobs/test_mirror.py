@@ -26,27 +26,22 @@ def check_clean(*images: Path) -> None:
         assert r.returncode == 0, (img, r.stdout, r.stderr)
 
 
-async def statuses(exportd: Exportd, job_id: str, until: str) -> list[str]:
-    seen = []
-    while True:
-        ev = await exportd.event("JOB_STATUS_CHANGE")
-        if ev["id"] == job_id:
-            seen.append(ev["status"])
-            if ev["status"] == until:
-                return seen
-
-
-async def test_mirror_pivots_a_live_export(exportd: Exportd, workdir: Path) -> None:
+async def exported_source(exportd: Exportd, workdir: Path, size: int, *writes: str) -> tuple[Path, Path, Path]:
+    """Nodes src (with `writes`) and an empty dst of `size`, src exported writable."""
     src, dst = workdir / "src.qcow2", workdir / "dst.qcow2"
-    qcow2(src, 8 * MiB, "write -P 0x61 0 4M")
-    qcow2(dst, 8 * MiB)
-    await exportd.cmd("blockdev-add", {"driver": "qcow2", "node-name": "src",
-                                       "file": {"driver": "file", "filename": str(src)}})
-    await exportd.cmd("blockdev-add", {"driver": "qcow2", "node-name": "dst",
-                                       "file": {"driver": "file", "filename": str(dst)}})
+    qcow2(src, size, *writes)
+    qcow2(dst, size)
+    for name, img in (("src", src), ("dst", dst)):
+        await exportd.cmd("blockdev-add", {"driver": "qcow2", "node-name": name,
+                                           "file": {"driver": "file", "filename": str(img)}})
     mnt = workdir / "disk.raw"
     mnt.touch()
     await exportd.add_export("e", "src", mnt, writable=True)
+    return src, dst, mnt
+
+
+async def test_mirror_pivots_a_live_export(exportd: Exportd, workdir: Path) -> None:
+    src, dst, mnt = await exported_source(exportd, workdir, 8 * MiB, "write -P 0x61 0 4M")
     fd = await athread(os.open, str(mnt), os.O_RDWR)
     try:
         await exportd.cmd("blockdev-mirror", {"job-id": "m", "device": "src", "target": "dst", "sync": "full"})
@@ -85,16 +80,7 @@ async def test_mirror_pivots_a_live_export(exportd: Exportd, workdir: Path) -> N
 
 
 async def test_soft_cancel_after_ready_keeps_the_source(exportd: Exportd, workdir: Path) -> None:
-    src, dst = workdir / "src.qcow2", workdir / "dst.qcow2"
-    qcow2(src, 4 * MiB, "write -P 0x61 0 1M")
-    qcow2(dst, 4 * MiB)
-    await exportd.cmd("blockdev-add", {"driver": "qcow2", "node-name": "src",
-                                       "file": {"driver": "file", "filename": str(src)}})
-    await exportd.cmd("blockdev-add", {"driver": "qcow2", "node-name": "dst",
-                                       "file": {"driver": "file", "filename": str(dst)}})
-    mnt = workdir / "disk.raw"
-    mnt.touch()
-    await exportd.add_export("e", "src", mnt, writable=True)
+    src, dst, mnt = await exported_source(exportd, workdir, 4 * MiB, "write -P 0x61 0 1M")
     await exportd.cmd("blockdev-mirror", {"job-id": "m", "device": "src", "target": "dst", "sync": "full"})
     await exportd.event("BLOCK_JOB_READY", timeout=30)
     await athread(_write_at, mnt, 2 * MiB, b"z" * 8192)

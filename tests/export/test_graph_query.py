@@ -14,7 +14,7 @@ import pytest
 
 from exportd.block.graph_query import block_graph
 from exportd.block.node import Perm
-from tests.support.qsd import QSD, replies_of, running_qsd
+from tests.support.qsd import QSD, replies_of_both
 
 MiB = 1 << 20
 
@@ -59,13 +59,10 @@ async def test_graph_same_as_qemu(daemon, tmp_path: Path) -> None:
     work = tmp_path / "w"
     work.mkdir()
     steps = script(work)
-    images(work)
-    async with running_qsd(str(tmp_path / "qsd.sock")):
-        theirs = await replies_of(str(tmp_path / "qsd.sock"), steps)
-    images(work)
-    d = daemon()
-    ours = await replies_of(d.socket, steps)
-    d.terminate()
+    started = []
+    ours, theirs = await replies_of_both(tmp_path, lambda: images(work), steps,
+                                         lambda: (started.append(daemon()) or started[0].socket))
+    started[0].terminate()
     graphs = [i for i, s in enumerate(steps) if s[0] == "x-debug-query-block-graph"]
     for i, (step, a, b) in enumerate(zip(steps, ours, theirs, strict=True)):
         if i in graphs:

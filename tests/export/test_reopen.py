@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.support.daemon import Exportd
-from tests.support.qsd import QSD, replies_of, running_qsd
+from tests.support.qsd import QSD, replies_of_both
 from tests.support.threads import athread
 
 MiB = 1 << 20
@@ -110,11 +110,7 @@ async def test_blockdev_reopen_same_as_qemu(daemon, tmp_path: Path) -> None:
     work = tmp_path / "w"
     work.mkdir()
     steps = script(work)
-    images(work)
-    async with running_qsd(str(tmp_path / "qsd.sock")):
-        theirs = await replies_of(str(tmp_path / "qsd.sock"), steps)
-    images(work)
-    ours = await replies_of(daemon().socket, steps)
+    ours, theirs = await replies_of_both(tmp_path, lambda: images(work), steps, lambda: daemon().socket)
     for i, (step, a, b) in enumerate(zip(steps, ours, theirs, strict=True)):
         assert comparable(a) == comparable(b), (i, step)
 

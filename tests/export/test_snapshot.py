@@ -16,7 +16,7 @@ import pytest
 from qemu.qmp import QMPClient
 
 from tests.support.daemon import Exportd
-from tests.support.qsd import QSD, replies_of, running_qsd
+from tests.support.qsd import QSD, replies_of, replies_of_both, running_qsd
 from tests.support.threads import athread
 
 MiB = 1 << 20
@@ -56,11 +56,7 @@ async def test_blockdev_snapshot_same_as_qemu(daemon, tmp_path: Path) -> None:
     work = tmp_path / "w"
     work.mkdir()
     steps = script(work)
-    images(work)
-    async with running_qsd(str(tmp_path / "qsd.sock")):
-        theirs = await replies_of(str(tmp_path / "qsd.sock"), steps)
-    images(work)
-    ours = await replies_of(daemon().socket, steps)
+    ours, theirs = await replies_of_both(tmp_path, lambda: images(work), steps, lambda: daemon().socket)
     for i, (step, a, b) in enumerate(zip(steps, ours, theirs, strict=True)):
         assert a == b, (i, step)
 

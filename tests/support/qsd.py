@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -53,3 +53,15 @@ async def replies_of(socket_path: str, steps: list[tuple[str, dict[str, Any]]]) 
     finally:
         await client.disconnect()
     return replies
+
+
+async def replies_of_both(tmp_path: Path, fresh: Callable[[], None], steps: list[tuple[str, dict[str, Any]]],
+                          ours: Callable[[], str]) -> tuple[list[Any], list[Any]]:
+    """(exportd's replies, qemu-storage-daemon's) to the same script, each
+    daemon on images just made by `fresh`; `ours()` starts exportd and
+    returns its socket."""
+    fresh()
+    async with running_qsd(str(tmp_path / "qsd.sock")):
+        theirs = await replies_of(str(tmp_path / "qsd.sock"), steps)
+    fresh()
+    return await replies_of(ours(), steps), theirs

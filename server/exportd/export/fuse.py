@@ -23,6 +23,7 @@ import logging
 import os
 from typing import Any
 
+from exportd.aio.settle import settle_later
 from exportd.aio.threads import in_own_thread
 from exportd.block.node import Perm
 from exportd.errors import QMPError
@@ -303,6 +304,7 @@ class FuseExport(BlockExport):
             task = asyncio.get_running_loop().create_task(session.invalidate_cache())
             self._invalidations.add(task)
             task.add_done_callback(self._invalidations.discard)
+            settle_later(task)  # the command's reply waits for it
 
     def refuse_move(self, edge: Any, new: Any) -> str | None:
         # the kernel reads and writes the old image file itself: it cannot be moved
