@@ -103,3 +103,25 @@ def _write_at(path: Path, offset: int, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+async def test_sync_none_copies_exactly_the_new_writes(exportd: Exportd, workdir: Path) -> None:
+    src, dst, mnt = await exported_source(exportd, workdir, 4 * MiB, "write -P 0x61 0 4M")
+    await exportd.cmd("blockdev-mirror", {"job-id": "m", "device": "src", "target": "dst", "sync": "none"})
+    await athread(_write_at, mnt, MiB, b"n" * 8192)  # at once, before or as the job starts
+    await exportd.event("BLOCK_JOB_READY", timeout=30)
+    await athread(_write_at, mnt, 3 * MiB, b"m" * 4096)
+    await exportd.cmd("job-complete", {"id": "m"})
+    assert "error" not in await exportd.event("BLOCK_JOB_COMPLETED", timeout=30)
+    await exportd.del_export("e")
+    await exportd.cmd("blockdev-del", {"node-name": "dst"})
+    await exportd.cmd("blockdev-del", {"node-name": "src"})
+    raw = workdir / "dst.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(dst), str(raw)], check=True)
+    # dst has no backing: only the chunks written since the start, whole
+    # (the default granularity is dst's cluster size, 64 KiB, as QEMU's)
+    expect = bytearray(4 * MiB)
+    expect[MiB:MiB + 65536] = b"n" * 8192 + b"a" * (65536 - 8192)
+    expect[3 * MiB:3 * MiB + 65536] = b"m" * 4096 + b"a" * (65536 - 4096)
+    assert raw.read_bytes() == expect
+    check_clean(src, dst)

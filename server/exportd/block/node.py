@@ -317,6 +317,11 @@ class BlockNode(ABC):
         f = self.child("file")
         return f.filename() if f else ""
 
+    def cluster_size(self) -> int:
+        """The format's allocation unit in bytes (QEMU's BlockDriverInfo
+        cluster_size), 0 when it has none; a mirror's default granularity."""
+        return 0
+
     def host_fd(self) -> int | str:
         """A descriptor of a plain host file whose bytes are exactly this node's
         contents (same offsets, same length), or the reason there is none.

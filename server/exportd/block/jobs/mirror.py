@@ -94,6 +94,9 @@ class MirrorJob(BlockJob):
         except BaseException:
             await self._undo_setup()
             raise
+        # from here on every write through the filter is tracked, also those
+        # that come before run() starts (a sync=none mirror copies only them)
+        self.dirty = DirtyMap(self.source.getlength(), self.granularity)
         self.filter.written = self._written
         self.filter.serialize_writes = self.copy_mode == "write-blocking"
 
@@ -137,7 +140,8 @@ class MirrorJob(BlockJob):
                 await target.truncate(length, exact=False)
         elif length != target_length:
             raise BlockError("Source and target image have different sizes")
-        self.dirty = dirty = DirtyMap(length, self.granularity)
+        dirty = self.dirty
+        assert dirty is not None
         await self._initial_dirty(length)
         self.total_progress = dirty.dirty_bytes()
         chunk = max(self.granularity, min(self.buf_size, MAX_CHUNK))
@@ -308,8 +312,7 @@ class ActiveCommitJob(MirrorJob):
 
 def default_granularity(target: BlockNode) -> int:
     """The target's cluster size, 4 KiB to 64 KiB (QEMU's default)."""
-    cluster = int(getattr(target, "cluster_size", 0) or 0)
-    return min(max(cluster, 4096), 65536)
+    return min(max(target.cluster_size(), 4096), 65536)
 
 
 def check_granularity(granularity: int) -> None:

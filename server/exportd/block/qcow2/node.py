@@ -274,6 +274,9 @@ class Qcow2Node(ClusterMap, Writeback, Qcow2Reopen, BlockNode):
         e = self.child_edges.get("file")
         return e.node if e is not None else None
 
+    def cluster_size(self) -> int:
+        return 1 << self.cluster_bits
+
     @property
     def backing(self) -> BlockNode | None:
         e = self.child_edges.get("backing")
