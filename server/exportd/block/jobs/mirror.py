@@ -17,6 +17,7 @@ target before it completes, so the job converges whatever the write rate.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -31,6 +32,7 @@ from exportd.errors import BlockError
 log = logging.getLogger(__name__)
 
 MAX_CHUNK = 256 << 10  # bytes copied per step (at most buf-size): the loop is held for one step
+MAX_IN_FLIGHT = 4  # steps in flight (their I/O overlaps in the worker threads)
 
 
 class MirrorJob(BlockJob):
@@ -145,27 +147,50 @@ class MirrorJob(BlockJob):
         await self._initial_dirty(length)
         self.total_progress = dirty.dirty_bytes()
         chunk = max(self.granularity, min(self.buf_size, MAX_CHUNK))
+        # copies in flight at once (one when an error would stop the job:
+        # a pause is taken by one copy at a time)
+        stops = {"stop", "enospc"} & {self.on_source_error, self.on_target_error}
+        parallel = 1 if stops else max(1, min(MAX_IN_FLIGHT, self.buf_size // chunk))
+        copies: set[asyncio.Task[int]] = set()
         cursor = 0
-        while True:
-            if self.is_cancelled():
-                return
-            run = dirty.next_run(cursor, chunk)
-            if run is not None:
-                offset, n = run
-                cursor = offset + n
-                await self._copy(offset, n)
-                continue
-            # nothing dirty
-            if not self.is_ready():
-                await target.flush()
-                if dirty.count or self.is_cancelled():
-                    continue
-                self.set_ready()
-            if self.should_complete or self.should_stop():
-                if await self._converged():
+        try:
+            while True:
+                if self.is_cancelled():
                     return
-                continue
-            await self.sleep(0)  # until a write dirties something, or a verb
+                run = dirty.next_run(cursor, chunk) if len(copies) < parallel else None
+                if run is not None:
+                    offset, n = run
+                    cursor = offset + n
+                    dirty.clear(offset, n)  # now, not when the task first runs
+                    copies.add(asyncio.ensure_future(self._copy(offset, n)))
+                    continue
+                if copies:
+                    done, copies = await asyncio.wait(copies, return_when=asyncio.FIRST_COMPLETED)
+                    errors = [e for e in (t.exception() for t in done) if e is not None]
+                    if errors:
+                        raise errors[0]  # a copy's error fails the job
+                    await self.processed(sum(t.result() for t in done))
+                    continue
+                if await self._idle_step():
+                    return
+        finally:
+            if copies:  # the job ends (cancel, error): its copies finish first
+                await asyncio.wait(copies)
+
+    async def _idle_step(self) -> bool:
+        """Nothing dirty and nothing in flight: READY, the final copy, or a
+        wait for the next write or verb. True when run() is done."""
+        dirty, target = self.dirty, self.target
+        assert dirty is not None
+        if not self.is_ready():
+            await target.flush()
+            if dirty.count or self.is_cancelled():
+                return False
+            self.set_ready()
+        if self.should_complete or self.should_stop():
+            return await self._converged()
+        await self.sleep(0)  # until a write dirties something, or a verb
+        return False
 
     async def _converged(self) -> bool:
         """Freeze new writes, let the ones in flight finish, copy what they
@@ -178,7 +203,8 @@ class MirrorJob(BlockJob):
             await self.filter.wait_idle()
             while self.dirty.count and not self.is_cancelled():
                 offset, n = self.dirty.next_run(0, MAX_CHUNK)  # type: ignore[misc]
-                await self._copy(offset, n, throttle=False)
+                self.dirty.clear(offset, n)
+                self.current_progress += await self._copy(offset, n)
             if self.is_cancelled():
                 self.filter.thaw()
                 return False
@@ -210,10 +236,11 @@ class MirrorJob(BlockJob):
             offset += n
             await self.pause_point()
 
-    async def _copy(self, offset: int, n: int, *, throttle: bool = True) -> None:
-        """Copy one dirty run to the target (zeroes as zeroes)."""
-        assert self.dirty is not None and self.filter is not None
-        self.dirty.clear(offset, n)
+    async def _copy(self, offset: int, n: int) -> int:
+        """Copy one dirty run, already cleared in the dirty map, to the
+        target (zeroes as zeroes); returns the bytes it accounts for (the
+        caller records the progress)."""
+        assert self.filter is not None
         token = await self.filter.locks.acquire(offset, n) if self.filter.serialize_writes else None
         try:
             while True:
@@ -222,8 +249,7 @@ class MirrorJob(BlockJob):
                     break
                 except OSError as e:
                     if not await self.io_error(e, is_read=True, policy=self.on_source_error):
-                        self.current_progress += n
-                        return
+                        return n
             while True:
                 try:
                     if zero and data is None:
@@ -239,10 +265,7 @@ class MirrorJob(BlockJob):
         finally:
             if token is not None:
                 self.filter.locks.release(token)
-        if throttle:
-            await self.processed(n)
-        else:
-            self.current_progress += n
+        return n
 
     async def _read_source(self, offset: int, n: int) -> tuple[bool, bytes | bytearray | memoryview | None]:
         """(zero, data): data None when the target already reads zeroes there.
