@@ -1,0 +1,208 @@
+"""TLS with X.509 certificates as QEMU's tls-creds-x509 objects have it
+(qapi/crypto.json, crypto/tlscredsx509.c), on the standard library's `ssl`.
+
+A TlsCredsX509 is the object's options plus the SSLContexts made from its
+directory, laid out as QEMU's:
+
+    ca-cert.pem                      the CA that peers' certificates must chain to (always)
+    ca-crl.pem                       revoked certificates (optional; server only)
+    server-cert.pem, server-key.pem  endpoint=server (both required)
+    client-cert.pem, client-key.pem  endpoint=client (optional: a client may go without)
+
+`load()` reads and checks the files (blocking: call it from a thread) and
+raises TlsError with QEMU's texts; after it, `server_context()` and
+`client_context(hostname)` are ready. The NBD server and client call
+`upgrade()` for NBD_OPT_STARTTLS.
+
+verify-peer (default true): a server then requires a client certificate
+signed by the CA; a client verifies the server's certificate against the CA
+and, when given a hostname (QEMU's tls-hostname, or the host of an inet
+address), that the certificate names it. `priority` (a GnuTLS priority
+string) is accepted and ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import ssl
+from dataclasses import dataclass, field
+from typing import Any
+
+CA_CERT = "ca-cert.pem"
+CA_CRL = "ca-crl.pem"
+
+
+class TlsError(Exception):
+    """A credentials or handshake failure; str() is the text for the user."""
+
+
+@dataclass
+class TlsCredsX509:
+    id: str
+    dir: str | None = None
+    endpoint: str = "client"  # QEMU's default
+    verify_peer: bool = True
+    sanity_check: bool = True
+    priority: str | None = None
+    _server: ssl.SSLContext | None = field(default=None, repr=False)
+    _clients: dict[bool, ssl.SSLContext] = field(default_factory=dict, repr=False)
+
+    qom_type = "tls-creds-x509"
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> TlsCredsX509:
+        """From object-add's validated arguments."""
+        return cls(id=args["id"], dir=args.get("dir"), endpoint=args.get("endpoint", "client"),
+                   verify_peer=args.get("verify-peer", True), sanity_check=args.get("sanity-check", True),
+                   priority=args.get("priority"))
+
+    def path(self, name: str) -> str:
+        # QEMU joins with a slash whatever dir is ("" gives "/ca-cert.pem")
+        return f"{self.dir}/{name}"
+
+    # --- loading (blocking) ------------------------------------------------------
+    def load(self) -> None:
+        """Check the directory and build the contexts; TlsError with QEMU's text."""
+        if self.dir is None:
+            raise TlsError("Missing 'dir' property value")
+        server = self.endpoint == "server"
+        cacert = _required(self.path(CA_CERT))
+        if server:
+            crl = _optional(self.path(CA_CRL))
+            cert = _required(self.path("server-cert.pem"))
+            key = _required(self.path("server-key.pem"))
+        else:
+            crl = None
+            cert = _optional(self.path("client-cert.pem"))
+            key = _optional(self.path("client-key.pem"))
+        if self.sanity_check and cert is not None:
+            _check_pem(cert, "server" if server else "client")
+        if server:
+            self._server = self._context(ssl.Purpose.CLIENT_AUTH, cacert, crl, cert, key)
+        else:
+            # a client certificate is used only with its key, as in QEMU
+            pair = (cert, key) if cert is not None and key is not None else (None, None)
+            for check in (False, True):
+                self._clients[check] = self._context(ssl.Purpose.SERVER_AUTH, cacert, None, *pair,
+                                                     check_hostname=check)
+
+    def _context(self, purpose: ssl.Purpose, cacert: str, crl: str | None, cert: str | None,
+                 key: str | None, check_hostname: bool = False) -> ssl.SSLContext:
+        server = purpose is ssl.Purpose.CLIENT_AUTH
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.check_hostname = False  # before verify_mode: CERT_NONE needs it off
+        try:
+            ctx.load_verify_locations(cafile=cacert)
+        except ssl.SSLError:
+            raise TlsError(f"Unable to import CA certificate list {cacert}") from None
+        if crl is not None:
+            try:
+                ctx.load_verify_locations(cafile=crl)
+            except ssl.SSLError as e:
+                raise TlsError(f"Cannot load CRL '{crl}': {_reason(e)}") from None
+            ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+        if cert is not None and key is not None:
+            try:
+                ctx.load_cert_chain(cert, key)
+            except ssl.SSLError as e:
+                raise TlsError(f"Cannot load certificate '{cert}' & key '{key}': {_reason(e)}") from None
+        if self.verify_peer:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.check_hostname = check_hostname
+        else:
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+    # --- contexts --------------------------------------------------------------------
+    def server_context(self) -> ssl.SSLContext:
+        """The context of a server endpoint (TlsError for client credentials)."""
+        if self._server is None:
+            raise TlsError("Expected TLS credentials for a server endpoint")
+        return self._server
+
+    def client_context(self, hostname: str | None = None) -> ssl.SSLContext:
+        """The context of a client endpoint; with `hostname` (pass it to
+        upgrade() too) the server's certificate must name it."""
+        if not self._clients:
+            raise TlsError("Expected TLS credentials for a client endpoint")
+        return self._clients[hostname is not None and self.verify_peer]
+
+
+def _required(path: str) -> str:
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+    except OSError as e:
+        raise TlsError(f"Unable to access credentials {path}: {os.strerror(e.errno or errno.EIO)}") from None
+    return path
+
+
+def _optional(path: str) -> str | None:
+    try:
+        return _required(path)
+    except TlsError:
+        return None
+
+
+def _check_pem(path: str, role: str) -> None:
+    """The first certificate of `path` decodes (QEMU's sanity check reads it)."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            text = f.read()
+        begin = text.index("-----BEGIN CERTIFICATE-----")
+        end = text.index("-----END CERTIFICATE-----", begin) + len("-----END CERTIFICATE-----")
+        ssl.PEM_cert_to_DER_cert(text[begin:end])
+    except (OSError, ValueError) as e:
+        why = "no PEM certificate found" if isinstance(e, ValueError) and "substring" in str(e) else str(e)
+        raise TlsError(f"Unable to import {role} certificate {path}: {why}") from None
+
+
+def _reason(e: ssl.SSLError) -> str:
+    if e.reason == "KEY_VALUES_MISMATCH":
+        return "The certificate and the given key do not match."
+    return e.reason or str(e)
+
+
+# --- upgrading a connection -------------------------------------------------------------
+HANDSHAKE_TIMEOUT_S = 10.0
+
+
+async def upgrade(writer: asyncio.StreamWriter, ctx: ssl.SSLContext, server_side: bool,
+                  server_hostname: str | None = None, timeout: float = HANDSHAKE_TIMEOUT_S) -> None:
+    """Start TLS on an open stream connection in place (NBD_OPT_STARTTLS).
+
+    `writer` is the StreamWriter of a connection made by asyncio.start_server
+    (server_side=True) or asyncio.open_connection (server_side=False); after
+    the handshake its reader and writer carry plaintext over TLS. Call it
+    when the peer waits for us (nothing of the handshake may already sit in
+    the reader's buffer): the server after sending its STARTTLS reply, the
+    client after reading it. A client passes `server_hostname` to have the
+    certificate's name checked (use client_context(hostname) for `ctx`).
+    Raises TlsError on any handshake failure or after `timeout` seconds;
+    the caller then closes the connection.
+    """
+    side = writer.transport.get_extra_info("sslcontext")
+    if side is not None:
+        raise TlsError("TLS is already started on this connection")
+    # asyncio picks the side from how the stream was made: check it agrees
+    made_by_server = getattr(writer._protocol, "_client_connected_cb", None) is not None  # type: ignore[attr-defined]
+    if made_by_server != server_side:
+        raise ValueError(f"upgrade(server_side={server_side}) on a stream made by "
+                         f"{'start_server' if made_by_server else 'open_connection'}")
+    try:
+        await writer.start_tls(ctx, server_hostname=server_hostname if not server_side else None,
+                               ssl_handshake_timeout=timeout)
+    except (ssl.SSLError, ssl.CertificateError) as e:
+        raise TlsError(f"TLS handshake failed: {getattr(e, 'verify_message', None) or _reason(e)}") from None
+    except TimeoutError:
+        raise TlsError("TLS handshake failed: timed out") from None
+    except (ConnectionError, OSError) as e:
+        raise TlsError(f"TLS handshake failed: {e.strerror or e}") from None
+
+
+def peer_certificate(writer: asyncio.StreamWriter) -> dict[str, Any] | None:
+    """The verified peer's certificate after upgrade() (None without one)."""
+    obj = writer.get_extra_info("ssl_object")
+    return obj.getpeercert() if obj is not None else None
