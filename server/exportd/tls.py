@@ -162,7 +162,8 @@ def _check_pem(path: str, role: str) -> None:
 def _reason(e: ssl.SSLError) -> str:
     if e.reason == "KEY_VALUES_MISMATCH":
         return "The certificate and the given key do not match."
-    return e.reason or str(e)
+    # OpenSSL's reason codes read as words: PEER_DID_NOT_RETURN_A_CERTIFICATE
+    return e.reason.replace("_", " ").lower() if e.reason else str(e)
 
 
 # --- upgrading a connection -------------------------------------------------------------
