@@ -16,8 +16,8 @@ raises TlsError with QEMU's texts; after it, `server_context()` and
 
 verify-peer (default true): a server then requires a client certificate
 signed by the CA; a client verifies the server's certificate against the CA
-and, when given a hostname (QEMU's tls-hostname, or the host of an inet
-address), that the certificate names it. `priority` (a GnuTLS priority
+and that it names the hostname the client must give (QEMU's tls-hostname,
+or the host of an inet address). `priority` (a GnuTLS priority
 string) is accepted and ignored.
 """
 
@@ -47,7 +47,7 @@ class TlsCredsX509:
     sanity_check: bool = True
     priority: str | None = None
     _server: ssl.SSLContext | None = field(default=None, repr=False)
-    _clients: dict[bool, ssl.SSLContext] = field(default_factory=dict, repr=False)
+    _client: ssl.SSLContext | None = field(default=None, repr=False)
 
     qom_type = "tls-creds-x509"
 
@@ -84,12 +84,10 @@ class TlsCredsX509:
         else:
             # a client certificate is used only with its key, as in QEMU
             pair = (cert, key) if cert is not None and key is not None else (None, None)
-            for check in (False, True):
-                self._clients[check] = self._context(ssl.Purpose.SERVER_AUTH, cacert, None, *pair,
-                                                     check_hostname=check)
+            self._client = self._context(ssl.Purpose.SERVER_AUTH, cacert, None, *pair)
 
     def _context(self, purpose: ssl.Purpose, cacert: str, crl: str | None, cert: str | None,
-                 key: str | None, check_hostname: bool = False) -> ssl.SSLContext:
+                 key: str | None) -> ssl.SSLContext:
         server = purpose is ssl.Purpose.CLIENT_AUTH
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -111,7 +109,7 @@ class TlsCredsX509:
                 raise TlsError(f"Cannot load certificate '{cert}' & key '{key}': {_reason(e)}") from None
         if self.verify_peer:
             ctx.verify_mode = ssl.CERT_REQUIRED
-            ctx.check_hostname = check_hostname
+            ctx.check_hostname = not server
         else:
             ctx.verify_mode = ssl.CERT_NONE
         return ctx
@@ -124,11 +122,16 @@ class TlsCredsX509:
         return self._server
 
     def client_context(self, hostname: str | None = None) -> ssl.SSLContext:
-        """The context of a client endpoint; with `hostname` (pass it to
-        upgrade() too) the server's certificate must name it."""
-        if not self._clients:
+        """The context of a client endpoint. With verify-peer the server's
+        certificate must name `hostname` (pass it to upgrade() too), and, as
+        in QEMU, there is no connection without one (QEMU's nbd driver takes
+        tls-hostname, else the host of an inet address; a UNIX socket needs
+        tls-hostname)."""
+        if self._client is None:
             raise TlsError("Expected TLS credentials for a client endpoint")
-        return self._clients[hostname is not None and self.verify_peer]
+        if self.verify_peer and not hostname:
+            raise TlsError("No hostname for certificate validation")
+        return self._client
 
 
 def _required(path: str) -> str:
