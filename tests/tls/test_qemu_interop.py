@@ -119,3 +119,71 @@ async def test_our_client_context_with_qemu_server(qsd_tls: str, creds: dict[str
     stranger.load()
     with pytest.raises(TlsError, match="^TLS handshake failed: "):
         await starttls_and_list(qsd_tls, stranger)
+
+
+async def serve_size_only(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          creds: TlsCredsX509, outcomes: asyncio.Queue[object]) -> None:
+    """Just enough of an NBD server for `nbdinfo --size` over TLS: STARTTLS
+    with upgrade(), then GO answered with the export's size; every other
+    option is unsupported. What happened goes to `outcomes`."""
+    try:
+        writer.write(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, 3))
+        await reader.readexactly(4)
+        while True:
+            magic, code, length = struct.unpack(">QII", await reader.readexactly(16))
+            assert magic == IHAVEOPT
+            await reader.readexactly(length)
+
+            def reply(rtype: int, data: bytes = b"", code: int = code) -> None:
+                writer.write(struct.pack(">QIII", REPLY_MAGIC, code, rtype, len(data)) + data)
+
+            if code == OPT_STARTTLS:
+                reply(REP_ACK)
+                await writer.drain()
+                await upgrade(writer, creds.server_context(), server_side=True)
+                outcomes.put_nowait("tls")
+            elif code == 7 and writer.get_extra_info("ssl_object") is not None:  # NBD_OPT_GO
+                reply(3, struct.pack(">HQH", 0, SIZE, 1))  # NBD_REP_INFO: NBD_INFO_EXPORT, has-flags
+                reply(REP_ACK)
+                await writer.drain()
+                await reader.read(28)  # NBD_CMD_DISC
+                outcomes.put_nowait("served")
+                return
+            elif code == OPT_ABORT:
+                return
+            else:
+                reply((1 << 31) + 1)  # NBD_REP_ERR_UNSUP
+            await writer.drain()
+    except (TlsError, asyncio.IncompleteReadError, ConnectionError) as e:
+        outcomes.put_nowait(e)
+    finally:
+        writer.close()
+
+
+@pytest.mark.skipif(shutil.which("nbdinfo") is None, reason="nbdinfo is not installed")
+async def test_our_server_context_with_libnbd(creds: dict[str, Path], tmp_path: Path, pki: Pki,
+                                              other_pki: Pki) -> None:
+    ours = TlsCredsX509(id="s", dir=str(creds["server"]), endpoint="server")
+    ours.load()
+    outcomes: asyncio.Queue[object] = asyncio.Queue()
+    server = await asyncio.start_server(lambda r, w: serve_size_only(r, w, ours, outcomes), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+
+    def nbdinfo(client_dir: Path) -> subprocess.CompletedProcess[str]:
+        uri = f"nbds://127.0.0.1:{port}/disk0?tls-certificates={client_dir}"
+        return subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True, timeout=60)
+
+    try:
+        out = await asyncio.to_thread(nbdinfo, creds["client"])
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == str(SIZE)
+        assert [await outcomes.get(), await outcomes.get()] == ["tls", "served"]
+        # a GnuTLS client whose certificate our CA did not sign is refused in the handshake
+        stranger = creds_dir(tmp_path / "stranger", other_pki, server=False, ca=pki.ca_cert)
+        out = await asyncio.to_thread(nbdinfo, stranger)
+        assert out.returncode != 0
+        outcome = await asyncio.wait_for(outcomes.get(), 10)
+        assert isinstance(outcome, TlsError), outcome
+    finally:
+        server.close()
+        await server.wait_closed()
