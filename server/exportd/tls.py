@@ -104,9 +104,13 @@ class TlsCredsX509:
             ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
         if cert is not None and key is not None:
             try:
-                ctx.load_cert_chain(cert, key)
-            except ssl.SSLError as e:
-                raise TlsError(f"Cannot load certificate '{cert}' & key '{key}': {_reason(e)}") from None
+                # never let OpenSSL prompt on the terminal for an encrypted key
+                ctx.load_cert_chain(cert, key, password=_no_password)
+            except _Encrypted:
+                raise TlsError(f"Cannot load certificate '{cert}' & key '{key}': Decryption has failed.") from None
+            except (ssl.SSLError, OSError) as e:
+                why = _reason(e) if isinstance(e, ssl.SSLError) else e.strerror or str(e)
+                raise TlsError(f"Cannot load certificate '{cert}' & key '{key}': {why}") from None
         if self.verify_peer:
             ctx.verify_mode = ssl.CERT_REQUIRED
             ctx.check_hostname = not server
@@ -134,6 +138,15 @@ class TlsCredsX509:
         return self._client
 
 
+class _Encrypted(Exception):
+    pass
+
+
+def _no_password() -> str:
+    # exportd has no secret objects (QEMU's passwordid): an encrypted key cannot load
+    raise _Encrypted
+
+
 def _required(path: str) -> str:
     try:
         os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
@@ -151,14 +164,17 @@ def _optional(path: str) -> str | None:
 
 def _check_pem(path: str, role: str) -> None:
     """The first certificate of `path` decodes (QEMU's sanity check reads it)."""
+    head, tail = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
     try:
         with open(path, encoding="ascii", errors="replace") as f:
             text = f.read()
-        begin = text.index("-----BEGIN CERTIFICATE-----")
-        end = text.index("-----END CERTIFICATE-----", begin) + len("-----END CERTIFICATE-----")
-        ssl.PEM_cert_to_DER_cert(text[begin:end])
+        begin = text.find(head)
+        end = text.find(tail, begin)
+        if begin < 0 or end < 0:
+            raise ValueError("no PEM certificate found")
+        ssl.PEM_cert_to_DER_cert(text[begin:end + len(tail)])
     except (OSError, ValueError) as e:
-        why = "no PEM certificate found" if isinstance(e, ValueError) and "substring" in str(e) else str(e)
+        why = e.strerror if isinstance(e, OSError) else str(e)
         raise TlsError(f"Unable to import {role} certificate {path}: {why}") from None
 
 

@@ -29,7 +29,11 @@ def layouts(root: Path, pki: Pki) -> dict[str, Path]:
          "no-key": creds_dir(root / "no-key", pki, client=False),
          "mismatch": creds_dir(root / "mismatch", pki),
          "garbage-ca": creds_dir(root / "garbage-ca", pki),
+         "encrypted": creds_dir(root / "encrypted", pki),
          "empty": root / "empty"}
+    subprocess.run(["openssl", "ec", "-in", str(pki.server_key), "-aes256", "-passout", "pass:secret",
+                    "-out", str(d["encrypted"] / "server-key.pem")], check=True, capture_output=True,
+                   stdin=subprocess.DEVNULL)
     (d["no-key"] / "server-key.pem").unlink()
     shutil.copy(pki.client_key, d["mismatch"] / "server-key.pem")
     (d["garbage-ca"] / "ca-cert.pem").write_text("garbage\n")
@@ -46,6 +50,7 @@ def script(d: dict[str, Path]) -> list[tuple[str, dict[str, Any]]]:
         x509("srv", d["no-key"], endpoint="server"),
         x509("srv", d["mismatch"], endpoint="server"),
         x509("srv", d["garbage-ca"], endpoint="server"),
+        x509("srv", d["encrypted"], endpoint="server"),
         x509("srv", d["empty"], endpoint="client", **{"verify-peer": False}),
         x509("srv", d["full"] / "ca-cert.pem", endpoint="client"),
         x509("srv", d["full"], endpoint="middle"),

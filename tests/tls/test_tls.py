@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -179,6 +180,16 @@ def test_bad_files(tmp_path: Path, pki: Pki) -> None:
     (d / "client-cert.pem").write_text("junk\n")
     with pytest.raises(TlsError, match=f"^Unable to import client certificate {d}/client-cert.pem: "):
         loaded(d, "client")
+
+
+def test_encrypted_key_is_refused_without_prompting(tmp_path: Path, pki: Pki) -> None:
+    d = creds_dir(tmp_path / "c", pki)
+    subprocess.run(["openssl", "ec", "-in", str(pki.server_key), "-aes256", "-passout", "pass:secret",
+                    "-out", str(d / "server-key.pem")], check=True, capture_output=True, stdin=subprocess.DEVNULL)
+    with pytest.raises(TlsError) as e:
+        loaded(d, "server")
+    assert str(e.value) == (f"Cannot load certificate '{d}/server-cert.pem' & key '{d}/server-key.pem': "
+                            "Decryption has failed.")
 
 
 def test_wrong_endpoint(creds: dict[str, Path]) -> None:
