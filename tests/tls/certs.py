@@ -85,3 +85,18 @@ def creds_dir(path: Path, pki: Pki, *, server: bool = True, client: bool = True,
         shutil.copy(pki.client_cert, path / "client-cert.pem")
         shutil.copy(pki.client_key, path / "client-key.pem")
     return path
+
+
+def make_crl(pki: Pki, out: Path, revoke: Path | None = None) -> Path:
+    """A CRL signed by `pki`'s CA listing `revoke` (or nothing), at `out`."""
+    work = out.parent / f".{out.name}.ca"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "index.txt").write_text("")
+    (work / "crlnumber").write_text("01\n")
+    (work / "ca.cnf").write_text("[ca]\ndefault_ca = d\n[d]\ndatabase = index.txt\ncrlnumber = crlnumber\n"
+                                 "default_md = sha256\ndefault_crl_days = 2\n")
+    ca = ("-keyfile", str(pki.ca_key), "-cert", str(pki.ca_cert))
+    if revoke is not None:
+        _run("ca", "-config", "ca.cnf", "-revoke", str(revoke), *ca, cwd=work)
+    _run("ca", "-config", "ca.cnf", "-gencrl", *ca, "-out", str(out), cwd=work)
+    return out

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from exportd.tls import TlsCredsX509, TlsError, peer_certificate, upgrade
-from tests.tls.certs import Pki, creds_dir
+from tests.tls.certs import Pki, creds_dir, make_crl
 
 
 def loaded(d: Path, endpoint: str, **kw: object) -> TlsCredsX509:
@@ -127,6 +127,19 @@ async def test_client_certificate_from_another_ca_is_refused(tmp_path: Path, cre
         with contextlib.suppress(TlsError, ConnectionError, asyncio.IncompleteReadError):
             assert await client_round_trip(port, loaded(forged, "client"), hostname="127.0.0.1") == b""
         assert isinstance(await asyncio.wait_for(outcomes.get(), 10), TlsError)
+
+
+async def test_revoked_client_certificate_is_refused(creds: dict[str, Path], pki: Pki) -> None:
+    client = loaded(creds["client"], "client")
+    make_crl(pki, creds["server"] / "ca-crl.pem")  # revokes nothing
+    async with tls_server(loaded(creds["server"], "server")) as (port, _):
+        assert await client_round_trip(port, client, hostname="localhost") == b"hello over tls\n"
+    make_crl(pki, creds["server"] / "ca-crl.pem", revoke=pki.client_cert)
+    async with tls_server(loaded(creds["server"], "server")) as (port, outcomes):
+        with contextlib.suppress(TlsError, ConnectionError, asyncio.IncompleteReadError):
+            assert await client_round_trip(port, client, hostname="localhost") == b""
+        outcome = await asyncio.wait_for(outcomes.get(), 10)
+        assert str(outcome) == "TLS handshake failed: certificate revoked"
 
 
 async def test_upgrade_checks_the_side(creds: dict[str, Path]) -> None:
