@@ -12,7 +12,8 @@ directory, laid out as QEMU's:
 `load()` reads and checks the files (blocking: call it from a thread) and
 raises TlsError with QEMU's texts; after it, `server_context()` and
 `client_context(hostname)` are ready. The NBD server and client call
-`upgrade()` for NBD_OPT_STARTTLS.
+`upgrade()` (streams) or `upgrade_transport()` (protocols) for
+NBD_OPT_STARTTLS.
 
 verify-peer (default true): a server then requires a client certificate
 signed by the CA; a client verifies the server's certificate against the CA
@@ -24,9 +25,11 @@ string) is accepted and ignored.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import ssl
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,26 +197,48 @@ async def upgrade(writer: asyncio.StreamWriter, ctx: ssl.SSLContext, server_side
     """Start TLS on an open stream connection in place (NBD_OPT_STARTTLS).
 
     `writer` is the StreamWriter of a connection made by asyncio.start_server
-    (server_side=True) or asyncio.open_connection (server_side=False); after
-    the handshake its reader and writer carry plaintext over TLS. Call it
-    when the peer waits for us (nothing of the handshake may already sit in
-    the reader's buffer): the server after sending its STARTTLS reply, the
-    client after reading it. A client passes `server_hostname` to have the
-    certificate's name checked (use client_context(hostname) for `ctx`).
-    Raises TlsError on any handshake failure or after `timeout` seconds;
-    the caller then closes the connection.
+    (server_side=True) or asyncio.open_connection / open_unix_connection
+    (server_side=False); after the handshake its reader and writer carry
+    plaintext over TLS. Call it when the peer waits for us (nothing of the
+    handshake may already sit in the reader's buffer): the server after
+    sending its STARTTLS reply, the client after reading it. A client passes
+    the `server_hostname` it gave client_context(). Raises TlsError on any
+    handshake failure or after `timeout` seconds; the caller then closes
+    the connection.
     """
-    side = writer.transport.get_extra_info("sslcontext")
-    if side is not None:
+    if writer.get_extra_info("ssl_object") is not None:
         raise TlsError("TLS is already started on this connection")
     # asyncio picks the side from how the stream was made: check it agrees
     made_by_server = getattr(writer._protocol, "_client_connected_cb", None) is not None  # type: ignore[attr-defined]
     if made_by_server != server_side:
         raise ValueError(f"upgrade(server_side={server_side}) on a stream made by "
                          f"{'start_server' if made_by_server else 'open_connection'}")
+    with _handshake_errors():
+        async with asyncio.timeout(timeout):
+            await writer.start_tls(ctx, server_hostname=None if server_side else server_hostname,
+                                   ssl_handshake_timeout=timeout + 1)
+
+
+async def upgrade_transport(transport: asyncio.Transport, protocol: asyncio.BaseProtocol, ctx: ssl.SSLContext,
+                            server_side: bool, server_hostname: str | None = None,
+                            timeout: float = HANDSHAKE_TIMEOUT_S) -> asyncio.Transport:
+    """upgrade() for protocol-based code: the TLS transport that replaces
+    `transport` (use it from now on; `protocol` keeps receiving, in plaintext)."""
+    loop = asyncio.get_running_loop()
+    with _handshake_errors():
+        async with asyncio.timeout(timeout):
+            new = await loop.start_tls(transport, protocol, ctx, server_side=server_side,
+                                       server_hostname=None if server_side else server_hostname,
+                                       ssl_handshake_timeout=timeout + 1)
+    assert new is not None
+    return new
+
+
+@contextlib.contextmanager
+def _handshake_errors() -> Iterator[None]:
+    """Every way a handshake fails, as one TlsError."""
     try:
-        await writer.start_tls(ctx, server_hostname=server_hostname if not server_side else None,
-                               ssl_handshake_timeout=timeout)
+        yield
     except (ssl.SSLError, ssl.CertificateError) as e:
         raise TlsError(f"TLS handshake failed: {getattr(e, 'verify_message', None) or _reason(e)}") from None
     except TimeoutError:

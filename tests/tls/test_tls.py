@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from exportd.tls import TlsCredsX509, TlsError, peer_certificate, upgrade
+from exportd.tls import TlsCredsX509, TlsError, peer_certificate, upgrade, upgrade_transport
 from tests.tls.certs import Pki, creds_dir, make_crl
 
 
@@ -140,6 +140,54 @@ async def test_revoked_client_certificate_is_refused(creds: dict[str, Path], pki
             assert await client_round_trip(port, client, hostname="localhost") == b""
         outcome = await asyncio.wait_for(outcomes.get(), 10)
         assert str(outcome) == "TLS handshake failed: certificate revoked"
+
+
+async def test_stalled_handshake_times_out(creds: dict[str, Path]) -> None:
+    server = loaded(creds["server"], "server")
+    outcome: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await upgrade(writer, server.server_context(), server_side=True, timeout=0.5)
+            outcome.set_result("upgraded")
+        except TlsError as e:
+            outcome.set_result(e)
+        finally:
+            writer.close()
+
+    srv = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.sockets[0].getsockname()[1])
+        result = await asyncio.wait_for(outcome, 10)  # the client never sends its ClientHello
+        assert str(result) == "TLS handshake failed: timed out"
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # and the connection is closed
+        writer.close()
+    finally:
+        srv.close()
+        await srv.wait_closed()
+
+
+async def test_upgrade_transport_for_protocols(creds: dict[str, Path]) -> None:
+    """upgrade_transport(): a Protocol-based client against the streams server."""
+    client = loaded(creds["client"], "client")
+    loop = asyncio.get_running_loop()
+    got: asyncio.Queue[bytes] = asyncio.Queue()
+
+    class Lines(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            got.put_nowait(data)
+
+    async with tls_server(loaded(creds["server"], "server")) as (port, outcomes):
+        transport, protocol = await loop.create_connection(Lines, "127.0.0.1", port)
+        try:
+            assert await got.get() == b"go\n"
+            tls = await upgrade_transport(transport, protocol, client.client_context("127.0.0.1"),  # type: ignore[arg-type]
+                                          server_side=False, server_hostname="127.0.0.1")
+            tls.write(b"via a protocol\n")
+            assert await asyncio.wait_for(got.get(), 10) == b"via a protocol\n"
+            assert isinstance(await outcomes.get(), dict)
+        finally:
+            transport.close()
 
 
 async def test_upgrade_checks_the_side(creds: dict[str, Path]) -> None:
