@@ -59,9 +59,12 @@ class ObjectRegistry:
         self.objects[oid] = obj  # taken while loading: a second add of the id fails as duplicate
         try:
             await in_own_thread(obj.load, timeout=LOAD_TIMEOUT_S)
-        except (TlsError, OSError) as e:
+        except TlsError as e:
             del self.objects[oid]
             raise QMPError(str(e)) from None
+        except OSError as e:  # the load's thread timed out (a hung mount)
+            del self.objects[oid]
+            raise QMPError(f"Unable to access credentials {args.get('dir')}: {e.strerror or e}") from None
         except BaseException:
             del self.objects[oid]
             raise
