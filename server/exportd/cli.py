@@ -1,12 +1,13 @@
 """The exportd command line, compatible with qemu-storage-daemon's.
 
     exportd [--chardev socket,id=ID,path=PATH,server=on,wait=off --monitor chardev=ID]...
-            [--socket PATH] [--blockdev OPTIONS]... [--export OPTIONS]...
+            [--socket PATH] [--object OPTIONS]... [--blockdev OPTIONS]... [--export OPTIONS]...
             [--pidfile PATH] [--daemonize] [-V] [-h]
 
---blockdev and --export take QEMU's keyval syntax or a JSON object and run
-the same validation and handler as the QMP commands blockdev-add and
-block-export-add, in the order given. Any startup error prints
+--object, --blockdev and --export take QEMU's keyval syntax or a JSON object
+and run the same validation and handler as the QMP commands object-add,
+blockdev-add and block-export-add, in the order given (--object's first
+element is its qom-type: `tls-creds-x509,id=tls0,dir=...`). Any startup error prints
 `exportd: <desc>` and exits 1, leaving nothing behind.
 """
 
@@ -60,7 +61,7 @@ class MonitorSpec:
 @dataclass
 class Options:
     monitors: list[MonitorSpec] = field(default_factory=list)
-    actions: list[tuple[str, str]] = field(default_factory=list)  # ("blockdev-add"|"block-export-add", text)
+    actions: list[tuple[str, str]] = field(default_factory=list)  # (QMP command, text)
     pidfile: str | None = None
     daemonize: bool = False
 
@@ -96,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve QMP on the chardev ID")
     p.add_argument("--socket", action=_Ordered, dest="socket", metavar="PATH",
                    help="shorthand for a --chardev socket plus --monitor on PATH")
+    p.add_argument("--object", action=_Ordered, dest="object", metavar="TYPE,id=ID[,PROP=VALUE...]",
+                   help="add an object, e.g. tls-creds-x509 (keyval or JSON, as the QMP object-add)")
     p.add_argument("--blockdev", action=_Ordered, dest="blockdev", metavar="OPTIONS",
                    help="add a block node (keyval or JSON, as the QMP blockdev-add)")
     p.add_argument("--export", action=_Ordered, dest="export", metavar="OPTIONS",
@@ -124,6 +127,8 @@ def parse_options(argv: Sequence[str]) -> Options:
             opts.actions.append(("blockdev-add", text))
         elif kind == "export":
             opts.actions.append(("block-export-add", text))
+        elif kind == "object":
+            opts.actions.append(("object-add", text))
     return opts
 
 
@@ -174,10 +179,13 @@ def _parse_monitor(text: str, chardevs: dict[str, str]) -> MonitorSpec:
     return MonitorSpec(chardevs[cid], pretty == "on", name if isinstance(name, str) else "")
 
 
+IMPLIED_KEYS = {"object-add": "qom-type"}  # `--object tls-creds-x509,id=...`
+
+
 def option_arguments(schema: Schema, command: str, text: str) -> dict[str, Any]:
-    """A --blockdev/--export value as the arguments of its QMP command."""
+    """A --object/--blockdev/--export value as the arguments of its QMP command."""
     try:
-        args, is_keyval = parse_option(text)
+        args, is_keyval = parse_option(text, IMPLIED_KEYS.get(command))
     except KeyvalError as e:
         raise QMPError(str(e)) from None
     if is_keyval:
