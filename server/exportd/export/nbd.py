@@ -55,7 +55,7 @@ class NbdExport(BlockExport):
         if len(description.encode()) > P.MAX_STRING:
             raise QMPError(f"description '{description}' too long")
         if options.get("bitmaps"):
-            raise QMPError("Bitmap '%s' is not found" % options["bitmaps"][0])
+            raise QMPError("Bitmap '{}' is not found".format(options["bitmaps"][0]))
         if name in server.exports or ("nbd:" + name) in self.table.claims:
             raise QMPError(f"NBD server already has export named '{name}'")
         perm = Perm.CONSISTENT_READ | (Perm.WRITE if self.writable else 0)

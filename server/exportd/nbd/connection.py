@@ -84,17 +84,19 @@ class Connection:
             self._main.cancel()
 
     async def _finish(self) -> None:
-        for t in list(self.tasks):
-            t.cancel()
-        if self.tasks:
-            with contextlib.suppress(BaseException):
-                await asyncio.gather(*self.tasks, return_exceptions=True)
+        # the connection's reference goes first, before any await (a second
+        # cancel cannot leak it); requests in flight hold their own
         exp = self.export
         self.export = None
         if exp is not None:
             exp.clients.discard(self)
             exp.unref()
         self.writer.transport.abort()
+        for t in list(self.tasks):
+            t.cancel()
+        if self.tasks:
+            with contextlib.suppress(BaseException):
+                await asyncio.gather(*self.tasks, return_exceptions=True)
 
     # --- I/O helpers --------------------------------------------------------------
     async def _read(self, n: int) -> bytes:
@@ -132,7 +134,7 @@ class Connection:
             if self.server.tls is not None and not self.tls_done and opt not in (P.OPT_STARTTLS, P.OPT_ABORT):
                 if opt == P.OPT_EXPORT_NAME:
                     raise Disconnect  # no way to answer EXPORT_NAME with an error
-                await self._error(opt, P.REP_ERR_TLS_REQD, "Option 0x%x not permitted before TLS" % opt)
+                await self._error(opt, P.REP_ERR_TLS_REQD, f"Option 0x{opt:x} not permitted before TLS")
                 continue
             if await self._option(opt, data):
                 return
@@ -230,8 +232,7 @@ class Connection:
 
     async def _meta_context(self, opt: int, data: bytes) -> None:
         if not self.structured:
-            await self._error(opt, P.REP_ERR_INVALID, "request option '%s' when structured reply is not negotiated"
-                              % P.OPT_NAMES[opt])
+            await self._error(opt, P.REP_ERR_INVALID, f"request option '{P.OPT_NAMES[opt]}' when structured reply is not negotiated")
             return
         try:
             name, queries = P.unpack_meta_context_query(data)
@@ -272,6 +273,8 @@ class Connection:
     async def transmit(self) -> None:
         read = self.reader.readexactly
         size = P.REQUEST.size
+        exp = self.export
+        assert exp is not None
         while True:
             req = P.unpack_request(await read(size))
             payload = b""
@@ -282,7 +285,7 @@ class Connection:
             if req.type == P.CMD_DISC:
                 break
             await self.slots.acquire()
-            task = asyncio.get_running_loop().create_task(self._serve(req, payload))
+            task = asyncio.get_running_loop().create_task(self._serve(exp, req, payload))
             self.tasks.add(task)
             task.add_done_callback(self._done)
         # DISC: answer what is in flight, then close
@@ -295,9 +298,7 @@ class Connection:
         self.tasks.discard(task)
         self.slots.release()
 
-    async def _serve(self, req: P.Request, payload: bytes) -> None:
-        exp = self.export
-        assert exp is not None
+    async def _serve(self, exp: NbdExport, req: P.Request, payload: bytes) -> None:
         try:
             try:
                 with exp.request():
@@ -408,8 +409,11 @@ class Connection:
             data = await self._read_bytes(exp, off, n) if n else b""
             await self._send(P.pack_simple_reply(req.cookie), data)
             return
-        if n == 0 or req.flags & P.CMD_FLAG_DF or n < SPARSE_READ_MIN:
-            data = await self._read_bytes(exp, off, n) if n else b""
+        if n == 0:  # no OFFSET_DATA may be empty
+            await self._send(P.pack_chunk(req.cookie, P.REPLY_TYPE_NONE, b"", P.REPLY_FLAG_DONE))
+            return
+        if req.flags & P.CMD_FLAG_DF or n < SPARSE_READ_MIN:
+            data = await self._read_bytes(exp, off, n)
             await self._send(P.pack_chunk_header(req.cookie, P.REPLY_TYPE_OFFSET_DATA, 8 + len(data),
                                                  P.REPLY_FLAG_DONE), P.U64.pack(off), data)
             return
