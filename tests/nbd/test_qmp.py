@@ -163,3 +163,28 @@ async def test_nbd_server_command_line_option(workdir: Path) -> None:
     finally:
         await d.stop()
     assert sys.executable
+
+
+async def test_quit_with_clients_in_flight(workdir: Path) -> None:
+    """quit while clients read: every export goes (one event each), the
+    daemon exits 0, the socket file is gone."""
+    img = workdir / "q.qcow2"
+    qemu_img_create(img, "64M")
+    sock = workdir / "q.sock"
+    d = Exportd(workdir)
+    try:
+        await d.start("--nbd-server", f"addr.type=unix,addr.path={sock}",
+                      "--blockdev", f"driver=qcow2,node-name=q,file.driver=file,file.filename={img}",
+                      "--export", "type=nbd,id=q,node-name=q,writable=on")
+        readers = [asyncio.create_task(run("qemu-img", "convert", "-f", "raw", "-O", "raw",
+                                           f"nbd+unix:///q?socket={sock}", str(workdir / f"o{i}.raw"),
+                                           check=False)) for i in range(4)]
+        await asyncio.sleep(0.3)
+        await d.cmd("quit")
+        assert await d.event("BLOCK_EXPORT_DELETED") == {"id": "q"}
+        await d.disconnect()
+        assert await asyncio.to_thread(d.proc.wait, 20) == 0
+        await asyncio.gather(*readers)
+        assert not sock.exists()
+    finally:
+        await d.stop()
