@@ -43,6 +43,7 @@ class NbdExport(BlockExport):
         self.multi_conn = True
         self.clients: set[Connection] = set()
         self._server: Any = None
+        self._data_cache: tuple[BlockNode, int, int] | None = None
 
     async def start(self, options: dict[str, Any]) -> None:
         server = server_of(self.table.daemon)
@@ -82,6 +83,21 @@ class NbdExport(BlockExport):
         """Whether zeroing is cheaper than writing zeroes (FAST_ZERO's promise):
         a node with its own write_zeroes, not the generic write of a buffer."""
         return type(self.node).write_zeroes is not BlockNode.write_zeroes
+
+    # --- block status cache (as QEMU's file-posix keeps one) --------------------------
+    # The last range block_status called data, for sparse reads: asking again
+    # costs a SEEK_HOLE walk per read on a big file. A stale entry is harmless:
+    # a range called data is sent as data, which is always correct; holes are
+    # never cached.
+    def known_data(self, offset: int) -> int:
+        """How many bytes from `offset` are known to be data (0: ask)."""
+        c = self._data_cache
+        if c is None or c[0] is not self.node or not c[1] <= offset < c[2]:
+            return 0
+        return c[2] - offset
+
+    def remember_data(self, offset: int, length: int) -> None:
+        self._data_cache = (self.node, offset, offset + length)
 
     # --- life cycle -------------------------------------------------------------------
     def _unregister(self) -> None:

@@ -422,9 +422,17 @@ class Connection:
         pos, end = off, off + n
         steps = 0
         while pos < end:
-            st = await exp.node.block_status(pos, end - pos)
-            ln = min(st.length, end - pos) if st.length > 0 else end - pos
-            hole = 1 if st.status & Status.ZERO else 0
+            known = exp.known_data(pos)
+            if known:
+                ln, hole = min(known, end - pos), 0
+            else:
+                # asked to the export's end: the answer (cached when data)
+                # serves the reads that follow too
+                st = await exp.node.block_status(pos, max(end, exp.current_length()) - pos)
+                ln = min(st.length, end - pos) if st.length > 0 else end - pos
+                hole = 1 if st.status & Status.ZERO else 0
+                if not hole and st.length > 0:
+                    exp.remember_data(pos, st.length)
             if runs and runs[-1][0] == hole:
                 runs[-1][2] += ln
             else:
