@@ -179,3 +179,25 @@ async def test_option_replies(nbd, workdir: Path) -> None:
     assert await option(2) == [(1, b"")]
     assert await reader.read() == b""
     writer.close()
+
+
+async def test_client_that_stops_reading_blocks_only_itself(nbd, workdir: Path) -> None:
+    img = workdir / "s.raw"
+    qemu_img_create(img, "64M", fmt="raw")
+    await nbd.d.cmd("blockdev-add", {"driver": "file", "node-name": "s", "filename": str(img)})
+    await nbd.export("s", "s", writable=True)
+    r, w = await _handshake(nbd.sock)
+    await _go(r, w, b"s")
+    for i in range(32):  # 32 MiB of replies nobody reads (more than fits in the socket)
+        w.write(struct.pack(">IHHQQI", 0x25609513, 0, 0, i, 0, 1 << 20))
+    await w.drain()
+    await asyncio.sleep(0.5)
+    out = (await run("qemu-io", "-f", "raw", "-c", "write -P 3 1M 1M", "-c", "read -P 3 1M 1M",
+                     nbd.uri("s"), timeout=20)).stdout
+    assert "verification failed" not in out and "read 1048576/1048576" in out
+    w.close()
+    for _ in range(100):
+        if (await nbd.d.cmd("query-block-exports"))[0]["clients"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert (await nbd.d.cmd("query-block-exports"))[0]["clients"] == 0

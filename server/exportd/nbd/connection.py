@@ -52,6 +52,7 @@ class Connection:
         self.contexts = Contexts()
         self.tasks: set[asyncio.Task[None]] = set()
         self.slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._send_lock = asyncio.Lock()
         self._main: asyncio.Task[Any] | None = None
         self.closed = False
 
@@ -103,10 +104,13 @@ class Connection:
         return await self.reader.readexactly(n)
 
     async def _send(self, *parts: bytes | bytearray | memoryview) -> None:
-        if self.closed or self.writer.transport.is_closing():
-            raise ConnectionResetError("client gone")
-        self.writer.writelines(parts)  # one call: nothing can come between the parts
-        await self.writer.drain()
+        # one reply buffered at a time: a client that stops reading holds
+        # its own replies back, not the daemon's memory
+        async with self._send_lock:
+            if self.closed or self.writer.transport.is_closing():
+                raise ConnectionResetError("client gone")
+            self.writer.writelines(parts)  # one call: nothing can come between the parts
+            await self.writer.drain()
 
     async def _reply(self, option: int, rtype: int, data: bytes = b"") -> None:
         await self._send(P.pack_option_reply(option, rtype, data))
