@@ -29,7 +29,8 @@ async def test_errors_match_qemu_storage_daemon(exportd, workdir: Path) -> None:
         ("nbd-server-stop", {}),
         ("blockdev-add", node),
         ("block-export-add", {"type": "nbd", "id": "e0", "node-name": "a"}),
-        ("nbd-server-start", start),
+        ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "/nonexistent-dir/n.sock"}}}),
+        ("nbd-server-start", {**start, "tls-authz": "authz0"}),  # accepted, unused, as 7.2 does
         ("nbd-server-start", start),
         ("block-export-add", {"type": "nbd", "id": "e0", "node-name": "a", "name": "n"}),
         ("block-export-add", {"type": "nbd", "id": "e1", "node-name": "a", "name": "n"}),
@@ -42,10 +43,22 @@ async def test_errors_match_qemu_storage_daemon(exportd, workdir: Path) -> None:
         ("nbd-server-stop", {}),
         ("nbd-server-stop", {}),
         ("nbd-server-start", {"addr": {"type": "unix", "data": {}}}),
+        ("nbd-server-start", {"addr": {"type": "inet", "data": {"host": "127.0.0.1"}}}),
     ]
     ours, theirs = await replies_of_both(workdir, lambda: qemu_img_create(img, "1M"), steps,
                                          lambda: str(exportd.sock))
     assert ours == theirs
+    assert ours[4] == {"return": {}} and ours[5] == {"error": ["GenericError", "NBD server already running"]}
+
+
+async def test_tls_creds_refused_clearly(exportd, workdir: Path) -> None:
+    """Until the tls-creds objects exist, a server asked for TLS is refused
+    (never started without it)."""
+    desc = await exportd.error("nbd-server-start", {"addr": {"type": "unix", "data": {
+        "path": str(workdir / "t.sock")}}, "tls-creds": "tls0"})
+    assert "TLS" in desc and "tls-creds" in desc
+    assert not (workdir / "t.sock").exists()
+    assert await exportd.error("nbd-server-stop") == "NBD server not running"
 
 
 async def test_differential_nbdinfo_and_qemu_io(exportd, workdir: Path) -> None:

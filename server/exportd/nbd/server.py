@@ -156,8 +156,7 @@ async def start_server(daemon: Any, args: dict[str, Any]) -> NbdServer:
     tls = None
     if args.get("tls-creds"):
         tls = tls_server_context(daemon, args["tls-creds"])
-    if args.get("tls-authz") and tls is None:
-        raise QMPError("'tls-authz' is only supported with 'tls-creds'")
+    # tls-authz without tls-creds is accepted and unused, as in qemu-storage-daemon 7.2
     server = NbdServer(
         daemon, tls=tls,
         max_connections=args.get("max-connections", DEFAULT_MAX_CONNECTIONS),
