@@ -51,12 +51,11 @@ async def test_errors_match_qemu_storage_daemon(exportd, workdir: Path) -> None:
     assert ours[4] == {"return": {}} and ours[5] == {"error": ["GenericError", "NBD server already running"]}
 
 
-async def test_tls_creds_refused_clearly(exportd, workdir: Path) -> None:
-    """Until the tls-creds objects exist, a server asked for TLS is refused
-    (never started without it)."""
+async def test_unknown_tls_creds_refused(exportd, workdir: Path) -> None:
+    """tls-creds must name a tls-creds-x509 object (QEMU's text); nothing is started."""
     desc = await exportd.error("nbd-server-start", {"addr": {"type": "unix", "data": {
         "path": str(workdir / "t.sock")}}, "tls-creds": "tls0"})
-    assert "TLS" in desc and "tls-creds" in desc
+    assert desc == "No TLS credentials with id 'tls0'"
     assert not (workdir / "t.sock").exists()
     assert await exportd.error("nbd-server-stop") == "NBD server not running"
 

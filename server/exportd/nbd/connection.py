@@ -23,6 +23,7 @@ from exportd.block.node import Status
 from exportd.export.io import to_the_end
 from exportd.nbd import protocol as P
 from exportd.nbd.meta import Contexts, allocation_depth_extents, base_allocation_extents
+from exportd.tls import TlsError, upgrade
 
 if TYPE_CHECKING:
     from exportd.export.nbd import NbdExport
@@ -181,7 +182,8 @@ class Connection:
         return False
 
     async def _starttls(self, opt: int, data: bytes) -> None:
-        """TLS SEAM: upgrade the stream with the server's ssl context."""
+        """NBD_OPT_STARTTLS: the stream goes on over TLS (exportd.tls); a
+        failed handshake ends the connection."""
         if self.server.tls is None:
             await self._error(opt, P.REP_ERR_POLICY, "TLS not configured")
             return
@@ -192,7 +194,11 @@ class Connection:
             await self._error(opt, P.REP_ERR_INVALID, "TLS already negotiated")
             return
         await self._reply(opt, P.REP_ACK)
-        await self.writer.start_tls(self.server.tls)
+        try:
+            await upgrade(self.writer, self.server.tls, server_side=True)
+        except TlsError as e:
+            log.info("NBD client: %s", e)
+            raise Disconnect from None
         self.tls_done = True
 
     async def _export_name(self, data: bytes) -> bool:

@@ -140,14 +140,11 @@ def server_of(daemon: Any) -> NbdServer | None:
 
 
 def tls_server_context(daemon: Any, creds_id: str) -> ssl.SSLContext:
-    """TLS SEAM: the ssl context of the tls-creds object `creds_id`.
-    exportd.nbd.tls (another module, not here yet) builds it from the
-    tls-creds-x509 object; until it exists tls-creds is refused clearly."""
-    try:
-        from exportd.nbd import tls  # type: ignore[attr-defined]
-    except ImportError:
-        raise QMPError("TLS is not supported yet by exportd's NBD server (tls-creds)") from None
-    return tls.server_context(daemon, creds_id)  # type: ignore[no-any-return]
+    """The ssl context of the tls-creds-x509 object `creds_id` (QEMU's texts
+    for a missing object or one made for clients: exportd.objects)."""
+    from exportd.objects import tls_creds
+
+    return tls_creds(daemon, creds_id, "server").server_context()
 
 
 async def start_server(daemon: Any, args: dict[str, Any]) -> NbdServer:
