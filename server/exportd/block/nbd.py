@@ -122,7 +122,7 @@ class NbdNode(BlockNode):
         if conn.read_only and not read_only:
             if not options.get("auto-read-only", False):
                 await conn.close()
-                raise BlockError("NBD export is read-only")
+                raise BlockError("Could not open image: Permission denied")  # qemu-storage-daemon 7.2's text
             read_only = True
         return cls(node_name, read_only=read_only, address=address, export=export, conn=conn,
                    reconnect_delay=delay)
@@ -348,12 +348,13 @@ async def _first_connection(address: Address, export: str, timeout: int) -> Conn
         except HandshakeError as e:
             raise BlockError(str(e)) from None
         except (OSError, ConnectionLost, TimeoutError) as e:
-            if time.monotonic() + pause >= deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 if isinstance(e, TimeoutError):
                     raise BlockError(f"Failed to connect to '{address.describe()}': "
                                      "timed out (open-timeout)") from None
                 if isinstance(e, ConnectionLost):
                     raise BlockError(f"Failed to read initial magic: {e}") from None
                 raise BlockError(_as_oserror(e, address)) from None
-        await asyncio.sleep(pause)
+        await asyncio.sleep(min(pause, left))
         pause = min(pause * 2, RETRY_MAX_S)

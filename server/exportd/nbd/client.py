@@ -169,7 +169,7 @@ async def _handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
         info.size, info.flags = size, tflags
         return info
     if rep == p.REP_ERR_UNKNOWN:
-        raise HandshakeError(f"Requested export not available{_server_error(rep, payload)}")
+        raise HandshakeError("Requested export not available")  # QEMU keeps the server text for a hint
     if rep == p.REP_ERR_TLS_REQD:
         raise HandshakeError(f"Server requires TLS{_server_error(rep, payload)}")
     if rep & p.REP_FLAG_ERROR:
