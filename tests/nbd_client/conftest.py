@@ -17,7 +17,9 @@ from tests.support.nbdpeer import Peer
 
 @pytest.fixture
 def peers() -> Iterator[list[Peer]]:
-    """A list to append started Peers to; each is stopped at teardown."""
+    """A list to append started Peers to; each is stopped at teardown. Tests
+    name it first so that it is set up first and torn down last, after the
+    clients (a server with a client still connected is slow to stop)."""
     started: list[Peer] = []
     try:
         yield started

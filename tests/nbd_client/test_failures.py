@@ -42,8 +42,7 @@ def sparse_image(path: Path, size: int = 8 * MiB) -> bytes:
     return data
 
 
-async def test_server_killed_mid_read_gives_eio(exportd: Exportd, workdir: Path, sock: str,
-                                                peers: list[Peer]) -> None:
+async def test_server_killed_mid_read_gives_eio(peers: list[Peer], exportd: Exportd, workdir: Path, sock: str) -> None:
     img = workdir / "d.img"
     sparse_image(img)
     srv = nbdkit(sock, "--filter=delay", "file", str(img), "rdelay=3").start()
@@ -85,8 +84,7 @@ async def dd_read(path: Path, offset: int, length: int) -> bytes:
     return out
 
 
-async def test_reconnect_delay_retries_in_flight(exportd: Exportd, workdir: Path, sock: str,
-                                                 peers: list[Peer]) -> None:
+async def test_reconnect_delay_retries_in_flight(peers: list[Peer], exportd: Exportd, workdir: Path, sock: str) -> None:
     """With reconnect-delay a request in flight when the server dies is sent
     again once the server is back, and one made meanwhile waits for it."""
     img = workdir / "d.img"
@@ -112,7 +110,7 @@ async def test_reconnect_delay_retries_in_flight(exportd: Exportd, workdir: Path
     assert img.read_bytes()[7 * MiB:7 * MiB + 5] == b"after"
 
 
-async def test_reconnect_delay_expires(exportd: Exportd, workdir: Path, sock: str, peers: list[Peer]) -> None:
+async def test_reconnect_delay_expires(peers: list[Peer], exportd: Exportd, workdir: Path, sock: str) -> None:
     """Past reconnect-delay a waiting request fails with EIO; a server that
     comes back later is used again."""
     img = workdir / "d.img"
@@ -140,7 +138,7 @@ async def test_reconnect_delay_expires(exportd: Exportd, workdir: Path, sock: st
         pytest.fail("no reconnect within 10 s")
 
 
-async def test_open_timeout(exportd: Exportd, workdir: Path, sock: str, peers: list[Peer]) -> None:
+async def test_open_timeout(peers: list[Peer], exportd: Exportd, workdir: Path, sock: str) -> None:
     t0 = time.monotonic()
     err = await exportd.error("blockdev-add", {"driver": "nbd", "node-name": "n", "server": unix(sock),
                                                "open-timeout": 1})
@@ -161,7 +159,7 @@ async def test_open_timeout(exportd: Exportd, workdir: Path, sock: str, peers: l
     assert [x["image"]["virtual-size"] for x in nodes if x["node-name"] == "n"] == [MiB]
 
 
-async def test_qcow2_over_nbd(exportd: Exportd, workdir: Path, sock: str, peers: list[Peer]) -> None:
+async def test_qcow2_over_nbd(peers: list[Peer], exportd: Exportd, workdir: Path, sock: str) -> None:
     """exportd's qcow2 driver on an nbd `file` child (qemu-nbd serves the
     qcow2 file's bytes raw), and an overlay whose backing node is an nbd
     node; qemu-img checks the image afterwards. An NBD export cannot grow
@@ -219,7 +217,7 @@ async def test_bad_options(exportd: Exportd, workdir: Path, sock: str) -> None:
 
 
 @pytest.mark.skipif(QSD is None, reason="qemu-storage-daemon is not installed")
-async def test_errors_as_qemu(tmp_path: Path, workdir: Path, peers: list[Peer]) -> None:
+async def test_errors_as_qemu(peers: list[Peer], tmp_path: Path, workdir: Path) -> None:
     """blockdev-add driver=nbd's replies, exportd against qemu-storage-daemon
     7.2 as the client of the same servers."""
     sock = str(workdir / "s.sock")

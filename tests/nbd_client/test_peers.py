@@ -76,7 +76,7 @@ def seek(path: Path, offset: int, whence: int) -> int | str:
         os.close(fd)
 
 
-async def test_qemu_nbd_qcow2(exportd: Exportd, workdir: Path, sock: str, peers: list[Peer]) -> None:
+async def test_qemu_nbd_qcow2(peers: list[Peer], exportd: Exportd, workdir: Path, sock: str) -> None:
     """qemu-nbd decodes a qcow2 image; the nbd node serves its guest view,
     reads and writes through the mount land in the image."""
     img = workdir / "d.qcow2"
@@ -103,8 +103,7 @@ async def test_qemu_nbd_qcow2(exportd: Exportd, workdir: Path, sock: str, peers:
     subprocess.run(["qemu-img", "check", "-q", str(img)], check=True)
 
 
-async def test_nbdkit_memory_many_in_flight(exportd: Exportd, workdir: Path, sock: str,
-                                            peers: list[Peer]) -> None:
+async def test_nbdkit_memory_many_in_flight(peers: list[Peer], exportd: Exportd, workdir: Path, sock: str) -> None:
     """Many reads and writes at once through the mount; the server's copy,
     read back by qemu-img, is what was written."""
     peers.append(nbdkit(sock, "memory", "32M").start())
@@ -124,7 +123,7 @@ async def test_nbdkit_memory_many_in_flight(exportd: Exportd, workdir: Path, soc
         assert pread(out, i * 2 * MiB + i, len(b)) == b
 
 
-async def test_nbdkit_file_sparse(exportd: Exportd, workdir: Path, sock: str, peers: list[Peer]) -> None:
+async def test_nbdkit_file_sparse(peers: list[Peer], exportd: Exportd, workdir: Path, sock: str) -> None:
     """nbdkit's file plugin: holes of the file are holes of the export
     (SEEK_DATA/SEEK_HOLE on the mount agree with the file), and a
     write-zeroes through fallocate reaches the server."""
@@ -160,7 +159,7 @@ async def test_nbdkit_file_sparse(exportd: Exportd, workdir: Path, sock: str, pe
     assert pread(img, 8 * MiB, MiB) == bytes(MiB)
 
 
-async def test_nbdkit_curl_web_image(exportd: Exportd, workdir: Path, sock: str, peers: list[Peer]) -> None:
+async def test_nbdkit_curl_web_image(peers: list[Peer], exportd: Exportd, workdir: Path, sock: str) -> None:
     """An image on a web server exported as a raw file: nbdkit's curl plugin
     in front of python -m http.server on loopback, read-only all along."""
     need("nbdkit")
@@ -204,7 +203,7 @@ async def test_nbdkit_curl_web_image(exportd: Exportd, workdir: Path, sock: str,
 
 
 @pytest.mark.skipif(QSD is None, reason="qemu-storage-daemon is not installed")
-async def test_qsd_nbd_export_under_fuse(exportd: Exportd, workdir: Path, sock: str, peers: list[Peer]) -> None:
+async def test_qsd_nbd_export_under_fuse(peers: list[Peer], exportd: Exportd, workdir: Path, sock: str) -> None:
     """qemu-storage-daemon 7.2 serves a sparse file over NBD; exportd opens
     it with driver=nbd and exports it through FUSE: reads, writes, and
     SEEK_DATA/SEEK_HOLE on the mount agree with the file underneath."""

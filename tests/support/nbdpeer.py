@@ -36,7 +36,9 @@ class Peer:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.sock)
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        # without a log, stderr goes to the test's (captured by pytest, shown on failure)
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out,
+                                     stderr=out if self.log else None)
         if self.log:
             out.close()  # type: ignore[union-attr]
         deadline = time.monotonic() + timeout
@@ -65,7 +67,7 @@ class Peer:
             return
         self.proc.terminate()
         try:
-            self.proc.wait(10)
+            self.proc.wait(3)  # nbdkit may wait for a connected client to go first
         except subprocess.TimeoutExpired:
             self.kill()
 

@@ -101,6 +101,7 @@ class NbdNode(BlockNode):
         self._reconnecting: asyncio.Task[None] | None = None
         self._lost_at = 0.0
         self._closed = False
+        self._closing: set[asyncio.Task[None]] = set()  # old connections being closed
 
     # --- opening ----------------------------------------------------------------
     @classmethod
@@ -157,7 +158,9 @@ class NbdNode(BlockNode):
         self.conn = None
         self._connected.clear()
         self._lost_at = time.monotonic()
-        asyncio.get_running_loop().create_task(conn.close())
+        task = asyncio.get_running_loop().create_task(conn.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
         if self.reconnect_delay and not self._closed:
             self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
 

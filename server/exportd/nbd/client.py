@@ -234,10 +234,9 @@ class Connection:
             await self.writer.drain()
         except (ConnectionError, RuntimeError) as e:
             self._lose(ConnectionLost(f"send failed: {e}"))
-        try:
-            return await fut
-        finally:
-            self._pending.pop(cookie, None)
+        # A caller that gives up (cancelled) leaves its entry: the reply still
+        # comes and must be consumed; the reader drops the entry when it is complete.
+        return await fut
 
     # --- receiving ------------------------------------------------------------
     async def _read_replies(self) -> None:
@@ -261,15 +260,24 @@ class Connection:
 
     def _take(self, cookie: int) -> _Pending:
         pend = self._pending.get(cookie)
-        if pend is None or pend.future.done():
+        if pend is None:
             raise p.ProtocolError(f"reply for unknown cookie {cookie}")
         return pend
+
+    def _finish(self, cookie: int, pend: _Pending, result: Any = None, exc: BaseException | None = None) -> None:
+        del self._pending[cookie]
+        if pend.future.done():  # the caller gave up (cancelled)
+            return
+        if exc is not None:
+            pend.future.set_exception(exc)
+        else:
+            pend.future.set_result(result)
 
     async def _simple_reply(self) -> None:
         error, cookie = p.SIMPLE_REPLY.unpack(b"\0\0\0\0" + await _read(self.reader, 12))[1:]
         pend = self._take(cookie)
         if error:
-            pend.future.set_exception(_wire_error(error, pend))
+            self._finish(cookie, pend, exc=_wire_error(error, pend))
             return
         if pend.cmd == p.CMD_READ and pend.buf is not None:
             # the data follows at once (no structured replies, or the server chose simple)
@@ -281,7 +289,7 @@ class Connection:
                     raise ConnectionLost("server closed the connection mid-read")
                 view[got:got + len(chunk)] = chunk
                 got += len(chunk)
-        pend.future.set_result(pend.buf)
+        self._finish(cookie, pend, pend.buf)
 
     async def _chunk(self) -> None:
         flags, rtype, cookie, length = p.STRUCTURED_REPLY.unpack(
@@ -321,11 +329,9 @@ class Connection:
                 raise p.ProtocolError(f"unexpected reply chunk type {rtype} for command {pend.cmd}")
         if flags & p.REPLY_FLAG_DONE:
             if pend.error is not None:
-                pend.future.set_exception(pend.error)
-            elif pend.cmd == p.CMD_BLOCK_STATUS:
-                pend.future.set_result(pend.extents)
+                self._finish(cookie, pend, exc=pend.error)
             else:
-                pend.future.set_result(pend.buf)
+                self._finish(cookie, pend, pend.extents if pend.cmd == p.CMD_BLOCK_STATUS else pend.buf)
 
     # --- the end --------------------------------------------------------------
     def _lose(self, exc: ConnectionLost) -> None:
