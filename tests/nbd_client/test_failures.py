@@ -235,6 +235,7 @@ async def test_errors_as_qemu(peers: list[Peer], tmp_path: Path, workdir: Path) 
                           "reconnect-delay": 2, "open-timeout": 1}),
         ("blockdev-add", {"driver": "nbd", "node-name": "f", "server": {"type": "unix"}}),
         ("blockdev-add", {"driver": "nbd", "node-name": "g"}),
+        ("query-named-block-nodes", {"flat": True}),
         ("blockdev-del", {"node-name": "d"}),
         ("blockdev-del", {"node-name": "e"}),
     ]

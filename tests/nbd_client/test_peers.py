@@ -17,7 +17,7 @@ import pytest
 
 from tests.support import REPO
 from tests.support.daemon import Exportd
-from tests.support.nbdpeer import Peer, nbdkit, need, qemu_nbd
+from tests.support.nbdpeer import Peer, free_port, nbdkit, need, qemu_nbd
 from tests.support.qsd import QSD
 from tests.support.threads import athread
 
@@ -234,3 +234,23 @@ async def test_qsd_nbd_export_under_fuse(peers: list[Peer], exportd: Exportd, wo
     assert await athread(pread, mnt, 12 * MiB + 3, len(data)) == data
     assert pread(img, 12 * MiB + 3, len(data)) == data  # fsync reached the file through qsd
     assert await athread(read_all, mnt) == img.read_bytes()
+
+
+async def test_qemu_nbd_over_tcp(peers: list[Peer], exportd: Exportd, workdir: Path) -> None:
+    """server.type=inet: qemu-nbd on loopback TCP with an export name."""
+    img = workdir / "t.img"
+    body = pattern(2 * MiB, 11)
+    img.write_bytes(body)
+    port = free_port()
+    peers.append(Peer([need("qemu-nbd"), "--persistent", "--bind", "127.0.0.1", "--port", str(port),
+                       "--export-name", "tcpdisk", "-f", "raw", str(img)], f"127.0.0.1:{port}").start())
+    server = {"type": "inet", "host": "127.0.0.1", "port": str(port)}
+    await exportd.cmd("blockdev-add", {"driver": "nbd", "node-name": "n", "server": server, "export": "tcpdisk"})
+    nodes = await exportd.cmd("query-named-block-nodes")
+    assert [x["file"] for x in nodes if x["node-name"] == "n"] == [f"nbd://127.0.0.1:{port}/tcpdisk"]
+    mnt = workdir / "mnt"
+    mnt.touch()
+    await exportd.add_export("e", "n", mnt, writable=True)
+    assert await athread(read_all, mnt) == body
+    await athread(pwrite, mnt, 5, b"tcp")
+    assert img.read_bytes()[:8] == body[:5] + b"tcp"

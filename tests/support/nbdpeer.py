@@ -24,7 +24,8 @@ def need(program: str) -> str:
 
 
 class Peer:
-    """One server process listening on `sock` (a UNIX socket path)."""
+    """One server process listening on `sock`: a UNIX socket path, or
+    "127.0.0.1:PORT" for TCP on loopback."""
 
     def __init__(self, argv: list[str], sock: str, log: Path | None = None) -> None:
         self.argv = argv
@@ -33,8 +34,9 @@ class Peer:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20) -> Peer:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.sock)
+        if self.sock.startswith("/"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.sock)
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115
         # without a log, stderr goes to the test's (captured by pytest, shown on failure)
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out,
@@ -72,10 +74,22 @@ class Peer:
             self.kill()
 
 
-def _accepts(path: str) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def free_port() -> int:
+    """A TCP port on loopback that nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _accepts(where: str) -> bool:
+    unix = where.startswith("/")
+    s = socket.socket(socket.AF_UNIX if unix else socket.AF_INET, socket.SOCK_STREAM)
     try:
-        s.connect(path)
+        if unix:
+            s.connect(where)
+        else:
+            host, port = where.rsplit(":", 1)
+            s.connect((host, int(port)))
         return True
     except OSError:
         return False
