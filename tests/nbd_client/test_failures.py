@@ -159,6 +159,33 @@ async def test_open_timeout(peers: list[Peer], exportd: Exportd, workdir: Path, 
     assert [x["image"]["virtual-size"] for x in nodes if x["node-name"] == "n"] == [MiB]
 
 
+async def test_silent_server(exportd: Exportd, workdir: Path) -> None:
+    """A server that accepts and then says nothing: open-timeout bounds the
+    wait, and the monitor answers other commands meanwhile."""
+    path = str(workdir / "silent.sock")
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # keep it open, say nothing
+
+    server = await asyncio.start_unix_server(accept, path)
+    try:
+        t0 = time.monotonic()
+        adding = asyncio.ensure_future(exportd.error("blockdev-add", {
+            "driver": "nbd", "node-name": "n", "server": unix(path), "open-timeout": 2}))
+        await asyncio.sleep(0.5)
+        assert not adding.done()
+        err = await adding
+        assert 1.5 < time.monotonic() - t0 < 6
+        assert err.startswith(f"Failed to connect to '{path}'")
+        assert await exportd.cmd("query-named-block-nodes") == []
+    finally:
+        for w in held:
+            w.close()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_qcow2_over_nbd(peers: list[Peer], exportd: Exportd, workdir: Path, sock: str) -> None:
     """exportd's qcow2 driver on an nbd `file` child (qemu-nbd serves the
     qcow2 file's bytes raw), and an overlay whose backing node is an nbd

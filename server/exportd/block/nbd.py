@@ -40,6 +40,10 @@ NBD_MEMBERS = frozenset({"server", "export", "tls-creds", "tls-hostname", "x-dir
 RETRY_MIN_S = 0.05  # first pause between reconnect attempts, doubled up to RETRY_MAX_S
 RETRY_MAX_S = 1.0
 STATUS_MAX = 1 << 31  # asked at most per BLOCK_STATUS (the length is 32 bits)
+# One connection attempt (connect + handshake) that takes longer than this is
+# abandoned, so that a server which accepts and then says nothing cannot hold
+# blockdev-add (and with it the monitor) or the reconnect loop forever.
+ATTEMPT_LIMIT_S = 30.0
 
 T = TypeVar("T")
 
@@ -152,8 +156,8 @@ class NbdNode(BlockNode):
                 self._connection_lost(conn)
 
     def _connection_lost(self, conn: Connection) -> None:
-        if self.conn is not conn:
-            return  # already handled (another request saw it first)
+        if self.conn is not conn or self._closed:
+            return  # already handled (another request saw it first), or closing
         log.warning("nbd node %s: lost the connection to %s", self.node_name, self.address.describe())
         self.conn = None
         self._connected.clear()
@@ -181,8 +185,8 @@ class NbdNode(BlockNode):
         pause = RETRY_MIN_S
         while not self._closed:
             try:
-                conn = await connect(self.address, self.export or "")
-            except (OSError, HandshakeError, ConnectionLost) as e:
+                conn = await asyncio.wait_for(connect(self.address, self.export or ""), ATTEMPT_LIMIT_S)
+            except (OSError, HandshakeError, ConnectionLost, TimeoutError) as e:
                 log.debug("nbd node %s: reconnect failed: %s", self.node_name, e)
             else:
                 if conn.info.size == self.size and not (conn.read_only and not self.read_only):
@@ -242,7 +246,7 @@ class NbdNode(BlockNode):
         if offset % align or length % align:
             # read-modify-write of the partial blocks (servers with a minimum block size)
             start = offset - offset % align
-            end = -(-(offset + length) // align) * align
+            end = min(-(-(offset + length) // align) * align, self.size)
             whole = bytearray(await self.read(start, end - start))
             whole[offset - start:offset - start + length] = data
             offset, data, length = start, whole, end - start
@@ -325,9 +329,6 @@ class NbdNode(BlockNode):
             st |= Status.EOF
         return BlockStatus(st | Status.ALLOCATED, count)
 
-    def info(self) -> dict[str, Any]:
-        return {}
-
 
 def _uint32(options: dict[str, Any], key: str) -> int:
     value = options.get(key, 0)
@@ -345,17 +346,16 @@ async def _first_connection(address: Address, export: str, timeout: int) -> Conn
     while True:
         left = deadline - time.monotonic()
         try:
-            if timeout:
-                return await asyncio.wait_for(connect(address, export), max(left, 0.001))
-            return await connect(address, export)
+            limit = min(max(left, 0.001), ATTEMPT_LIMIT_S) if timeout else ATTEMPT_LIMIT_S
+            return await asyncio.wait_for(connect(address, export), limit)
         except HandshakeError as e:
             raise BlockError(str(e)) from None
         except (OSError, ConnectionLost, TimeoutError) as e:
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 or (isinstance(e, TimeoutError) and not timeout):
                 if isinstance(e, TimeoutError):
                     raise BlockError(f"Failed to connect to '{address.describe()}': "
-                                     "timed out (open-timeout)") from None
+                                     "no answer from the server in time") from None
                 if isinstance(e, ConnectionLost):
                     raise BlockError(f"Failed to read initial magic: {e}") from None
                 raise BlockError(_as_oserror(e, address)) from None

@@ -95,6 +95,9 @@ async def connect(address: Address, export: str) -> Connection:
     reader, writer = await open_stream(address)
     try:
         info = await _handshake(reader, writer, export)
+    except p.ProtocolError as e:
+        writer.close()
+        raise HandshakeError(f"Server sent garbage during the handshake: {e}") from None
     except BaseException:
         writer.close()
         raise
