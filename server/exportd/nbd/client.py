@@ -260,6 +260,9 @@ class Connection:
         except asyncio.CancelledError:
             self._lose(ConnectionLost("connection closed"))
             raise
+        except Exception as e:  # a bug here must not leave requests waiting forever
+            log.exception("nbd: reply reader failed")
+            self._lose(ConnectionLost(f"reply reader failed: {e}"))
 
     def _take(self, cookie: int) -> _Pending:
         pend = self._pending.get(cookie)
