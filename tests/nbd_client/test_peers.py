@@ -254,3 +254,29 @@ async def test_qemu_nbd_over_tcp(peers: list[Peer], exportd: Exportd, workdir: P
     assert await athread(read_all, mnt) == body
     await athread(pwrite, mnt, 5, b"tcp")
     assert img.read_bytes()[:8] == body[:5] + b"tcp"
+
+
+async def test_exportd_serves_itself(peers: list[Peer], exportd: Exportd, workdir: Path, sock: str) -> None:
+    """exportd's own NBD server and its nbd driver on the same loop: a file
+    node served over NBD, opened back as an nbd node and exported through
+    FUSE. Data and holes come through both layers."""
+    img = workdir / "self.img"
+    with open(img, "wb") as f:
+        f.truncate(8 * MiB)
+        f.seek(3 * MiB)
+        f.write(pattern(MiB, 12))
+    await exportd.blockdev_file("f", img)
+    await exportd.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+    await exportd.cmd("block-export-add", {"type": "nbd", "id": "x", "node-name": "f", "name": "self",
+                                           "writable": True})
+    mnt = await export_nbd(exportd, workdir, sock, export="self")
+    assert await athread(read_all, mnt) == img.read_bytes()
+    for off in (0, 3 * MiB - 1, 3 * MiB, 4 * MiB, 8 * MiB - 1):
+        for whence in (os.SEEK_DATA, os.SEEK_HOLE):
+            assert await athread(seek, mnt, off, whence) == seek(img, off, whence), (off, whence)
+    data = pattern(100_003, 13)
+    await athread(pwrite, mnt, 6 * MiB + 1, data)
+    assert pread(img, 6 * MiB + 1, len(data)) == data
+    await exportd.del_export("e")
+    await exportd.cmd("blockdev-del", {"node-name": "n"})
+    await exportd.cmd("nbd-server-stop")
