@@ -28,8 +28,8 @@ async def test_names(graph: BlockGraph) -> None:
     await graph.add({"driver": "null-co", "node-name": "a-b.c_d"})
     await expect(graph.add({"driver": "null-co", "node-name": "a-b.c_d"}),
                  "Duplicate nodes with node-name='a-b.c_d'")
-    await expect(graph.add({"driver": "nbd", "node-name": "n"}),
-                 "Parameter 'driver' does not accept value 'nbd'")
+    await expect(graph.add({"driver": "vmdk", "node-name": "n"}),
+                 "Parameter 'driver' does not accept value 'vmdk'")
     with pytest.raises(BlockError) as e:
         graph.get("zz")
     assert e.value.desc == "Cannot find device='' nor node-name='zz'"

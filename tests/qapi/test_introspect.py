@@ -45,7 +45,8 @@ def test_qmp_schema_is_consistent_and_complete():
         assert {"mountpoint", "growable", "allow-other", "passthrough"} <= {m["name"] for m in fuse["members"]}
     if "blockdev-add" in by_name:
         union = by_name[by_name["blockdev-add"]["arg-type"]]
-        assert {v["case"] for v in union["variants"]} == {"file", "host_device", "null-aio", "null-co", "qcow2", "raw"}
+        assert {v["case"] for v in union["variants"]} == {"file", "host_device", "nbd", "null-aio", "null-co", "qcow2",
+                                                              "raw"}
         optional = {m["name"] for m in union["members"] if "default" in m}
         assert "node-name" in optional and "driver" not in optional
     assert by_name["SHUTDOWN"]["meta-type"] == "event"

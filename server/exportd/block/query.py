@@ -27,7 +27,7 @@ async def image_info(node: BlockNode, *, flat: bool = False) -> dict[str, Any]:
     actual = await node.allocated_size()
     if actual >= 0:
         info["actual-size"] = actual
-    if node.driver not in ("null-co", "null-aio"):
+    if node.driver not in ("null-co", "null-aio", "nbd"):  # drivers without bdrv_get_info in QEMU
         info["dirty-flag"] = False
     backing = node.children.get("backing")
     if backing is not None:
