@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import time
@@ -117,7 +118,7 @@ class NbdNode(BlockNode):
         if len((export or "").encode()) > p.MAX_STRING:
             raise BlockError("export name too long to send to a server")
         if options.get("tls-creds") is not None:
-            raise BlockError("exportd's nbd driver does not support TLS yet (tls-creds)")
+            address = _with_tls(graph, address, options["tls-creds"], options.get("tls-hostname"))
         if options.get("x-dirty-bitmap") is not None:
             raise BlockError("exportd's nbd driver does not support x-dirty-bitmap")
         delay = _uint32(options, "reconnect-delay")
@@ -337,6 +338,21 @@ def _uint32(options: dict[str, Any], key: str) -> int:
     if not 0 <= value < 1 << 32:
         raise BlockError(f"Parameter '{key}' expects uint32_t")
     return value
+
+
+def _with_tls(graph: Any, address: Address, creds_id: str, hostname: str | None) -> Address:
+    """The address with the TLS context of the tls-creds-x509 object
+    `creds_id` (endpoint client); the certificate must name tls-hostname,
+    else the host of an inet address, as in QEMU."""
+    from exportd.objects import tls_creds
+    from exportd.tls import TlsError
+
+    hostname = hostname or (address.host if address.kind == "inet" else None)
+    try:
+        ctx = tls_creds(graph.daemon, creds_id, "client").client_context(hostname)
+    except TlsError as e:
+        raise BlockError(str(e)) from None
+    return dataclasses.replace(address, tls=ctx, tls_hostname=hostname)
 
 
 async def _first_connection(address: Address, export: str, timeout: int) -> Connection:

@@ -22,10 +22,12 @@ import contextlib
 import errno
 import logging
 import socket
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
 from exportd.nbd import protocol as p
+from exportd.tls import TlsError, upgrade
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ class Address:
     path: str = ""
     host: str = ""
     port: str = ""
+    tls: ssl.SSLContext | None = None  # NBD_OPT_STARTTLS first, with this context
+    tls_hostname: str | None = None  # the name the server's certificate must carry
 
     def describe(self) -> str:
         return self.path if self.kind == "unix" else f"{self.host}:{self.port}"
@@ -94,7 +98,7 @@ async def connect(address: Address, export: str) -> Connection:
     Raises OSError (cannot connect), HandshakeError, or ConnectionLost."""
     reader, writer = await open_stream(address)
     try:
-        info = await _handshake(reader, writer, export)
+        info = await _handshake(reader, writer, export, address)
     except p.ProtocolError as e:
         writer.close()
         raise HandshakeError(f"Server sent garbage during the handshake: {e}") from None
@@ -137,7 +141,7 @@ def _server_error(reply: int, payload: bytes) -> str:
 
 
 async def _handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     export: str) -> ExportInfo:
+                     export: str, address: Address) -> ExportInfo:
     magic, opt_magic, hflags = p.HANDSHAKE.unpack(await _read(reader, p.HANDSHAKE.size))
     if magic != p.NBDMAGIC:
         raise HandshakeError("Invalid magic received")
@@ -147,6 +151,14 @@ async def _handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
         raise HandshakeError("Server does not support the fixed newstyle protocol")
     cflags = p.FLAG_C_FIXED_NEWSTYLE | (hflags & p.FLAG_NO_ZEROES)
     writer.write(p.CLIENT_FLAGS.pack(cflags))
+    if address.tls is not None:
+        rep, payload = (await _option(reader, writer, p.OPT_STARTTLS))[-1]
+        if rep != p.REP_ACK:
+            raise HandshakeError(f"Server don't support STARTTLS option{_server_error(rep, payload)}")
+        try:
+            await upgrade(writer, address.tls, server_side=False, server_hostname=address.tls_hostname)
+        except TlsError as e:
+            raise HandshakeError(str(e)) from None
 
     rep, _ = (await _option(reader, writer, p.OPT_STRUCTURED_REPLY))[-1]
     structured = rep == p.REP_ACK
