@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from exportd.block.chain import backing_chain, chain_contains, overlay_of
 from exportd.block.graph import check_not_busy
 from exportd.block.jobs.base import BlockJob, block_job, check_speed
-from exportd.block.jobs.chain import backing_chain, chain_contains, overlay_of
 from exportd.block.jobs.commit import CommitJob
 from exportd.block.jobs.mirror import ActiveCommitJob, MirrorJob, check_granularity
 from exportd.block.jobs.stream import StreamJob

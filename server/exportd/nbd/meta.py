@@ -12,8 +12,10 @@ extents BLOCK_STATUS answers for them.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from exportd.block.chain import backing_chain
 from exportd.block.node import BlockNode, Status
 from exportd.nbd import protocol as P
 
@@ -55,15 +57,17 @@ def _merge(out: list[tuple[int, int]], n: int, flags: int) -> None:
         out.append((n, flags))
 
 
-async def base_allocation_extents(node: BlockNode, offset: int, length: int, one: bool) -> list[tuple[int, int]]:
+async def _extents(offset: int, length: int, one: bool,
+                   at: Callable[[int, int], Awaitable[tuple[int, int]]]) -> list[tuple[int, int]]:
+    """Descriptors (length, value) for [offset, offset + length), `at(pos, n)`
+    giving the value at pos and how far it holds; merged, at most
+    MAX_EXTENTS (one with REQ_ONE), yielding to the loop now and then."""
     out: list[tuple[int, int]] = []
     pos, end = offset, offset + length
     steps = 0
     while pos < end:
-        st = await node.block_status(pos, end - pos)
-        n = min(st.length, end - pos) if st.length > 0 else end - pos
-        flags = (0 if st.status & Status.DATA else P.STATE_HOLE) | (P.STATE_ZERO if st.status & Status.ZERO else 0)
-        _merge(out, n, flags)
+        value, n = await at(pos, end - pos)
+        _merge(out, n, value)
         pos += n
         if one or len(out) >= MAX_EXTENTS:
             break
@@ -75,13 +79,13 @@ async def base_allocation_extents(node: BlockNode, offset: int, length: int, one
     return _clip32(out)
 
 
-def backing_chain(top: BlockNode) -> list[BlockNode]:
-    chain: list[BlockNode] = []
-    node: BlockNode | None = top
-    while node is not None:
-        chain.append(node)
-        node = node.child("backing")
-    return chain
+async def base_allocation_extents(node: BlockNode, offset: int, length: int, one: bool) -> list[tuple[int, int]]:
+    async def at(pos: int, n: int) -> tuple[int, int]:
+        st = await node.block_status(pos, n)
+        n = min(st.length, n) if st.length > 0 else n
+        return (0 if st.status & Status.DATA else P.STATE_HOLE) | (P.STATE_ZERO if st.status & Status.ZERO else 0), n
+
+    return await _extents(offset, length, one, at)
 
 
 async def _depth_at(chain: list[BlockNode], pos: int, n: int) -> tuple[int, int]:
@@ -98,21 +102,7 @@ async def _depth_at(chain: list[BlockNode], pos: int, n: int) -> tuple[int, int]
 
 async def allocation_depth_extents(node: BlockNode, offset: int, length: int, one: bool) -> list[tuple[int, int]]:
     chain = backing_chain(node)
-    out: list[tuple[int, int]] = []
-    pos, end = offset, offset + length
-    steps = 0
-    while pos < end:
-        depth, n = await _depth_at(chain, pos, end - pos)
-        _merge(out, n, depth)
-        pos += n
-        if one or len(out) >= MAX_EXTENTS:
-            break
-        steps += 1
-        if steps % 256 == 0:
-            await asyncio.sleep(0)
-    if one:
-        out = out[:1]
-    return _clip32(out)
+    return await _extents(offset, length, one, lambda pos, n: _depth_at(chain, pos, n))
 
 
 def _clip32(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:

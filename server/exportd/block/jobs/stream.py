@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from exportd.block.chain import allocated_above, backing_chain
 from exportd.block.jobs.base import BlockJob
-from exportd.block.jobs.chain import allocated_above, backing_chain
 from exportd.block.jobs.filter import JobFilter
 from exportd.block.node import BlockNode, Perm, Status
 
