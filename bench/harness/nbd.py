@@ -3,8 +3,8 @@ a user would otherwise run, on the same tmpfs raw image, from the same clients.
 
 Servers (each on a private copy of the raw image, a UNIX socket of its own):
 - qemu-nbd in its best configuration on this machine (see QEMU_NBD_OPTIONS);
-- qemu-storage-daemon 7.2's NBD export, in its main loop (7.2 aborts when a
-  client of an export in an iothread disconnects);
+- qemu-storage-daemon 7.2's NBD export, in its main loop (7.2 aborts, by a race,
+  when a client of an export in an iothread disconnects);
 - nbdkit's file plugin with its default threads;
 - exportd's NBD export (QEMU's --nbd-server / --export type=nbd syntax), only
   when the exportd in use has nbd-server-start: otherwise "not available".
@@ -126,9 +126,10 @@ class QsdNbd(NbdServer):
         program = shutil.which("qemu-storage-daemon")
         if program is None:
             raise PeerUnavailable("qemu-storage-daemon not installed (qemu-system-common)")
-        # No iothread: 7.2 aborts when a client of an export in an iothread
+        # No iothread: with the export in an iothread, 7.2 aborts when a client
         # disconnects (nbd_blockdev_client_closed: Assertion
-        # `qemu_in_main_thread() && nbd_server' failed), at the first fio run.
+        # `qemu_in_main_thread() && nbd_server' failed): a race, here within
+        # 1-3 short fio runs, and on SIGTERM.
         return [program,
                 "--blockdev", f"driver=file,node-name=file0,filename={image}",
                 "--nbd-server", f"addr.type=unix,addr.path={self.socket}",

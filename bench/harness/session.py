@@ -15,8 +15,8 @@ from .figures import CONTROL_METRICS, Figures, issue7_targets, median
 from .fio import FioError, run_fio
 from .images import Images
 from .jobs import JobsSection, job_settings, jobs_available
-from .nbd import NbdSection, nbd_available, nbd_settings
 from .machine import load_average, machine_info
+from .nbd import NbdSection, nbd_available, nbd_settings
 from .peers import DaemonPeer, Peer, PeerEnv, PeerUnavailable, control_peers, fio_peers, select
 from .scratch import Scratch, sweep_stale
 from .workloads import WARMUP, WORKLOADS
