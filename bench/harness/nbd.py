@@ -247,6 +247,18 @@ def summarize(runs: dict[str, dict[str, list[dict]]]) -> dict:
     return out
 
 
+def versions() -> dict[str, str]:
+    out = {}
+    for tool in ("qemu-nbd", "nbdkit", "nbdcopy"):
+        try:
+            text = subprocess.run([tool, "--version"], capture_output=True, text=True,
+                                  timeout=20).stdout.strip().splitlines()
+            out[tool] = text[0] if text else ""
+        except OSError:
+            out[tool] = "not installed"
+    return out
+
+
 def nbd_available() -> str:
     for tool in ("fio", "nbdcopy", "nbdinfo"):
         if shutil.which(tool) is None:
@@ -296,6 +308,7 @@ class NbdSection:
             "settings": asdict(s) | {"image_size": env.images.size, "export": EXPORT,
                                      "qemu_nbd_options": QEMU_NBD_OPTIONS},
             "workloads": [asdict(w) for w in WORKLOADS],
+            "versions": versions(),
             "servers": {d.name: {"label": d.label, "status": d.status, "reason": d.reason,
                                  "command": d.info.get("command"),
                                  "multi_conn": d.info.get("multi_conn"),

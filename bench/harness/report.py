@@ -223,7 +223,9 @@ def nbd_markdown(nbd: dict | None) -> list[str]:
         f"default connections; {s['reps']} repetition(s) interleaved across servers. "
         "Cells: median [min–max]; *load*: the 1-minute load average at the end of the row's "
         "runs [min–max]; *exportd / X*: ratio of the medians (> 1: exportd is faster), "
-        "with the per-repetition ratios' range.", "",
+        "with the per-repetition ratios' range."
+        + (" Tools: " + "; ".join(nbd["versions"].values()) + "." if nbd.get("versions") else ""),
+        "",
     ]
     down = [f"{n}: {servers[n]['status']}: {servers[n]['reason']}" for n in names
             if servers[n]["status"] != "ok" and servers[n]["status"] != "stopped"]
