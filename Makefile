@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
-APT_PACKAGES := fuse3 qemu-utils qemu-system-common fio util-linux
+APT_PACKAGES := fuse3 qemu-utils qemu-system-common fio util-linux libnbd-bin nbdkit python3-libnbd
 BENCH_APT_PACKAGES := libfuse3-dev pkg-config
 PYTEST_ARGS ?=
 

@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add a block node (keyval or JSON, as the QMP blockdev-add)")
     p.add_argument("--export", action=_Ordered, dest="export", metavar="OPTIONS",
                    help="add an export (keyval or JSON, as the QMP block-export-add)")
+    p.add_argument("--nbd-server", action=_Ordered, dest="nbd_server", metavar="OPTIONS",
+                   help="start the NBD server (addr.type=unix,addr.path=P or addr.type=inet,"
+                        "addr.host=H,addr.port=N; as the QMP nbd-server-start)")
     p.add_argument("--pidfile", metavar="PATH", help="write the daemon's pid to PATH (locked)")
     p.add_argument("--daemonize", action="store_true",
                    help="run in the background; return once startup succeeded or failed")
@@ -129,6 +132,8 @@ def parse_options(argv: Sequence[str]) -> Options:
             opts.actions.append(("block-export-add", text))
         elif kind == "object":
             opts.actions.append(("object-add", text))
+        elif kind == "nbd_server":
+            opts.actions.append(("nbd-server-start", text))
     return opts
 
 
@@ -188,8 +193,21 @@ def option_arguments(schema: Schema, command: str, text: str) -> dict[str, Any]:
         args, is_keyval = parse_option(text, IMPLIED_KEYS.get(command))
     except KeyvalError as e:
         raise QMPError(str(e)) from None
+    if command == "nbd-server-start":
+        args = _nbd_server_legacy(args)  # --nbd-server's addr is a flat SocketAddress
     if is_keyval:
         args = coerce(schema, command, args)
+    return args
+
+
+def _nbd_server_legacy(args: dict[str, Any]) -> dict[str, Any]:
+    """--nbd-server's flat addr (type=unix,path=...) as nbd-server-start's
+    SocketAddressLegacy (type=unix,data.path=...)."""
+    addr = args.get("addr")
+    if isinstance(addr, dict) and "data" not in addr and "type" in addr:
+        addr = dict(addr)
+        kind = addr.pop("type")
+        args = {**args, "addr": {"type": kind, "data": addr}}
     return args
 
 

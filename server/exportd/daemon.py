@@ -58,6 +58,7 @@ class Daemon:
         commands.load_all()
         self.graph = BlockGraph(self)
         self.exports = ExportTable(self)
+        self.nbd_server: Any = None  # exportd.nbd.server.NbdServer while nbd-server-start holds
 
     # --- QMP --------------------------------------------------------------------
     def greeting(self) -> dict[str, Any]:
@@ -153,6 +154,8 @@ class Daemon:
                 await self.exports.shutdown_all()
             except Exception:
                 log.exception("shutting the exports down failed")
+            from exportd.nbd.server import shutdown_hook
+            await shutdown_hook(self)  # listeners closed, their socket files removed
             await jobs.finish_all(self)  # jobs cancelled, waited for (QEMU: job_cancel_sync_all)
             try:
                 await self.graph.close_all()

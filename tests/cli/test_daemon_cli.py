@@ -34,9 +34,9 @@ def test_version_and_help(exportd_bin):
 
 
 def test_unknown_option(exportd_bin):
-    r = run_exportd(exportd_bin, "--nbd-server", "addr.type=unix")
+    r = run_exportd(exportd_bin, "--vnc", "unix:/tmp/x")
     assert r.returncode == 1
-    assert r.stderr.startswith("exportd: unrecognized arguments: --nbd-server")
+    assert r.stderr.startswith("exportd: unrecognized arguments: --vnc")
 
 
 @pytest.mark.parametrize("path, reason", [
@@ -262,7 +262,7 @@ def test_blockdev_on_command_line(daemon, raw_qmp):
     (["--blockdev", '{"driver": "null-co"'], "exportd: Invalid JSON: expected exactly one object"),
     (["--blockdev", '{"driver": "null-co", "x": 1}'], "exportd: Parameter 'x' is unexpected"),
     (["--export", "type=fuse,id=e,node-name=n"], "exportd: Parameter 'mountpoint' is missing"),
-    (["--export", "type=nbd,id=e,node-name=n"], "exportd: Parameter 'type' does not accept value 'nbd'"),
+    (["--export", "type=vhost-user-blk,id=e,node-name=n"], "exportd: Parameter 'type' does not accept value 'vhost-user-blk'"),
 ])
 def test_startup_errors(daemon, args, message):
     d = daemon(*args, wait=False)

@@ -26,7 +26,7 @@ class Command:
 
 COMMANDS: dict[str, Command] = {}
 
-FAMILIES = ("control", "block", "export", "jobs", "blockjobs", "reopen", "transaction", "objects")
+FAMILIES = ("control", "block", "export", "jobs", "blockjobs", "reopen", "transaction", "objects", "nbd")
 
 
 def command(name: str, *, allowed_in_negotiation: bool = False) -> Callable[[Handler], Handler]:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 EXPORT_MODULES: dict[str, str] = {
     "fuse": "exportd.export.fuse",
+    "nbd": "exportd.export.nbd",
 }
 
 EXPORT_TYPES: dict[str, type[BlockExport]] = {}

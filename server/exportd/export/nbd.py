@@ -1,0 +1,122 @@
+"""NbdExport: a block node served by the daemon's NBD server (QEMU's
+nbd/server.c export, block-export-add type=nbd).
+
+The export registers its name with the running server; clients that chose
+it (NBD_OPT_GO / EXPORT_NAME) each hold a reference, so a safe
+block-export-del says "still in use" while one is connected, as in QEMU.
+Shutting down drops every client of the export at once.
+
+Unlike QEMU, CAN_MULTI_CONN is advertised for writable exports too: every
+connection reaches the same node on the one loop, and a flush on any of them
+flushes the node, which is what the flag promises.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from exportd.block.node import BlockNode, Perm
+from exportd.errors import QMPError
+from exportd.export import register_export_type
+from exportd.export.base import BlockExport
+from exportd.nbd import protocol as P
+from exportd.nbd.server import server_of
+
+if TYPE_CHECKING:
+    from exportd.nbd.connection import Connection
+
+log = logging.getLogger(__name__)
+
+PREFERRED_BLOCK = 4096
+
+
+@register_export_type
+class NbdExport(BlockExport):
+    type = "nbd"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.name = ""
+        self.description = ""
+        self.allocation_depth = False
+        self.multi_conn = True
+        self.clients: set[Connection] = set()
+        self._server: Any = None
+        self._data_cache: tuple[BlockNode, int, int] | None = None
+
+    async def start(self, options: dict[str, Any]) -> None:
+        server = server_of(self.table.daemon)
+        if server is None:
+            raise QMPError("NBD server not running")
+        name = options.get("name", options["node-name"])
+        if len(name.encode()) > P.MAX_STRING:
+            raise QMPError(f"export name '{name}' too long")
+        description = options.get("description", "")
+        if len(description.encode()) > P.MAX_STRING:
+            raise QMPError(f"description '{description}' too long")
+        if options.get("bitmaps"):
+            raise QMPError("Bitmap '{}' is not found".format(options["bitmaps"][0]))
+        if name in server.exports or ("nbd:" + name) in self.table.claims:
+            raise QMPError(f"NBD server already has export named '{name}'")
+        perm = Perm.CONSISTENT_READ | (Perm.WRITE if self.writable else 0)
+        self.attach_node(Perm(perm), Perm.ALL)
+        self.name = name
+        self.description = description
+        self.allocation_depth = bool(options.get("allocation-depth", False))
+        self.table.claims["nbd:" + name] = self
+        server.exports[name] = self
+        self._server = server
+
+    # --- what the connections ask ---------------------------------------------------
+    def block_sizes(self) -> tuple[int, int, int]:
+        align = max(1, getattr(self.node, "request_alignment", 1))
+        return align, max(PREFERRED_BLOCK, align), P.MAX_PAYLOAD
+
+    def meta_contexts(self) -> list[str]:
+        out = [P.CONTEXT_BASE_ALLOCATION]
+        if self.allocation_depth:
+            out.append(P.CONTEXT_QEMU_ALLOCATION_DEPTH)
+        return out
+
+    def fast_zero(self) -> bool:
+        """Whether zeroing is cheaper than writing zeroes (FAST_ZERO's promise):
+        a node with its own write_zeroes, not the generic write of a buffer."""
+        return type(self.node).write_zeroes is not BlockNode.write_zeroes
+
+    # --- block status cache (as QEMU's file-posix keeps one) --------------------------
+    # The last range block_status called data, for sparse reads: asking again
+    # costs a SEEK_HOLE walk per read on a big file. A stale entry is harmless:
+    # a range called data is sent as data, which is always correct; holes are
+    # never cached.
+    def known_data(self, offset: int) -> int:
+        """How many bytes from `offset` are known to be data (0: ask)."""
+        c = self._data_cache
+        if c is None or c[0] is not self.node or not c[1] <= offset < c[2]:
+            return 0
+        return c[2] - offset
+
+    def remember_data(self, offset: int, length: int) -> None:
+        self._data_cache = (self.node, offset, offset + length)
+
+    # --- life cycle -------------------------------------------------------------------
+    def _unregister(self) -> None:
+        server = self._server
+        if server is not None and server.exports.get(self.name) is self:
+            del server.exports[self.name]
+
+    def _request_shutdown(self) -> None:
+        # no new clients; those connected go now (QEMU: client_close on each)
+        self._unregister()
+        for conn in list(self.clients):
+            conn.close()
+
+    def cancel_requests(self) -> None:
+        for conn in list(self.clients):
+            conn.close()
+
+    async def _delete(self) -> None:
+        self._unregister()
+
+    def extra_info(self) -> dict[str, Any]:
+        return {"name": self.name, "writable": self.writable, "clients": len(self.clients)}

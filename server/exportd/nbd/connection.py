@@ -1,0 +1,476 @@
+"""One NBD client connection: fixed newstyle negotiation, then the
+transmission phase (NetworkBlockDevice's doc/proto.md).
+
+- The handshake must end within the server's handshake-max-seconds.
+- Requests are served concurrently (up to MAX_IN_FLIGHT per client); each
+  reply, whatever its chunks, is written by one synchronous call, so replies
+  never interleave on the wire.
+- While in transmission the connection holds a reference on its export
+  (QEMU's: a safe block-export-del says "still in use"); each request holds
+  one more, through BlockExport.request().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+from exportd.block.node import Status
+from exportd.export.io import to_the_end
+from exportd.nbd import protocol as P
+from exportd.nbd.meta import Contexts, allocation_depth_extents, base_allocation_extents
+
+if TYPE_CHECKING:
+    from exportd.export.nbd import NbdExport
+    from exportd.nbd.server import NbdServer
+
+log = logging.getLogger(__name__)
+
+MAX_IN_FLIGHT = 16                  # requests served at once per client (QEMU: 16)
+MAX_DISCARDED_OPTION = 16 << 20     # an over-long option is skipped up to this, else dropped
+SPARSE_READ_MIN = 64 * 1024         # smaller reads are sent as data (a block_status costs more)
+CACHE_CHUNK = 4 << 20
+
+
+class Disconnect(Exception):
+    """End the connection quietly (ABORT, EXPORT_NAME of an unknown export...)."""
+
+
+class Connection:
+    def __init__(self, server: NbdServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.no_zeroes = False
+        self.tls_done = False
+        self.structured = False
+        self.export: NbdExport | None = None
+        self.contexts = Contexts()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._send_lock = asyncio.Lock()
+        self._main: asyncio.Task[Any] | None = None
+        self.closed = False
+
+    # --- life cycle -------------------------------------------------------------
+    async def run(self) -> None:
+        self._main = asyncio.current_task()
+        try:
+            limit = self.server.handshake_max_seconds
+            async with asyncio.timeout(limit if limit else None):
+                await self.negotiate()
+            await self.transmit()
+        except (Disconnect, asyncio.IncompleteReadError, ConnectionError, TimeoutError):
+            pass
+        except P.ProtocolError as e:
+            log.info("nbd: client dropped: %s", e)
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # noqa: BLE001 - one client's failure is that client's only
+            log.exception("nbd: client failed")
+        finally:
+            await self._finish()
+
+    def close(self) -> None:
+        """Drop the client now (export shutdown, server stop)."""
+        self.closed = True
+        for t in list(self.tasks):
+            t.cancel()
+        self.writer.transport.abort()
+        if self._main is not None and not self._main.done():
+            self._main.cancel()
+
+    async def _finish(self) -> None:
+        # the connection's reference goes first, before any await (a second
+        # cancel cannot leak it); requests in flight hold their own
+        exp = self.export
+        self.export = None
+        if exp is not None:
+            exp.clients.discard(self)
+            exp.unref()
+        self.writer.transport.abort()
+        for t in list(self.tasks):
+            t.cancel()
+        if self.tasks:
+            with contextlib.suppress(BaseException):
+                await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    # --- I/O helpers --------------------------------------------------------------
+    async def _read(self, n: int) -> bytes:
+        return await self.reader.readexactly(n)
+
+    async def _send(self, *parts: bytes | bytearray | memoryview) -> None:
+        # one reply buffered at a time: a client that stops reading holds
+        # its own replies back, not the daemon's memory
+        async with self._send_lock:
+            if self.closed or self.writer.transport.is_closing():
+                raise ConnectionResetError("client gone")
+            self.writer.writelines(parts)  # one call: nothing can come between the parts
+            await self.writer.drain()
+
+    async def _reply(self, option: int, rtype: int, data: bytes = b"") -> None:
+        await self._send(P.pack_option_reply(option, rtype, data))
+
+    async def _error(self, option: int, rtype: int, message: str = "") -> None:
+        await self._reply(option, rtype, message.encode()[: P.MAX_STRING])
+
+    # --- negotiation ---------------------------------------------------------------
+    async def negotiate(self) -> None:
+        await self._send(P.HANDSHAKE.pack(P.NBDMAGIC, P.IHAVEOPT,
+                                          P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES))
+        (cflags,) = P.CLIENT_FLAGS.unpack(await self._read(4))
+        if cflags & ~(P.FLAG_C_FIXED_NEWSTYLE | P.FLAG_C_NO_ZEROES):
+            raise P.ProtocolError(f"unknown client flags {cflags:#x}")
+        self.no_zeroes = bool(cflags & P.FLAG_C_NO_ZEROES)
+        while True:
+            opt, length = P.unpack_option_header(await self._read(P.OPTION_HEADER.size))
+            if length > P.MAX_OPTION_LENGTH:
+                if length > MAX_DISCARDED_OPTION or opt == P.OPT_EXPORT_NAME:
+                    raise P.ProtocolError(f"option {opt} of {length} bytes")
+                await self._read(length)
+                await self._error(opt, P.REP_ERR_TOO_BIG, "option too long")
+                continue
+            data = await self._read(length)
+            if self.server.tls is not None and not self.tls_done and opt not in (P.OPT_STARTTLS, P.OPT_ABORT):
+                if opt == P.OPT_EXPORT_NAME:
+                    raise Disconnect  # no way to answer EXPORT_NAME with an error
+                await self._error(opt, P.REP_ERR_TLS_REQD, f"Option 0x{opt:x} not permitted before TLS")
+                continue
+            if await self._option(opt, data):
+                return
+
+    async def _option(self, opt: int, data: bytes) -> bool:
+        """Handle one option; True once transmission starts."""
+        if opt == P.OPT_EXPORT_NAME:
+            return await self._export_name(data)
+        if opt == P.OPT_ABORT:
+            with contextlib.suppress(ConnectionError):
+                await self._reply(opt, P.REP_ACK)
+            raise Disconnect
+        if opt == P.OPT_STARTTLS:
+            await self._starttls(opt, data)
+            return False
+        if opt == P.OPT_LIST:
+            if data:
+                await self._error(opt, P.REP_ERR_INVALID, "no payload expected in option 3")
+                return False
+            for name, exp in sorted(self.server.exports.items()):
+                if not exp.shutting_down:
+                    await self._reply(opt, P.REP_SERVER, P.pack_server_reply(name, exp.description))
+            await self._reply(opt, P.REP_ACK)
+            return False
+        if opt in (P.OPT_INFO, P.OPT_GO):
+            return await self._info_go(opt, data)
+        if opt == P.OPT_STRUCTURED_REPLY:
+            if data:
+                await self._error(opt, P.REP_ERR_INVALID, "no payload expected in option 8")
+            elif self.structured:
+                await self._error(opt, P.REP_ERR_INVALID, "structured reply already negotiated")
+            else:
+                self.structured = True
+                await self._reply(opt, P.REP_ACK)
+            return False
+        if opt in (P.OPT_LIST_META_CONTEXT, P.OPT_SET_META_CONTEXT):
+            await self._meta_context(opt, data)
+            return False
+        await self._error(opt, P.REP_ERR_UNSUP, f"Unsupported option {opt:#x} ({P.OPT_NAMES.get(opt, '?')})")
+        return False
+
+    async def _starttls(self, opt: int, data: bytes) -> None:
+        """TLS SEAM: upgrade the stream with the server's ssl context."""
+        if self.server.tls is None:
+            await self._error(opt, P.REP_ERR_POLICY, "TLS not configured")
+            return
+        if data:
+            await self._error(opt, P.REP_ERR_INVALID, "no payload expected in option 5")
+            return
+        if self.tls_done:
+            await self._error(opt, P.REP_ERR_INVALID, "TLS already negotiated")
+            return
+        await self._reply(opt, P.REP_ACK)
+        await self.writer.start_tls(self.server.tls)
+        self.tls_done = True
+
+    async def _export_name(self, data: bytes) -> bool:
+        name = data.decode(errors="replace")
+        exp = self.server.find_export(name)
+        if exp is None:
+            raise Disconnect  # the protocol has no error reply for EXPORT_NAME
+        flags = self._tflags(exp)
+        reply = P.EXPORT_NAME_REPLY.pack(exp.current_length(), flags)
+        if not self.no_zeroes:
+            reply += bytes(P.EXPORT_NAME_ZEROES)
+        self._attach(exp)
+        await self._send(reply)
+        return True
+
+    async def _info_go(self, opt: int, data: bytes) -> bool:
+        try:
+            name, infos = P.unpack_go(data)
+        except P.ProtocolError as e:
+            await self._error(opt, P.REP_ERR_INVALID, str(e))
+            return False
+        exp = self.server.find_export(name)
+        if exp is None:
+            await self._error(opt, P.REP_ERR_UNKNOWN, f"export '{name}' not present")
+            return False
+        if P.INFO_NAME in infos:
+            await self._reply(opt, P.REP_INFO, P.pack_info_name(name))
+        if P.INFO_DESCRIPTION in infos and exp.description:
+            await self._reply(opt, P.REP_INFO, P.pack_info_description(exp.description))
+        minimum, preferred, maximum = exp.block_sizes()
+        await self._reply(opt, P.REP_INFO, P.pack_info_block_size(minimum, preferred, maximum))
+        await self._reply(opt, P.REP_INFO, P.pack_info_export(exp.current_length(), self._tflags(exp)))
+        if opt == P.OPT_INFO:
+            await self._reply(opt, P.REP_ACK)
+            return False
+        if self.contexts.export_name != name:
+            self.contexts = Contexts()  # negotiated for another export: void
+        self._attach(exp)
+        await self._reply(opt, P.REP_ACK)
+        return True
+
+    async def _meta_context(self, opt: int, data: bytes) -> None:
+        if not self.structured:
+            await self._error(opt, P.REP_ERR_INVALID, f"request option '{P.OPT_NAMES[opt]}' when structured reply is not negotiated")
+            return
+        try:
+            name, queries = P.unpack_meta_context_query(data)
+        except P.ProtocolError as e:
+            await self._error(opt, P.REP_ERR_INVALID, str(e))
+            return
+        exp = self.server.find_export(name)
+        if exp is None:
+            await self._error(opt, P.REP_ERR_UNKNOWN, f"export '{name}' not present")
+            return
+        available = exp.meta_contexts()
+        listing = opt == P.OPT_LIST_META_CONTEXT
+        chosen = Contexts.select(available, queries, listing)
+        for cid, cname in chosen:
+            await self._reply(opt, P.REP_META_CONTEXT, P.pack_meta_context_reply(0 if listing else cid, cname))
+        if not listing:
+            self.contexts = Contexts(name, {n: i for i, n in chosen})
+        await self._reply(opt, P.REP_ACK)
+
+    def _tflags(self, exp: NbdExport) -> int:
+        flags = (P.FLAG_HAS_FLAGS | P.FLAG_SEND_FLUSH | P.FLAG_SEND_FUA | P.FLAG_SEND_CACHE)
+        if exp.writable:
+            flags |= P.FLAG_SEND_TRIM | P.FLAG_SEND_WRITE_ZEROES | P.FLAG_SEND_FAST_ZERO
+        else:
+            flags |= P.FLAG_READ_ONLY
+        if exp.multi_conn:
+            flags |= P.FLAG_CAN_MULTI_CONN
+        if self.structured:
+            flags |= P.FLAG_SEND_DF
+        return flags
+
+    def _attach(self, exp: NbdExport) -> None:
+        exp.ref()
+        exp.clients.add(self)
+        self.export = exp
+
+    # --- transmission ------------------------------------------------------------------
+    async def transmit(self) -> None:
+        read = self.reader.readexactly
+        size = P.REQUEST.size
+        exp = self.export
+        assert exp is not None
+        while True:
+            req = P.unpack_request(await read(size))
+            payload = b""
+            if req.type == P.CMD_WRITE:
+                if req.length > P.MAX_PAYLOAD:
+                    raise P.ProtocolError(f"write of {req.length} bytes")  # cannot skip it safely
+                payload = await read(req.length)
+            if req.type == P.CMD_DISC:
+                break
+            await self.slots.acquire()
+            task = asyncio.get_running_loop().create_task(self._serve(exp, req, payload))
+            self.tasks.add(task)
+            task.add_done_callback(self._done)
+        # DISC: answer what is in flight, then close
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.writer.drain()
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self.slots.release()
+
+    async def _serve(self, exp: NbdExport, req: P.Request, payload: bytes) -> None:
+        try:
+            try:
+                with exp.request():
+                    await self._command(exp, req, payload)
+            except OSError as e:
+                await self._send_error(req, P.errno_to_nbd(e.errno or errno.EIO), e.strerror or str(e))
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        except Exception:  # noqa: BLE001 - one bad request fails alone
+            log.exception("nbd: request %s failed", P.CMD_NAMES.get(req.type, req.type))
+            with contextlib.suppress(Exception):
+                await self._send_error(req, P.EIO, "internal error")
+
+    async def _send_error(self, req: P.Request, err: int, message: str) -> None:
+        if self.structured:
+            await self._send(P.pack_chunk(req.cookie, P.REPLY_TYPE_ERROR,
+                                          P.pack_error_payload(err, message), P.REPLY_FLAG_DONE))
+        else:
+            await self._send(P.pack_simple_reply(req.cookie, err))
+
+    async def _ok(self, req: P.Request) -> None:
+        await self._send(P.pack_simple_reply(req.cookie))
+
+    def _check(self, exp: NbdExport, req: P.Request) -> None:
+        """QEMU's request checks: flags valid for the command, range inside the export."""
+        t, f = req.type, req.flags
+        allowed = 0
+        if t == P.CMD_READ:
+            allowed = P.CMD_FLAG_DF if self.structured else 0
+        elif t in (P.CMD_WRITE, P.CMD_TRIM):
+            allowed = P.CMD_FLAG_FUA
+        elif t == P.CMD_WRITE_ZEROES:
+            allowed = P.CMD_FLAG_FUA | P.CMD_FLAG_NO_HOLE | P.CMD_FLAG_FAST_ZERO
+        elif t == P.CMD_BLOCK_STATUS:
+            allowed = P.CMD_FLAG_REQ_ONE
+        if f & ~allowed:
+            raise OSError(errno.EINVAL, f"unsupported flags {f:#x} for {P.CMD_NAMES.get(t, t)}")
+        if t in (P.CMD_READ, P.CMD_WRITE) and req.length > P.MAX_PAYLOAD:
+            raise OSError(errno.EINVAL, "request too large")
+        if t in (P.CMD_WRITE, P.CMD_TRIM, P.CMD_WRITE_ZEROES) and not exp.writable:
+            raise OSError(errno.EPERM, "export is read-only")
+        if t != P.CMD_FLUSH and req.offset + req.length > exp.current_length():
+            raise OSError(errno.EINVAL, "operation past EOF")
+
+    async def _command(self, exp: NbdExport, req: P.Request, payload: bytes) -> None:
+        t = req.type
+        if t not in P.CMD_NAMES or t == P.CMD_RESIZE:
+            raise OSError(errno.EINVAL, f"unsupported command {t}")
+        self._check(exp, req)
+        io = exp.io
+        if t == P.CMD_READ:
+            return await self._cmd_read(exp, req)
+        if t == P.CMD_WRITE:
+            view = memoryview(payload)
+            if io.write_now(req.offset, view) is None:
+                await io.write(req.offset, view)
+            if req.flags & P.CMD_FLAG_FUA:
+                await io.flush()
+        elif t == P.CMD_FLUSH:
+            await io.flush()
+        elif t == P.CMD_TRIM:
+            if req.length:
+                await to_the_end(exp.node.discard(req.offset, req.length))
+            if req.flags & P.CMD_FLAG_FUA:
+                await io.flush()
+        elif t == P.CMD_WRITE_ZEROES:
+            if req.flags & P.CMD_FLAG_FAST_ZERO and not exp.fast_zero():
+                raise OSError(errno.EOPNOTSUPP, "fast zeroing not supported")
+            if req.length:
+                await io.write_zeroes(req.offset, req.length, may_unmap=not req.flags & P.CMD_FLAG_NO_HOLE)
+            if req.flags & P.CMD_FLAG_FUA:
+                await io.flush()
+        elif t == P.CMD_CACHE:
+            pos, end = req.offset, req.offset + req.length
+            while pos < end:  # read it once: warms the caches below
+                n = min(CACHE_CHUNK, end - pos)
+                await io.read(pos, n)
+                pos += n
+        elif t == P.CMD_BLOCK_STATUS:
+            return await self._cmd_block_status(exp, req)
+        await self._ok(req)
+
+    async def _read_bytes(self, exp: NbdExport, offset: int, n: int) -> bytes | bytearray | memoryview:
+        """The bytes, from the node's map when that cannot block (tmpfs), else awaited."""
+        io = exp.io
+        got = io.read_now(offset, n)
+        if isinstance(got, (bytes, bytearray)):
+            return got
+        if got is not None and all(e[3] for e in got):
+            buf = bytearray(n)
+            view = memoryview(buf)
+            pos = 0
+            for fd, off, ln, _ in got:
+                if fd >= 0:
+                    done = 0
+                    while done < ln:
+                        r = os.preadv(fd, [view[pos + done: pos + ln]], off + done)
+                        if r <= 0:
+                            break  # past the host file's end: zeroes
+                        done += r
+                pos += ln
+            return buf
+        return await io.read(offset, n)
+
+    async def _cmd_read(self, exp: NbdExport, req: P.Request) -> None:
+        off, n = req.offset, req.length
+        if not self.structured:
+            data = await self._read_bytes(exp, off, n) if n else b""
+            await self._send(P.pack_simple_reply(req.cookie), data)
+            return
+        if n == 0:  # no OFFSET_DATA may be empty
+            await self._send(P.pack_chunk(req.cookie, P.REPLY_TYPE_NONE, b"", P.REPLY_FLAG_DONE))
+            return
+        if req.flags & P.CMD_FLAG_DF or n < SPARSE_READ_MIN:
+            data = await self._read_bytes(exp, off, n)
+            await self._send(P.pack_chunk_header(req.cookie, P.REPLY_TYPE_OFFSET_DATA, 8 + len(data),
+                                                 P.REPLY_FLAG_DONE), P.U64.pack(off), data)
+            return
+        # sparse: holes as OFFSET_HOLE chunks, data as OFFSET_DATA, all built first
+        runs: list[list[int]] = []  # [is_hole, start, length]
+        pos, end = off, off + n
+        steps = 0
+        while pos < end:
+            known = exp.known_data(pos)
+            if known:
+                ln, hole = min(known, end - pos), 0
+            else:
+                # asked to the export's end: the answer (cached when data)
+                # serves the reads that follow too
+                st = await exp.node.block_status(pos, max(end, exp.current_length()) - pos)
+                ln = min(st.length, end - pos) if st.length > 0 else end - pos
+                hole = 1 if st.status & Status.ZERO else 0
+                if not hole and st.length > 0:
+                    exp.remember_data(pos, st.length)
+            if runs and runs[-1][0] == hole:
+                runs[-1][2] += ln
+            else:
+                runs.append([hole, pos, ln])
+            pos += ln
+            steps += 1
+            if steps % 256 == 0:
+                await asyncio.sleep(0)
+        parts: list[bytes | bytearray | memoryview] = []
+        for i, (hole, start, ln) in enumerate(runs):
+            flags = P.REPLY_FLAG_DONE if i == len(runs) - 1 else 0
+            if hole:
+                parts.append(P.pack_chunk(req.cookie, P.REPLY_TYPE_OFFSET_HOLE, P.pack_offset_hole(start, ln), flags))
+            else:
+                data = await self._read_bytes(exp, start, ln)
+                parts.append(P.pack_chunk_header(req.cookie, P.REPLY_TYPE_OFFSET_DATA, 8 + ln, flags))
+                parts.append(P.U64.pack(start))
+                parts.append(data)
+        await self._send(*parts)
+
+    async def _cmd_block_status(self, exp: NbdExport, req: P.Request) -> None:
+        if not self.structured or not self.contexts.ids:
+            raise OSError(errno.EINVAL, "no meta context negotiated")
+        if req.length == 0:
+            raise OSError(errno.EINVAL, "block status of zero bytes")
+        one = bool(req.flags & P.CMD_FLAG_REQ_ONE)
+        chunks: list[bytes] = []
+        for cname, cid in self.contexts.ids.items():
+            if cname == P.CONTEXT_BASE_ALLOCATION:
+                ext = await base_allocation_extents(exp.node, req.offset, req.length, one)
+            else:
+                ext = await allocation_depth_extents(exp.node, req.offset, req.length, one)
+            chunks.append(P.pack_block_status(cid, ext))
+        parts = [P.pack_chunk(req.cookie, P.REPLY_TYPE_BLOCK_STATUS, c,
+                              P.REPLY_FLAG_DONE if i == len(chunks) - 1 else 0)
+                 for i, c in enumerate(chunks)]
+        await self._send(*parts)
