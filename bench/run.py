@@ -52,7 +52,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--only", default="",
                    help="comma-separated peer names or families (raw, qcow2, null-co); "
                         "the control plane runs when unrestricted or with null-co or 'control', "
-                        "the block-job section when unrestricted or with 'jobs'")
+                        "the block-job section when unrestricted or with 'jobs', "
+                        "the NBD section when unrestricted or with 'nbd'")
     p.add_argument("--no-control", action="store_true", help="skip the QMP control-plane figures")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
     p.add_argument("--runtime", type=float, help="seconds per fio run (overrides the mode)")
@@ -130,7 +131,7 @@ def main(argv: list[str]) -> int:
         return 0
     only = [x.strip() for x in args.only.split(",") if x.strip()] or None
     if only:
-        known = {"control", "jobs"} | {p.name for p in fio_peers()} | {p.family for p in fio_peers()}
+        known = {"control", "jobs", "nbd"} | {p.name for p in fio_peers()} | {p.family for p in fio_peers()}
         unknown = [x for x in only if x not in known]
         if unknown:
             print(f"--only: unknown {', '.join(unknown)}; known: {', '.join(sorted(known))}",
@@ -138,6 +139,7 @@ def main(argv: list[str]) -> int:
             return 2
     control = not args.no_control and (only is None or "control" in only or "null-co" in only)
     jobs = only is None or "jobs" in only
+    nbd = only is None or "nbd" in only
     exportd_cmd, missing = find_exportd(args.exportd)
     for tool in ("fio",):
         if shutil.which(tool) is None:
@@ -152,7 +154,7 @@ def main(argv: list[str]) -> int:
         exportd_env[name] = value
     raise_on_termination_signals()
     run = BenchRun(settings_from(args), only, control, exportd_cmd, missing,
-                   args.pyfuse3_python, REPO, exportd_env=exportd_env, note=args.note, jobs=jobs)
+                   args.pyfuse3_python, REPO, exportd_env=exportd_env, note=args.note, jobs=jobs, nbd=nbd)
     try:
         record = run.run()
     except (KeyboardInterrupt, Interrupted) as exc:

@@ -205,6 +205,83 @@ def jobs_markdown(jobs: dict | None) -> list[str]:
     return lines
 
 
+def nbd_markdown(nbd: dict | None) -> list[str]:
+    """The NBD section (issue 13): one row per figure, exportd / each server."""
+    if not nbd:
+        return []
+    if "skipped" in nbd:
+        return ["## NBD export (issue 13)", "", f"Skipped: {nbd['skipped']}.", ""]
+    s, servers, summary = nbd["settings"], nbd["servers"], nbd["summary"]
+    size = s["image_size"]
+    size_text = f"{size // 2**30} GiB" if size >= 2**30 else f"{size // 2**20} MiB"
+    names = list(servers)
+    others = [n for n in names if n != "exportd"]
+    lines = [
+        "## NBD export (issue 13): the same clients against each NBD server", "",
+        f"One raw image of {size_text} on tmpfs (a private copy per server), UNIX sockets; "
+        f"fio's nbd engine, {s['runtime_s']:g} s per run; nbdcopy of the whole image with its "
+        f"default connections; {s['reps']} repetition(s) interleaved across servers. "
+        "Cells: median [min–max]; *load*: the 1-minute load average at the end of the row's "
+        "runs [min–max]; *exportd / X*: ratio of the medians (> 1: exportd is faster), "
+        "with the per-repetition ratios' range."
+        + (" Tools: " + "; ".join(nbd["versions"].values()) + "." if nbd.get("versions") else ""),
+        "",
+    ]
+    down = [f"{n}: {servers[n]['status']}: {servers[n]['reason']}" for n in names
+            if servers[n]["status"] != "ok" and servers[n]["status"] != "stopped"]
+    if down:
+        lines += ["Not measured: " + "; ".join(_short(d, 200) for d in down) + ".", ""]
+    lines.append("| figure | " + " | ".join(names) + " | load | "
+                 + " | ".join(f"exportd / {n}" for n in others) + " |")
+    lines.append("|---|" + "---:|" * (len(names) + 1 + len(others)))
+    units = {w["key"]: w["unit"] for w in nbd["workloads"]}
+    for w in nbd["workloads"]:
+        entry = summary[w["key"]]
+        cells = [w["title"]]
+        for n in names:
+            sp = entry["servers"].get(n)
+            cells.append(_spread_cell(sp, ",.0f", " " + units[w["key"]]) if sp else "n/a")
+        cells.append(_spread_cell(entry["loadavg"], ".2f") or "")
+        for n in others:
+            r = entry["ratios"].get(n)
+            if not r or r["of_medians"] is None:
+                cells.append("n/a")
+                continue
+            cell = f"{r['of_medians']:.2f}x"
+            pr = r["per_rep"]
+            if pr and pr["min"] != pr["max"]:
+                cell += f" [{pr['min']:.2f}–{pr['max']:.2f}]"
+            cells.append(cell)
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    lines.append("")
+    counts: dict[str, int] = {}
+    rows = []
+    for w in nbd["workloads"]:
+        entry = summary[w["key"]]
+        for ref, status in entry["targets"].items():
+            counts[status] = counts.get(status, 0) + 1
+            r = entry["ratios"].get(ref, {}).get("of_medians")
+            rows.append(f"| {w['title']} | > 1x {ref} | "
+                        + (f"{r:.2f}x" if r is not None else "n/a") + " | "
+                        + (f"**{status}**" if status == "missed" else status) + " |")
+    lines += ["### Target of issue 13: ahead of qemu-storage-daemon and qemu-nbd on every figure",
+              "", "Targets: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + ".", "",
+              "| figure | target | exportd | status |", "|---|---|---:|---|", *rows, ""]
+    lines += ["### NBD servers", "", "| server | status | multi-conn | command |", "|---|---|---|---|"]
+    for n, d in servers.items():
+        status = d["status"] if d["status"] in ("ok", "stopped") else f"{d['status']}: {d['reason']}"
+        errors = nbd["errors"].get(n) or []
+        if errors:
+            status += f"; {len(errors)} failed run(s), first: {errors[0]}"
+        if d.get("exit_status") not in (0, None) and d["status"] in ("ok", "stopped"):
+            status += f" (exit status {d['exit_status']} on SIGTERM)"
+        command = _scratchless(" ".join(d["command"])) if d.get("command") else ""
+        lines.append(f"| {n} | {_cell(_short(status, 300))} | {d.get('multi_conn')} | "
+                     + (f"`{_cell(command)}` |" if command else " |"))
+    lines.append("")
+    return lines
+
+
 def render_markdown(record: dict) -> str:
     figures = figures_from_record(record)
     targets = _targets_by_row(record)
@@ -287,6 +364,7 @@ def render_markdown(record: dict) -> str:
         lines.append("")
 
     lines += jobs_markdown(record.get("jobs"))
+    lines += nbd_markdown(record.get("nbd"))
 
     if not peers:
         return "\n".join(lines)

@@ -16,6 +16,7 @@ from .fio import FioError, run_fio
 from .images import Images
 from .jobs import JobsSection, job_settings, jobs_available
 from .machine import load_average, machine_info
+from .nbd import NbdSection, nbd_available, nbd_settings
 from .peers import DaemonPeer, Peer, PeerEnv, PeerUnavailable, control_peers, fio_peers, select
 from .scratch import Scratch, sweep_stale
 from .workloads import WARMUP, WORKLOADS
@@ -94,8 +95,10 @@ class BenchRun:
     def __init__(self, settings: Settings, only: list[str] | None, control: bool,
                  exportd_cmd: list[str] | None, exportd_missing_reason: str,
                  pyfuse3_python: str, repo: Path, exportd_env: dict[str, str] | None = None,
-                 note: str = "", jobs: bool = False) -> None:
+                 note: str = "", jobs: bool = False, nbd: bool = False) -> None:
         self.jobs = jobs
+        self.nbd = nbd
+        self.nbd_record: dict | None = None
         self.jobs_record: dict | None = None
         self.exportd_env = exportd_env or {}
         self.note = note
@@ -115,6 +118,9 @@ class BenchRun:
         fio = len(WORKLOADS) * self.settings.reps * len(self.peers) * (self.settings.runtime_s + 0.4)
         if self.jobs:  # 2 daemons x (without, with) x reps, plus the speed figure
             fio += 4 * self.settings.reps * (self.settings.runtime_s + 0.8) + 10
+        if self.nbd:  # 4 servers x 6 fio figures x reps, plus the nbdcopy runs
+            s = nbd_settings(self.settings.mode, self.settings.runtime_s, self.settings.reps)
+            fio += 4 * s.reps * (6 * (s.runtime_s + 0.3) + 2 * (0.3 + self.settings.image_size / 2**30))
         return fio
 
     def run(self) -> dict:
@@ -134,6 +140,8 @@ class BenchRun:
             self._io_phase(env, scratch)
             if self.jobs:
                 self._jobs_phase(env)
+            if self.nbd:
+                self._nbd_phase(env)
             if self.ctl_peers:
                 self._control_phase(env, scratch)
             image_facts = images.facts
@@ -215,6 +223,18 @@ class BenchRun:
         s = self.settings
         section = JobsSection(job_settings(s.mode, s.runtime_s, s.reps), log)
         self.jobs_record = section.run(env, start_peer)
+
+    # NBD export (issue 13) ---------------------------------------------------
+
+    def _nbd_phase(self, env: PeerEnv) -> None:
+        missing = nbd_available()
+        if missing:
+            log(f"nbd: skipped: {missing}")
+            self.nbd_record = {"skipped": missing}
+            return
+        s = self.settings
+        section = NbdSection(nbd_settings(s.mode, s.runtime_s, s.reps), log)
+        self.nbd_record = section.run(env, start_peer)
 
     # control plane -----------------------------------------------------------
 
@@ -306,6 +326,7 @@ class BenchRun:
             "fio": self.fio_record,
             "control": self.control_record,
             "jobs": self.jobs_record,
+            "nbd": self.nbd_record,
             "figures": {f"{peer}/{key}": v for (peer, key), v in figures.values.items()},
             "ratios": ratios,
             "targets": targets,
