@@ -19,6 +19,7 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
+from exportd.aio.resume import Resume, start_eagerly
 from exportd.block.node import Status
 from exportd.export.io import to_the_end
 from exportd.nbd import protocol as P
@@ -30,6 +31,10 @@ if TYPE_CHECKING:
     from exportd.nbd.server import NbdServer
 
 log = logging.getLogger(__name__)
+
+
+async def _finish(started: Resume) -> None:
+    await started
 
 MAX_IN_FLIGHT = 16                  # requests served at once per client (QEMU: 16)
 MAX_DISCARDED_OPTION = 16 << 20     # an over-long option is skipped up to this, else dropped
@@ -295,9 +300,15 @@ class Connection:
             if req.type == P.CMD_DISC:
                 break
             await self.slots.acquire()
-            task = asyncio.get_running_loop().create_task(self._serve(exp, req, payload))
-            self.tasks.add(task)
-            task.add_done_callback(self._done)
+            # most requests finish without waiting (tmpfs, page cache): run
+            # them here, and make a task only of one that really waits
+            started = start_eagerly(self._serve(exp, req, payload))
+            if type(started) is Resume:
+                task = asyncio.get_running_loop().create_task(_finish(started))
+                self.tasks.add(task)
+                task.add_done_callback(self._done)
+            else:
+                self.slots.release()
         # DISC: answer what is in flight, then close
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
