@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.nbd_client.test_peers import pread, pwrite, seek
 from tests.support.daemon import Exportd
 from tests.support.threads import athread
 from tests.tls.certs import creds_dir, make_pki
@@ -19,24 +20,6 @@ from tests.tls.certs import creds_dir, make_pki
 M = 1 << 20
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed for the TLS leg")
-
-
-def _seek(path: Path, offset: int, whence: int) -> int:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.lseek(fd, offset, whence)
-    finally:
-        os.close(fd)
-
-
-def _rw(path: Path, offset: int, data: bytes) -> bytes:
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-        return os.pread(fd, len(data), offset)
-    finally:
-        os.close(fd)
 
 
 async def test_exportd_serves_exportd_over_nbd_with_tls(exportd: Exportd, workdir: Path) -> None:
@@ -70,9 +53,10 @@ async def test_exportd_serves_exportd_over_nbd_with_tls(exportd: Exportd, workdi
         mnt.touch()
         await b.add_export("f", "remote", mnt, writable=True)
         assert (await athread(os.stat, mnt)).st_size == 8 * M
-        assert await athread(_rw, mnt, 4 * M, b"z" * 65536) == b"z" * 65536
-        assert await athread(_seek, mnt, 0, os.SEEK_DATA) == M  # the hole before 1 MiB is a hole
-        assert await athread(_seek, mnt, M, os.SEEK_HOLE) == 2 * M
+        await athread(pwrite, mnt, 4 * M, b"z" * 65536)
+        assert await athread(pread, mnt, 4 * M, 65536) == b"z" * 65536
+        assert await athread(seek, mnt, 0, os.SEEK_DATA) == M  # the hole before 1 MiB is a hole
+        assert await athread(seek, mnt, M, os.SEEK_HOLE) == 2 * M
         await b.del_export("f")
         await b.cmd("blockdev-del", {"node-name": "remote"})
     finally:

@@ -265,7 +265,7 @@ class BlockGraph:
             return []
         # a parent at or below `new` would make a loop (an overlay's own
         # backing edge to `old` stays where it is)
-        below_new = _subtree(new)
+        below_new = subtree(new)
         moving = [e for e in (old.users if edges is None else edges) if e.parent not in below_new]
         if not moving:
             return []
@@ -522,7 +522,7 @@ def parent_users(node: BlockNode) -> list[Edge]:
     return [u for u in node.users if isinstance(u.parent, BlockNode)]
 
 
-def _subtree(node: BlockNode) -> set[BlockNode]:
+def subtree(node: BlockNode) -> set[BlockNode]:
     """`node` and every node below it."""
     seen: set[BlockNode] = set()
     pending = [node]

@@ -53,16 +53,7 @@ class RawNode(BlockNode):
         child = await graph.open_child(options["file"], node, "file", Perm(0), Perm.ALL, read_only=read_only)
         # a writable raw node over a read-only file opens (as in QEMU); taking
         # the write permission later fails with "Block node is read-only"
-        real = child.getlength()
-        if offset > real:
-            raise BlockError(f"Offset ({offset}) cannot be greater than size of the containing file ({real})")
-        if size is not None and real - offset < size:
-            raise BlockError(
-                f"The sum of offset ({offset}) and size ({size}) has to be smaller or equal to the "
-                f" actual size of the containing file ({real})"
-            )
-        if size is not None and size % SECTOR:
-            raise BlockError(f"Specified size is not multiple of {SECTOR}")
+        _check_window(offset, size, child.getlength())
         node.request_alignment = child.request_alignment
         return node
 
@@ -71,16 +62,7 @@ class RawNode(BlockNode):
         (permissions are forwarded to the file as they are)."""
         offset = get_int(options, "offset", 0)
         size = get_int(options, "size", None)
-        real = self.file.getlength()
-        if offset > real:
-            raise BlockError(f"Offset ({offset}) cannot be greater than size of the containing file ({real})")
-        if size is not None and real - offset < size:
-            raise BlockError(
-                f"The sum of offset ({offset}) and size ({size}) has to be smaller or equal to the "
-                f" actual size of the containing file ({real})"
-            )
-        if size is not None and size % SECTOR:
-            raise BlockError(f"Specified size is not multiple of {SECTOR}")
+        _check_window(offset, size, self.file.getlength())
 
         async def commit() -> None:
             self.offset, self.size = offset, size
@@ -200,3 +182,16 @@ class RawNode(BlockNode):
         if offset + count >= end:
             status |= Status.EOF
         return BlockStatus(status, count)
+
+
+def _check_window(offset: int, size: int | None, real: int) -> None:
+    """A raw node's window (offset, size) over a file of `real` bytes, with QEMU's texts."""
+    if offset > real:
+        raise BlockError(f"Offset ({offset}) cannot be greater than size of the containing file ({real})")
+    if size is not None and real - offset < size:
+        raise BlockError(
+            f"The sum of offset ({offset}) and size ({size}) has to be smaller or equal to the "
+            f" actual size of the containing file ({real})"
+        )
+    if size is not None and size % SECTOR:
+        raise BlockError(f"Specified size is not multiple of {SECTOR}")

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from exportd.block.graph import normalize_common
+from exportd.block.graph import normalize_common, subtree
 from exportd.block.node import BlockNode, Edge, Perm
 from exportd.errors import BlockError
 
@@ -200,7 +200,7 @@ def _child_changes(graph: Any, node: BlockNode, opts: dict[str, Any]) -> dict[st
             continue
         if role == "file":
             raise BlockError("Cannot change the option 'file'")
-        if target is node or node in _subtree(target):
+        if target is node or node in subtree(target):
             raise BlockError(f"Making '{target.node_name}' a {role} child of '{node.node_name}' would create a cycle")
         changes[role] = target
     return changes
@@ -208,17 +208,6 @@ def _child_changes(graph: Any, node: BlockNode, opts: dict[str, Any]) -> dict[st
 
 def _other_writers(node: BlockNode, parent: BlockNode) -> bool:
     return any(e.perm & _WRITERS for e in node.users if e.parent is not parent)
-
-
-def _subtree(node: BlockNode) -> set[BlockNode]:
-    seen: set[BlockNode] = set()
-    pending = [node]
-    while pending:
-        n = pending.pop()
-        if n not in seen:
-            seen.add(n)
-            pending.extend(e.node for e in n.child_edges.values())
-    return seen
 
 
 def _bottom_up(plans: list[_Plan]) -> list[_Plan]:

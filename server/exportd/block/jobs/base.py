@@ -125,6 +125,20 @@ class BlockJob(Job):
             await self.sleep(delay)  # woken early by a verb: the speed may have changed
             delay = self.rate.delay()
 
+    async def copy_range(self, src: BlockNode, dst: BlockNode, offset: int, n: int, zero: bool) -> None:
+        """Copy [offset, offset + n) from `src` to `dst` (zeroes as write-zeroes),
+        retried or skipped as the error policy says (commit and stream)."""
+        while True:
+            try:
+                if zero:
+                    await dst.write_zeroes(offset, n)
+                else:
+                    await dst.write(offset, await src.read(offset, n))
+                return
+            except OSError as e:
+                if not await self.io_error(e, is_read=False):
+                    return
+
     # --- I/O errors ---------------------------------------------------------------------------------
     async def io_error(self, exc: OSError, *, is_read: bool, policy: str | None = None) -> bool:
         """QEMU's block_job_error_action: report fails the job (re-raises),

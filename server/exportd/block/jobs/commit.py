@@ -64,24 +64,12 @@ class CommitJob(BlockJob):
                 return
             allocated, zero, n = await allocated_above(top, base, offset, min(CHUNK, length - offset))
             if allocated:
-                await self._copy(offset, n, zero)
+                await self.copy_range(self.top, self.base, offset, n, zero)
                 await self.processed(n)
             else:
                 self.current_progress += n
                 await self.pause_point()
             offset += n
-
-    async def _copy(self, offset: int, n: int, zero: bool) -> None:
-        while True:
-            try:
-                if zero:
-                    await self.base.write_zeroes(offset, n)
-                else:
-                    await self.base.write(offset, await self.top.read(offset, n))
-                return
-            except OSError as e:
-                if not await self.io_error(e, is_read=False):
-                    return
 
     async def prepare(self) -> None:
         """Base holds everything: the overlay's header names base, then the

@@ -80,7 +80,7 @@ class StreamJob(BlockJob):
                 if not st.status & Status.ALLOCATED:
                     allocated, zero, n = await allocated_above(backing, self.base, offset, n)
                     if allocated:
-                        await self._copy(offset, n, zero)
+                        await self.copy_range(self.top, self.top, offset, n, zero)
                         copied = True
             finally:
                 locks.release(token)
@@ -91,19 +91,6 @@ class StreamJob(BlockJob):
                 self.current_progress += n
                 await self.pause_point()
         self.current_progress = self.total_progress
-
-    async def _copy(self, offset: int, n: int, zero: bool) -> None:
-        top = self.top
-        while True:
-            try:
-                if zero:
-                    await top.write_zeroes(offset, n)
-                else:
-                    await top.write(offset, await top.read(offset, n))
-                return
-            except OSError as e:
-                if not await self.io_error(e, is_read=False):
-                    return
 
     async def prepare(self) -> None:
         top, base = self.top, self.base
