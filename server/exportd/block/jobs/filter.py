@@ -6,9 +6,10 @@ so every write to the node passes through the job's hands:
 
 - after a write completes the job hears of it (`written`): a mirror marks
   the range dirty, or in write-blocking mode copies it to the target first;
-- writes wait while the job holds the range (`RangeLocks`): a stream copying
-  a cluster from the backing chain must not overwrite a guest write that
-  lands between its read and its write.
+- writes and the job's copies hold their ranges (`RangeLocks`) and wait
+  for each other: a stream copying a cluster from the backing chain must
+  not overwrite a guest write that lands between its read and its write,
+  nor a write-blocking mirror's copy land on the target after the write's.
 
 Reads take the node's own fast path (map_now); writes always take the slow
 path, because the job must see each one after it completed.
@@ -25,8 +26,9 @@ from exportd.extents import Extent
 
 
 class RangeLocks:
-    """Byte ranges the job is copying right now; writes to an overlapping
-    range wait until the job lets go (QEMU's serialising requests)."""
+    """Byte ranges the job is copying, or a write is writing, right now; an
+    overlapping copy or write waits until they let go (QEMU's serialising
+    requests)."""
 
     def __init__(self) -> None:
         self._held: dict[int, tuple[int, int]] = {}
@@ -37,13 +39,10 @@ class RangeLocks:
         end = offset + length
         return any(o < end and offset < o + n for o, n in self._held.values())
 
-    async def wait_free(self, offset: int, length: int) -> None:
+    async def acquire(self, offset: int, length: int) -> int:
         while self._overlaps(offset, length):
             self._released.clear()
             await self._released.wait()
-
-    async def acquire(self, offset: int, length: int) -> int:
-        await self.wait_free(offset, length)
         self._next += 1
         self._held[self._next] = (offset, length)
         return self._next
@@ -68,7 +67,7 @@ class JobFilter(BlockNode):
         self.role = role
         self.owner = owner  # the job
         self.locks = RangeLocks()
-        self.serialize_writes = False  # wait for the job's held ranges
+        self.serialize_writes = False  # writes take range locks too
         self.written: WriteHook | None = None
         self.in_flight = 0
         self._idle = asyncio.Event()
@@ -108,13 +107,19 @@ class JobFilter(BlockNode):
             await self._open.wait()
         self.in_flight += 1
         self._idle.clear()
+        # the write holds its range until the job has heard of it: a copy
+        # that read the old bytes must not land after it (nor before the
+        # write-blocking copy to the target)
+        token = None
         try:
             if self.serialize_writes:
-                await self.locks.wait_free(offset, length)
-            await op(self.redirect or self.inner)  # only once the range is free
+                token = await self.locks.acquire(offset, length)
+            await op(self.redirect or self.inner)
             if self.written is not None:
                 await self.written(offset, length, data)
         finally:
+            if token is not None:
+                self.locks.release(token)
             self.in_flight -= 1
             if self.in_flight == 0:
                 self._idle.set()
