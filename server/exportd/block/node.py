@@ -17,11 +17,18 @@ union of their users' needs to the file (and its OFD locks).
 from __future__ import annotations
 
 import enum
+import functools
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from exportd.block.bitmaps import mark_written, node_resized
+from exportd.errors import BlockError
 from exportd.extents import Extent
+
+if TYPE_CHECKING:
+    from exportd.block.bitmaps import DirtyBitmap
 
 
 class Perm(enum.IntFlag):
@@ -106,12 +113,18 @@ class BlockNode(ABC):
         self.cache_direct = False
         self.cache_no_flush = False
         self.force_share = False
+        self.dirty_bitmaps: list[DirtyBitmap] = []  # newest first (exportd.block.bitmaps)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # The synchronous data path must never bypass a driver's read() or
         # write(): a class that overrides either without declaring its own
         # map_now() inherits "always the slow way".
         super().__init_subclass__(**kwargs)
+        # every write a driver takes marks the node's dirty bitmaps, whichever
+        # path it came by (a driver cannot forget to)
+        for name, wrap in _MARKING_WRAPPERS.items():
+            if name in cls.__dict__:
+                setattr(cls, name, wrap(cls.__dict__[name]))
         if "map_now" not in cls.__dict__ and ("read" in cls.__dict__ or "write" in cls.__dict__):
             cls.map_now = BlockNode.map_now  # type: ignore[method-assign]
 
@@ -346,6 +359,14 @@ class BlockNode(ABC):
         """Driver-specific extra members for query-named-block-nodes' `image`."""
         return {}
 
+    # --- persistent dirty bitmaps (drivers that store them override) ---------
+    def check_can_store_bitmap(self, name: str, granularity: int) -> None:
+        """Raise QEMU's error unless a new persistent bitmap could be stored."""
+        raise BlockError(f"Can't store persistent bitmaps to {self.node_name}: Operation not supported")
+
+    async def remove_persistent_bitmap(self, name: str) -> None:  # noqa: B027 (optional hook)
+        """Drop a persistent bitmap from the image (block-dirty-bitmap-remove)."""
+
 
 def perm_name(p: Perm) -> str:
     names = {
@@ -374,3 +395,69 @@ def describe_owner(owner: object) -> str:
         return f"node '{owner.node_name}'"
     d = getattr(owner, "describe", None)
     return d() if callable(d) else "an unnamed block device"
+
+
+# --- dirty bitmaps: the wrappers BlockNode.__init_subclass__ puts around a
+# driver's write methods. A write marks even when it fails part way (QEMU
+# does too): some of it may have landed.
+def _marks_write(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    async def write(self: BlockNode, offset: int, data: Any, **kwargs: Any) -> None:
+        try:
+            await fn(self, offset, data, **kwargs)
+        finally:
+            if self.dirty_bitmaps:
+                mark_written(self, offset, len(data))
+    return write
+
+
+def _marks_range(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    async def write_range(self: BlockNode, offset: int, length: int, **kwargs: Any) -> None:
+        try:
+            await fn(self, offset, length, **kwargs)
+        finally:
+            if self.dirty_bitmaps:
+                mark_written(self, offset, length)
+    return write_range
+
+
+def _marks_discard(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    async def discard(self: BlockNode, offset: int, length: int) -> None:
+        try:
+            await fn(self, offset, length)
+        finally:
+            # QEMU drops a discard before it is tracked unless discard=unmap
+            if self.dirty_bitmaps and self.options.get("discard") == "unmap":
+                mark_written(self, offset, length)
+    return discard
+
+
+def _marks_resize(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    async def truncate(self: BlockNode, size: int, **kwargs: Any) -> None:
+        old = self.getlength()
+        await fn(self, size, **kwargs)
+        if self.dirty_bitmaps:
+            node_resized(self, old, self.getlength())
+    return truncate
+
+
+def _marks_in_place(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def map_now(self: BlockNode, offset: int, length: int, *, write: bool = False) -> Any:
+        extents = fn(self, offset, length, write=write)
+        if write and extents is not None and self.dirty_bitmaps:
+            mark_written(self, offset, length)  # the caller writes there in place
+        return extents
+    return map_now
+
+
+_MARKING_WRAPPERS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
+    "write": _marks_write,
+    "write_zeroes": _marks_range,
+    "discard": _marks_discard,
+    "truncate": _marks_resize,
+    "map_now": _marks_in_place,
+}

@@ -61,6 +61,8 @@ async def block_device_info(node: BlockNode, *, flat: bool = False) -> dict[str,
     }
     if chain:
         result["backing_file"] = chain[0].filename()
+    if node.dirty_bitmaps:
+        result["dirty-bitmaps"] = [bm.info() for bm in node.dirty_bitmaps]
     return result
 
 

@@ -26,7 +26,8 @@ class Command:
 
 COMMANDS: dict[str, Command] = {}
 
-FAMILIES = ("control", "block", "export", "jobs", "blockjobs", "reopen", "transaction", "objects", "nbd")
+FAMILIES = ("control", "block", "export", "jobs", "blockjobs", "reopen", "transaction", "objects", "nbd",
+            "bitmaps")
 
 
 def command(name: str, *, allowed_in_negotiation: bool = False) -> Callable[[Handler], Handler]:

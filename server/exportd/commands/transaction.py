@@ -6,18 +6,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from exportd.block import transaction
+from exportd.block import bitmap_actions, transaction
 from exportd.block.graph_query import block_graph
 from exportd.block.snapshot import SnapshotAction, SnapshotSyncAction
 from exportd.commands import command
 
 # TransactionActionKind -> the action built from (graph, data). A new kind
-# (block-dirty-bitmap-add, ...) is one entry here plus its enum value and
+# is one entry here plus its enum value and
 # wrapper in schema/commands/transaction.json.
 ACTIONS: dict[str, Callable[[Any, dict[str, Any]], transaction.Action]] = {
     "abort": lambda graph, data: transaction.AbortAction(),
     "blockdev-snapshot": SnapshotAction,
     "blockdev-snapshot-sync": SnapshotSyncAction,
+    **bitmap_actions.ACTIONS,
 }
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from exportd.aio.settle import settle_later
 from exportd.aio.threads import in_own_thread
+from exportd.block.bitmaps import recording_below
 from exportd.block.node import Perm
 from exportd.errors import QMPError
 from exportd.export import mountpoint as mp
@@ -231,7 +232,14 @@ class FuseExport(BlockExport):
             )
         if self.writable and self.writethrough:
             return None, "writethrough needs the daemon to flush after every write"
+        if self.writable and (watched := recording_below(self.node)) is not None:
+            return None, f"dirty bitmaps of node '{watched}' must see every write"
         return fd, ""
+
+    def passthrough_still_safe(self) -> bool:
+        """Whether a new open may still be handed to the kernel: a job or a
+        dirty bitmap that came after the mount must see the writes."""
+        return self._passthrough_source()[0] is not None
 
     def _passthrough_wanted(self, mode: str) -> bool:
         if mode == "off":

@@ -134,7 +134,7 @@ class ExportedFile(SingleFileFS):
             if flags & os.O_TRUNC and wants_write and exp.growable:
                 await self.export.io.truncate(0)
             backing_id = exp.backing_id
-            if backing_id:
+            if backing_id and exp.passthrough_still_safe():
                 return OpenReply(fh=0, flags=0, backing_id=backing_id)
             return OpenReply(fh=0, flags=FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES)
 

@@ -278,7 +278,7 @@ def _range_text(qtype: str, schema: dict[str, Any]) -> str:
     if qtype == "uint64":
         return "uint64"
     if qtype == "uint32":
-        return "uint32"
+        return "uint32_t"  # QEMU's visit_type_uint32
     lo, hi = schema.get("minimum"), schema.get("maximum")
     return f"an integer in the range [{lo}, {hi}]"
 

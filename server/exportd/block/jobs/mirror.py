@@ -22,9 +22,9 @@ import logging
 from typing import Any
 
 from exportd.block.chain import allocated_above
+from exportd.block.dirtymap import DirtyMap
 from exportd.block.graph import is_zero
 from exportd.block.jobs.base import BlockJob
-from exportd.block.jobs.dirty import DirtyMap
 from exportd.block.jobs.filter import JobFilter
 from exportd.block.node import BlockNode, Perm, Status
 from exportd.errors import BlockError

@@ -1,0 +1,127 @@
+"""Dirty bitmap commands against qemu-storage-daemon 7.2: the same script
+(adds, bad input, writes through an NBD export, clear, merge, enable and
+disable, transactions that commit and that abort) gives the same replies,
+the same query-named-block-nodes bitmap lists, counts and sha256 hashes."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.jobflow import cmd, play
+from tests.support.qsd import QSD, running_qsd
+
+pytestmark = pytest.mark.skipif(QSD is None, reason="qemu-storage-daemon is not installed")
+
+MiB = 1 << 20
+
+
+def images(d: Path) -> None:
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(d / "a.qcow2"), str(4 * MiB)], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(d / "r.raw"), str(4 * MiB + 512)], check=True)
+
+
+def qemu_io(sock: Path, *commands: str) -> None:
+    args = ["qemu-io", "-f", "raw"]
+    for c in commands:
+        args += ["-c", c]
+    r = subprocess.run([*args, f"nbd+unix:///a?socket={sock}"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr + r.stdout
+
+
+def bitmaps_of(reply: dict[str, Any]) -> Any:
+    if "return" not in reply:
+        return reply
+    return {n["node-name"]: n.get("dirty-bitmaps") for n in reply["return"] if not n["node-name"].startswith("#")}
+
+
+def script(d: Path, nbd: Path) -> list[Any]:
+    def bm(verb: str, bitmap: str, node: str = "q", **extra: Any) -> Any:
+        return ("cmd", f"block-dirty-bitmap-{verb}", {"node": node, "name": bitmap, **extra})
+
+    def sha(bitmap: str, node: str = "q") -> Any:
+        return ("cmd", "x-debug-block-dirty-bitmap-sha256", {"node": node, "name": bitmap})
+
+    query = cmd("query-named-block-nodes", flat=True)
+    return [
+        cmd("blockdev-add", driver="qcow2", node_name="q",
+            file={"driver": "file", "filename": str(d / "a.qcow2")}),
+        cmd("blockdev-add", driver="file", node_name="r", filename=str(d / "r.raw")),
+        bm("add", "b1"),
+        bm("add", "small", granularity=512),
+        bm("add", "off", disabled=True),
+        bm("add", "b1"),
+        bm("add", ""),
+        bm("add", "x" * 1024),
+        bm("add", "x" * 1023, granularity=1 << 31),
+        bm("add", "g", granularity=1000),
+        bm("add", "g", granularity=256),
+        bm("add", "g", granularity=1 << 32),
+        bm("add", "g", node="nope"),
+        bm("add", "p", node="r", persistent=True),
+        bm("add", "rb", node="r"),
+        bm("remove", "zz"), bm("clear", "zz"), bm("enable", "zz"), bm("disable", "zz"),
+        bm("remove", "b1", node="nope"),
+        sha("nope"),
+        cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(nbd)}}),
+        ("cmd", "block-export-add", {"type": "nbd", "id": "e", "node-name": "q", "name": "a", "writable": True}),
+        ("call", lambda: qemu_io(nbd, "write 0 1", "write 100000 70000", "write -z 1M 64k",
+                                 "discard 3M 4096", "write 4194000 304")),
+        query, sha("b1"), sha("small"), sha("off"), sha("x" * 1023),
+        bm("enable", "off"),
+        ("call", lambda: qemu_io(nbd, "write 2M 512")),
+        bm("disable", "off"), bm("disable", "off"),
+        ("call", lambda: qemu_io(nbd, "write 2500k 512")),
+        query, sha("off"),
+        cmd("block-dirty-bitmap-merge", node="q", target="off", bitmaps=["b1", {"node": "q", "name": "small"}]),
+        cmd("block-dirty-bitmap-merge", node="q", target="off", bitmaps=[{"node": "r", "name": "rb"}]),
+        cmd("block-dirty-bitmap-merge", node="q", target="off", bitmaps=["b1", "nope"]),
+        cmd("block-dirty-bitmap-merge", node="q", target="nope", bitmaps=[]),
+        query, sha("off"),
+        bm("clear", "b1"),
+        cmd("transaction", actions=[
+            {"type": "block-dirty-bitmap-add", "data": {"node": "q", "name": "t1"}},
+            {"type": "block-dirty-bitmap-clear", "data": {"node": "q", "name": "small"}},
+            {"type": "block-dirty-bitmap-disable", "data": {"node": "q", "name": "x" * 1023}},
+            {"type": "block-dirty-bitmap-merge", "data": {"node": "q", "target": "off", "bitmaps": ["small"]}},
+            {"type": "block-dirty-bitmap-remove", "data": {"node": "q", "name": "b1"}},
+            {"type": "abort", "data": {}}]),
+        query, sha("small"), sha("off"),
+        cmd("transaction", actions=[
+            {"type": "block-dirty-bitmap-add", "data": {"node": "q", "name": "t1", "granularity": 4096}},
+            {"type": "block-dirty-bitmap-merge", "data": {"node": "q", "target": "t1", "bitmaps": ["small"]}},
+            {"type": "block-dirty-bitmap-clear", "data": {"node": "q", "name": "small"}},
+            {"type": "block-dirty-bitmap-remove", "data": {"node": "q", "name": "b1"}}]),
+        query, sha("t1"),
+        cmd("transaction", actions=[
+            {"type": "block-dirty-bitmap-add", "data": {"node": "q", "name": "t2"}},
+            {"type": "block-dirty-bitmap-add", "data": {"node": "q", "name": "t2"}}]),
+        query,
+        cmd("block-export-del", id="e"),
+        cmd("nbd-server-stop"),
+    ]
+
+
+async def test_bitmap_commands_as_qemu(daemon, tmp_path: Path) -> None:  # noqa: ANN001
+    results = []
+    for who in ("qsd", "exportd"):
+        work = tmp_path / who
+        work.mkdir()
+        images(work)
+        sock = work / "qmp.sock"
+        steps = script(work, work / "nbd.sock")
+        if who == "qsd":
+            async with running_qsd(str(sock)):
+                replies, _ = await play(str(sock), steps)
+        else:
+            replies, _ = await play(daemon().socket, steps)
+        results.append(replies)
+    theirs, ours = results
+    cmds = [s for s in script(tmp_path, tmp_path) if s[0] == "cmd"]
+    for step, a, b in zip(cmds, ours, theirs, strict=True):
+        if step[1] == "query-named-block-nodes":
+            a, b = bitmaps_of(a), bitmaps_of(b)
+        assert a == b, (step, a, b)
