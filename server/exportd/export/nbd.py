@@ -16,6 +16,10 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from exportd.block import bitmaps
+from exportd.block.bitmap_actions import bitmap_of
+from exportd.block.bitmaps import DirtyBitmap, Use
+from exportd.block.chain import filtered_or_backing
 from exportd.block.node import BlockNode, Perm
 from exportd.errors import QMPError
 from exportd.export import register_export_type
@@ -42,6 +46,7 @@ class NbdExport(BlockExport):
         self.allocation_depth = False
         self.multi_conn = True
         self.clients: set[Connection] = set()
+        self.bitmaps: dict[str, DirtyBitmap] = {}  # context name -> the dirty bitmap it shows
         self._server: Any = None
         self._data_cache: tuple[BlockNode, int, int] | None = None
 
@@ -55,8 +60,7 @@ class NbdExport(BlockExport):
         description = options.get("description", "")
         if len(description.encode()) > P.MAX_STRING:
             raise QMPError(f"description '{description}' too long")
-        if options.get("bitmaps"):
-            raise QMPError("Bitmap '{}' is not found".format(options["bitmaps"][0]))
+        exported = self._find_bitmaps(options.get("bitmaps", []))
         if name in server.exports or ("nbd:" + name) in self.table.claims:
             raise QMPError(f"NBD server already has export named '{name}'")
         perm = Perm.CONSISTENT_READ | (Perm.WRITE if self.writable else 0)
@@ -64,9 +68,35 @@ class NbdExport(BlockExport):
         self.name = name
         self.description = description
         self.allocation_depth = bool(options.get("allocation-depth", False))
+        for bm in exported:
+            bm.busy = True  # until the export goes (QEMU: no change while a client may read it)
+            self.bitmaps[P.CONTEXT_QEMU_DIRTY_BITMAP_PREFIX + bm.name] = bm
         self.table.claims["nbd:" + name] = self
         server.exports[name] = self
         self._server = server
+
+    def _find_bitmaps(self, wanted: list[str | dict[str, str]]) -> list[DirtyBitmap]:
+        """The `bitmaps` option, with QEMU's lookups and texts: a name is
+        looked for on the node, then down its filters and backing chain (a
+        fleecing overlay exports its source's bitmap); {node, name} names
+        a node."""
+        found: list[DirtyBitmap] = []
+        for item in wanted:
+            if isinstance(item, dict):
+                bm = bitmap_of(self.table.daemon.graph, item["node"], item["name"])
+            else:
+                node: BlockNode | None = self.node
+                bm = None
+                while node is not None and bm is None:
+                    bm = bitmaps.find(node, item)
+                    bm_node, node = node, filtered_or_backing(node)
+                if bm is None:
+                    raise QMPError(f"Bitmap '{item}' is not found")
+                if not self.writable and not bm_node.read_only and bm.enabled:
+                    raise QMPError(f"Enabled bitmap '{item}' incompatible with readonly export")
+            bm.check(Use.ALLOW_RO)
+            found.append(bm)
+        return found
 
     # --- what the connections ask ---------------------------------------------------
     def block_sizes(self) -> tuple[int, int, int]:
@@ -77,7 +107,7 @@ class NbdExport(BlockExport):
         out = [P.CONTEXT_BASE_ALLOCATION]
         if self.allocation_depth:
             out.append(P.CONTEXT_QEMU_ALLOCATION_DEPTH)
-        return out
+        return out + list(self.bitmaps)
 
     def fast_zero(self) -> bool:
         """Whether zeroing is cheaper than writing zeroes (FAST_ZERO's promise):
@@ -117,6 +147,9 @@ class NbdExport(BlockExport):
 
     async def _delete(self) -> None:
         self._unregister()
+        for bm in self.bitmaps.values():
+            bm.busy = False
+        self.bitmaps = {}
 
     def extra_info(self) -> dict[str, Any]:
         return {"name": self.name, "writable": self.writable, "clients": len(self.clients)}

@@ -23,7 +23,7 @@ from exportd.aio.resume import Resume, start_eagerly
 from exportd.block.node import Status
 from exportd.export.io import to_the_end
 from exportd.nbd import protocol as P
-from exportd.nbd.meta import Contexts, allocation_depth_extents, base_allocation_extents
+from exportd.nbd.meta import Contexts, context_extents
 from exportd.tls import TlsError, upgrade
 
 if TYPE_CHECKING:
@@ -482,10 +482,7 @@ class Connection:
         one = bool(req.flags & P.CMD_FLAG_REQ_ONE)
         chunks: list[bytes] = []
         for cname, cid in self.contexts.ids.items():
-            if cname == P.CONTEXT_BASE_ALLOCATION:
-                ext = await base_allocation_extents(exp.node, req.offset, req.length, one)
-            else:
-                ext = await allocation_depth_extents(exp.node, req.offset, req.length, one)
+            ext = await context_extents(exp.node, exp.bitmaps, cname, req.offset, req.length, one)
             chunks.append(P.pack_block_status(cid, ext))
         parts = [P.pack_chunk(req.cookie, P.REPLY_TYPE_BLOCK_STATUS, c,
                               P.REPLY_FLAG_DONE if i == len(chunks) - 1 else 0)

@@ -7,6 +7,8 @@ extents BLOCK_STATUS answers for them.
 - qemu:allocation-depth (QEMU's docs/interop/nbd.rst): 0 where no layer of
   the backing chain allocates the range, 1 where the top one does, 2 its
   backing node, and so on.
+- qemu:dirty-bitmap:NAME (the export's `bitmaps`): NBD_STATE_DIRTY where
+  the dirty bitmap NAME marks the range, 0 where it is clean.
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from exportd.block.bitmaps import DirtyBitmap
 from exportd.block.chain import backing_chain
 from exportd.block.node import BlockNode, Status
 from exportd.nbd import protocol as P
+
+STATE_DIRTY = 1 << 0  # qemu:dirty-bitmap flag
 
 MAX_EXTENTS = 128 * 1024  # per reply and context: bounded replies for fragmented images
 
@@ -36,8 +41,12 @@ class Contexts:
     def select(available: list[str], queries: list[str], listing: bool) -> list[tuple[int, str]]:
         """(id, name) of the available contexts the queries match. An empty
         query list lists everything (LIST) or chooses nothing (SET)."""
+        def cid(name: str) -> int:
+            # QEMU's numbering: its bitmaps follow the two fixed contexts
+            return CONTEXT_IDS.get(name, 2 + available.index(name) - len(set(available) & set(CONTEXT_IDS)))
+
         if not queries:
-            return [(CONTEXT_IDS.get(a, 2), a) for a in available] if listing else []
+            return [(cid(a), a) for a in available] if listing else []
         chosen: list[str] = []
         for q in queries:
             if q.endswith(":") and listing:  # "base:", "qemu:": the namespace's all (LIST only)
@@ -47,7 +56,7 @@ class Contexts:
             for m in match:
                 if m not in chosen:
                     chosen.append(m)
-        return [(CONTEXT_IDS.get(c, 2), c) for c in chosen]
+        return [(cid(c), c) for c in chosen]
 
 
 def _merge(out: list[tuple[int, int]], n: int, flags: int) -> None:
@@ -103,6 +112,26 @@ async def _depth_at(chain: list[BlockNode], pos: int, n: int) -> tuple[int, int]
 async def allocation_depth_extents(node: BlockNode, offset: int, length: int, one: bool) -> list[tuple[int, int]]:
     chain = backing_chain(node)
     return await _extents(offset, length, one, lambda pos, n: _depth_at(chain, pos, n))
+
+
+async def dirty_bitmap_extents(bitmap: DirtyBitmap, offset: int, length: int, one: bool) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for _pos, n, dirty in bitmap.bits.runs(offset, length):
+        _merge(out, n, STATE_DIRTY if dirty else 0)
+        if one or len(out) >= MAX_EXTENTS:
+            break
+    return _clip32(out[:1] if one else out)
+
+
+async def context_extents(node: BlockNode, bitmaps: dict[str, DirtyBitmap], context: str, offset: int,
+                          length: int, one: bool) -> list[tuple[int, int]]:
+    """BLOCK_STATUS's descriptors for one negotiated context; `bitmaps` are
+    the export's, by context name."""
+    if context == P.CONTEXT_BASE_ALLOCATION:
+        return await base_allocation_extents(node, offset, length, one)
+    if context == P.CONTEXT_QEMU_ALLOCATION_DEPTH:
+        return await allocation_depth_extents(node, offset, length, one)
+    return await dirty_bitmap_extents(bitmaps[context], offset, length, one)
 
 
 def _clip32(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:
