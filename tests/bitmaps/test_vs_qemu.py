@@ -24,11 +24,12 @@ def images(d: Path) -> None:
     subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(d / "r.raw"), str(4 * MiB + 512)], check=True)
 
 
-def qemu_io(sock: Path, *commands: str) -> None:
+def qemu_io(sock: Path, *commands: str, export: str = "a") -> None:
+    """qemu-io's commands on an NBD export (another process writes)."""
     args = ["qemu-io", "-f", "raw"]
     for c in commands:
         args += ["-c", c]
-    r = subprocess.run([*args, f"nbd+unix:///a?socket={sock}"], capture_output=True, text=True)
+    r = subprocess.run([*args, f"nbd+unix:///{export}?socket={sock}"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr + r.stdout
 
 
