@@ -16,7 +16,13 @@ async def block_export_add(daemon: Any, args: dict[str, Any]) -> None:
 
 @command("block-export-del")
 async def block_export_del(daemon: Any, args: dict[str, Any]) -> None:
-    daemon.exports.delete(args["id"], args.get("mode", "safe"))
+    exp = daemon.exports.delete(args["id"], args.get("mode", "safe"))
+    if exp.refcount == 0:
+        # nothing was in flight: the deletion runs now, and as in
+        # qemu-storage-daemon it is over (unmounted, node released,
+        # BLOCK_EXPORT_DELETED sent) before the reply, so a blockdev-del
+        # sent right after finds the node free
+        await exp.wait_deleted()
     return None
 
 

@@ -99,7 +99,7 @@ class ExportTable:
         return node
 
     # --- block-export-del ---------------------------------------------------------
-    def delete(self, export_id: str, mode: str = "safe") -> None:
+    def delete(self, export_id: str, mode: str = "safe") -> BlockExport:
         exp = self.find(export_id)
         if exp is None:
             raise QMPError(f"Export '{export_id}' is not found")
@@ -108,6 +108,7 @@ class ExportTable:
         if mode == "safe" and exp.refcount > 1:
             raise QMPError(f"export '{export_id}' still in use")
         exp.request_shutdown(cancel_requests=(mode == "hard"))
+        return exp
 
     # --- query-block-exports --------------------------------------------------------
     def query(self) -> list[dict[str, Any]]:
