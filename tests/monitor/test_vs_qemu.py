@@ -37,6 +37,13 @@ INPUTS: list[bytes] = [
     b'{"execute": "qmp_capabilities", "arguments": {"enable": [1]}}',
     b"{'execute': 'query-commands', 'id': 'it\\'s'}",
     b'{"execute": "blockdev-del"}',
+    # invalid UTF-8 in a string, a duplicate key (QEMU refuses both)
+    b'{"execute": "query-version", "id": "a\xffb"}', b'{"execute": "query-version", "id": "\xc3"}',
+    b'{"execute": "query-version", "id": "\xed\xa0\x80"}', b'{"execute": "query-version", "id": "\xc3\xa9"}',
+    b'{"execute": "query-version", "id": 1, "id": 2}', b'{"execute": "query-version", "id": "\xc0\x80"}',
+    b'{"execute": "query-version", "id": "a\xffb, "x": 1} {"execute": "query-version", "id": 3}',
+    b'@abc} {"execute": "query-version", "id": 4}', b'\xc3\xa9 {"execute": "query-version", "id": 5}',
+    b'{"execute": "query-version", "arguments": {"a": 1, "a": 1}}',
     b'{"execute": "blockdev-del", "arguments": {"node-name": 1}}',
     b'{"execute": "blockdev-del", "arguments": {"node-name": "x", "y": 1}}',
     b'{"execute": "query-named-block-nodes", "arguments": {"flat": "x"}}',

@@ -6,8 +6,12 @@ json-lexer/json-streamer, tokens are counted: a message ends when the brace
 and bracket counts return to zero (a top-level scalar is a message of its
 own), or go negative (which is an error). A syntax error inside a message is
 reported once, when its brackets balance, so the rest of a bad message does
-not produce a cascade of errors. Limits bound memory: the size of one
-message, its token count and its nesting depth.
+not produce a cascade of errors. A lexical error (a stray character, a
+byte 0xFE/0xFF in a string) drops the message and skips to the next
+structural or control character, as QEMU's lexer recovers. Strings are
+QEMU's modified UTF-8 (invalid sequences refuse the message, C0 80 is
+U+0000), and a key given twice refuses it. Limits bound memory: the size
+of one message, its token count and its nesting depth.
 
 feed(bytes) returns a list of items: either a parsed value, or a
 ParseError whose .desc is the QMP error text (QEMU's wording).
@@ -35,7 +39,14 @@ _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 _NUMBER_PREFIX = re.compile(r"-?[0-9]*(?:\.[0-9]*)?(?:[eE][+-]?[0-9]*)?")
 _MAX_ATOM = 4096  # longer numbers/keywords are not waited for
 _WORD = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
-_STRING_STOP = {'"': re.compile(r'["\\]'), "'": re.compile(r"['\\]")}
+# Invalid input bytes are decoded as lone surrogates (surrogateescape):
+# byte b is "\udc00" + b. A string ends at its quote, or at a byte 0xFE or
+# 0xFF, which QEMU's lexer never takes inside a string (a lexical error).
+_BAD_IN_STRING = "\udcfe\udcff"
+_STRING_STOP = {q: re.compile("[" + q + r"\\" + _BAD_IN_STRING + "]") for q in "\"'"}
+# after a lexical error QEMU skips to a structural character, a control
+# character but tab (both kept), or a byte 0xFE/0xFF (dropped)
+_RESYNC = re.compile(r"[\[\]{}:,\x00-\x08\x0a-\x1f" + _BAD_IN_STRING + "]")
 _ESCAPES = {
     '"': '"', "'": "'", "\\": "\\", "/": "/",
     "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t",
@@ -57,7 +68,7 @@ def _decode_string(body: str) -> str:
         for ch in body:
             if ch < " ":
                 raise _SyntaxError("control character in string")
-        return body
+        return _modified_utf8(body) if _INVALID_UTF8.search(body) else body
     out: list[str] = []
     i, n = 0, len(body)
     while i < n:
@@ -90,7 +101,21 @@ def _decode_string(body: str) -> str:
         elif 0xDC00 <= code < 0xE000:
             raise _SyntaxError(f"\\u{code:04x} is not a valid Unicode character")
         out.append(chr(code))
-    return "".join(out)
+    text = "".join(out)
+    # escapes never give U+DC80..U+DCFF alone, so these came from bad bytes
+    return _modified_utf8(text) if _INVALID_UTF8.search(text) else text
+
+
+_INVALID_UTF8 = re.compile("[\udc80-\udcff]")
+
+
+def _modified_utf8(body: str) -> str:
+    """QEMU reads strings as modified UTF-8: the overlong pair C0 80 is
+    U+0000; any other invalid sequence refuses the string."""
+    body = body.replace("\udcc0\udc80", "\0")
+    if _INVALID_UTF8.search(body):
+        raise _SyntaxError("invalid UTF-8 sequence in string")
+    return body
 
 
 def _hex4(body: str, i: int) -> tuple[int, int]:
@@ -216,6 +241,8 @@ class _Parser:
             return
         frame = self.stack[-1]
         if isinstance(frame[0], dict):
+            if frame[2] in frame[0]:
+                raise _SyntaxError("duplicate key")
             frame[0][frame[2]] = value
         else:
             frame[0].append(value)
@@ -238,7 +265,10 @@ class JsonStream:
         self.max_size = max_size
         self.max_tokens = max_tokens
         self.max_nesting = max_nesting
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # invalid bytes stay visible (as lone surrogates U+DC80..U+DCFF), so
+        # that strings holding them are refused as QEMU refuses them
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
+        self._recovering = False  # after a lexical error: skipping to a resync point
         self._buf = ""  # an unfinished number or keyword
         self._quote: str | None = None  # set while a string spans chunks
         self._escaped = False  # that string's last chunk ended in a lone backslash
@@ -272,6 +302,12 @@ class JsonStream:
         n = len(buf)
         pos = 0
         while True:
+            if self._recovering:
+                r = _RESYNC.search(buf, pos)
+                if r is None:
+                    return  # all of it skipped
+                self._recovering = False
+                pos = r.start() + (buf[r.start()] in _BAD_IN_STRING)
             m = _SPACE.match(buf, pos)
             if m:
                 pos = m.end()
@@ -283,6 +319,10 @@ class JsonStream:
                 self._emit_token(ch, None, 1, out)
             elif ch == '"' or ch == "'":
                 end, escaped = _string_end(buf, pos + 1, ch, False)
+                if end >= 0 and buf[end] in _BAD_IN_STRING:
+                    self._stray(ch + buf[pos + 1 : end] + "\ufffd", out)
+                    pos = end + 1
+                    continue
                 if end < 0:
                     # the rest of the string comes in later chunks
                     self._quote, self._escaped = ch, escaped
@@ -337,6 +377,11 @@ class JsonStream:
             self._escaped = escaped
             self._check_pending(out)
             return None
+        if text[end] in _BAD_IN_STRING:
+            token = self._quote + "".join(self._parts) + text[:end] + "\ufffd"
+            self._quote, self._parts, self._parts_len = None, [], 0
+            self._stray(token, out)
+            return text[end + 1 :]
         self._parts.append(text[:end])
         body = "".join(self._parts)
         self._quote, self._parts, self._parts_len = None, [], 0
@@ -360,10 +405,15 @@ class JsonStream:
             value = ""
         self._emit_token(_VALUE, value, len(body) + 2, out)
 
-    def _stray(self, ch: str, out: list[Any]) -> None:
-        # QEMU drops the message in progress and reports the character
+    def _stray(self, token: str, out: list[Any]) -> None:
+        # a lexical error: QEMU drops the message in progress, reports the
+        # token (an invalid or non-ASCII byte shows as U+FFFD) and skips to
+        # the next point where it can resynchronize
+        if not token.isascii():
+            token = token[:-1] + "\ufffd" if token[0] in "\"'" else "\ufffd"
         self._reset_message()
-        out.append(ParseError(f"JSON parse error, stray '{ch}'"))
+        self._recovering = True
+        out.append(ParseError(f"JSON parse error, stray '{token}'"))
 
     def _fail(self, reason: str) -> None:
         if self._error is None:
