@@ -18,11 +18,24 @@ def backing_chain(node: BlockNode) -> list[BlockNode]:
     return chain
 
 
+def qemu_length(node: BlockNode) -> int:
+    """The size QEMU reports: it counts a host file in 512-byte sectors, so
+    a file (and a raw node reaching its end) reads as rounded up. exportd's
+    exports keep the exact size; only the query shows QEMU's figure."""
+    if node.driver in ("file", "host_device"):
+        return -(-node.getlength() // 512) * 512
+    if node.driver == "raw" and getattr(node, "size", 0) is None:
+        file = node.child("file")
+        if file is not None:
+            return max(0, qemu_length(file) - getattr(node, "offset", 0))
+    return node.getlength()
+
+
 async def image_info(node: BlockNode, *, flat: bool = False) -> dict[str, Any]:
     info: dict[str, Any] = {
         "filename": node.filename(),
         "format": node.driver,
-        "virtual-size": node.getlength(),
+        "virtual-size": qemu_length(node),
     }
     actual = await node.allocated_size()
     if actual >= 0:
@@ -56,7 +69,7 @@ async def block_device_info(node: BlockNode, *, flat: bool = False) -> dict[str,
             "direct": node.cache_direct,
             "no-flush": node.cache_no_flush,
         },
-        "write_threshold": 0,
+        "write_threshold": node.write_threshold,
         "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
     }
     if chain:
