@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from exportd.block.bitmaps import mark_written, node_resized
+from exportd.block.write_threshold import check as threshold_check
 from exportd.errors import BlockError
 from exportd.extents import Extent
 
@@ -114,6 +115,8 @@ class BlockNode(ABC):
         self.cache_no_flush = False
         self.force_share = False
         self.dirty_bitmaps: list[DirtyBitmap] = []  # newest first (exportd.block.bitmaps)
+        self.write_threshold = 0  # exportd.block.write_threshold (0: none)
+        self.threshold_emit: Any = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # The synchronous data path must never bypass a driver's read() or
@@ -397,12 +400,15 @@ def describe_owner(owner: object) -> str:
     return d() if callable(d) else "an unnamed block device"
 
 
-# --- dirty bitmaps: the wrappers BlockNode.__init_subclass__ puts around a
-# driver's write methods. A write marks even when it fails part way (QEMU
-# does too): some of it may have landed.
+# --- the wrappers BlockNode.__init_subclass__ puts around a driver's write
+# methods: the write threshold is checked before a write (as QEMU does when
+# it starts one), dirty bitmaps are marked after it, even when it failed
+# part way (QEMU does too: some of it may have landed).
 def _marks_write(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     async def write(self: BlockNode, offset: int, data: Any, **kwargs: Any) -> None:
+        if self.write_threshold:
+            threshold_check(self, offset, len(data))
         try:
             await fn(self, offset, data, **kwargs)
         finally:
@@ -414,6 +420,8 @@ def _marks_write(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _marks_range(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     async def write_range(self: BlockNode, offset: int, length: int, **kwargs: Any) -> None:
+        if self.write_threshold:
+            threshold_check(self, offset, length)
         try:
             await fn(self, offset, length, **kwargs)
         finally:
@@ -448,8 +456,11 @@ def _marks_in_place(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def map_now(self: BlockNode, offset: int, length: int, *, write: bool = False) -> Any:
         extents = fn(self, offset, length, write=write)
-        if write and extents is not None and self.dirty_bitmaps:
-            mark_written(self, offset, length)  # the caller writes there in place
+        if write and extents is not None:  # the caller writes there in place
+            if self.write_threshold:
+                threshold_check(self, offset, length)
+            if self.dirty_bitmaps:
+                mark_written(self, offset, length)
         return extents
     return map_now
 

@@ -1,6 +1,6 @@
 """QMP commands of the block layer: blockdev-add, blockdev-del,
 query-named-block-nodes, block_resize, blockdev-snapshot,
-blockdev-snapshot-sync (daemon.graph is the
+blockdev-snapshot-sync, block-set-write-threshold (daemon.graph is the
 exportd.block.graph.BlockGraph)."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from typing import Any
 
 from exportd.block.graph import check_not_busy
 from exportd.block.query import named_block_nodes
+from exportd.block.write_threshold import set_threshold
 from exportd.commands import command
 from exportd.errors import BlockError
 
@@ -61,4 +62,14 @@ async def blockdev_snapshot_sync(daemon: Any, args: dict[str, Any]) -> dict[str,
         args.get("device"), args.get("node-name"), args["snapshot-file"],
         args.get("snapshot-node-name"), args.get("format", "qcow2"), args.get("mode", "absolute-paths"),
     )
+    return {}
+
+
+@command("block-set-write-threshold")
+async def block_set_write_threshold(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
+    name = args["node-name"]
+    node = daemon.graph.find(name)
+    if node is None:
+        raise BlockError(f"Device '{name}' not found")
+    set_threshold(node, args["write-threshold"], daemon.emit_event)
     return {}
