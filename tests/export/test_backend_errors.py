@@ -1,4 +1,5 @@
-"""Backend I/O errors reach the reader as EIO and the daemon keeps serving.
+"""Backend I/O errors reach the reader as EIO, the daemon reports them with
+BLOCK_IO_ERROR, and it keeps serving.
 
 The failing backend is real: daemon A exports a file node whose file is
 daemon B's FUSE export; B is killed, so every read A makes fails."""
@@ -60,6 +61,12 @@ async def test_backend_error_is_eio(workdir: Path) -> None:
         b.kill9()
         assert await athread(read_errno, mnt_a) == errno.EIO
         assert await athread(write_errno, mnt_a) == errno.EIO
+        # and the management hears of it (QEMU's BLOCK_IO_ERROR, action report)
+        for operation in ("read", "write"):
+            event = await a.event("BLOCK_IO_ERROR")
+            reason = event.pop("reason")
+            assert event == {"device": "", "node-name": "f", "operation": operation, "action": "report"}
+            assert reason == os.strerror(errno.ENOTCONN), reason
         # the daemon stays up and the export can be removed cleanly
         await asyncio.wait_for(a.cmd("query-version"), 5)
         assert [e["id"] for e in await a.exports()] == ["a"]

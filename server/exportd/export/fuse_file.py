@@ -20,7 +20,6 @@ import time
 from typing import TYPE_CHECKING
 
 from exportd.block.node import Perm, Prealloc, Status
-from exportd.export.io import backend_errno
 from exportd.extents import Extent
 from exportd.fuse.filesystem import (
     FALLOC_FL_KEEP_SIZE,
@@ -225,7 +224,7 @@ class ExportedFile(SingleFileFS):
                 try:
                     bs = await self.node.block_status(offset, SEEK_PROBE)
                 except OSError as e:
-                    raise backend_errno(e) from None
+                    raise self.export.io.failed(e, "read") from None
                 if bs.length <= 0 and bs.status & Status.EOF or offset >= self.length():
                     # a hole between the real EOF and a rounded visible length;
                     # nothing at or past the visible EOF

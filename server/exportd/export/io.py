@@ -23,6 +23,7 @@ import asyncio
 import errno
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -56,6 +57,9 @@ _PASS_ERRNOS = frozenset(
         errno.EINTR,
     }
 )
+
+
+ERROR_EVENT_INTERVAL_S = 1.0
 
 
 def backend_errno(e: OSError) -> OSError:
@@ -119,12 +123,30 @@ class ExportIO:
     """The I/O of one export on its node (reached through the export's edge,
     so it follows the node when a job replaces it)."""
 
-    __slots__ = ("export", "_resize_holders", "_growth")
+    __slots__ = ("export", "_resize_holders", "_growth", "_error_events")
 
     def __init__(self, export: BlockExport) -> None:
         self.export = export
         self._resize_holders = 0  # truncates in flight holding a temporary RESIZE
         self._growth = asyncio.Lock()  # writes past the end grow one at a time
+        self._error_events: dict[str, float] = {}  # operation -> when its last event went out
+
+    def failed(self, e: OSError, operation: str) -> OSError:
+        """The errno a client gets for a backend failure, after QEMU's
+        BLOCK_IO_ERROR (action report: the request fails). A failing disk
+        under load fails every request: one event per operation and second
+        at most, so the monitor is not flooded."""
+        err = backend_errno(e)
+        now = time.monotonic()
+        if now - self._error_events.get(operation, -ERROR_EVENT_INTERVAL_S) >= ERROR_EVENT_INTERVAL_S:
+            self._error_events[operation] = now
+            exp = self.export
+            data: dict[str, Any] = {"device": "", "node-name": exp.node.node_name, "operation": operation,
+                                    "action": "report", "reason": os.strerror(e.errno or errno.EIO)}
+            if e.errno == errno.ENOSPC:
+                data["nospace"] = True
+            exp.table.daemon.emit_event("BLOCK_IO_ERROR", data)
+        return err
 
     def readable(self, offset: int, size: int) -> int:
         """How many of `size` bytes at `offset` lie before the export's end (0: none)."""
@@ -149,7 +171,7 @@ class ExportIO:
         try:
             return exp.node.map_now(offset, size)
         except OSError as e:
-            raise backend_errno(e) from None
+            raise self.failed(e, "read") from None
 
     async def read(self, offset: int, size: int) -> bytes | bytearray | memoryview:
         """The readable part of [offset, offset + size); the caller holds a reference."""
@@ -159,7 +181,7 @@ class ExportIO:
         try:
             return await self.export.node.read(offset, size)
         except OSError as e:
-            raise backend_errno(e) from None
+            raise self.failed(e, "read") from None
 
     # --- writes -----------------------------------------------------------------
     def write_now(self, offset: int, data: memoryview) -> int | None:
@@ -178,7 +200,7 @@ class ExportIO:
             if extents is None or not write_extents(extents, data):
                 return None
         except OSError as e:
-            raise backend_errno(e) from None
+            raise self.failed(e, "write") from None
         return size
 
     async def write(self, offset: int, data: memoryview) -> int:
@@ -202,7 +224,7 @@ class ExportIO:
             if exp.writethrough:
                 await exp.node.flush()
         except OSError as e:
-            raise backend_errno(e) from None
+            raise self.failed(e, "write") from None
         return size
 
     async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool) -> None:
@@ -215,7 +237,7 @@ class ExportIO:
             try:
                 await to_the_end(node.write_zeroes(offset, n, may_unmap=may_unmap))
             except OSError as e:
-                raise backend_errno(e) from None
+                raise self.failed(e, "write") from None
             offset += n
         if self.export.writethrough:  # zeroing is a write: durable before the reply
             await self.flush()
@@ -224,7 +246,7 @@ class ExportIO:
         try:
             await self.export.node.flush()
         except OSError as e:
-            raise backend_errno(e) from None
+            raise self.failed(e, "write") from None
 
     # --- size ---------------------------------------------------------------------
     @asynccontextmanager
@@ -258,7 +280,7 @@ class ExportIO:
             try:
                 await to_the_end(self.export.node.truncate(size, prealloc=prealloc, exact=True))
             except OSError as e:
-                raise backend_errno(e) from None
+                raise self.failed(e, "write") from None
         self.export.length_changed()
 
     async def _grow_to(self, end: int) -> None:
