@@ -2,7 +2,7 @@
 
     exportd [--chardev socket,id=ID,path=PATH,server=on,wait=off --monitor chardev=ID]...
             [--socket PATH] [--object OPTIONS]... [--blockdev OPTIONS]... [--export OPTIONS]...
-            [--pidfile PATH] [--daemonize] [-V] [-h]
+            [--pidfile PATH] [--daemonize] [--log-file PATH] [--log-level LEVEL] [--syslog] [-V] [-h]
 
 --object, --blockdev and --export take QEMU's keyval syntax or a JSON object
 and run the same validation and handler as the QMP commands object-add,
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from exportd import __version__
 from exportd.errors import QMPError
+from exportd.logsetup import LEVELS, configure, detach_stderr
 from exportd.qapi.keyval import KeyvalError, coerce, parse, parse_option
 
 if TYPE_CHECKING:
@@ -64,6 +65,9 @@ class Options:
     actions: list[tuple[str, str]] = field(default_factory=list)  # (QMP command, text)
     pidfile: str | None = None
     daemonize: bool = False
+    log_file: str | None = None
+    log_level: str | None = None
+    syslog: bool = False
 
 
 class _Ordered(argparse.Action):
@@ -109,12 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pidfile", metavar="PATH", help="write the daemon's pid to PATH (locked)")
     p.add_argument("--daemonize", action="store_true",
                    help="run in the background; return once startup succeeded or failed")
+    p.add_argument("--log-file", metavar="PATH",
+                   help="append log lines to PATH (default: stderr; syslog once daemonized)")
+    p.add_argument("--log-level", choices=LEVELS,
+                   help="log lines of this level and above (default: warning; debug logs every QMP command)")
+    p.add_argument("--syslog", action="store_true", help="log to syslog (the journal) also in the foreground")
     return p
 
 
 def parse_options(argv: Sequence[str]) -> Options:
     ns = build_parser().parse_args(argv)
-    opts = Options(pidfile=ns.pidfile, daemonize=ns.daemonize)
+    opts = Options(pidfile=ns.pidfile, daemonize=ns.daemonize, log_file=ns.log_file, log_level=ns.log_level,
+                   syslog=ns.syslog)
     chardevs: dict[str, str] = {}
     for kind, text in getattr(ns, "ordered", None) or []:
         if kind == "chardev":
@@ -252,6 +262,7 @@ def daemonize() -> Callable[[int], None]:
                 os.dup2(devnull, fd)
             os.close(devnull)
             os.chdir("/")
+            detach_stderr()
 
     return notify
 
@@ -297,10 +308,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if os.environ.get("EXPORTD_DEBUG") else logging.WARNING,
-        format="exportd: %(levelname)s: %(name)s: %(message)s",
-    )
+    configure(None, None, False)
     # ids and arguments may nest up to the framing limit (1024 levels)
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 10000))
     try:
@@ -309,6 +317,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             default_socket_path()  # fail now, before daemonizing
     except StartupError as e:
         print(f"exportd: {e}", file=sys.stderr)
+        return 1
+    try:
+        configure(opts.log_level, opts.log_file, opts.syslog)
+    except OSError as e:
+        print(f"exportd: cannot open log file: {e.filename}: {e.strerror}", file=sys.stderr)
         return 1
     notify: Callable[[int], None] = lambda status: None  # noqa: E731
     if opts.daemonize:

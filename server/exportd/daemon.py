@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 from typing import Any
@@ -77,6 +78,8 @@ class Daemon:
         cmd = commands.COMMANDS.get(name)
         if cmd is None and name not in self.schema.commands:
             raise CommandNotFound(f"The command {name} has not been found")
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("qmp: %s %s", name, _brief(args))
         self.schema.validate(name, args)
         if cmd is None:
             raise QMPError(f"Command {name} is not implemented yet")
@@ -102,12 +105,17 @@ class Daemon:
         """Create and lock the pidfile (a second daemon with it fails)."""
         import fcntl
 
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # QEMU's texts (qemu_write_pidfile), after its "cannot create PID file: "
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise QMPError(f"cannot create PID file: Could not create '{path}': "
+                           f"{os.strerror(e.errno or 0)}") from e
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             os.close(fd)
-            raise QMPError(f"Cannot lock pid file: {os.strerror(e.errno or 0)}") from e
+            raise QMPError(f"cannot create PID file: Cannot lock pid file: {os.strerror(e.errno or 0)}") from e
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.pidfile, self._pidfile_fd = os.path.abspath(path), fd
@@ -168,3 +176,10 @@ class Daemon:
             if locked:
                 self.command_lock.release()
             self.stopped.set()
+
+
+def _brief(args: dict[str, Any]) -> str:
+    """A command's arguments for a log line: bounded (a 28 MiB message
+    must not become a 28 MiB line)."""
+    text = json.dumps(args, default=str)
+    return text if len(text) <= 400 else text[:400] + "..."

@@ -127,11 +127,16 @@ def test_pidfile(daemon, tmp_path):
     # a second daemon with the same pidfile is refused, and leaves nothing behind
     d2 = daemon("--pidfile", str(pidfile), wait=False)
     assert d2.wait(30) == 1
-    assert "exportd: Cannot lock pid file: Resource temporarily unavailable" in d2.stderr
+    assert "exportd: cannot create PID file: Cannot lock pid file: Resource temporarily unavailable" in d2.stderr
     assert not os.path.exists(d2.socket)
     assert int(pidfile.read_text()) == d.pid
     assert d.terminate() == 0
     assert not pidfile.exists()
+    # one that cannot be created: QEMU's words
+    d3 = daemon("--pidfile", str(tmp_path / "nonexistent" / "x.pid"), wait=False)
+    assert d3.wait(30) == 1
+    assert (f"exportd: cannot create PID file: Could not create '{tmp_path}/nonexistent/x.pid': "
+            "No such file or directory") in d3.stderr
 
 
 def _pid_alive(pid: int) -> bool:
@@ -301,3 +306,57 @@ def test_socket_file_appears_only_when_listening(daemon):
         assert d.terminate() == 0
     leftovers = [p for p in os.listdir(os.path.dirname(d.socket)) if p.startswith(".exportd-")]
     assert leftovers == []
+
+
+def _daemonized(exportd_bin, tmp_path, *args, env=None):
+    sock, pidfile = str(tmp_path / "d.sock"), tmp_path / "d.pid"
+    r = run_exportd(exportd_bin, "--daemonize", "--socket", sock, "--pidfile", str(pidfile), *args, env=env)
+    assert r.returncode == 0, r.stderr
+    return sock, int(pidfile.read_text())
+
+
+def _quit(raw_qmp, sock, pid):
+    try:
+        c = raw_qmp(sock)
+        c.negotiate()
+        c.cmd("query-version")
+        assert c.cmd("quit") == {"return": {}}
+        deadline = time.monotonic() + 15
+        while _pid_alive(pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        if _pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_log_file_survives_daemonize(exportd_bin, raw_qmp, tmp_path, monkeypatch):
+    # a relative path is the caller's directory's, though the daemon goes to /
+    monkeypatch.chdir(tmp_path)
+    sock, pid = _daemonized(exportd_bin, tmp_path, "--log-file", "d.log", "--log-level", "debug")
+    _quit(raw_qmp, sock, pid)
+    lines = (tmp_path / "d.log").read_text().splitlines()
+    assert any(line.endswith("DEBUG: exportd.daemon: qmp: query-version {}") for line in lines), lines
+    r = run_exportd(exportd_bin, "--socket", str(tmp_path / "x.sock"), "--log-file", str(tmp_path / "no" / "x.log"))
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"exportd: cannot open log file: {tmp_path}/no/x.log: No such file or directory"
+
+
+def test_daemonized_logs_go_to_syslog(exportd_bin, raw_qmp, tmp_path):
+    import socket
+
+    syslog = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = str(tmp_path / "log.sock")
+    syslog.bind(path)
+    syslog.settimeout(10)
+    try:
+        sock, pid = _daemonized(exportd_bin, tmp_path, "--log-level", "debug", env={"EXPORTD_SYSLOG_SOCKET": path})
+        _quit(raw_qmp, sock, pid)
+        seen = []
+        while not any("qmp: query-version" in m for m in seen):
+            seen.append(syslog.recv(65536).decode())
+        # <31>: facility daemon (3 << 3) + priority debug (7)
+        assert any(m.startswith("<31>exportd[") and "DEBUG: exportd.daemon: qmp: query-version {}" in m
+                   for m in seen), seen
+    finally:
+        syslog.close()
