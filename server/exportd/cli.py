@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from exportd import __version__
+from exportd import __version__, systemd
 from exportd.errors import QMPError
 from exportd.logsetup import LEVELS, configure, detach_stderr
 from exportd.qapi.keyval import KeyvalError, coerce, parse, parse_option
@@ -54,9 +54,10 @@ def default_socket_path() -> str:
 
 @dataclass
 class MonitorSpec:
-    path: str
+    path: str  # "" for a socket passed in as `fd`
     pretty: bool = False
     name: str = ""
+    fd: int | None = None  # a listening socket given by a service manager
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Options:
     log_file: str | None = None
     log_level: str | None = None
     syslog: bool = False
+    socket_mode: int = 0o600
 
 
 class _Ordered(argparse.Action):
@@ -118,14 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=LEVELS,
                    help="log lines of this level and above (default: warning; debug logs every QMP command)")
     p.add_argument("--syslog", action="store_true", help="log to syslog (the journal) also in the foreground")
+    p.add_argument("--socket-mode", metavar="MODE", default="0600",
+                   help="permissions of the monitor sockets exportd creates, in octal (default 0600: "
+                        "only the daemon's user may connect)")
     return p
 
 
 def parse_options(argv: Sequence[str]) -> Options:
     ns = build_parser().parse_args(argv)
+    try:
+        socket_mode = int(ns.socket_mode, 8)
+    except ValueError:
+        raise StartupError(f"--socket-mode: '{ns.socket_mode}' is not an octal mode") from None
+    if not 0 <= socket_mode <= 0o777:
+        raise StartupError(f"--socket-mode: '{ns.socket_mode}' is not a permission mode (0000-0777)")
     opts = Options(pidfile=ns.pidfile, daemonize=ns.daemonize, log_file=ns.log_file, log_level=ns.log_level,
-                   syslog=ns.syslog)
-    chardevs: dict[str, str] = {}
+                   syslog=ns.syslog, socket_mode=socket_mode)
+    chardevs: dict[str, str | int] = {}
     for kind, text in getattr(ns, "ordered", None) or []:
         if kind == "chardev":
             cid, path = _parse_chardev(text)
@@ -147,7 +158,7 @@ def parse_options(argv: Sequence[str]) -> Options:
     return opts
 
 
-def _parse_chardev(text: str) -> tuple[str, str]:
+def _parse_chardev(text: str) -> tuple[str, str | int]:
     try:
         kv = parse(text, implied_key="backend")
     except KeyvalError as e:
@@ -159,9 +170,15 @@ def _parse_chardev(text: str) -> tuple[str, str]:
     if not isinstance(cid, str) or not cid:
         raise StartupError("--chardev: Parameter 'id' is missing")
     path = kv.pop("path", None)
+    fd = kv.pop("fd", None)
     if "host" in kv or "port" in kv:
-        raise StartupError(f"chardev '{cid}': only UNIX sockets (path=) are supported")
-    if not isinstance(path, str) or not path:
+        raise StartupError(f"chardev '{cid}': only UNIX sockets (path= or fd=) are supported")
+    if fd is not None:
+        if path is not None:
+            raise StartupError(f"chardev '{cid}': Parameters 'path' and 'fd' are mutually exclusive")
+        if not isinstance(fd, str) or not fd.isdigit():
+            raise StartupError(f"chardev '{cid}': Parameter 'fd' expects a file descriptor number")
+    elif not isinstance(path, str) or not path:
         raise StartupError(f"chardev '{cid}': Parameter 'path' is missing")
     for key in ("server", "wait"):
         value = kv.pop(key, "on" if key == "server" else "off")
@@ -171,10 +188,10 @@ def _parse_chardev(text: str) -> tuple[str, str]:
             raise StartupError(f"chardev '{cid}': exportd serves QMP, it does not connect (use server=on)")
     for key in kv:
         raise StartupError(f"chardev '{cid}': Invalid parameter '{key}'")
-    return cid, path
+    return cid, int(fd) if fd is not None else path  # type: ignore[return-value]
 
 
-def _parse_monitor(text: str, chardevs: dict[str, str]) -> MonitorSpec:
+def _parse_monitor(text: str, chardevs: dict[str, str | int]) -> MonitorSpec:
     try:
         kv = parse(text, implied_key="chardev")
     except KeyvalError as e:
@@ -191,7 +208,11 @@ def _parse_monitor(text: str, chardevs: dict[str, str]) -> MonitorSpec:
     name = kv.pop("id", "")
     for key in kv:
         raise StartupError(f"--monitor: Invalid parameter '{key}'")
-    return MonitorSpec(chardevs[cid], pretty == "on", name if isinstance(name, str) else "")
+    target = chardevs[cid]
+    name = name if isinstance(name, str) else ""
+    if isinstance(target, int):
+        return MonitorSpec("", pretty == "on", name, fd=target)
+    return MonitorSpec(target, pretty == "on", name)
 
 
 IMPLIED_KEYS = {"object-add": "qom-type"}  # `--object tls-creds-x509,id=...`
@@ -277,9 +298,11 @@ async def run(opts: Options, notify: Callable[[int], None]) -> int:
     for sig in HANDLED_SIGNALS:
         loop.add_signal_handler(sig, daemon.request_shutdown, "host-signal")
     try:
-        monitors = opts.monitors or [MonitorSpec(default_socket_path())]
+        activated = [MonitorSpec("", name=name, fd=fd) for fd, name in systemd.listen_fds()]
+        monitors = opts.monitors + activated or [MonitorSpec(default_socket_path())]
         for spec in monitors:
-            await daemon.add_monitor(os.path.abspath(spec.path), pretty=spec.pretty, name=spec.name)
+            path = os.path.abspath(spec.path) if spec.fd is None else spec.path
+            await daemon.add_monitor(path, pretty=spec.pretty, name=spec.name, fd=spec.fd, mode=opts.socket_mode)
         for command, text in opts.actions:
             if daemon.shutting_down:
                 break
@@ -294,6 +317,7 @@ async def run(opts: Options, notify: Callable[[int], None]) -> int:
         notify(1)
         return 1
     notify(0)
+    systemd.notify(f"READY=1\nMAINPID={os.getpid()}")
     await daemon.stopped.wait()
     return 0
 
@@ -313,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 10000))
     try:
         opts = parse_options(argv)
-        if not opts.monitors:
+        if not opts.monitors and "LISTEN_FDS" not in os.environ:
             default_socket_path()  # fail now, before daemonizing
     except StartupError as e:
         print(f"exportd: {e}", file=sys.stderr)

@@ -26,7 +26,7 @@ import logging
 import os
 from typing import Any
 
-from exportd import __version__, commands, jobs
+from exportd import __version__, commands, jobs, systemd
 from exportd.aio.settle import settled
 from exportd.block.graph import BlockGraph
 from exportd.commands.control import OFFERED_CAPABILITIES
@@ -94,9 +94,10 @@ class Daemon:
             monitor.broadcast(message)
 
     # --- monitors -----------------------------------------------------------------
-    async def add_monitor(self, path: str, *, pretty: bool = False, name: str = "") -> Monitor:
+    async def add_monitor(self, path: str, *, pretty: bool = False, name: str = "", fd: int | None = None,
+                          mode: int = 0o600) -> Monitor:
         monitor = Monitor(self, path, pretty=pretty, name=name)
-        await monitor.start()
+        await monitor.start(fd, mode)
         self.monitors.append(monitor)
         return monitor
 
@@ -147,6 +148,7 @@ class Daemon:
         await asyncio.shield(self._shutdown_task)
 
     async def _shutdown(self, reason: str | None) -> None:
+        systemd.notify("STOPPING=1")
         # let a command running on another monitor finish first
         locked = False
         try:

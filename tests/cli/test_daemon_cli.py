@@ -106,7 +106,7 @@ def test_chardev_monitor_pairs(daemon, raw_qmp, tmp_path):
     (["--chardev", "pty,id=m0"], "exportd: --chardev: backend 'pty' is not supported (only 'socket')"),
     (["--chardev", "socket,path=/tmp/x.sock"], "exportd: --chardev: Parameter 'id' is missing"),
     (["--chardev", "socket,id=m0,host=localhost,port=4444"],
-     "exportd: chardev 'm0': only UNIX sockets (path=) are supported"),
+     "exportd: chardev 'm0': only UNIX sockets (path= or fd=) are supported"),
     (["--chardev", "socket,id=m0,path=/tmp/x.sock,server=off"],
      "exportd: chardev 'm0': exportd serves QMP, it does not connect (use server=on)"),
 ])

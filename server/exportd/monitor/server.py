@@ -26,8 +26,24 @@ class MonitorError(Exception):
     pass
 
 
-def bind_unix_socket(path: str) -> socket.socket:
-    """A listening socket at `path`, mode 0600.
+def adopt_listening_socket(fd: int) -> socket.socket:
+    """A listening UNIX stream socket passed in as `fd` (socket activation,
+    `--chardev socket,fd=N`)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as e:
+        raise MonitorError(f"file descriptor {fd} is not a socket: {e.strerror}") from e
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM \
+            or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.detach()
+        raise MonitorError(f"file descriptor {fd} is not a listening UNIX stream socket")
+    sock.setblocking(False)
+    return sock
+
+
+def bind_unix_socket(path: str, mode: int = 0o600) -> socket.socket:
+    """A listening socket at `path`, with `mode` (0600 unless the operator
+    chose another: --socket-mode).
 
     A leftover socket file from a dead daemon is replaced; one that a live
     process still answers on is not taken over.
@@ -64,6 +80,8 @@ def bind_unix_socket(path: str) -> socket.socket:
                 os.unlink(tmp)
         sock.bind(tmp)
         sock.listen(64)
+        if mode != 0o600:
+            os.chmod(tmp, mode)
         if tmp != path:
             os.rename(tmp, path)
     except OSError as e:
@@ -90,10 +108,15 @@ class Monitor:
         self._server: asyncio.AbstractServer | None = None
         self._inode: tuple[int, int] | None = None
 
-    async def start(self) -> None:
-        sock = bind_unix_socket(self.path)
-        st = os.stat(self.path)
-        self._inode = (st.st_dev, st.st_ino)
+    async def start(self, fd: int | None = None, mode: int = 0o600) -> None:
+        """Listen on `path` (created with `mode`), or on the listening socket
+        `fd` a service manager passed (whose file is not ours to remove)."""
+        if fd is not None:
+            sock = adopt_listening_socket(fd)
+        else:
+            sock = bind_unix_socket(self.path, mode)
+            st = os.stat(self.path)
+            self._inode = (st.st_dev, st.st_ino)
         self._server = await asyncio.start_unix_server(self._client, sock=sock)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
