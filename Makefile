@@ -6,7 +6,7 @@ APT_PACKAGES := fuse3 qemu-utils qemu-system-common fio util-linux libnbd-bin nb
 BENCH_APT_PACKAGES := libfuse3-dev pkg-config
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-system setup-venv test demo lint bench clean
+.PHONY: setup setup-system setup-venv test demo lint bench clean docs
 
 setup: setup-system setup-venv
 
@@ -29,7 +29,7 @@ setup-system:
 $(VENV)/.stamp: pyproject.toml
 	@[ -x $(VPY) ] || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e '.[test,lint,zstd]'
+	$(VPY) -m pip install -q -e '.[test,lint,zstd,docs]'
 	@touch $@
 
 setup-venv: $(VENV)/.stamp
@@ -39,6 +39,18 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check server clients tests bench
+
+# man pages and shell completion, generated from the argument parsers into
+# share/ (committed: the wheel installs them; a test checks they are current)
+docs: setup
+	$(VENV)/bin/argparse-manpage --module exportd.cli --function build_parser --project-name exportd \
+	  --manual-section 8 --manual-title "System Administration" --output share/man/exportd.8 \
+	  --description "storage daemon: disk images as files through FUSE and NBD, controlled over QMP"
+	$(VENV)/bin/argparse-manpage --module exportctl.cli --function build_parser --project-name exportd \
+	  --manual-section 1 --manual-title "User Commands" --output share/man/exportctl.1 \
+	  --description "control an exportd daemon over QMP"
+	$(VPY) -m exportctl.completion bash > share/completion/exportctl.bash
+	$(VPY) -m exportctl.completion zsh > share/completion/_exportctl
 
 demo: setup
 	$(VPY) -m exportd.demo

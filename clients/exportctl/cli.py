@@ -1,6 +1,6 @@
 """exportctl: the exportd command-line client.
 
-    exportctl [-s SOCKET] [--json] COMMAND ...
+    exportctl [-s SOCKET] [--json] COMMAND ... (the global options may also follow COMMAND)
 
 Human output by default, --json for scripts. Exit status: 0 success,
 1 the daemon answered with an error (printed as `error: <desc>`), 2 usage
@@ -120,14 +120,35 @@ def blockdev_arguments(words: Sequence[str]) -> dict[str, Any]:
             args, is_keyval = parse_option(words[0])
         except KeyvalError as e:
             raise UsageError(str(e)) from None
-        return coerce(schema(), "blockdev-add", args) if is_keyval else args
-    return keyval_arguments("blockdev-add", words)
+        args = coerce(schema(), "blockdev-add", args) if is_keyval else args
+    else:
+        args = keyval_arguments("blockdev-add", words)
+    return absolute_filenames(args)
+
+
+def absolute_filenames(value: Any) -> Any:
+    """Every `filename` member resolved in this directory: the daemon's own
+    directory is another (/ once daemonized), as `create` and `add` do."""
+    if isinstance(value, dict):
+        return {k: (os.path.abspath(v) if k == "filename" and isinstance(v, str) and v else absolute_filenames(v))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [absolute_filenames(v) for v in value]
+    return value
 
 
 # --- output -------------------------------------------------------------------------------
 class Output:
     def __init__(self, as_json: bool) -> None:
         self.as_json = as_json
+
+    def error(self, cls: str, desc: str, human: str, status: int) -> int:
+        """An error: QMP's shape on stdout with --json, a line on stderr else."""
+        if self.as_json:
+            print(json.dumps({"error": {"class": cls, "desc": desc}}))
+        else:
+            print(human, file=sys.stderr)
+        return status
 
     def result(self, value: Any, human: str | None = None) -> None:
         if self.as_json:
@@ -402,6 +423,58 @@ async def _is_block_job(c: Client, job_id: str) -> bool:
     return any(j.get("device") == job_id for j in await c.execute("query-block-jobs"))
 
 
+BITMAP_VERBS = ("list", "add", "remove", "clear", "enable", "disable", "merge")
+
+
+async def cmd_bitmap(c: Client, a: argparse.Namespace, out: Output) -> int:
+    if a.verb == "list":
+        return await _list_bitmaps(c, a, out)
+    if a.node is None or a.name is None:
+        raise UsageError(f"bitmap {a.verb} needs NODE and NAME")
+    if a.sources and a.verb != "merge":
+        raise UsageError(f"bitmap {a.verb} takes no SOURCE")
+    if (a.granularity or a.persistent or a.disabled) and a.verb != "add":
+        raise UsageError("--granularity, --persistent and --disabled go with add only")
+    args: dict[str, Any] = {"node": a.node, "name": a.name}
+    if a.verb == "add":
+        if a.granularity:
+            args["granularity"] = parse_size(a.granularity)
+        if a.persistent:
+            args["persistent"] = True
+        if a.disabled:
+            args["disabled"] = True
+    elif a.verb == "merge":
+        if not a.sources:
+            raise UsageError("bitmap merge needs at least one SOURCE")
+        args = {"node": a.node, "target": a.name, "bitmaps": [
+            {"node": src.split(":", 1)[0], "name": src.split(":", 1)[1]} if ":" in src else src
+            for src in a.sources]}
+    result = await c.execute(f"block-dirty-bitmap-{a.verb}", args)
+    done = {"add": "added", "remove": "removed", "clear": "cleared", "enable": "enabled", "disable": "disabled",
+            "merge": "merged into"}
+    out.result(result, f"{done[a.verb]} bitmap {a.name} on {a.node}")
+    return EXIT_OK
+
+
+async def _list_bitmaps(c: Client, a: argparse.Namespace, out: Output) -> int:
+    nodes = await c.execute("query-named-block-nodes", {"flat": True})
+    if a.node is not None and not any(n.get("node-name") == a.node for n in nodes):
+        raise QMPError("GenericError", f"Cannot find device='{a.node}' nor node-name='{a.node}'")
+    found = [{"node": n["node-name"], **bm} for n in nodes
+             if a.node in (None, n.get("node-name")) for bm in n.get("dirty-bitmaps", [])]
+    if out.as_json:
+        out.result(found)
+        return EXIT_OK
+    if not found:
+        print("no dirty bitmaps")
+        return EXIT_OK
+    rows = [[b["node"], b.get("name", ""), human_size(b["granularity"]), human_size(b["count"]),
+             "recording" if b["recording"] else "disabled",
+             ",".join(f for f in ("persistent", "busy", "inconsistent") if b.get(f)) or "-"] for b in found]
+    print(table(rows, ["NODE", "BITMAP", "GRANULARITY", "DIRTY", "STATE", "FLAGS"]))
+    return EXIT_OK
+
+
 async def cmd_events(c: Client, a: argparse.Namespace, out: Output) -> int:
     async def follow() -> int:
         count = 0
@@ -415,7 +488,7 @@ async def cmd_events(c: Client, a: argparse.Namespace, out: Output) -> int:
     try:
         return await asyncio.wait_for(follow(), a.timeout)
     except TimeoutError:
-        return EXIT_OK if a.follow else EXIT_ERROR
+        return EXIT_OK  # no (more) events in time: not an error of the daemon
 
 
 async def cmd_quit(c: Client, a: argparse.Namespace, out: Output) -> int:
@@ -455,12 +528,17 @@ def cmd_create(a: argparse.Namespace, out: Output) -> int:
         print("error: image creation is not available in this build (exportd.block.mkimage is missing)",
               file=sys.stderr)
         return EXIT_ERROR
-    size = parse_size(a.size)
     cluster = parse_size(a.cluster_size) if a.cluster_size else None
     if a.backing_format and not a.backing:
         raise UsageError("--backing-format needs --backing")
-    if a.format is None:  # a backing file or a .qcow2 name mean qcow2; raw otherwise
-        a.format = "qcow2" if a.backing or a.file.lower().endswith(".qcow2") else "raw"
+    if a.format is None:
+        a.format = format_from_name(a.file, a.backing)
+    if a.size is not None:
+        size = parse_size(a.size)
+    elif a.backing:
+        size = backing_size(a.file, a.backing)
+    else:
+        raise UsageError("give a SIZE (or --backing: the size is then the backing image's)")
     try:
         result = create_image(a.file, size, a.format, cluster, a.backing, a.backing_format, a.preallocation)
         if asyncio.iscoroutine(result):
@@ -479,6 +557,34 @@ def cmd_create(a: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+RAW_SUFFIXES = ("", ".raw", ".img", ".bin", ".iso")
+
+
+def format_from_name(file: str, backing: str | None) -> str:
+    """qcow2 for a .qcow2 name or an image with a backing file; raw for a
+    plain name (.raw, .img, none...); any other (d.vmdk) must say --format."""
+    suffix = os.path.splitext(file)[1].lower()
+    if suffix == ".qcow2" or (backing and suffix in RAW_SUFFIXES):
+        return "qcow2"  # only qcow2 has a backing file
+    if suffix in RAW_SUFFIXES:
+        return "raw"
+    raise UsageError(f"cannot tell the format of '{file}' from its name: give --format raw or --format qcow2")
+
+
+def backing_size(file: str, backing: str) -> int:
+    """The virtual size of the backing image (its path relative to FILE's
+    directory, as qemu-img resolves it): a qcow2 header's, or a raw file's."""
+    path = backing if os.path.isabs(backing) else os.path.join(os.path.dirname(os.path.abspath(file)), backing)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(32)
+            if head[:4] == b"QFI\xfb":
+                return int.from_bytes(head[24:32], "big")
+            return os.fstat(f.fileno()).st_size
+    except OSError as e:
+        raise UsageError(f"cannot read the backing image {path}: {e.strerror}") from None
+
+
 def _error_text(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
@@ -490,60 +596,83 @@ COMMANDS = {
     "blockdev-add": cmd_blockdev_add, "blockdev-del": cmd_blockdev_del, "resize": cmd_resize,
     "snapshot": cmd_snapshot, "events": cmd_events,
     "stream": cmd_stream, "commit": cmd_commit, "mirror": cmd_mirror, "jobs": cmd_jobs, "job": cmd_job,
-    "quit": cmd_quit, "qmp": cmd_qmp,
+    "quit": cmd_quit, "qmp": cmd_qmp, "bitmap": cmd_bitmap,
 }
+
+
+def _global_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """The options every command takes, before or after the command's name
+    (`exportctl --json list` and `exportctl list --json`). Subcommands get
+    them without defaults, so that one given first is not overwritten."""
+    def d(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    p.add_argument("-s", "--socket", default=d(None),
+                   help="the daemon's QMP socket (default: $EXPORTD_SOCKET, "
+                        "$XDG_RUNTIME_DIR/exportd.sock, or /run/exportd.sock)")
+    p.add_argument("--json", action="store_true", default=d(False),
+                   help="machine-readable output; errors as {\"error\": {\"class\", \"desc\"}}")
+    p.add_argument("--connect-timeout", type=float, default=d(30.0), metavar="SECONDS",
+                   help="how long to wait for the daemon's socket (default 30)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="exportctl", description="Control an exportd daemon over QMP.")
-    p.add_argument("-s", "--socket", help="the daemon's QMP socket (default: $EXPORTD_SOCKET, "
-                   "$XDG_RUNTIME_DIR/exportd.sock, or /run/exportd.sock)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--connect-timeout", type=float, default=30.0, help="connection timeout in seconds")
+    _global_options(p, defaults=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, defaults=False)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    sub.add_parser("version", help="the daemon's version")
-    sub.add_parser("list", help="exports, as a table")
-    sub.add_parser("nodes", help="block nodes, as a table")
-    s = sub.add_parser("add", help="export a block node through FUSE")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+
+    command("version", "the daemon's version")
+    command("list", "exports, as a table")
+    command("nodes", "block nodes, as a table")
+    s = command("add", "export a block node through FUSE")
     s.add_argument("node", help="the node-name to export")
     s.add_argument("mountpoint", help="a regular file to mount the export over")
     s.add_argument("--id", help="export id (default: the node name)")
-    s.add_argument("--writable", action="store_true")
-    s.add_argument("--growable", action="store_true")
-    s.add_argument("--writethrough", action="store_true")
-    s.add_argument("--allow-other", choices=("on", "off", "auto"))
-    s.add_argument("--passthrough", choices=("on", "off", "auto"))
-    s = sub.add_parser("del", help="remove an export")
-    s.add_argument("id")
+    s.add_argument("--writable", action="store_true", help="allow writes (default: read-only)")
+    s.add_argument("--growable", action="store_true", help="writes past the end grow the node")
+    s.add_argument("--writethrough", action="store_true", help="every write is flushed before it completes")
+    s.add_argument("--allow-other", choices=("on", "off", "auto"),
+                   help="let other users open the file (auto: if /etc/fuse.conf allows it)")
+    s.add_argument("--passthrough", choices=("on", "off", "auto"),
+                   help="let the kernel serve reads and writes of a raw file itself (default auto)")
+    s = command("del", "remove an export")
+    s.add_argument("id", help="the export's id")
     s.add_argument("--hard", action="store_true", help="remove even while in use")
     s.add_argument("--no-wait", action="store_true", help="do not wait for BLOCK_EXPORT_DELETED")
     s.add_argument("--timeout", type=float, default=30.0, help="how long to wait for the deletion")
-    s = sub.add_parser("blockdev-add", help="add a block node (keyval, key=value words, or JSON)")
-    s.add_argument("options", nargs="+", metavar="OPTIONS")
-    s = sub.add_parser("blockdev-del", help="delete a block node")
-    s.add_argument("node")
-    s = sub.add_parser("resize", help="grow or shrink a block node (block_resize)")
-    s.add_argument("node")
+    s = command("blockdev-add", "add a block node (keyval, key=value words, or JSON)")
+    s.add_argument("options", nargs="+", metavar="OPTIONS",
+                   help="driver=qcow2,node-name=d,file.driver=file,file.filename=d.qcow2 (relative file "
+                        "names are resolved here), or JSON")
+    s = command("blockdev-del", "delete a block node")
+    s.add_argument("node", help="the node-name")
+    s = command("resize", "grow or shrink a block node (block_resize)")
+    s.add_argument("node", help="the node-name")
     s.add_argument("size", help="the new size: 512, 64K, 10G, 1.5GiB ...")
-    s = sub.add_parser("snapshot", help="put a new overlay image on top of a node (blockdev-snapshot-sync)")
-    s.add_argument("node")
+    s = command("snapshot", "put a new overlay image on top of a node (blockdev-snapshot-sync)")
+    s.add_argument("node", help="the node to snapshot")
     s.add_argument("overlay_file", metavar="OVERLAY-FILE", help="created, backed by the node's file")
     s.add_argument("--name", help="the overlay's node-name (default: the file name without extension)")
-    s.add_argument("--format", default="qcow2")
+    s.add_argument("--format", default="qcow2", help="the overlay's format (default qcow2)")
     s.add_argument("--existing", action="store_true", help="use OVERLAY-FILE as it is (mode existing)")
-    s = sub.add_parser("stream", help="copy a node's backing chain into it (block-stream)")
+    s = command("stream", "copy a node's backing chain into it (block-stream)")
     s.add_argument("node", help="the node that receives the data")
     s.add_argument("--base-node", help="stop at this backing node (default: the whole chain)")
     s.add_argument("--backing-file", help="the backing file name written into NODE's image")
     _job_arguments(s, completes=False)
-    s = sub.add_parser("commit", help="merge layers of a chain into a lower one (block-commit)")
+    s = command("commit", "merge layers of a chain into a lower one (block-commit)")
     s.add_argument("node", help="the chain's active (top) node")
     s.add_argument("--top-node", help="the top layer to commit (default: NODE, an active commit)")
     s.add_argument("--base-node", help="the layer to commit into (default: the bottom of the chain)")
     s.add_argument("--backing-file", help="the backing file name written into the layer above")
     _job_arguments(s, completes=True)
-    s = sub.add_parser("mirror", help="copy a node to a target and keep it in sync (blockdev-mirror)")
-    s.add_argument("node")
+    s = command("mirror", "copy a node to a target and keep it in sync (blockdev-mirror)")
+    s.add_argument("node", help="the source node")
     s.add_argument("target", nargs="?", help="the target node's name")
     s.add_argument("--target-file", help="instead of TARGET: create this image (drive-mirror)")
     s.add_argument("--format", help="with --target-file: its format (default: the source's)")
@@ -552,30 +681,44 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to copy: the whole chain (default), the top layer, or new writes only")
     s.add_argument("--granularity", help="the dirty bitmap's granularity (512 to 64M, a power of 2)")
     s.add_argument("--buf-size", help="the copy buffer's size")
-    s.add_argument("--copy-mode", choices=("background", "write-blocking"))
+    s.add_argument("--copy-mode", choices=("background", "write-blocking"),
+                   help="write-blocking: guest writes also go to the target before they complete")
     _job_arguments(s, completes=True)
-    sub.add_parser("jobs", help="running jobs, as a table (query-jobs + query-block-jobs)")
-    s = sub.add_parser("job", help="act on a job: cancel, complete, pause, resume, dismiss, finalize")
+    command("jobs", "running jobs, as a table (query-jobs + query-block-jobs)")
+    s = command("job", "act on a job: cancel, complete, pause, resume, dismiss, finalize")
     s.add_argument("verb", choices=JOB_VERBS, metavar="ACTION", help=", ".join(JOB_VERBS))
-    s.add_argument("id", metavar="ID")
+    s.add_argument("id", metavar="ID", help="the job's id")
     s.add_argument("--force", action="store_true",
                    help="cancel: at once, also a paused job or a READY one (no consistent copy)")
-    s = sub.add_parser("events", help="print events (the next one, or all with --follow)")
+    s = command("bitmap", "dirty bitmaps: list, add, remove, clear, enable, disable, merge")
+    s.add_argument("verb", choices=BITMAP_VERBS, metavar="ACTION", help=", ".join(BITMAP_VERBS))
+    s.add_argument("node", nargs="?", help="the node (list: all nodes without it)")
+    s.add_argument("name", nargs="?", help="the bitmap (merge: the target)")
+    s.add_argument("sources", nargs="*", metavar="SOURCE",
+                   help="merge: bitmaps to merge into NAME (NAME on NODE, or OTHER-NODE:NAME)")
+    s.add_argument("--granularity", help="add: bytes per bit, a power of 2 from 512 (default: the node's cluster "
+                   "size, 4K-64K)")
+    s.add_argument("--persistent", action="store_true", help="add: store it in the image (qcow2)")
+    s.add_argument("--disabled", action="store_true", help="add: create it not recording")
+    s = command("events", "print events (the next one, or all with --follow)")
     s.add_argument("--follow", "-f", action="store_true", help="keep printing until the daemon exits")
     s.add_argument("--count", type=int, default=1, help="without --follow: how many events to wait for")
-    s.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
-    sub.add_parser("quit", help="shut the daemon down")
-    s = sub.add_parser("qmp", help="any QMP command: qmp CMD [key=value ...] or qmp '{json}'")
-    s.add_argument("words", nargs="+", metavar="CMD|JSON")
-    s = sub.add_parser("create", help="create an image file (no daemon needed)")
-    s.add_argument("file")
-    s.add_argument("size")
+    s.add_argument("--timeout", type=float, default=None,
+                   help="stop after this many seconds (exit status 0, also when no event came)")
+    command("quit", "shut the daemon down")
+    s = command("qmp", "any QMP command: qmp CMD [key=value ...] or qmp '{json}'")
+    s.add_argument("words", nargs="+", metavar="CMD|JSON", help="the command and its arguments")
+    s = command("create", "create an image file (no daemon needed)")
+    s.add_argument("file", help="the image file to create")
+    s.add_argument("size", nargs="?", help="512, 64K, 10G ... (default with --backing: the backing image's)")
     s.add_argument("--format", "-f", default=None, choices=("raw", "qcow2"),
-                   help="default: qcow2 with --backing or a FILE ending in .qcow2, else raw")
-    s.add_argument("--cluster-size")
-    s.add_argument("--backing", "-b")
-    s.add_argument("--backing-format", "-F")
-    s.add_argument("--preallocation", default="off", choices=("off", "metadata", "falloc", "full"))
+                   help="default: qcow2 with --backing or a FILE ending in .qcow2, raw for .raw/.img/no "
+                        "extension; other names must say")
+    s.add_argument("--cluster-size", help="qcow2: the cluster size (512 to 2M, default 64K)")
+    s.add_argument("--backing", "-b", help="qcow2: the backing image (relative to FILE's directory)")
+    s.add_argument("--backing-format", "-F", help="the backing image's format (raw or qcow2)")
+    s.add_argument("--preallocation", default="off", choices=("off", "metadata", "falloc", "full"),
+                   help="what to allocate now (default off)")
     return p
 
 
@@ -605,14 +748,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_create(a, out)
         return asyncio.run(_run(a, out))
     except UsageError as e:
-        print(f"exportctl: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return out.error("UsageError", str(e), f"exportctl: {e}", EXIT_USAGE)
     except QMPError as e:
-        print(f"error: {e.desc}", file=sys.stderr)
-        return EXIT_ERROR
+        return out.error(e.cls, e.desc, f"error: {e.desc}", EXIT_ERROR)
     except ConnectError as e:
-        print(f"exportctl: {e}", file=sys.stderr)
-        return EXIT_CONNECT
+        return out.error("ConnectError", str(e), f"exportctl: {e}", EXIT_CONNECT)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

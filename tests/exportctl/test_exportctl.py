@@ -213,8 +213,9 @@ def test_events_follow_and_quit(daemon, exportctl_bin, exportctl, tmp_path):
 
 
 def test_events_timeout_without_follow(module_daemon, exportctl):
+    # no event in time is not an error: nothing printed, status 0
     r = exportctl(module_daemon, "events", "--timeout", "0.5")
-    assert r.returncode == 1 and r.stdout == ""
+    assert r.returncode == 0 and r.stdout == ""
 
 
 def test_create_raw_and_qcow2(exportctl, tmp_path):

@@ -53,7 +53,11 @@ def default_schema_dir() -> Path:
     env = os.environ.get("EXPORTD_SCHEMA_DIR")
     if env:
         return Path(env)
-    # server/exportd/qapi/schema.py -> repository root / schema
+    # installed: exportd/schema inside the package; in the repository that
+    # is a link to the root's schema/
+    packaged = Path(__file__).resolve().parents[1] / "schema"
+    if packaged.is_dir():
+        return packaged
     return Path(__file__).resolve().parents[3] / "schema"
 
 
