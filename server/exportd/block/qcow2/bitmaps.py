@@ -86,7 +86,8 @@ def entry_size(name: str) -> int:
 
 def bitmap_bytes(length: int, granularity: int) -> int:
     """The bytes of bits a bitmap of a node of `length` bytes takes."""
-    return -(-(-(-length // granularity)) // 8)
+    chunks = -(-length // granularity)
+    return -(-chunks // 8)
 
 
 def table_size_for(length: int, granularity: int, cs: int) -> int:
