@@ -428,7 +428,7 @@ class Qcow2Bitmaps(Qcow2State):
         todo: list[tuple[int, DirtyBitmap]] = []
         drop: list[DirEntry] = []
         dir_size = self.bitmap_dir_size
-        for bm in reversed(self.dirty_bitmaps):  # oldest first: new entries in order of creation
+        for bm in self.dirty_bitmaps:  # newest first: new entries go to the end in that order, as QEMU's
             if not bm.persistent or bm.inconsistent or bm.readonly:
                 continue
             why = store_constraints(bm.name, bm.granularity, length, self.cs)
