@@ -1,0 +1,213 @@
+"""The bitmaps extension as QEMU reads it: images with a damaged or unusual
+bitmap directory (unknown flags, wrong counts, bad tables, an all-ones
+table entry, a stale extension) are opened by exportd and by
+qemu-storage-daemon 7.2 with the same results: the same errors, or the same
+bitmaps with the same bits; and blockdev-reopen read-only and back stores
+and marks the bitmaps as QEMU does."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.qcow2_bitmaps.test_vs_qemu import QUERY, bitmaps_of, bm, image_bitmaps, qemu_io, run, sha
+from tests.support.jobflow import Step, cmd, play
+from tests.support.qsd import QSD, running_qsd
+
+pytestmark = pytest.mark.skipif(QSD is None, reason="qemu-storage-daemon is not installed")
+
+MiB = 1 << 20
+EXT_BITMAPS = 0x23852875
+
+
+def bitmaps_ext_at(img: Path) -> int:
+    """File offset of the bitmaps extension's data."""
+    head = img.read_bytes()[:65536]
+    pos = struct.unpack_from(">I", head, 100)[0]  # header_length
+    while True:
+        etype, elen = struct.unpack_from(">II", head, pos)
+        if etype == EXT_BITMAPS:
+            return pos + 8
+        assert etype != 0, "no bitmaps extension"
+        pos += 8 + ((elen + 7) & ~7)
+
+
+def patch(img: Path, offset: int, fmt: str, *values: int) -> None:
+    with open(img, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack(fmt, *values))
+
+
+def read(img: Path, offset: int, fmt: str) -> tuple[Any, ...]:
+    with open(img, "rb") as f:
+        f.seek(offset)
+        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))
+
+
+def dir_offset(img: Path) -> int:
+    return read(img, bitmaps_ext_at(img) + 16, ">Q")[0]
+
+
+def entry0(img: Path) -> int:
+    return dir_offset(img)
+
+
+def table0(img: Path) -> int:
+    return read(img, entry0(img), ">Q")[0]
+
+
+# name -> how the image is damaged (entry 0 is b0, a 1 MiB image, one table entry)
+DAMAGE: dict[str, Callable[[Path], None]] = {
+    "good": lambda img: None,
+    "flag": lambda img: patch(img, entry0(img) + 12, ">I", 1 << 2 | 2),
+    "type": lambda img: patch(img, entry0(img) + 16, ">B", 2),
+    "granularity": lambda img: patch(img, entry0(img) + 17, ">B", 8),
+    "extra": lambda img: patch(img, entry0(img) + 20, ">I", 8),
+    "tablesize0": lambda img: patch(img, entry0(img) + 8, ">I", 0),
+    "tablesize2": lambda img: patch(img, entry0(img) + 8, ">I", 2),
+    "tableoffset": lambda img: patch(img, entry0(img), ">Q", table0(img) + 512),
+    "more": lambda img: patch(img, bitmaps_ext_at(img), ">I", 1),
+    "less": lambda img: patch(img, bitmaps_ext_at(img), ">I", 3),
+    "zero": lambda img: patch(img, bitmaps_ext_at(img), ">I", 0),
+    "reserved": lambda img: patch(img, bitmaps_ext_at(img) + 4, ">I", 1),
+    "dirsize": lambda img: patch(img, bitmaps_ext_at(img) + 8, ">Q", 1 << 40),
+    "dirsize0": lambda img: patch(img, bitmaps_ext_at(img) + 8, ">Q", 0),
+    "diroffset": lambda img: patch(img, bitmaps_ext_at(img) + 16, ">Q", dir_offset(img) + 8),
+    "entry-reserved": lambda img: patch(img, table0(img), ">Q", read(img, table0(img), ">Q")[0] | 2),
+    "entry-all-ones": lambda img: patch(img, table0(img), ">Q", 1),
+    "entry-zero": lambda img: patch(img, table0(img), ">Q", 0),
+    "in-use": lambda img: patch(img, entry0(img) + 12, ">I", 3),
+    "stale": lambda img: patch(img, 88, ">Q", 0),  # autoclear bit clear: a program without bitmaps wrote
+}
+
+
+def damaged_images(d: Path) -> None:
+    base = d / "base.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(base), str(MiB))
+    run("qemu-img", "bitmap", "--add", "-g", "4096", str(base), "b0")
+    run("qemu-img", "bitmap", "--add", "--disable", str(base), "b1")
+    run("qemu-io", "-f", "qcow2", "-c", "write 4k 12k", "-c", "write 500k 1k", str(base))
+    for name, damage in DAMAGE.items():
+        img = d / f"{name}.qcow2"
+        shutil.copy(base, img)
+        damage(img)
+
+
+def opening_script(d: Path) -> list[Step]:
+    steps: list[Step] = []
+    for name in DAMAGE:
+        node = name.replace("-", "_")
+        steps += [
+            cmd("blockdev-add", driver="qcow2", node_name=node, read_only=name != "stale",
+                file={"driver": "file", "filename": str(d / f"{name}.qcow2")}),
+            sha("b0", node), sha("b1", node),
+        ]
+    steps.append(QUERY)
+    return steps
+
+
+async def replies_on(who: str, sock: Path, steps: list[Step], daemon: Any) -> list[Any]:
+    if who == "qsd":
+        async with running_qsd(str(sock)):
+            got, _ = await play(str(sock), steps)
+    else:
+        d = daemon()
+        got, _ = await play(d.socket, steps)
+        assert d.terminate() == 0
+    cmds = [s for s in steps if s[0] == "cmd"]
+    return [bitmaps_of(r) if s[1] == "query-named-block-nodes" else r for s, r in zip(cmds, got, strict=True)]
+
+
+async def test_damaged_directories_as_qemu(daemon, tmp_path: Path) -> None:  # noqa: ANN001
+    results = {}
+    for who in ("qsd", "exportd"):
+        work = tmp_path / who
+        work.mkdir()
+        damaged_images(work)
+        results[who] = await replies_on(who, work / "qmp.sock", opening_script(work), daemon)
+    steps = [s for s in opening_script(tmp_path) if s[0] == "cmd"]
+    for step, ours, theirs in zip(steps, results["exportd"], results["qsd"], strict=True):
+        assert ours == theirs, json.dumps([step[1], step[2].get("node-name"), ours, theirs])
+    ours = results["exportd"]
+    # the cases really differ: errors for the broken ones, bits for the others
+    errors = {s[2]["node-name"]: r["error"][1] for s, r in zip(steps, ours, strict=True)
+              if s[1] == "blockdev-add" and "error" in r}
+    assert errors["flag"] == "Bitmap 'b0' doesn't satisfy the constraints"
+    assert errors["less"] == "Less bitmaps found than specified in header extension"
+    assert "good" not in errors and "entry_all_ones" not in errors and "stale" not in errors
+    nodes = ours[-1]
+    assert nodes["stale"] is None or nodes["stale"] == []
+    assert {b["name"]: b["count"] for b in nodes["entry_all_ones"]}["b0"] == MiB
+    # the stale extension is gone from the image exportd opened read-write
+    assert image_bitmaps(tmp_path / "exportd" / "stale.qcow2") is None
+    assert image_bitmaps(tmp_path / "qsd" / "stale.qcow2") is None
+
+
+def reopen_script(d: Path, infos: list[Any]) -> list[Step]:
+    nbd = d / "nbd.sock"
+    img = d / "a.qcow2"
+
+    def reopen(read_only: bool) -> Step:
+        return cmd("blockdev-reopen", options=[{"driver": "qcow2", "node-name": "q", "file": "f",
+                                                "read-only": read_only}])
+
+    def export() -> Step:
+        return ("cmd", "block-export-add", {"type": "nbd", "id": "e", "node-name": "q", "name": "a",
+                                            "writable": True})
+
+    return [
+        cmd("blockdev-add", driver="file", node_name="f", filename=str(img)),
+        cmd("blockdev-add", driver="qcow2", node_name="q", file="f"),
+        bm("add", "p", persistent=True),
+        bm("add", "d", persistent=True, disabled=True, granularity=4096),
+        cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(nbd)}}),
+        export(),
+        ("call", lambda: qemu_io(nbd, "write 0 64k", "write 3M 4097")),
+        cmd("block-export-del", id="e"),
+        ("sleep", 0.2),
+        reopen(True),
+        ("call", lambda: infos.append(image_bitmaps(img))),  # stored, not in use
+        QUERY, sha("p"), sha("old"),
+        bm("clear", "p"), bm("remove", "p"), bm("enable", "d"), bm("disable", "d"),
+        reopen(False),
+        ("call", lambda: infos.append(image_bitmaps(img))),  # in use again
+        bm("clear", "old"),
+        export(),
+        ("call", lambda: qemu_io(nbd, "write 2M 1k")),
+        cmd("block-export-del", id="e"),
+        ("sleep", 0.2),
+        QUERY, sha("p"), sha("d"), sha("old"),
+        bm("remove", "old"),
+        ("call", lambda: infos.append(image_bitmaps(img))),
+        cmd("blockdev-del", node_name="q"),
+        ("call", lambda: infos.append(image_bitmaps(img))),
+        cmd("blockdev-del", node_name="f"),
+        cmd("nbd-server-stop"),
+    ]
+
+
+async def test_reopen_read_only_and_back_as_qemu(daemon, tmp_path: Path) -> None:  # noqa: ANN001
+    results, infos = {}, {}
+    for who in ("qsd", "exportd"):
+        work = tmp_path / who
+        work.mkdir()
+        img = work / "a.qcow2"
+        run("qemu-img", "create", "-q", "-f", "qcow2", str(img), str(4 * MiB))
+        run("qemu-img", "bitmap", "--add", str(img), "old")
+        infos[who] = []
+        results[who] = await replies_on(who, work / "qmp.sock", reopen_script(work, infos[who]), daemon)
+        run("qemu-img", "check", str(img))
+    steps = [s for s in reopen_script(tmp_path, []) if s[0] == "cmd"]
+    for step, ours, theirs in zip(steps, results["exportd"], results["qsd"], strict=True):
+        assert ours == theirs, json.dumps([step[1], ours, theirs])
+    assert infos["exportd"] == infos["qsd"], infos
+    assert infos["exportd"][0] == [{"flags": ["auto"], "name": "old", "granularity": 65536},
+                                   {"flags": [], "name": "d", "granularity": 4096},
+                                   {"flags": ["auto"], "name": "p", "granularity": 65536}]
+    assert all("in-use" in b["flags"] for b in infos["exportd"][1])
