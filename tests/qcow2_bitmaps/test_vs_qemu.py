@@ -184,3 +184,31 @@ async def test_persistent_bitmaps_as_qemu(daemon, tmp_path: Path) -> None:  # no
     assert replies[1] == replies[2] and "return" in replies[1]
     names = [b["name"] for b in replies[3]["q"]]
     assert "merged" in names and "old" not in names
+
+
+async def test_resized_image_stores_bitmaps_at_the_new_size(daemon, tmp_path: Path) -> None:  # noqa: ANN001
+    """block_resize with persistent bitmaps: they are stored at the new size
+    (exportd and qemu-storage-daemon load the same bits back). Not compared
+    with QEMU's own resize: exportd marks the grown range dirty, QEMU does
+    not (exportd.block.bitmaps.node_resized)."""
+    make_images(tmp_path)
+    nbd = tmp_path / "nbd.sock"
+    before = [
+        add_q(tmp_path),
+        bm("add", "p", persistent=True, granularity=4096),
+        cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(nbd)}}),
+        ("cmd", "block-export-add", {"type": "nbd", "id": "e", "node-name": "q", "name": "a", "writable": True}),
+        ("call", lambda: qemu_io(nbd, "write 0 1", "write 63M 1M")),
+        cmd("block-export-del", id="e"),
+        ("sleep", 0.2),
+        cmd("block_resize", node_name="q", size=100 * MiB),
+        sha("p"), sha("old"),
+        cmd("blockdev-del", node_name="q"),
+    ]
+    replies = await play_on("exportd", tmp_path / "a.sock", before, daemon)
+    assert all("return" in r for r in replies), replies
+    run("qemu-img", "check", str(tmp_path / "a.qcow2"))
+    after = [add_q(tmp_path, read_only=True), sha("p"), sha("old")]
+    for who in ("exportd", "qsd"):
+        got = await play_on(who, tmp_path / f"{who}.sock", after, daemon)
+        assert got[1:] == replies[-3:-1], (who, got, replies)
