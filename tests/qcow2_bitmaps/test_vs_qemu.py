@@ -48,9 +48,16 @@ def qemu_io(sock: Path, *commands: str) -> None:
 
 
 def bitmaps_of(reply: dict[str, Any]) -> Any:
+    """query-named-block-nodes: each node's dirty-bitmaps, and as "NODE:image"
+    what its image's directory lists (format-specific `bitmaps`)."""
     if "return" not in reply:
         return reply
-    return {n["node-name"]: n.get("dirty-bitmaps") for n in reply["return"] if not n["node-name"].startswith("#")}
+    out = {}
+    for n in reply["return"]:
+        if not n["node-name"].startswith("#"):
+            out[n["node-name"]] = n.get("dirty-bitmaps")
+            out[n["node-name"] + ":image"] = n["image"].get("format-specific", {}).get("data", {}).get("bitmaps")
+    return out
 
 
 def bm(verb: str, name: str, node: str = "q", **extra: Any) -> Step:
