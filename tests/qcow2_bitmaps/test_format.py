@@ -187,6 +187,15 @@ def reopen_script(d: Path, infos: list[Any]) -> list[Step]:
         ("call", lambda: infos.append(image_bitmaps(img))),
         cmd("blockdev-del", node_name="q"),
         ("call", lambda: infos.append(image_bitmaps(img))),
+        # opened read-only, then made writable
+        cmd("blockdev-add", driver="qcow2", node_name="q", file="f", read_only=True),
+        ("call", lambda: infos.append(image_bitmaps(img))),
+        QUERY, bm("clear", "p"),
+        reopen(False),
+        ("call", lambda: infos.append(image_bitmaps(img))),
+        QUERY, bm("clear", "p"), bm("add", "late", persistent=True), sha("p"), sha("d"),
+        cmd("blockdev-del", node_name="q"),
+        ("call", lambda: infos.append(image_bitmaps(img))),
         cmd("blockdev-del", node_name="f"),
         cmd("nbd-server-stop"),
     ]
@@ -211,3 +220,32 @@ async def test_reopen_read_only_and_back_as_qemu(daemon, tmp_path: Path) -> None
                                    {"flags": [], "name": "d", "granularity": 4096},
                                    {"flags": ["auto"], "name": "p", "granularity": 65536}]
     assert all("in-use" in b["flags"] for b in infos["exportd"][1])
+    assert infos["exportd"][4] == infos["exportd"][3]  # a read-only open leaves the image alone
+    assert all("in-use" in b["flags"] for b in infos["exportd"][5])
+    assert [b["name"] for b in infos["exportd"][6]] == ["d", "p", "late"]
+
+
+async def test_read_only_open_leaves_the_image_alone(tmp_path: Path) -> None:
+    """Opened read-only, the bitmaps are readonly and not one byte of the
+    image changes, not even for a persistent bitmap added meanwhile (QEMU
+    cannot store it either: it is lost at close)."""
+    from exportd.block import bitmaps
+    from exportd.block.graph import BlockGraph
+    from exportd.errors import BlockError
+
+    damaged_images(tmp_path)
+    img = tmp_path / "good.qcow2"
+    before = img.read_bytes()
+    g = BlockGraph(None)
+    try:
+        node = await g.add({"driver": "qcow2", "node-name": "q", "read-only": True,
+                            "file": {"driver": "file", "filename": str(img)}})
+        assert [(b.name, b.readonly, b.enabled) for b in node.dirty_bitmaps] == [("b1", True, False),
+                                                                               ("b0", True, True)]
+        assert node.dirty_bitmaps[1].count() == 16384
+        with pytest.raises(BlockError, match="Bitmap 'b0' is readonly and cannot be modified"):
+            node.dirty_bitmaps[1].check(bitmaps.Use.DEFAULT)
+        bitmaps.attach(bitmaps.create(node, "new", persistent=True))
+    finally:
+        await g.close_all()
+    assert img.read_bytes() == before
