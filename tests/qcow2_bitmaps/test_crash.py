@@ -16,7 +16,16 @@ from typing import Any
 import pytest
 from qemu.qmp import QMPClient
 
-from tests.qcow2_bitmaps.test_vs_qemu import QUERY, bitmaps_of, bm, image_bitmaps, qemu_io, run, sha
+from tests.qcow2_bitmaps.test_vs_qemu import (
+    QUERY,
+    bitmaps_of,
+    bm,
+    image_bitmaps,
+    new_image,
+    qemu_io,
+    run,
+    sha,
+)
 from tests.support.jobflow import Step, cmd, play
 from tests.support.qsd import QSD, running_qsd
 
@@ -77,11 +86,7 @@ async def test_kill_9_leaves_bitmaps_in_use(daemon, tmp_path: Path) -> None:  # 
     results: dict[str, Any] = {}
     for who in ("qsd", "exportd"):
         work = tmp_path / who
-        work.mkdir()
-        img = work / "a.qcow2"
-        run("qemu-img", "create", "-q", "-f", "qcow2", str(img), str(16 * MiB))
-        run("qemu-img", "bitmap", "--add", str(img), "b0")
-        run("qemu-img", "bitmap", "--add", "--disable", "-g", "8192", str(img), "off")
+        img = new_image(work, 16 * MiB, "b0", "--disable -g 8192 off")
         run("qemu-io", "-f", "qcow2", "-c", "write 1M 1M", str(img))  # recorded in b0 by qemu-io
         if who == "qsd":
             await crash_qsd(work)
@@ -128,9 +133,7 @@ async def test_kill_9_leaves_bitmaps_in_use(daemon, tmp_path: Path) -> None:  # 
 
 async def test_in_use_is_on_disk_before_the_first_write(daemon, tmp_path: Path) -> None:  # noqa: ANN001
     """exportd sets IN_USE at open, before any guest write can land."""
-    img = tmp_path / "a.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", str(img), str(MiB))
-    run("qemu-img", "bitmap", "--add", str(img), "b0")
+    img = new_image(tmp_path / "w", MiB, "b0")
     assert image_bitmaps(img) == [{"flags": ["auto"], "name": "b0", "granularity": 65536}]
     d = daemon()
     client = QMPClient("t")

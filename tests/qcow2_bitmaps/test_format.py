@@ -16,7 +16,16 @@ from typing import Any
 
 import pytest
 
-from tests.qcow2_bitmaps.test_vs_qemu import QUERY, bitmaps_of, bm, image_bitmaps, qemu_io, run, sha
+from tests.qcow2_bitmaps.test_vs_qemu import (
+    QUERY,
+    bitmaps_of,
+    bm,
+    image_bitmaps,
+    new_image,
+    qemu_io,
+    run,
+    sha,
+)
 from tests.support.jobflow import Step, cmd, play
 from tests.support.qsd import QSD, running_qsd
 
@@ -205,10 +214,7 @@ async def test_reopen_read_only_and_back_as_qemu(daemon, tmp_path: Path) -> None
     results, infos = {}, {}
     for who in ("qsd", "exportd"):
         work = tmp_path / who
-        work.mkdir()
-        img = work / "a.qcow2"
-        run("qemu-img", "create", "-q", "-f", "qcow2", str(img), str(4 * MiB))
-        run("qemu-img", "bitmap", "--add", str(img), "old")
+        img = new_image(work, 4 * MiB, "old")
         infos[who] = []
         results[who] = await replies_on(who, work / "qmp.sock", reopen_script(work, infos[who]), daemon)
         run("qemu-img", "check", str(img))

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.bitmaps.test_vs_qemu import qemu_io
 from tests.support.jobflow import Step, cmd, play
 from tests.support.qsd import QSD, running_qsd
 
@@ -39,12 +40,15 @@ def make_images(d: Path) -> None:
     run("qemu-img", "create", "-q", "-f", "qcow2", str(d / "big.qcow2"), str(4 << 40))
 
 
-def qemu_io(sock: Path, *commands: str) -> None:
-    args = ["qemu-io", "-f", "raw"]
-    for c in commands:
-        args += ["-c", c]
-    r = subprocess.run([*args, f"nbd+unix:///a?socket={sock}"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr + r.stdout
+def new_image(work: Path, size: int, *bitmaps: str) -> Path:
+    """work/a.qcow2 (work made first) with bitmaps added by qemu-img (each a
+    name, or a name after `qemu-img bitmap --add` options)."""
+    work.mkdir()
+    img = work / "a.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(img), str(size))
+    for b in bitmaps:
+        run("qemu-img", "bitmap", "--add", *b.split()[:-1], str(img), b.split()[-1])
+    return img
 
 
 def bitmaps_of(reply: dict[str, Any]) -> Any:

@@ -251,9 +251,10 @@ class Qcow2Bitmaps(Qcow2State):
         for off, n in await self.bitmap_clusters():
             self.meta_clusters.update(range(off >> cb, (off >> cb) + n))
 
-    async def _mark_in_use(self) -> None:
+    async def _mark_in_use(self, failure: str = "Can't update bitmap directory") -> None:
         """Set IN_USE on every entry (a read-write open): a crash from now on
-        leaves them inconsistent. Before any guest write."""
+        leaves them inconsistent. Before any guest write. `failure`: QEMU's
+        words for an error (they differ between open and reopen)."""
         if all(e.flags & FLAG_IN_USE for e in self.bitmap_dir):
             return
         for e in self.bitmap_dir:
@@ -261,7 +262,7 @@ class Qcow2Bitmaps(Qcow2State):
         try:
             await self._rewrite_directory_in_place()
         except OSError as err:
-            raise BlockError(f"Can't update bitmap directory: {os.strerror(err.errno or errno.EIO)}") from None
+            raise BlockError(f"{failure}: {os.strerror(err.errno or errno.EIO)}") from None
 
     async def _read_table(self, e: DirEntry) -> list[int]:
         """A bitmap table, checked entry by entry (bitmap_table_load)."""
@@ -508,12 +509,7 @@ class Qcow2Bitmaps(Qcow2State):
                 raise BlockError(f"Corruption: bitmap '{e.name}' is marked IN_USE in the image '{fname}' "
                                  "but it is readonly and consistent in RAM")
         if need_update:
-            for e in self.bitmap_dir:
-                e.flags |= FLAG_IN_USE
-            try:
-                await self._rewrite_directory_in_place()
-            except OSError as err:
-                raise BlockError(f"Cannot update bitmap directory: {os.strerror(err.errno or errno.EIO)}") from None
+            await self._mark_in_use("Cannot update bitmap directory")
         for bm in self.dirty_bitmaps:
             bm.readonly = False
 
