@@ -456,9 +456,11 @@ class Qcow2Bitmaps(Qcow2State):
                 entries[i] = DirEntry(bm.name, toff, tsize, FLAG_AUTO if bm.enabled else 0,
                                       bm.granularity.bit_length() - 1)
             await self._replace_directory(entries)
-        except OSError as err:
+        except (OSError, BlockError) as err:
             for (_, bm), (toff, tsize) in zip(todo, written, strict=False):
                 await self._free_bitmap_clusters(DirEntry(bm.name, toff, tsize, 0, 0))
+            if isinstance(err, BlockError):
+                raise
             raise BlockError(f"Failed to update bitmap extension: {os.strerror(err.errno or errno.EIO)}") from None
         for e in drop:
             await self._free_bitmap_clusters(e)
