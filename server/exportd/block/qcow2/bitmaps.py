@@ -398,10 +398,10 @@ class Qcow2Bitmaps(Qcow2State):
             raise BlockError(f"Bitmap '{bm.name}' is too big")
         table = [0] * tb_size
         if bm.bits.count:
-            view = memoryview(bits)
+            view, zero = memoryview(bits), bytes(cs)
             for i in range(tb_size):
                 chunk = view[i * cs : (i + 1) * cs]
-                if not any(chunk):
+                if chunk == zero[: len(chunk)]:  # no dirty bit: table entry 0, no cluster
                     continue
                 off = await self.rc.alloc(1)
                 self.meta_clusters.add(off >> cb)
