@@ -258,3 +258,37 @@ async def test_read_only_open_leaves_the_image_alone(tmp_path: Path) -> None:
     finally:
         await g.close_all()
     assert img.read_bytes() == before
+
+
+async def test_limits_of_the_bitmap_directory(tmp_path: Path) -> None:
+    """qcow2_co_can_store_new_dirty_bitmap's count and directory-size limits
+    (65535 bitmaps, 64 MiB of directory), with QEMU's texts."""
+    from exportd.block import bitmaps
+    from exportd.block.graph import BlockGraph
+    from exportd.errors import BlockError
+
+    img = new_image(tmp_path / "w", MiB)
+    g = BlockGraph(None)
+    try:
+        node = await g.add({"driver": "qcow2", "node-name": "q", "file": {"driver": "file", "filename": str(img)}})
+        many = [bitmaps.DirtyBitmap(node, f"b{i}", 65536, persistent=True) for i in range(65534)]
+        node.dirty_bitmaps[:] = many
+        node.check_can_store_bitmap("one-more", 65536)  # the 65535th fits
+        node.dirty_bitmaps.append(bitmaps.DirtyBitmap(node, "last", 65536, persistent=True))
+        with pytest.raises(BlockError) as e:
+            node.check_can_store_bitmap("too-many", 65536)
+        assert str(e.value) == ("Can't make bitmap 'too-many' persistent in 'q': "
+                                "Maximum number of persistent bitmaps is already reached")
+        # long names fill the directory first: 1048 bytes an entry
+        node.dirty_bitmaps[:] = [bitmaps.DirtyBitmap(node, f"{i:05}" + "n" * 1018, 65536, persistent=True)
+                                 for i in range(64034)]
+        with pytest.raises(BlockError) as e:
+            node.check_can_store_bitmap("y" * 1023, 65536)
+        assert str(e.value) == (f"Can't make bitmap '{'y' * 1023}' persistent in 'q': "
+                                "Not enough space in the bitmap directory")
+        node.check_can_store_bitmap("short", 65536)
+        with pytest.raises(BlockError, match="Granularity exceeds maximum \\(2147483648 bytes\\)"):
+            node.check_can_store_bitmap("g", 1 << 32)
+        node.dirty_bitmaps.clear()
+    finally:
+        await g.close_all()
