@@ -13,7 +13,7 @@ import pytest
 
 from exportd.block import bitmaps
 from exportd.block.graph import BlockGraph
-from tests.qcow2_bitmaps.test_vs_qemu import image_bitmaps, run
+from tests.qcow2_bitmaps import qb
 from tests.support.jobflow import cmd, play
 from tests.support.qsd import QSD, running_qsd
 
@@ -38,7 +38,7 @@ def scatter(bm: bitmaps.DirtyBitmap) -> None:
 
 async def test_64_gib_image_stores_and_loads_quickly(tmp_path: Path) -> None:
     img = tmp_path / "big.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", str(img), str(SIZE))
+    qb.run("qemu-img", "create", "-q", "-f", "qcow2", str(img), str(SIZE))
     g = BlockGraph(None)
     node = await g.add(qcow2(img))
     hashes = {}
@@ -50,8 +50,8 @@ async def test_64_gib_image_stores_and_loads_quickly(tmp_path: Path) -> None:
     t0 = time.monotonic()
     await g.close_all()
     store_s = time.monotonic() - t0
-    run("qemu-img", "check", str(img))
-    assert [b["name"] for b in image_bitmaps(img)] == ["g4k", "g64k"]
+    qb.run("qemu-img", "check", str(img))
+    assert [b["name"] for b in qb.image_bitmaps(img)] == ["g4k", "g64k"]
 
     g = BlockGraph(None)
     t0 = time.monotonic()
@@ -64,7 +64,7 @@ async def test_64_gib_image_stores_and_loads_quickly(tmp_path: Path) -> None:
     assert loaded == hashes
     print(f"64 GiB, 2 bitmaps: store {store_s:.2f} s, load {load_s:.2f} s, load average {os.getloadavg()[0]:.2f}")
     assert store_s < LIMIT_S and load_s < LIMIT_S, (store_s, load_s)
-    run("qemu-img", "check", str(img))
+    qb.run("qemu-img", "check", str(img))
 
     if QSD is None:
         pytest.skip("qemu-storage-daemon is not installed")

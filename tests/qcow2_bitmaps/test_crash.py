@@ -13,23 +13,13 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 from qemu.qmp import QMPClient
 
-from tests.qcow2_bitmaps.test_vs_qemu import (
-    QUERY,
-    bitmaps_of,
-    bm,
-    image_bitmaps,
-    new_image,
-    qemu_io,
-    run,
-    sha,
-)
+from tests.qcow2_bitmaps import qb
 from tests.support.jobflow import Step, cmd, play
-from tests.support.qsd import QSD, running_qsd
+from tests.support.qsd import running_qsd
 
-pytestmark = pytest.mark.skipif(QSD is None, reason="qemu-storage-daemon is not installed")
+pytestmark = qb.needs_qsd
 
 MiB = 1 << 20
 
@@ -39,10 +29,10 @@ def before_crash(d: Path) -> list[Step]:
     return [
         cmd("blockdev-add", driver="qcow2", node_name="q",
             file={"driver": "file", "filename": str(d / "a.qcow2")}),
-        bm("add", "new", persistent=True),  # only in memory until a clean close: lost
+        qb.bm("add", "new", persistent=True),  # only in memory until a clean close: lost
         cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(nbd)}}),
         ("cmd", "block-export-add", {"type": "nbd", "id": "e", "node-name": "q", "name": "a", "writable": True}),
-        ("call", lambda: qemu_io(nbd, "write 0 64k", "write 5M 1M")),
+        ("call", lambda: qb.qemu_io(nbd, "write 0 64k", "write 5M 1M")),
     ]
 
 
@@ -50,19 +40,19 @@ def after_crash(d: Path) -> list[Step]:
     return [
         cmd("blockdev-add", driver="qcow2", node_name="q",
             file={"driver": "file", "filename": str(d / "a.qcow2")}),
-        QUERY,
-        bm("add", "fresh"),
-        bm("clear", "b0"), bm("enable", "b0"), bm("disable", "b0"), bm("enable", "off"),
+        qb.QUERY,
+        qb.bm("add", "fresh"),
+        qb.bm("clear", "b0"), qb.bm("enable", "b0"), qb.bm("disable", "b0"), qb.bm("enable", "off"),
         cmd("block-dirty-bitmap-merge", node="q", target="b0", bitmaps=["fresh"]),
         cmd("block-dirty-bitmap-merge", node="q", target="fresh", bitmaps=["b0"]),
-        sha("b0"), sha("off"),
+        qb.sha("b0"), qb.sha("off"),
         cmd("block_resize", node_name="q", size=32 * MiB),
-        bm("remove", "b0"),
-        bm("remove", "off"),
-        bm("remove", "fresh"),  # exportd marks growth dirty, QEMU does not (exportd.block.bitmaps)
+        qb.bm("remove", "b0"),
+        qb.bm("remove", "off"),
+        qb.bm("remove", "fresh"),  # exportd marks growth dirty, QEMU does not (exportd.block.bitmaps)
         cmd("block_resize", node_name="q", size=32 * MiB),
-        bm("add", "off", granularity=8192, persistent=True, disabled=True),
-        QUERY,
+        qb.bm("add", "off", granularity=8192, persistent=True, disabled=True),
+        qb.QUERY,
         cmd("blockdev-del", node_name="q"),
     ]
 
@@ -86,13 +76,13 @@ async def test_kill_9_leaves_bitmaps_in_use(daemon, tmp_path: Path) -> None:  # 
     results: dict[str, Any] = {}
     for who in ("qsd", "exportd"):
         work = tmp_path / who
-        img = new_image(work, 16 * MiB, "b0", "--disable -g 8192 off")
-        run("qemu-io", "-f", "qcow2", "-c", "write 1M 1M", str(img))  # recorded in b0 by qemu-io
+        img = qb.new_image(work, 16 * MiB, "b0", "--disable -g 8192 off")
+        qb.run("qemu-io", "-f", "qcow2", "-c", "write 1M 1M", str(img))  # recorded in b0 by qemu-io
         if who == "qsd":
             await crash_qsd(work)
         else:
             await crash_exportd(work, daemon)
-        on_disk = image_bitmaps(img)
+        on_disk = qb.image_bitmaps(img)
         assert on_disk == [{"flags": ["in-use", "auto"], "name": "b0", "granularity": 65536},
                            {"flags": ["in-use"], "name": "off", "granularity": 8192}], on_disk
         results[who] = on_disk
@@ -113,11 +103,11 @@ async def test_kill_9_leaves_bitmaps_in_use(daemon, tmp_path: Path) -> None:  # 
                 got, _ = await play(d.socket, steps)
                 assert d.terminate() == 0
             cmds = [s for s in steps if s[0] == "cmd"]
-            replies[(who, image_of)] = [bitmaps_of(r) if s[1] == "query-named-block-nodes" else r
+            replies[(who, image_of)] = [qb.bitmaps_of(r) if s[1] == "query-named-block-nodes" else r
                                         for s, r in zip(cmds, got, strict=True)]
             # b0 and the inconsistent `off` removed from the image, a new `off` stored
-            assert image_bitmaps(work / "a.qcow2") == [{"flags": [], "name": "off", "granularity": 8192}]
-            run("qemu-img", "check", str(work / "a.qcow2"))
+            assert qb.image_bitmaps(work / "a.qcow2") == [{"flags": [], "name": "off", "granularity": 8192}]
+            qb.run("qemu-img", "check", str(work / "a.qcow2"))
     first = replies[("qsd", "qsd")]
     for key, got in replies.items():
         assert got == first, json.dumps([key, got, first])
@@ -133,17 +123,17 @@ async def test_kill_9_leaves_bitmaps_in_use(daemon, tmp_path: Path) -> None:  # 
 
 async def test_in_use_is_on_disk_before_the_first_write(daemon, tmp_path: Path) -> None:  # noqa: ANN001
     """exportd sets IN_USE at open, before any guest write can land."""
-    img = new_image(tmp_path / "w", MiB, "b0")
-    assert image_bitmaps(img) == [{"flags": ["auto"], "name": "b0", "granularity": 65536}]
+    img = qb.new_image(tmp_path / "w", MiB, "b0")
+    assert qb.image_bitmaps(img) == [{"flags": ["auto"], "name": "b0", "granularity": 65536}]
     d = daemon()
     client = QMPClient("t")
     await client.connect(d.socket)
     try:
         await client.execute("blockdev-add", {"driver": "qcow2", "node-name": "q",
                                               "file": {"driver": "file", "filename": str(img)}})
-        assert image_bitmaps(img) == [{"flags": ["in-use", "auto"], "name": "b0", "granularity": 65536}]
+        assert qb.image_bitmaps(img) == [{"flags": ["in-use", "auto"], "name": "b0", "granularity": 65536}]
         await client.execute("blockdev-del", {"node-name": "q"})
-        assert image_bitmaps(img) == [{"flags": ["auto"], "name": "b0", "granularity": 65536}]
+        assert qb.image_bitmaps(img) == [{"flags": ["auto"], "name": "b0", "granularity": 65536}]
     finally:
         await client.disconnect()
     await asyncio.sleep(0)

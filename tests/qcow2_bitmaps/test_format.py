@@ -16,20 +16,10 @@ from typing import Any
 
 import pytest
 
-from tests.qcow2_bitmaps.test_vs_qemu import (
-    QUERY,
-    bitmaps_of,
-    bm,
-    image_bitmaps,
-    new_image,
-    qemu_io,
-    run,
-    sha,
-)
-from tests.support.jobflow import Step, cmd, play
-from tests.support.qsd import QSD, running_qsd
+from tests.qcow2_bitmaps import qb
+from tests.support.jobflow import Step, cmd
 
-pytestmark = pytest.mark.skipif(QSD is None, reason="qemu-storage-daemon is not installed")
+pytestmark = qb.needs_qsd
 
 MiB = 1 << 20
 EXT_BITMAPS = 0x23852875
@@ -101,10 +91,10 @@ DAMAGE: dict[str, Callable[[Path], None]] = {
 
 def damaged_images(d: Path) -> None:
     base = d / "base.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", str(base), str(MiB))
-    run("qemu-img", "bitmap", "--add", "-g", "4096", str(base), "b0")
-    run("qemu-img", "bitmap", "--add", "--disable", str(base), "b1")
-    run("qemu-io", "-f", "qcow2", "-c", "write 4k 12k", "-c", "write 500k 1k", str(base))
+    qb.run("qemu-img", "create", "-q", "-f", "qcow2", str(base), str(MiB))
+    qb.run("qemu-img", "bitmap", "--add", "-g", "4096", str(base), "b0")
+    qb.run("qemu-img", "bitmap", "--add", "--disable", str(base), "b1")
+    qb.run("qemu-io", "-f", "qcow2", "-c", "write 4k 12k", "-c", "write 500k 1k", str(base))
     for name, damage in DAMAGE.items():
         img = d / f"{name}.qcow2"
         shutil.copy(base, img)
@@ -118,22 +108,10 @@ def opening_script(d: Path) -> list[Step]:
         steps += [
             cmd("blockdev-add", driver="qcow2", node_name=node, read_only=name != "stale",
                 file={"driver": "file", "filename": str(d / f"{name}.qcow2")}),
-            sha("b0", node), sha("b1", node),
+            qb.sha("b0", node), qb.sha("b1", node),
         ]
-    steps.append(QUERY)
+    steps.append(qb.QUERY)
     return steps
-
-
-async def replies_on(who: str, sock: Path, steps: list[Step], daemon: Any) -> list[Any]:
-    if who == "qsd":
-        async with running_qsd(str(sock)):
-            got, _ = await play(str(sock), steps)
-    else:
-        d = daemon()
-        got, _ = await play(d.socket, steps)
-        assert d.terminate() == 0
-    cmds = [s for s in steps if s[0] == "cmd"]
-    return [bitmaps_of(r) if s[1] == "query-named-block-nodes" else r for s, r in zip(cmds, got, strict=True)]
 
 
 async def test_damaged_directories_as_qemu(daemon, tmp_path: Path) -> None:  # noqa: ANN001
@@ -142,7 +120,7 @@ async def test_damaged_directories_as_qemu(daemon, tmp_path: Path) -> None:  # n
         work = tmp_path / who
         work.mkdir()
         damaged_images(work)
-        results[who] = await replies_on(who, work / "qmp.sock", opening_script(work), daemon)
+        results[who] = await qb.replies_on(who, work / "qmp.sock", opening_script(work), daemon)
     steps = [s for s in opening_script(tmp_path) if s[0] == "cmd"]
     for step, ours, theirs in zip(steps, results["exportd"], results["qsd"], strict=True):
         assert ours == theirs, json.dumps([step[1], step[2].get("node-name"), ours, theirs])
@@ -157,8 +135,8 @@ async def test_damaged_directories_as_qemu(daemon, tmp_path: Path) -> None:  # n
     assert nodes["stale"] is None or nodes["stale"] == []
     assert {b["name"]: b["count"] for b in nodes["entry_all_ones"]}["b0"] == MiB
     # the stale extension is gone from the image exportd opened read-write
-    assert image_bitmaps(tmp_path / "exportd" / "stale.qcow2") is None
-    assert image_bitmaps(tmp_path / "qsd" / "stale.qcow2") is None
+    assert qb.image_bitmaps(tmp_path / "exportd" / "stale.qcow2") is None
+    assert qb.image_bitmaps(tmp_path / "qsd" / "stale.qcow2") is None
 
 
 def reopen_script(d: Path, infos: list[Any]) -> list[Step]:
@@ -176,38 +154,38 @@ def reopen_script(d: Path, infos: list[Any]) -> list[Step]:
     return [
         cmd("blockdev-add", driver="file", node_name="f", filename=str(img)),
         cmd("blockdev-add", driver="qcow2", node_name="q", file="f"),
-        bm("add", "p", persistent=True),
-        bm("add", "d", persistent=True, disabled=True, granularity=4096),
+        qb.bm("add", "p", persistent=True),
+        qb.bm("add", "d", persistent=True, disabled=True, granularity=4096),
         cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(nbd)}}),
         export(),
-        ("call", lambda: qemu_io(nbd, "write 0 64k", "write 3M 4097")),
+        ("call", lambda: qb.qemu_io(nbd, "write 0 64k", "write 3M 4097")),
         cmd("block-export-del", id="e"),
         ("sleep", 0.2),
         reopen(True),
-        ("call", lambda: infos.append(image_bitmaps(img))),  # stored, not in use
-        QUERY, sha("p"), sha("old"),
-        bm("clear", "p"), bm("remove", "p"), bm("enable", "d"), bm("disable", "d"),
+        ("call", lambda: infos.append(qb.image_bitmaps(img))),  # stored, not in use
+        qb.QUERY, qb.sha("p"), qb.sha("old"),
+        qb.bm("clear", "p"), qb.bm("remove", "p"), qb.bm("enable", "d"), qb.bm("disable", "d"),
         reopen(False),
-        ("call", lambda: infos.append(image_bitmaps(img))),  # in use again
-        bm("clear", "old"),
+        ("call", lambda: infos.append(qb.image_bitmaps(img))),  # in use again
+        qb.bm("clear", "old"),
         export(),
-        ("call", lambda: qemu_io(nbd, "write 2M 1k")),
+        ("call", lambda: qb.qemu_io(nbd, "write 2M 1k")),
         cmd("block-export-del", id="e"),
         ("sleep", 0.2),
-        QUERY, sha("p"), sha("d"), sha("old"),
-        bm("remove", "old"),
-        ("call", lambda: infos.append(image_bitmaps(img))),
+        qb.QUERY, qb.sha("p"), qb.sha("d"), qb.sha("old"),
+        qb.bm("remove", "old"),
+        ("call", lambda: infos.append(qb.image_bitmaps(img))),
         cmd("blockdev-del", node_name="q"),
-        ("call", lambda: infos.append(image_bitmaps(img))),
+        ("call", lambda: infos.append(qb.image_bitmaps(img))),
         # opened read-only, then made writable
         cmd("blockdev-add", driver="qcow2", node_name="q", file="f", read_only=True),
-        ("call", lambda: infos.append(image_bitmaps(img))),
-        QUERY, bm("clear", "p"),
+        ("call", lambda: infos.append(qb.image_bitmaps(img))),
+        qb.QUERY, qb.bm("clear", "p"),
         reopen(False),
-        ("call", lambda: infos.append(image_bitmaps(img))),
-        QUERY, bm("clear", "p"), bm("add", "late", persistent=True), sha("p"), sha("d"),
+        ("call", lambda: infos.append(qb.image_bitmaps(img))),
+        qb.QUERY, qb.bm("clear", "p"), qb.bm("add", "late", persistent=True), qb.sha("p"), qb.sha("d"),
         cmd("blockdev-del", node_name="q"),
-        ("call", lambda: infos.append(image_bitmaps(img))),
+        ("call", lambda: infos.append(qb.image_bitmaps(img))),
         cmd("blockdev-del", node_name="f"),
         cmd("nbd-server-stop"),
     ]
@@ -217,10 +195,10 @@ async def test_reopen_read_only_and_back_as_qemu(daemon, tmp_path: Path) -> None
     results, infos = {}, {}
     for who in ("qsd", "exportd"):
         work = tmp_path / who
-        img = new_image(work, 4 * MiB, "old")
+        img = qb.new_image(work, 4 * MiB, "old")
         infos[who] = []
-        results[who] = await replies_on(who, work / "qmp.sock", reopen_script(work, infos[who]), daemon)
-        run("qemu-img", "check", str(img))
+        results[who] = await qb.replies_on(who, work / "qmp.sock", reopen_script(work, infos[who]), daemon)
+        qb.run("qemu-img", "check", str(img))
     steps = [s for s in reopen_script(tmp_path, []) if s[0] == "cmd"]
     for step, ours, theirs in zip(steps, results["exportd"], results["qsd"], strict=True):
         assert ours == theirs, json.dumps([step[1], ours, theirs])
@@ -267,7 +245,7 @@ async def test_limits_of_the_bitmap_directory(tmp_path: Path) -> None:
     from exportd.block.graph import BlockGraph
     from exportd.errors import BlockError
 
-    img = new_image(tmp_path / "w", MiB)
+    img = qb.new_image(tmp_path / "w", MiB)
     g = BlockGraph(None)
     try:
         node = await g.add({"driver": "qcow2", "node-name": "q", "file": {"driver": "file", "filename": str(img)}})

@@ -18,7 +18,7 @@ from typing import Any
 from exportd.block import bitmaps
 from exportd.block.graph import BlockGraph
 from tests.qcow2.test_powercut import PowerCutDevice, powercut_driver  # noqa: F401
-from tests.qcow2_bitmaps.test_vs_qemu import new_image, run
+from tests.qcow2_bitmaps import qb
 
 MiB = 1 << 20
 
@@ -62,11 +62,11 @@ async def loaded(img: Path) -> dict[str, Any]:
 
 
 async def test_power_cut_anywhere_in_the_life_of_bitmaps(tmp_path: Path, powercut_driver: None) -> None:  # noqa: F811
-    img = new_image(tmp_path / "w", 4 * MiB, "b0", "gone", "--disable -g 512 off")
-    run("qemu-io", "-f", "qcow2", "-c", "write 1M 300k", str(img))  # recorded in b0 and gone
-    run("qemu-img", "bitmap", "--enable", str(img), "off")
-    run("qemu-io", "-f", "qcow2", "-c", "write 0 1k", str(img))
-    run("qemu-img", "bitmap", "--disable", str(img), "off")
+    img = qb.new_image(tmp_path / "w", 4 * MiB, "b0", "gone", "--disable -g 512 off")
+    qb.run("qemu-io", "-f", "qcow2", "-c", "write 1M 300k", str(img))  # recorded in b0 and gone
+    qb.run("qemu-img", "bitmap", "--enable", str(img), "off")
+    qb.run("qemu-io", "-f", "qcow2", "-c", "write 0 1k", str(img))
+    qb.run("qemu-img", "bitmap", "--disable", str(img), "off")
     pristine = img.read_bytes()
     before = await loaded(img)
     assert set(before) == {"b0", "gone", "off"} and "inconsistent" not in before.values()
@@ -75,7 +75,7 @@ async def test_power_cut_anywhere_in_the_life_of_bitmaps(tmp_path: Path, powercu
     img.write_bytes(finished)
     after = await loaded(img)
     assert set(after) == {"b0", "off", "new"} and after["b0"] != before["b0"], after
-    run("qemu-img", "check", str(img))
+    qb.run("qemu-img", "check", str(img))
 
     seen: set[str] = set()
     for cut in range(1, total + 1):
@@ -85,7 +85,7 @@ async def test_power_cut_anywhere_in_the_life_of_bitmaps(tmp_path: Path, powercu
         img.write_bytes(crashed)
         r = subprocess.run(["qemu-img", "check", "--output=json", str(img)], capture_output=True, text=True)
         assert r.returncode in (0, 3), (cut, r.stdout + r.stderr)
-        info = json.loads(run("qemu-img", "info", "--output=json", str(img)).stdout)
+        info = json.loads(qb.run("qemu-img", "info", "--output=json", str(img)).stdout)
         listed = {b["name"] for b in info["format-specific"]["data"].get("bitmaps", [])}
         got = await loaded(img)
         assert set(got) == listed, (cut, got, listed)

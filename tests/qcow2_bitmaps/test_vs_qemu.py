@@ -10,69 +10,26 @@ check, info and `bitmap --merge` see the same thing in both."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
+from tests.qcow2_bitmaps import qb
+from tests.support.jobflow import Step, cmd
 
-from tests.bitmaps.test_vs_qemu import qemu_io
-from tests.support.jobflow import Step, cmd, play
-from tests.support.qsd import QSD, running_qsd
-
-pytestmark = pytest.mark.skipif(QSD is None, reason="qemu-storage-daemon is not installed")
+pytestmark = qb.needs_qsd
 
 MiB = 1 << 20
 
 
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(args, capture_output=True, text=True)
-    assert r.returncode == 0, (args, r.stdout + r.stderr)
-    return r
-
-
 def make_images(d: Path) -> None:
-    run("qemu-img", "create", "-q", "-f", "qcow2", str(d / "a.qcow2"), str(64 * MiB))
+    qb.run("qemu-img", "create", "-q", "-f", "qcow2", str(d / "a.qcow2"), str(64 * MiB))
     # a bitmap made by qemu-img, with writes qemu-io recorded in it
-    run("qemu-img", "bitmap", "--add", "-g", "16384", str(d / "a.qcow2"), "old")
-    run("qemu-io", "-f", "qcow2", "-c", "write 1M 100k", "-c", "write 63M 1M", str(d / "a.qcow2"))
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10", str(d / "v2.qcow2"), str(MiB))
-    run("qemu-img", "create", "-q", "-f", "qcow2", str(d / "big.qcow2"), str(4 << 40))
+    qb.run("qemu-img", "bitmap", "--add", "-g", "16384", str(d / "a.qcow2"), "old")
+    qb.run("qemu-io", "-f", "qcow2", "-c", "write 1M 100k", "-c", "write 63M 1M", str(d / "a.qcow2"))
+    qb.run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10", str(d / "v2.qcow2"), str(MiB))
+    qb.run("qemu-img", "create", "-q", "-f", "qcow2", str(d / "big.qcow2"), str(4 << 40))
 
 
-def new_image(work: Path, size: int, *bitmaps: str) -> Path:
-    """work/a.qcow2 (work made first) with bitmaps added by qemu-img (each a
-    name, or a name after `qemu-img bitmap --add` options)."""
-    work.mkdir()
-    img = work / "a.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", str(img), str(size))
-    for b in bitmaps:
-        run("qemu-img", "bitmap", "--add", *b.split()[:-1], str(img), b.split()[-1])
-    return img
-
-
-def bitmaps_of(reply: dict[str, Any]) -> Any:
-    """query-named-block-nodes: each node's dirty-bitmaps, and as "NODE:image"
-    what its image's directory lists (format-specific `bitmaps`)."""
-    if "return" not in reply:
-        return reply
-    out = {}
-    for n in reply["return"]:
-        if not n["node-name"].startswith("#"):
-            out[n["node-name"]] = n.get("dirty-bitmaps")
-            out[n["node-name"] + ":image"] = n["image"].get("format-specific", {}).get("data", {}).get("bitmaps")
-    return out
-
-
-def bm(verb: str, name: str, node: str = "q", **extra: Any) -> Step:
-    return ("cmd", f"block-dirty-bitmap-{verb}", {"node": node, "name": name, **extra})
-
-
-def sha(name: str, node: str = "q") -> Step:
-    return ("cmd", "x-debug-block-dirty-bitmap-sha256", {"node": node, "name": name})
-
-
-QUERY = cmd("query-named-block-nodes", flat=True)
 NAMES = ("old", "p1", "p2", "p3", "x" * 1023)
 
 
@@ -83,7 +40,7 @@ def add_q(d: Path, read_only: bool = False) -> Step:
 
 def loading_script(d: Path) -> list[Step]:
     """Open a.qcow2 read-only and look at every bitmap."""
-    return [add_q(d, read_only=True), QUERY, *[sha(n) for n in NAMES if n != "p3"], cmd("blockdev-del", node_name="q")]
+    return [add_q(d, read_only=True), qb.QUERY, *[qb.sha(n) for n in NAMES if n != "p3"], cmd("blockdev-del", node_name="q")]
 
 
 def script(d: Path, nbd: Path) -> list[Step]:
@@ -93,70 +50,48 @@ def script(d: Path, nbd: Path) -> list[Step]:
             file={"driver": "file", "filename": str(d / "v2.qcow2")}),
         cmd("blockdev-add", driver="qcow2", node_name="big",
             file={"driver": "file", "filename": str(d / "big.qcow2")}),
-        QUERY, sha("old"),
-        bm("add", "p1", persistent=True),
-        bm("add", "p2", persistent=True, granularity=4096, disabled=True),
-        bm("add", "p3", persistent=True, granularity=512),
-        bm("add", "x" * 1023, persistent=True, granularity=1 << 20),
-        bm("add", "t", granularity=8192),
-        bm("add", "p1", persistent=True),
-        bm("add", "old", persistent=True),
-        bm("add", "v", node="v2", persistent=True),
-        bm("add", "v", node="v2"),
-        bm("add", "huge", node="big", persistent=True, granularity=512),
-        bm("add", "fine", node="big", persistent=True, granularity=1 << 20),
+        qb.QUERY, qb.sha("old"),
+        qb.bm("add", "p1", persistent=True),
+        qb.bm("add", "p2", persistent=True, granularity=4096, disabled=True),
+        qb.bm("add", "p3", persistent=True, granularity=512),
+        qb.bm("add", "x" * 1023, persistent=True, granularity=1 << 20),
+        qb.bm("add", "t", granularity=8192),
+        qb.bm("add", "p1", persistent=True),
+        qb.bm("add", "old", persistent=True),
+        qb.bm("add", "v", node="v2", persistent=True),
+        qb.bm("add", "v", node="v2"),
+        qb.bm("add", "huge", node="big", persistent=True, granularity=512),
+        qb.bm("add", "fine", node="big", persistent=True, granularity=1 << 20),
         cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(nbd)}}),
         ("cmd", "block-export-add", {"type": "nbd", "id": "e", "node-name": "q", "name": "a", "writable": True}),
-        ("call", lambda: qemu_io(nbd, "write 0 1", "write 100000 70000", "write -z 8M 1M",
+        ("call", lambda: qb.qemu_io(nbd, "write 0 1", "write 100000 70000", "write -z 8M 1M",
                                  "discard 30M 64k", "write 33554000 4096", "write 67108000 864")),
-        QUERY, *[sha(n) for n in (*NAMES, "t")],
-        bm("enable", "p2"),
-        ("call", lambda: qemu_io(nbd, "write 40M 3000")),
-        bm("disable", "p1"),
-        ("call", lambda: qemu_io(nbd, "write 50M 512")),
+        qb.QUERY, *[qb.sha(n) for n in (*NAMES, "t")],
+        qb.bm("enable", "p2"),
+        ("call", lambda: qb.qemu_io(nbd, "write 40M 3000")),
+        qb.bm("disable", "p1"),
+        ("call", lambda: qb.qemu_io(nbd, "write 50M 512")),
         cmd("block-dirty-bitmap-merge", node="q", target="p3", bitmaps=["old"]),
-        bm("remove", "p3"),
-        bm("add", "p4", persistent=True),
-        bm("remove", "p4"),
-        QUERY, *[sha(n) for n in NAMES],
+        qb.bm("remove", "p3"),
+        qb.bm("add", "p4", persistent=True),
+        qb.bm("remove", "p4"),
+        qb.QUERY, *[qb.sha(n) for n in NAMES],
         cmd("block-export-del", id="e"),
         cmd("nbd-server-stop"),
         cmd("blockdev-del", node_name="q"),
         # stored at close: loaded again as they were (p3 is gone for good)
-        add_q(d), QUERY, *[sha(n) for n in NAMES],
-        bm("clear", "old"),
+        add_q(d), qb.QUERY, *[qb.sha(n) for n in NAMES],
+        qb.bm("clear", "old"),
         cmd("blockdev-del", node_name="q"),
         # read-only: the bitmaps are there, readonly
-        add_q(d, read_only=True), QUERY, *[sha(n) for n in NAMES],
-        bm("clear", "p1"), bm("remove", "p1"), bm("disable", "p2"), bm("enable", "p1"),
+        add_q(d, read_only=True), qb.QUERY, *[qb.sha(n) for n in NAMES],
+        qb.bm("clear", "p1"), qb.bm("remove", "p1"), qb.bm("disable", "p2"), qb.bm("enable", "p1"),
         cmd("block-dirty-bitmap-merge", node="q", target="p1", bitmaps=["p2"]),
-        bm("add", "new", persistent=True),
+        qb.bm("add", "new", persistent=True),
         cmd("blockdev-del", node_name="q"),
         cmd("blockdev-del", node_name="v2"),
         cmd("blockdev-del", node_name="big"),
     ]
-
-
-async def play_on(who: str, sock: Path, steps: list[Step], daemon: Any) -> list[Any]:
-    if who == "qsd":
-        async with running_qsd(str(sock)):
-            replies, _ = await play(str(sock), steps)
-        return replies
-    d = daemon()
-    replies, _ = await play(d.socket, steps)
-    assert d.terminate() == 0
-    return replies
-
-
-def normal(steps: list[Step], replies: list[Any]) -> list[Any]:
-    cmds = [s for s in steps if s[0] == "cmd"]
-    assert len(cmds) == len(replies)
-    return [bitmaps_of(r) if s[1] == "query-named-block-nodes" else r for s, r in zip(cmds, replies, strict=True)]
-
-
-def image_bitmaps(img: Path) -> Any:
-    info = json.loads(run("qemu-img", "info", "-U", "--output=json", str(img)).stdout)
-    return info["format-specific"]["data"].get("bitmaps")
 
 
 async def test_persistent_bitmaps_as_qemu(daemon, tmp_path: Path) -> None:  # noqa: ANN001
@@ -166,12 +101,12 @@ async def test_persistent_bitmaps_as_qemu(daemon, tmp_path: Path) -> None:  # no
         work.mkdir()
         make_images(work)
         steps = script(work, work / "nbd.sock")
-        results[who] = normal(steps, await play_on(who, work / "qmp.sock", steps, daemon))
-        run("qemu-img", "check", str(work / "a.qcow2"))
+        results[who] = await qb.replies_on(who, work / "qmp.sock", steps, daemon)
+        qb.run("qemu-img", "check", str(work / "a.qcow2"))
     cmds = [s for s in script(tmp_path, tmp_path) if s[0] == "cmd"]
     for step, ours, theirs in zip(cmds, results["exportd"], results["qsd"], strict=True):
         assert ours == theirs, json.dumps([step[1], ours, theirs])
-    assert image_bitmaps(tmp_path / "exportd" / "a.qcow2") == image_bitmaps(tmp_path / "qsd" / "a.qcow2")
+    assert qb.image_bitmaps(tmp_path / "exportd" / "a.qcow2") == qb.image_bitmaps(tmp_path / "qsd" / "a.qcow2")
 
     # each daemon loads the image the other wrote, and its own: all the same
     loads = []
@@ -179,19 +114,19 @@ async def test_persistent_bitmaps_as_qemu(daemon, tmp_path: Path) -> None:  # no
         for image_of in ("qsd", "exportd"):
             d = tmp_path / image_of
             steps = loading_script(d)
-            loads.append(normal(steps, await play_on(who, tmp_path / f"load-{who}.sock", steps, daemon)))
+            loads.append(await qb.replies_on(who, tmp_path / f"load-{who}.sock", steps, daemon))
     assert all(x == loads[0] for x in loads), loads
     assert "error" not in json.dumps(loads[0])
 
     # qemu-img bitmap works on exportd's image: merge one of its bitmaps
     # into a new one (as qemu-img writes it) and exportd reads back the bits
     ours = tmp_path / "exportd" / "a.qcow2"
-    run("qemu-img", "bitmap", "--add", str(ours), "merged")
-    run("qemu-img", "bitmap", "--merge", "p1", "--disable", str(ours), "merged")
-    run("qemu-img", "bitmap", "--remove", str(ours), "old")
-    run("qemu-img", "check", str(ours))
-    steps = [add_q(tmp_path / "exportd", read_only=True), sha("p1"), sha("merged"), QUERY]
-    replies = normal(steps, await play_on("exportd", tmp_path / "merge.sock", steps, daemon))
+    qb.run("qemu-img", "bitmap", "--add", str(ours), "merged")
+    qb.run("qemu-img", "bitmap", "--merge", "p1", "--disable", str(ours), "merged")
+    qb.run("qemu-img", "bitmap", "--remove", str(ours), "old")
+    qb.run("qemu-img", "check", str(ours))
+    steps = [add_q(tmp_path / "exportd", read_only=True), qb.sha("p1"), qb.sha("merged"), qb.QUERY]
+    replies = await qb.replies_on("exportd", tmp_path / "merge.sock", steps, daemon)
     assert replies[1] == replies[2] and "return" in replies[1]
     names = [b["name"] for b in replies[3]["q"]]
     assert "merged" in names and "old" not in names
@@ -206,20 +141,20 @@ async def test_resized_image_stores_bitmaps_at_the_new_size(daemon, tmp_path: Pa
     nbd = tmp_path / "nbd.sock"
     before = [
         add_q(tmp_path),
-        bm("add", "p", persistent=True, granularity=4096),
+        qb.bm("add", "p", persistent=True, granularity=4096),
         cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(nbd)}}),
         ("cmd", "block-export-add", {"type": "nbd", "id": "e", "node-name": "q", "name": "a", "writable": True}),
-        ("call", lambda: qemu_io(nbd, "write 0 1", "write 63M 1M")),
+        ("call", lambda: qb.qemu_io(nbd, "write 0 1", "write 63M 1M")),
         cmd("block-export-del", id="e"),
         ("sleep", 0.2),
         cmd("block_resize", node_name="q", size=100 * MiB),
-        sha("p"), sha("old"),
+        qb.sha("p"), qb.sha("old"),
         cmd("blockdev-del", node_name="q"),
     ]
-    replies = await play_on("exportd", tmp_path / "a.sock", before, daemon)
+    replies = await qb.replies_on("exportd", tmp_path / "a.sock", before, daemon)
     assert all("return" in r for r in replies), replies
-    run("qemu-img", "check", str(tmp_path / "a.qcow2"))
-    after = [add_q(tmp_path, read_only=True), sha("p"), sha("old")]
+    qb.run("qemu-img", "check", str(tmp_path / "a.qcow2"))
+    after = [add_q(tmp_path, read_only=True), qb.sha("p"), qb.sha("old")]
     for who in ("exportd", "qsd"):
-        got = await play_on(who, tmp_path / f"{who}.sock", after, daemon)
+        got = await qb.replies_on(who, tmp_path / f"{who}.sock", after, daemon)
         assert got[1:] == replies[-3:-1], (who, got, replies)
