@@ -270,3 +270,33 @@ async def test_limits_of_the_bitmap_directory(tmp_path: Path) -> None:
         node.dirty_bitmaps.clear()
     finally:
         await g.close_all()
+
+
+async def test_failed_reopen_read_only_marks_the_bitmaps_in_use_again(daemon, tmp_path: Path) -> None:  # noqa: ANN001
+    """A reopen to read-only stores the bitmaps in its first phase; when it
+    then fails (a writable export holds the write permission), the node stays
+    writable and its bitmaps are marked in use again and go on recording.
+    (QEMU 7.2 leaves them readonly in memory and not in use on disk, and
+    refuses writes to the node from then on; exportd does not copy that.)"""
+    img = qb.new_image(tmp_path / "w", 4 * MiB, "b0")
+    nbd = tmp_path / "nbd.sock"
+    infos: list[Any] = []
+    steps = [
+        cmd("blockdev-add", driver="file", node_name="f", filename=str(img)),
+        cmd("blockdev-add", driver="qcow2", node_name="q", file="f"),
+        cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(nbd)}}),
+        ("cmd", "block-export-add", {"type": "nbd", "id": "e", "node-name": "q", "name": "a", "writable": True}),
+        cmd("blockdev-reopen", options=[{"driver": "qcow2", "node-name": "q", "file": "f", "read-only": True}]),
+        ("call", lambda: infos.append(qb.image_bitmaps(img))),
+        ("call", lambda: qb.qemu_io(nbd, "write 1M 4k")),
+        qb.QUERY,
+        cmd("block-export-del", id="e"),
+        cmd("nbd-server-stop"),
+    ]
+    replies = await qb.replies_on("exportd", tmp_path / "e.sock", steps, daemon)
+    assert "error" in replies[4], replies[4]
+    assert infos == [[{"flags": ["in-use", "auto"], "name": "b0", "granularity": 65536}]]
+    assert replies[5]["q"] == [{"name": "b0", "recording": True, "persistent": True, "busy": False,
+                                "granularity": 65536, "count": 65536}]
+    assert qb.image_bitmaps(img) == [{"flags": ["auto"], "name": "b0", "granularity": 65536}]
+    qb.run("qemu-img", "check", str(img))
