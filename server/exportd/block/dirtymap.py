@@ -10,11 +10,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 
-# 8 flags (bytes 0/1, as a little-endian 64-bit word) -> 8 bits: the
-# product puts flag i at bit 56 + i and nothing else can carry into there
-_GATHER = 0x0102040810204080
-_SPREAD = [bytes((b >> i) & 1 for i in range(8)) for b in range(256)]
-
 
 class DirtyMap:
     def __init__(self, length: int, granularity: int) -> None:
@@ -125,14 +120,24 @@ class DirtyMap:
         nbytes = -(-nbytes // align) * align
         if not self.count:
             return bytes(nbytes)
-        words = memoryview(bytes(self._flags) + bytes(nbytes * 8 - len(self._flags))).cast("Q")
-        return bytes(((w * _GATHER) >> 56) & 0xFF for w in words)
+        # flags[i::8] holds bit i of every output byte (as 0/1 bytes): shift
+        # each into place and OR them, in big-int operations (C speed)
+        flags = bytes(self._flags) + bytes(nbytes * 8 - len(self._flags))
+        acc = 0
+        for i in range(8):
+            acc |= int.from_bytes(flags[i::8], "little") << i
+        return acc.to_bytes(nbytes, "little")
 
     def from_bits(self, bits: bytes | bytearray | memoryview) -> None:
-        """Load flags stored by to_bits()."""
+        """Load flags stored by to_bits() (the inverse steps)."""
         n = len(self._flags)
-        flags = b"".join(map(_SPREAD.__getitem__, bytes(bits[: -(-n // 8)])))[:n]
-        self._flags[:] = flags + bytes(n - len(flags))
+        nb = -(-n // 8)
+        value = int.from_bytes(bytes(bits[:nb]).ljust(nb, b"\0"), "little")
+        ones = int.from_bytes(b"\x01" * nb, "little")
+        flags = bytearray(nb * 8)
+        for i in range(8):
+            flags[i::8] = ((value >> i) & ones).to_bytes(nb, "little")
+        self._flags[:] = flags[:n]
         self.count = n - self._flags.count(0)
 
     def sha256(self) -> str:

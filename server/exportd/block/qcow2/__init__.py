@@ -17,8 +17,9 @@ compressed clusters (zlib, zstd with the `zstandard` package); backing chains
 (header default, node name, nested dict, null); internal snapshots kept intact
 (COPIED rule, L2 and data copy-on-write); write zeroes with the zero flag;
 discard (with pass-discard-request); grow (L1 and refcount table growth, with
-preallocation) and loss-free shrink; bitmaps' auto-clear bit cleared on
-read/write open (bitmaps are not maintained).
+preallocation) and loss-free shrink; persistent dirty bitmaps (bitmaps.py:
+the bitmaps extension loaded at open, marked in use while writable, stored
+at close and reopen to read-only).
 
 Refused with a message naming the feature: encryption, external data files,
 extended L2 entries, unknown incompatible bits; a corrupt-flagged image opens

@@ -136,6 +136,23 @@ class Header:
         return bytes(out)
 
 
+def pack_first_cluster(h: Header, cs: int) -> bytes:
+    """The whole first cluster as it is to be written: the fixed fields, the
+    extensions and the backing file name after them (backing_file_offset
+    set to match), zero-padded to `cs`, so that no stale name or extension
+    is left behind. Raises BlockError (and changes nothing) when it does
+    not fit."""
+    name = h.backing_file.encode("utf-8", "surrogateescape") if h.backing_file else b""
+    old = (h.backing_file_offset, h.backing_file_size)
+    head_len = len(h.pack_fixed()) + len(h.pack_extensions())
+    h.backing_file_offset, h.backing_file_size = (head_len, len(name)) if name else (0, 0)
+    buf = h.pack_fixed() + h.pack_extensions() + name
+    if len(buf) > cs:
+        h.backing_file_offset, h.backing_file_size = old
+        raise BlockError("Cannot fit the image header, its extensions and the backing file name in one cluster")
+    return buf + bytes(cs - len(buf))
+
+
 def parse_header(buf: bytes, file_length: int) -> Header:
     """Parse and validate the first cluster (or as much as the file has)."""
     if len(buf) < V2_HEADER.size or buf[:4] != MAGIC:

@@ -24,6 +24,7 @@ from exportd.block import register_driver
 from exportd.block.node import BlockNode, BlockStatus, Edge, Perm, Prealloc, Status
 from exportd.block.probe import probe_backing_format
 from exportd.block.qcow2 import header as hdr
+from exportd.block.qcow2.bitmaps import Qcow2Bitmaps
 from exportd.block.qcow2.cluster import (
     K_COMP,
     K_DATA,
@@ -61,7 +62,7 @@ QCOW2_MEMBERS = frozenset({
 
 
 @register_driver
-class Qcow2Node(ClusterMap, Writeback, Qcow2Reopen, BlockNode):
+class Qcow2Node(ClusterMap, Writeback, Qcow2Bitmaps, Qcow2Reopen, BlockNode):
     driver = "qcow2"
     option_members = QCOW2_MEMBERS
     reopen_members = QCOW2_REOPEN_MEMBERS
@@ -83,6 +84,8 @@ class Qcow2Node(ClusterMap, Writeback, Qcow2Reopen, BlockNode):
         self.snapshots: list[dict[str, Any]] = []
         self._mark_task: asyncio.Task[None] | None = None
         self.version = 3
+        self.bitmap_dir = []  # the persistent bitmaps' directory as on disk (qcow2/bitmaps.py)
+        self.bitmap_dir_offset = self.bitmap_dir_size = 0
 
     # ---------------------------------------------------------- driver table
     @classmethod
@@ -196,13 +199,11 @@ class Qcow2Node(ClusterMap, Writeback, Qcow2Reopen, BlockNode):
         self._l2_cache_sized = l2_bytes is not None
         self.l2cache = L2Cache(tables)
 
+        await self._open_bitmaps()
         if not self.read_only:
             self._build_meta_set()
-            if h.version >= 3 and h.autoclear_features:
-                # we do not maintain bitmaps: clear the bits before writing (spec rule)
-                h.autoclear_features = 0
-                await self.write_header()
-                await self.io.flush()
+            await self._bitmaps_for_writing()
+            await self._mark_in_use()
 
     def _default_l2_tables(self) -> int:
         """QEMU's default: enough to map the whole image, at most 32 MiB."""
@@ -285,6 +286,9 @@ class Qcow2Node(ClusterMap, Writeback, Qcow2Reopen, BlockNode):
     async def close(self) -> None:
         if self._mark_task is not None:
             await asyncio.gather(self._mark_task, return_exceptions=True)
+        if not self.corrupt and self.file is not None:
+            async with self._lock:
+                await self._store_bitmaps_logged()
         if not self.read_only and not self.corrupt and self.file is not None:
             try:
                 await self.flush()
@@ -506,6 +510,7 @@ class Qcow2Node(ClusterMap, Writeback, Qcow2Reopen, BlockNode):
             old = self.header.size
             if size == old:
                 return
+            self.check_bitmaps_resizable()
             if size < old:
                 if prealloc != Prealloc.OFF:
                     raise OSError(errno.ENOTSUP, "qcow2: preallocation is only possible when growing")
@@ -682,6 +687,8 @@ class Qcow2Node(ClusterMap, Writeback, Qcow2Reopen, BlockNode):
             out["full-backing-filename"] = self._backing_path(h.backing_file)
             if h.backing_format:
                 out["backing-filename-format"] = h.backing_format
+        if self.bitmap_dir:
+            data["bitmaps"] = self.bitmaps_info()
         if self.snapshots:
             out["snapshots"] = [
                 {"id": s["id"], "name": s["name"], "vm-state-size": s["vm-state-size"],

@@ -39,10 +39,13 @@ class Qcow2Reopen:
 
     async def reopen_prepare(self, options: dict[str, Any], read_only: bool) -> Any:
         """Read-only -> read-write: the image must be writable as at open (no
-        corrupt or dirty bit); commit then builds the metadata set and clears
-        the autoclear bits as open does. Read-write -> read-only: everything
-        cached is written back and flushed now, before the file goes read-only."""
+        corrupt or dirty bit); commit then builds the metadata set, clears
+        the autoclear bits as open does and marks the persistent bitmaps in
+        use again. Read-write -> read-only: the persistent bitmaps are stored
+        and everything cached is written back and flushed now, before the
+        file goes read-only; commit makes the bitmaps readonly."""
         going_rw = self.read_only and not read_only
+        going_ro = read_only and not self.read_only
         if going_rw:
             h = self.header
             if self.corrupt or h.incompatible_features & hdr.INCOMPAT_CORRUPT:  # type: ignore[attr-defined]
@@ -52,7 +55,9 @@ class Qcow2Reopen:
                     "qcow2: image has the dirty bit set (lazy refcounts); repair it with "
                     "'qemu-img check -r all' or open it read-only"
                 )
-        elif read_only and not self.read_only:
+        elif going_ro:
+            async with self._lock:  # type: ignore[attr-defined]
+                await self.store_bitmaps()  # type: ignore[attr-defined]
             try:
                 await self.flush()  # type: ignore[attr-defined]
             except OSError as e:
@@ -68,9 +73,16 @@ class Qcow2Reopen:
                 self.l2cache.max_tables = max(2, l2_bytes // self.cs)  # type: ignore[attr-defined]
             if going_rw:
                 await self._become_writable()
+            if going_ro:
+                self.bitmaps_now_readonly()  # type: ignore[attr-defined]
 
         async def abort() -> None:
-            pass
+            if going_ro:  # stored with IN_USE clear, and still written to
+                try:
+                    async with self._lock:  # type: ignore[attr-defined]
+                        await self._mark_in_use()  # type: ignore[attr-defined]
+                except BlockError as e:
+                    log.warning("qcow2 %s: %s", self.node_name, e)
 
         return commit, abort
 
@@ -79,14 +91,12 @@ class Qcow2Reopen:
         self.io.end = max(self.io.end, self.io.node.getlength())  # type: ignore[attr-defined]
         self.meta_clusters.clear()  # type: ignore[attr-defined]
         self._build_meta_set()  # type: ignore[attr-defined]
-        h = self.header
-        if h.version >= 3 and h.autoclear_features:
-            h.autoclear_features = 0
-            try:
-                await self.write_header()  # type: ignore[attr-defined]
-                await self.io.flush()  # type: ignore[attr-defined]
-            except OSError as e:
-                log.warning("qcow2 %s: clearing the autoclear bits failed: %s", self.node_name, e)
+        try:
+            await self._bitmaps_for_writing()  # type: ignore[attr-defined]
+            await self.bitmaps_now_writable()  # type: ignore[attr-defined]
+        except (OSError, BlockError) as e:
+            # as QEMU: not fatal, the bitmaps stay readonly
+            log.error("%s: %s", self.node_name, e)
 
     async def set_backing_file(self, filename: str | None, fmt: str | None) -> None:
         """Point the image header at another backing file (`None`: no backing
@@ -107,21 +117,11 @@ class Qcow2Reopen:
             if fmt is not None:
                 exts.insert(0, hdr.Extension(hdr.EXT_BACKING_FORMAT, fmt.encode()))
             old = (h.extensions, h.backing_file, h.backing_file_offset, h.backing_file_size)
-            h.extensions = exts
-            head = h.pack_fixed() + h.pack_extensions()
-            h.backing_file_offset, h.backing_file_size = (len(head), len(name)) if name else (0, 0)
-            h.backing_file = filename or None
-            buf = h.pack_fixed() + h.pack_extensions() + name
-            cs = self.cs  # type: ignore[attr-defined]
-            if len(buf) > cs:
-                h.extensions, h.backing_file, h.backing_file_offset, h.backing_file_size = old
-                raise BlockError("Cannot fit the image header, its extensions and the backing file name in one cluster")
-            # the whole first cluster (it holds nothing else), as QEMU writes
-            # it: no stale name or extension is left behind
-            buf += bytes(cs - len(buf))
+            h.extensions, h.backing_file = exts, filename or None
             try:
-                await self.io.write(0, buf)  # type: ignore[attr-defined]
+                # the whole first cluster (it holds nothing else), as QEMU writes it
+                await self.io.write(0, hdr.pack_first_cluster(h, self.cs))  # type: ignore[attr-defined]
                 await self.io.flush()  # type: ignore[attr-defined]
-            except OSError:
+            except (OSError, BlockError):
                 h.extensions, h.backing_file, h.backing_file_offset, h.backing_file_size = old
                 raise
