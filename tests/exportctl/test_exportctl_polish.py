@@ -72,13 +72,13 @@ def test_bitmap_commands(daemon, exportctl, tmp_path):
     assert exportctl(None, "create", str(img), "4M").returncode == 0
     assert exportctl(d, "blockdev-add", f"driver=qcow2,node-name=q,file.driver=file,file.filename={img}").returncode == 0
     assert exportctl(d, "bitmap", "list").stdout.strip() == "no dirty bitmaps"
-    r = exportctl(d, "bitmap", "add", "q", "b0", "--granularity", "4K")
+    r = exportctl(d, "bitmap", "add", "q", "b0", "--granularity", "4K", "--persistent")
     assert r.returncode == 0 and r.stdout.strip() == "added bitmap b0 on q", r.stderr
     assert exportctl(d, "bitmap", "add", "q", "b1", "--disabled").returncode == 0
     assert exportctl(d, "bitmap", "merge", "q", "b1", "b0", "q:b0").returncode == 0
     listed = json.loads(exportctl(d, "bitmap", "list", "q", "--json").stdout)
     assert [(b["node"], b["name"], b["granularity"], b["recording"], b["persistent"]) for b in listed] == [
-        ("q", "b1", 65536, False, False), ("q", "b0", 4096, True, False)]
+        ("q", "b1", 65536, False, False), ("q", "b0", 4096, True, True)]
     table = exportctl(d, "bitmap", "list").stdout.splitlines()
     assert table[0].split() == ["NODE", "BITMAP", "GRANULARITY", "DIRTY", "STATE", "FLAGS"]
     r = exportctl(d, "bitmap", "add", "q", "b0")
