@@ -1,0 +1,204 @@
+"""The backup job (blockdev-backup, drive-backup): a copy of a node as it
+was when the job started, taken while the node keeps being written
+(QEMU's block/backup.c).
+
+A copy-before-write filter goes above the source (cbw.py). The job's
+background pass copies every cluster the sync mode asks for (full: all;
+top: what the source's own layer holds; bitmap: the dirty bitmap's
+clusters; none: nothing, only what the filter saves before a write, the
+"fleecing" of pull-mode backups); the filter copies a cluster's old data
+first whenever a write is about to change it.
+
+A sync bitmap is busy during the job. Writes during the job are recorded
+in a successor (QEMU's bdrv_dirty_bitmap_create_successor); at the end,
+as bitmap-mode says, the bitmap becomes the successor (on-success after a
+success, always: also after a failure, plus what was not copied) or stays
+what it was plus the successor (never, or a failure). exportd keeps the
+bitmap itself recording during the job, so "what it was plus the
+successor" is the bitmap as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from exportd.block.bitmaps import DirtyBitmap
+from exportd.block.chain import allocated_above, chain_contains
+from exportd.block.dirtymap import DirtyMap
+from exportd.block.jobs.base import BlockJob
+from exportd.block.jobs.cbw import MAX_CHUNK, BlockCopy, CopyBeforeWriteFilter, CopyError, cluster_size
+from exportd.block.node import BlockNode, Edge, Perm
+
+log = logging.getLogger(__name__)
+
+
+class BackupJob(BlockJob):
+    job_type = "backup"
+
+    def __init__(self, daemon: Any, job_id: str, source: BlockNode, target: BlockNode, *, sync: str,
+                 bitmap: DirtyBitmap | None = None, bitmap_mode: str | None = None,
+                 on_source_error: str = "report", on_target_error: str = "report",
+                 max_chunk: int = 0, **kwargs: Any) -> None:
+        super().__init__(daemon, job_id, **kwargs)
+        self.source = source
+        self.target = target
+        self.sync = sync  # full, top, bitmap, none (incremental is bitmap + on-success)
+        self.bitmap = bitmap
+        self.bitmap_mode = bitmap_mode
+        self.on_source_error = on_source_error
+        self.on_target_error = on_target_error
+        self.max_chunk = max_chunk
+        self.bcs = BlockCopy(source, target, cluster_size(target))
+        self.filter: CopyBeforeWriteFilter | None = None
+        self.main_edge: Edge | None = None
+        self.target_edge: Edge | None = None
+        self.successor: DirtyMap | None = None  # writes to the source during the job
+        self._successor_records = False
+
+    @property
+    def cluster(self) -> int:
+        return self.bcs.cluster
+
+    # --- set-up (inside the command; undone by teardown() if the command fails later) --
+    async def setup(self, filter_node_name: str | None) -> None:
+        graph = self.graph
+        filt = CopyBeforeWriteFilter(graph.new_node_name(filter_node_name), self, self.bcs)
+        # the filter writes the target (QEMU's cbw 'target' child); not one of
+        # its children in the graph, so that a target whose backing node is
+        # the source (fleecing) reads that backing node through the filter
+        self.target_edge = self.target.attach(filt, Perm.WRITE, Perm.ALL & ~Perm.RESIZE, "target")
+        try:
+            graph.insert_filter(self.source, filt, "file")
+        except BaseException:
+            self.target.detach(self.target_edge)
+            self.target_edge = None
+            raise
+        self.filter = filt
+        try:
+            # the job's own edges block other operations on its nodes
+            self.main_edge = self.hold(filt, "main node", Perm(0), Perm.ALL)
+            self.hold(self.target, "target", Perm(0), Perm.ALL)
+        except BaseException:
+            await self.teardown()
+            raise
+        self.bcs.keep_allocated = chain_contains(self.target, self.source)
+        length = self.bcs.length
+        if self.sync == "bitmap":
+            assert self.bitmap is not None
+            self.bcs.dirty.merge(self.bitmap.bits)
+        else:
+            self.bcs.dirty.mark(0, length)
+        if self.bitmap is not None:
+            self.bitmap.busy = True
+            self.successor = DirtyMap(self.bitmap.bits.length, self.bitmap.granularity)
+            self._successor_records = self.bitmap.enabled
+        self.total_progress = self.bcs.dirty.dirty_bytes()
+        filt.before_write = self._copy_before_write
+        filt.after_write = self._written
+
+    async def teardown(self) -> None:
+        """Undo setup(): the filter goes, the source's parents move back."""
+        filt, self.filter = self.filter, None
+        if self.bitmap is not None:
+            self.bitmap.busy = False
+        if filt is not None:
+            filt.before_write = None
+            filt.after_write = None
+            if self.main_edge is not None and self.main_edge in self.edges:
+                self.edges.remove(self.main_edge)
+                filt.detach(self.main_edge)
+        if self.target_edge is not None:
+            self.target.detach(self.target_edge)
+            self.target_edge = None
+        if filt is not None:
+            await self.graph.drop_filter(filt)
+        await self.let_go_all()  # a target nobody else holds (drive-backup's) goes here
+
+    # --- the filter's side ------------------------------------------------------------------
+    async def _copy_before_write(self, offset: int, length: int) -> None:
+        try:
+            self.current_progress += await self.bcs.copy(offset, length)
+        except CopyError as e:
+            raise e.exc from None  # the guest's write fails (on-cbw-error=break-guest-write)
+
+    def _written(self, offset: int, length: int, discard: bool) -> None:
+        # the successor records what the bitmap would (a discard only where
+        # the source marks discards)
+        if self.successor is None or not self._successor_records:
+            return
+        if discard and self.source.options.get("discard") != "unmap":
+            return
+        self.successor.mark(offset, length)
+
+    # --- the work ------------------------------------------------------------------------------
+    async def run(self) -> None:
+        if self.sync == "top":
+            await self._skip_unallocated()
+        if self.sync == "none":
+            while not self.is_cancelled():
+                await self.sleep(0)  # the filter does the copying
+            return
+        dirty = self.bcs.dirty
+        chunk = max(self.cluster, min(self.max_chunk or MAX_CHUNK, MAX_CHUNK))
+        cursor = 0
+        while not self.is_cancelled():
+            run = dirty.next_run(cursor, chunk)
+            if run is None:
+                break
+            offset, n = run
+            cursor = offset + n
+            try:
+                done = await self.bcs.copy(offset, n)
+            except CopyError as e:
+                policy = self.on_source_error if e.is_read else self.on_target_error
+                # report fails the job; stop pauses, ignore goes on: either
+                # way the clusters stay dirty and are tried again (QEMU's backup_loop)
+                await self.io_error(e.exc, is_read=e.is_read, policy=policy)
+                cursor = offset
+                continue
+            await self.processed(done)
+        if not self.is_cancelled():
+            await self.target.flush()
+
+    async def _skip_unallocated(self) -> None:
+        """sync=top: clusters the source's own layer holds nothing of are
+        not copied (QEMU's block_copy_reset_unallocated)."""
+        base = self.source.child("backing")
+        dirty, c, length = self.bcs.dirty, self.cluster, self.bcs.length
+        offset = 0
+        while offset < length:
+            if self.is_cancelled():
+                return
+            allocated, _zero, n = await allocated_above(self.source, base, offset, length - offset)
+            if not allocated:
+                # only the clusters the hole covers whole (its ends share theirs with data)
+                start = -(-offset // c) * c
+                end = length if offset + n >= length else (offset + n) // c * c
+                if end > start:
+                    dirty.clear(start, end - start)
+            offset += n
+            await self.pause_point()
+        self.total_progress = self.current_progress + dirty.dirty_bytes()
+
+    # --- the end ---------------------------------------------------------------------------------
+    def _sync_bitmap(self, success: bool) -> None:
+        """QEMU's backup_cleanup_sync_bitmap."""
+        bm, successor = self.bitmap, self.successor
+        if bm is None or successor is None:
+            return
+        bm.busy = False
+        if self.bitmap_mode == "never" or not (success or self.bitmap_mode == "always"):
+            return  # the bitmap as it was plus the successor: what it is now
+        bm.bits.restore(successor)
+        if not success:  # always, after a failure: also what was not copied
+            bm.bits.merge(self.bcs.dirty)
+
+    async def commit(self) -> None:
+        self._sync_bitmap(True)
+
+    async def abort(self) -> None:
+        self._sync_bitmap(False)
+
+    async def clean(self) -> None:
+        await self.teardown()

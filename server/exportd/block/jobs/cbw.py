@@ -1,0 +1,150 @@
+"""Copy-before-write: what makes a backup a point-in-time copy of a node
+that keeps being written (QEMU's block/copy-before-write.c and
+block/block-copy.c).
+
+`BlockCopy` is the copy state a backup job and its filter share: one
+dirty flag per cluster that still has to reach the target, and range
+locks. Whoever copies a cluster (the job's background pass, or the filter
+before a write lands) holds the cluster's range, copies what is still
+dirty and clears it, so each cluster is copied exactly once, with the
+data it had when the job started.
+
+`CopyBeforeWriteFilter` is the job's filter above the source (driver
+"copy-before-write", the source as its "file" child): before a write,
+write-zeroes or discard passes, the clusters it touches that were not
+copied yet are copied to the target. If that copy fails, the write fails
+(QEMU's on-cbw-error=break-guest-write, its default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from exportd.block.dirtymap import DirtyMap
+from exportd.block.graph import is_zero
+from exportd.block.jobs.filter import JobFilter, RangeLocks
+from exportd.block.node import BlockNode, Perm
+from exportd.extents import Extent
+
+MAX_CHUNK = 1 << 20  # QEMU's block-copy buffer (BLOCK_COPY_MAX_BUFFER): bytes per copy step
+DEFAULT_CLUSTER = 64 << 10  # BLOCK_COPY_CLUSTER_SIZE_DEFAULT
+
+
+def cluster_size(target: BlockNode) -> int:
+    """QEMU's block_copy_calculate_cluster_size: the target's cluster size,
+    64 KiB at least (also when the target has none)."""
+    return max(DEFAULT_CLUSTER, target.cluster_size())
+
+
+class CopyError(Exception):
+    """A copy step failed: on the source (`is_read`) or on the target."""
+
+    def __init__(self, exc: OSError, *, is_read: bool) -> None:
+        super().__init__(str(exc))
+        self.exc = exc
+        self.is_read = is_read
+
+
+class BlockCopy:
+    def __init__(self, source: BlockNode, target: BlockNode, cluster: int) -> None:
+        self.source = source
+        self.target = target
+        self.cluster = cluster
+        self.length = source.getlength()
+        self.dirty = DirtyMap(self.length, cluster)  # clusters still to copy
+        self.locks = RangeLocks()
+        # a target whose backing chain holds the source (fleecing): a
+        # cluster copied there must stay allocated, or it would read the
+        # source's new data through the backing chain
+        self.keep_allocated = False
+
+    def _aligned(self, offset: int, length: int) -> tuple[int, int]:
+        c = self.cluster
+        start = offset // c * c
+        return start, min(self.length, -(-(offset + length) // c) * c) - start
+
+    async def copy(self, offset: int, length: int) -> int:
+        """Copy the clusters [offset, offset + length) touches that are
+        still dirty, holding their range; returns the bytes copied. A
+        failed step leaves its clusters dirty and raises CopyError."""
+        start, n = self._aligned(offset, length)
+        if n <= 0 or not self.dirty.count:
+            return 0
+        token = await self.locks.acquire(start, n)
+        try:
+            done = 0
+            for run, run_n, dirty in list(self.dirty.runs(start, n)):
+                pos, end = run, run + run_n
+                while dirty and pos < end:
+                    step = min(MAX_CHUNK, end - pos)
+                    await self._copy_step(pos, step)
+                    self.dirty.clear(pos, step)
+                    done += step
+                    pos += step
+            return done
+        finally:
+            self.locks.release(token)
+
+    async def _copy_step(self, offset: int, n: int) -> None:
+        try:
+            data = await self.source.read(offset, n)
+        except OSError as e:
+            raise CopyError(e, is_read=True) from e
+        try:
+            if is_zero(data):
+                await self.target.write_zeroes(offset, n, may_unmap=not self.keep_allocated)
+            else:
+                await self.target.write(offset, data)
+        except OSError as e:
+            raise CopyError(e, is_read=False) from e
+
+
+class CopyBeforeWriteFilter(JobFilter):
+    """The backup job's filter node. The job sets `before_write` (its copy
+    of the clusters a write touches) and `after_write`, which hears of every
+    write after it landed, with whether it was a discard."""
+
+    def __init__(self, node_name: str, owner: Any, bcs: BlockCopy) -> None:
+        super().__init__(node_name, "copy-before-write", "file", owner)
+        self.bcs = bcs
+        self.after_write: Callable[[int, int, bool], None] | None = None
+
+    def apply_permissions(self, perm: Perm, shared: Perm) -> None:
+        # QEMU's cbw_child_perm: reading the old data needs consistent
+        # reads once parents write, and nobody may write or resize the
+        # source behind the filter's back
+        edge = self.child_edges.get(self.role)
+        if edge is not None:
+            if perm & Perm.WRITE:
+                perm |= Perm.CONSISTENT_READ
+            edge.node.update(edge, perm, (shared | Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED)
+                             & ~(Perm.WRITE | Perm.RESIZE))
+
+    def map_now(self, offset: int, length: int, *, write: bool = False) -> list[Extent] | None:
+        return super().map_now(offset, length, write=write)  # reads keep the source's fast path
+
+    def _heard(self, offset: int, length: int, discard: bool) -> None:
+        if self.after_write is not None:
+            self.after_write(offset, length, discard)
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+        try:
+            await super().write(offset, data, fua=fua)
+        finally:
+            self._heard(offset, len(data), False)
+
+    async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
+        try:
+            await super().write_zeroes(offset, length, may_unmap=may_unmap)
+        finally:
+            self._heard(offset, length, False)
+
+    async def discard(self, offset: int, length: int) -> None:
+        try:
+            await super().discard(offset, length)
+        finally:
+            self._heard(offset, length, True)
+
+    def host_fd(self) -> int | str:
+        return f"a backup job copies before writes ({self.owner.describe()})"
