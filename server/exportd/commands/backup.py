@@ -100,13 +100,20 @@ async def make_backup_job(daemon: Any, args: dict[str, Any], source: BlockNode, 
         if max_chunk and max_chunk < job.cluster:
             raise BlockError(f"Required max-chunk ({max_chunk}) is less than backup cluster size ({job.cluster})")
         registry_of(daemon).check_new_id(job.id)
+    except BaseException:
+        await job.teardown()
+        raise
+    registry_of(daemon).add(job)
+    try:
+        # QEMU sets the speed once the job exists: a bad one is announced
+        # as a job created and gone
         speed = args.get("speed", 0)
         check_speed(speed)
         job.speed = job.rate.speed = speed
     except BaseException:
         await job.teardown()
+        registry_of(daemon)._forget(job)
         raise
-    registry_of(daemon).add(job)
     return job
 
 

@@ -24,7 +24,7 @@ import logging
 from typing import Any
 
 from exportd.block.bitmaps import DirtyBitmap
-from exportd.block.chain import allocated_above, chain_contains
+from exportd.block.chain import allocated_above
 from exportd.block.dirtymap import DirtyMap
 from exportd.block.jobs.base import BlockJob
 from exportd.block.jobs.cbw import MAX_CHUNK, BlockCopy, CopyBeforeWriteFilter, CopyError, cluster_size
@@ -82,7 +82,6 @@ class BackupJob(BlockJob):
         except BaseException:
             await self.teardown()
             raise
-        self.bcs.keep_allocated = chain_contains(self.target, self.source)
         length = self.bcs.length
         if self.sync == "bitmap":
             assert self.bitmap is not None

@@ -54,10 +54,6 @@ class BlockCopy:
         self.length = source.getlength()
         self.dirty = DirtyMap(self.length, cluster)  # clusters still to copy
         self.locks = RangeLocks()
-        # a target whose backing chain holds the source (fleecing): a
-        # cluster copied there must stay allocated, or it would read the
-        # source's new data through the backing chain
-        self.keep_allocated = False
 
     def _aligned(self, offset: int, length: int) -> tuple[int, int]:
         c = self.cluster
@@ -93,7 +89,10 @@ class BlockCopy:
             raise CopyError(e, is_read=True) from e
         try:
             if is_zero(data):
-                await self.target.write_zeroes(offset, n, may_unmap=not self.keep_allocated)
+                # never unmapped (as QEMU's block-copy): a cluster copied to an
+                # incremental or fleecing target must not read through to its
+                # backing image
+                await self.target.write_zeroes(offset, n)
             else:
                 await self.target.write(offset, data)
         except OSError as e:
