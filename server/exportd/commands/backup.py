@@ -23,7 +23,7 @@ from exportd.block.node import BlockNode
 from exportd.block.transaction import Action, run
 from exportd.commands import command
 from exportd.errors import BlockError
-from exportd.jobs import registry_of
+from exportd.jobs import JobStatus, registry_of
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,9 @@ class _BackupAction(Action):
             try:
                 await job.teardown()
             finally:
+                # QEMU cancels the job it never started: aborting, concluded, gone
+                job._transition(JobStatus.ABORTING)
+                job._transition(JobStatus.CONCLUDED)
                 registry_of(self.daemon)._forget(job)
 
 

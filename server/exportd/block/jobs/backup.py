@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from exportd.block import bitmaps
 from exportd.block.bitmaps import DirtyBitmap
 from exportd.block.chain import allocated_above
 from exportd.block.dirtymap import DirtyMap
@@ -83,6 +84,7 @@ class BackupJob(BlockJob):
             await self.teardown()
             raise
         length = self.bcs.length
+        self.bcs.zeroes_allocated = self.sync in ("bitmap", "top")
         if self.sync == "bitmap":
             assert self.bitmap is not None
             self.bcs.dirty.merge(self.bitmap.bits)
@@ -111,6 +113,8 @@ class BackupJob(BlockJob):
             self.target.detach(self.target_edge)
             self.target_edge = None
         if filt is not None:
+            filt.dropping = True
+            filt.apply_permissions(*filt.combined_perm())
             await self.graph.drop_filter(filt)
         await self.let_go_all()  # a target nobody else holds (drive-backup's) goes here
 
@@ -190,6 +194,10 @@ class BackupJob(BlockJob):
         if self.bitmap_mode == "never" or not (success or self.bitmap_mode == "always"):
             return  # the bitmap as it was plus the successor: what it is now
         bm.bits.restore(successor)
+        # QEMU's successor, made at the job's start, takes the bitmap's place
+        # and name: it is the node's newest bitmap now
+        bitmaps.detach(bm)
+        bitmaps.attach(bm)
         if not success:  # always, after a failure: also what was not copied
             bm.bits.merge(self.bcs.dirty)
 

@@ -24,7 +24,7 @@ from typing import Any
 from exportd.block.dirtymap import DirtyMap
 from exportd.block.graph import is_zero
 from exportd.block.jobs.filter import JobFilter, RangeLocks
-from exportd.block.node import BlockNode, Perm
+from exportd.block.node import BlockNode, Perm, Status
 from exportd.extents import Extent
 
 MAX_CHUNK = 1 << 20  # QEMU's block-copy buffer (BLOCK_COPY_MAX_BUFFER): bytes per copy step
@@ -54,6 +54,9 @@ class BlockCopy:
         self.length = source.getlength()
         self.dirty = DirtyMap(self.length, cluster)  # clusters still to copy
         self.locks = RangeLocks()
+        # the target is a layer that will sit on other images (an incremental
+        # backup): its zeroes must be allocated there, not read through
+        self.zeroes_allocated = False
 
     def _aligned(self, offset: int, length: int) -> tuple[int, int]:
         c = self.cluster
@@ -93,10 +96,24 @@ class BlockCopy:
                 # incremental or fleecing target must not read through to its
                 # backing image
                 await self.target.write_zeroes(offset, n)
+                if self.zeroes_allocated and not await self._allocated(offset, n):
+                    # a driver that leaves zeroes unallocated where nothing
+                    # lies below (exportd's qcow2 without a backing file)
+                    await self.target.write(offset, bytes(n))
             else:
                 await self.target.write(offset, data)
         except OSError as e:
             raise CopyError(e, is_read=False) from e
+
+
+    async def _allocated(self, offset: int, n: int) -> bool:
+        end = offset + n
+        while offset < end:
+            st = await self.target.block_status(offset, end - offset)
+            if not st.status & Status.ALLOCATED or st.length <= 0:
+                return False
+            offset += st.length
+        return True
 
 
 class CopyBeforeWriteFilter(JobFilter):
@@ -107,6 +124,7 @@ class CopyBeforeWriteFilter(JobFilter):
     def __init__(self, node_name: str, owner: Any, bcs: BlockCopy) -> None:
         super().__init__(node_name, "copy-before-write", "file", owner)
         self.bcs = bcs
+        self.dropping = False
         self.after_write: Callable[[int, int, bool], None] | None = None
 
     def apply_permissions(self, perm: Perm, shared: Perm) -> None:
@@ -114,7 +132,9 @@ class CopyBeforeWriteFilter(JobFilter):
         # reads once parents write, and nobody may write or resize the
         # source behind the filter's back
         edge = self.child_edges.get(self.role)
-        if edge is not None:
+        if edge is not None and self.dropping:
+            edge.node.update(edge, Perm(0), Perm.ALL)  # its parents are about to move back onto the source
+        elif edge is not None:
             if perm & Perm.WRITE:
                 perm |= Perm.CONSISTENT_READ
             edge.node.update(edge, perm, (shared | Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED)
