@@ -1,0 +1,119 @@
+"""A push backup taken while the node is written captures the node as it
+was when the job started, exactly: fio writes (and verifies) through a
+FUSE export of the source during a rate-limited full backup; the backup
+must equal a copy of the image taken before the job, byte for byte, and
+the source must hold what fio wrote. Also the pull side: a fleecing
+overlay read over NBD while fio writes shows the start's data."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.support.daemon import Exportd
+from tests.support.programs import arun, have
+
+pytestmark = pytest.mark.skipif(not have("fio"), reason="fio missing")
+
+M = 1 << 20
+SIZE = 24 * M
+
+
+def qcow2(path: Path, *writes: str, backing: Path | None = None) -> None:
+    args = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    if backing is not None:
+        args += ["-b", str(backing), "-F", "qcow2"]
+    subprocess.run([*args, str(path), str(SIZE)], check=True)
+    for w in writes:
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", w, str(path)], check=True, capture_output=True)
+
+
+def fio(mnt: Path) -> list[str]:
+    # ~3 s of 4k random writes (rate-limited), verified when done
+    return ["fio", "--name=w", f"--filename={mnt}", "--rw=randwrite", "--bs=4k", f"--size={SIZE}",
+            "--ioengine=psync", "--rate_iops=2000", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+            "--randrepeat=0", "--verify_state_save=0", "--output-format=terse"]
+
+
+def raw_of(img: Path, out: Path) -> bytes:
+    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(img), str(out)], check=True)
+    return out.read_bytes()
+
+
+def source_image(workdir: Path) -> bytes:
+    """Data, zeroes and holes, and its raw copy before any daemon opens it."""
+    src = workdir / "src.qcow2"
+    qcow2(src, "write -P 0x11 0 8M", "write -P 0x22 10M 6M", "write -z 12M 1M", "write -P 0x33 20M 3M")
+    return raw_of(src, workdir / "start.raw")
+
+
+async def test_push_backup_under_fio_is_point_in_time(exportd: Exportd, workdir: Path) -> None:
+    at_start = source_image(workdir)
+    qcow2(workdir / "dst.qcow2")
+    for node in ("src", "dst"):
+        await exportd.cmd("blockdev-add", {"driver": "qcow2", "node-name": node,
+                                           "file": {"driver": "file", "filename": str(workdir / f"{node}.qcow2")}})
+    mnt = workdir / "disk.raw"
+    mnt.touch()
+    await exportd.add_export("e", "src", mnt, writable=True)
+    # 24 MiB at 6 MiB/s: the job runs ~4 s, all of fio's write phase falls inside it
+    await exportd.cmd("blockdev-backup", {"job-id": "b", "device": "src", "target": "dst", "sync": "full",
+                                          "speed": 6 * M})
+    writer = asyncio.ensure_future(arun(fio(mnt), timeout=120))
+    await asyncio.sleep(0.5)
+    jobs = await exportd.cmd("query-block-jobs")
+    assert jobs and jobs[0]["status"] == "running" and not writer.done(), "fio does not write during the job"
+    done = await exportd.event("BLOCK_JOB_COMPLETED", timeout=60)
+    assert "error" not in done, done
+    r = await writer
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    shown = (await arun(["sha256sum", str(mnt)])).stdout.split()[0]
+    await exportd.del_export("e")
+    for node in ("src", "dst"):
+        await exportd.cmd("blockdev-del", {"node-name": node})
+    backup = raw_of(workdir / "dst.qcow2", workdir / "backup.raw")
+    assert backup == at_start, "the backup is not the source as it was when the job started"
+    live = raw_of(workdir / "src.qcow2", workdir / "live.raw")
+    assert hashlib.sha256(live).hexdigest() == shown
+    assert live != at_start
+
+
+async def test_fleecing_over_nbd_under_fio_is_point_in_time(exportd: Exportd, workdir: Path) -> None:
+    at_start = source_image(workdir)
+    qcow2(workdir / "scratch.qcow2", backing=workdir / "src.qcow2")
+    await exportd.cmd("blockdev-add", {"driver": "qcow2", "node-name": "src",
+                                       "file": {"driver": "file", "filename": str(workdir / "src.qcow2")}})
+    await exportd.cmd("blockdev-add", {"driver": "qcow2", "node-name": "scratch", "backing": "src",
+                                       "file": {"driver": "file", "filename": str(workdir / "scratch.qcow2")}})
+    mnt = workdir / "disk.raw"
+    mnt.touch()
+    await exportd.add_export("e", "src", mnt, writable=True)
+    await exportd.cmd("blockdev-backup", {"job-id": "fleece", "device": "src", "target": "scratch", "sync": "none"})
+    sock = workdir / "nbd.sock"
+    await exportd.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(sock)}}})
+    await exportd.cmd("block-export-add", {"type": "nbd", "id": "pull", "node-name": "scratch"})
+    writer = asyncio.ensure_future(arun(fio(mnt), timeout=120))
+    await asyncio.sleep(0.5)
+    # the backup tool's read, while fio writes
+    pulled = workdir / "pulled.raw"
+    r = await arun(["qemu-img", "convert", "-f", "raw", "-O", "raw", f"nbd+unix:///scratch?socket={sock}",
+                    str(pulled)], timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert not writer.done(), "fio finished before the pull: the test would prove nothing"
+    r = await writer
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert pulled.read_bytes() == at_start, "the pulled data is not the source as it was at the job's start"
+    await exportd.cmd("block-export-del", {"id": "pull"})
+    await exportd.event("BLOCK_EXPORT_DELETED")
+    await exportd.cmd("block-job-cancel", {"device": "fleece"})
+    await exportd.event("BLOCK_JOB_CANCELLED", timeout=30)
+    await exportd.del_export("e")
+    await exportd.cmd("blockdev-del", {"node-name": "scratch"})
+    await exportd.cmd("blockdev-del", {"node-name": "src"})
+    # the scratch image holds what copy-before-write saved, the rest reads
+    # through to the source: together still the start's data
+    assert raw_of(workdir / "scratch.qcow2", workdir / "scratch.raw") == at_start
