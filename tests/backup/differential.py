@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tests.support.daemon import socket_accepts
 from tests.support.jobflow import Step, cmd, job_events, play
 from tests.support.qsd import running_qsd
 
@@ -89,6 +90,16 @@ def start_exportd(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
     return proc, sock
 
 
+async def accepting(sock: Path, proc: subprocess.Popen[bytes] | None = None, log: Path | None = None) -> None:
+    """Until the daemon listens on `sock` (the file exists a moment before)."""
+    for _ in range(600):
+        if sock.exists() and socket_accepts(str(sock)):
+            return
+        assert proc is None or proc.poll() is None, log.read_text() if log else proc
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"nobody listens on {sock}")
+
+
 async def both(tmp_path: Path, make: Callable[[Path], None], steps: Callable[[Path], list[Step]], *,
                numbers: bool = True, normalize: Callable[[Any], Any] = lambda reply: reply,
                after: Callable[[Path], None] = lambda d: None) -> tuple[Path, Path]:
@@ -102,15 +113,12 @@ async def both(tmp_path: Path, make: Callable[[Path], None], steps: Callable[[Pa
         d.mkdir()
         make(d)
     async with running_qsd(str(tmp_path / "qsd.sock")):
+        await accepting(tmp_path / "qsd.sock")
         theirs, their_events = await play(str(tmp_path / "qsd.sock"), steps(theirs_d))
     after(theirs_d)
     proc, sock = start_exportd(tmp_path)
     try:
-        for _ in range(600):
-            if sock.exists():
-                break
-            assert proc.poll() is None, (tmp_path / "exportd.log").read_text()
-            await asyncio.sleep(0.05)
+        await accepting(sock, proc, tmp_path / "exportd.log")
         ours, our_events = await play(str(sock), steps(ours_d))
     finally:
         proc.terminate()

@@ -28,7 +28,14 @@ from exportd.block.bitmaps import DirtyBitmap
 from exportd.block.chain import allocated_above
 from exportd.block.dirtymap import DirtyMap
 from exportd.block.jobs.base import BlockJob
-from exportd.block.jobs.cbw import MAX_CHUNK, BlockCopy, CopyBeforeWriteFilter, CopyError, cluster_size
+from exportd.block.jobs.cbw import (
+    MAX_CHUNK,
+    BlockCopy,
+    CopyBeforeWriteFilter,
+    CopyError,
+    PointInTimeView,
+    cluster_size,
+)
 from exportd.block.node import BlockNode, Edge, Perm
 
 log = logging.getLogger(__name__)
@@ -52,6 +59,7 @@ class BackupJob(BlockJob):
         self.max_chunk = max_chunk
         self.bcs = BlockCopy(source, target, cluster_size(target))
         self.filter: CopyBeforeWriteFilter | None = None
+        self.view: PointInTimeView | None = None  # the target's backing node while fleecing
         self.main_edge: Edge | None = None
         self.target_edge: Edge | None = None
         self.successor: DirtyMap | None = None  # writes to the source during the job
@@ -80,11 +88,14 @@ class BackupJob(BlockJob):
             # the job's own edges block other operations on its nodes
             self.main_edge = self.hold(filt, "main node", Perm(0), Perm.ALL)
             self.hold(self.target, "target", Perm(0), Perm.ALL)
+            backing = self.target.child_edges.get("backing")
+            if backing is not None and backing.node is filt:
+                self._view_backing(backing)
         except BaseException:
             await self.teardown()
             raise
         length = self.bcs.length
-        self.bcs.zeroes_allocated = self.sync in ("bitmap", "top")
+        self.bcs.zeroes_allocated |= self.sync in ("bitmap", "top")
         if self.sync == "bitmap":
             assert self.bitmap is not None
             self.bcs.dirty.merge(self.bitmap.bits)
@@ -98,8 +109,22 @@ class BackupJob(BlockJob):
         filt.before_write = self._copy_before_write
         filt.after_write = self._written
 
+    def _view_backing(self, backing: Edge) -> None:
+        """Fleecing: the target reads its backing data from the source as
+        it was (cbw.PointInTimeView), and keeps its zeroes allocated."""
+        view = PointInTimeView(self.graph.new_node_name(None), self.bcs)
+        view.child_edges["file"] = self.source.attach(view, Perm.CONSISTENT_READ, Perm.ALL, "file")
+        self.view = view
+        self.graph.replace_node(self.filter, view, edges=[backing])
+        self.bcs.zeroes_allocated = True
+
     async def teardown(self) -> None:
         """Undo setup(): the filter goes, the source's parents move back."""
+        view, self.view = self.view, None
+        if view is not None:
+            if view.users:
+                self.graph.replace_node(view, self.source)
+            await self.graph._destroy(view)
         filt, self.filter = self.filter, None
         if self.bitmap is not None:
             self.bitmap.busy = False

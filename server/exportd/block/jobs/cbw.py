@@ -18,13 +18,15 @@ copied yet are copied to the target. If that copy fails, the write fails
 
 from __future__ import annotations
 
+import contextvars
+import errno
 from collections.abc import Callable
 from typing import Any
 
 from exportd.block.dirtymap import DirtyMap
 from exportd.block.graph import is_zero
 from exportd.block.jobs.filter import JobFilter, RangeLocks
-from exportd.block.node import BlockNode, Perm, Status
+from exportd.block.node import BlockNode, BlockStatus, Perm, Status
 from exportd.extents import Extent
 
 MAX_CHUNK = 1 << 20  # QEMU's block-copy buffer (BLOCK_COPY_MAX_BUFFER): bytes per copy step
@@ -167,3 +169,69 @@ class CopyBeforeWriteFilter(JobFilter):
 
     def host_fd(self) -> int | str:
         return f"a backup job copies before writes ({self.owner.describe()})"
+
+
+# set while a view reads the target for one task: a read that comes back
+# through the target's backing edge would be a loop
+_reading_target: contextvars.ContextVar[bool] = contextvars.ContextVar("reading_target", default=False)
+
+
+class PointInTimeView(BlockNode):
+    """The source as it was when the backup started, for a target whose
+    backing node is the source (fleecing): the target's backing edge points
+    here while the job runs (QEMU's snapshot-access idea). A cluster still
+    to copy is read from the source under its range lock (a write there
+    waits for the read, then copies it first); a copied one from the target,
+    which holds the old data by then. Without it a reader of the target
+    that found a cluster unallocated could read the source just after a
+    write changed it."""
+
+    driver = "snapshot-access"
+
+    def __init__(self, node_name: str, bcs: BlockCopy) -> None:
+        super().__init__(node_name, read_only=True)
+        self.bcs = bcs
+
+    @classmethod
+    async def open(cls, graph: Any, node_name: str, options: dict[str, Any]) -> BlockNode:
+        raise NotImplementedError("a point-in-time view is only created by a backup job")
+
+    def getlength(self) -> int:
+        return self.bcs.length
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        bcs = self.bcs
+        end = min(offset + length, bcs.length)
+        if end <= offset:
+            return bytes(length)
+        start, n = bcs._aligned(offset, end - offset)
+        token = await bcs.locks.acquire(start, n)
+        try:
+            out = bytearray(length)
+            for pos, run, dirty in list(bcs.dirty.runs(offset, end - offset)):
+                if dirty:
+                    data = await bcs.source.read(pos, run)
+                else:
+                    if _reading_target.get():
+                        raise OSError(errno.EIO, "backup target reads its own backing data back")
+                    reset = _reading_target.set(True)
+                    try:
+                        data = await bcs.target.read(pos, run)
+                    finally:
+                        _reading_target.reset(reset)
+                out[pos - offset : pos - offset + run] = data
+            return out
+        finally:
+            bcs.locks.release(token)
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+        raise OSError(errno.EROFS, "a point-in-time view is read-only")
+
+    async def flush(self) -> None:
+        pass
+
+    async def block_status(self, offset: int, length: int) -> BlockStatus:
+        return await self.bcs.source.block_status(offset, length)
+
+    def filename(self) -> str:
+        return self.bcs.source.filename()
