@@ -21,7 +21,6 @@ from tests.support.daemon import socket_accepts
 from tests.support.jobflow import Step, cmd, job_events, play
 from tests.support.qsd import running_qsd
 
-M = 1 << 20
 ROOT = Path(__file__).resolve().parents[2]
 
 
