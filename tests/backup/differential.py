@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tests.blockjobs.test_vs_qemu import _qcow2
 from tests.support.daemon import socket_accepts
 from tests.support.jobflow import Step, cmd, job_events, play
 from tests.support.qsd import running_qsd
@@ -25,12 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def qcow2(path: Path, size: str = "4M", *writes: str, backing: Path | None = None) -> None:
-    args = ["qemu-img", "create", "-q", "-f", "qcow2"]
-    if backing is not None:
-        args += ["-b", str(backing), "-F", "qcow2"]
-    subprocess.run([*args, str(path), size], check=True)
-    for w in writes:
-        subprocess.run(["qemu-io", "-f", "qcow2", "-c", w, str(path)], check=True, capture_output=True)
+    _qcow2(path, size, backing, *writes)
 
 
 def add(d: Path, name: str, fmt: str = "qcow2", **opts: Any) -> Step:

@@ -9,45 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.blockjobs.test_no_lost_writes import M, fio, qcow2, raw_of
 from tests.support.daemon import Exportd
 from tests.support.programs import arun, have
 
 pytestmark = pytest.mark.skipif(not have("fio"), reason="fio missing")
 
-M = 1 << 20
-SIZE = 24 * M
-
-
-def qcow2(path: Path, *writes: str, backing: Path | None = None) -> None:
-    args = ["qemu-img", "create", "-q", "-f", "qcow2"]
-    if backing is not None:
-        args += ["-b", str(backing), "-F", "qcow2"]
-    subprocess.run([*args, str(path), str(SIZE)], check=True)
-    for w in writes:
-        subprocess.run(["qemu-io", "-f", "qcow2", "-c", w, str(path)], check=True, capture_output=True)
-
-
-def fio(mnt: Path) -> list[str]:
-    # ~3 s of 4k random writes (rate-limited), verified when done
-    return ["fio", "--name=w", f"--filename={mnt}", "--rw=randwrite", "--bs=4k", f"--size={SIZE}",
-            "--ioengine=psync", "--rate_iops=2000", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
-            "--randrepeat=0", "--verify_state_save=0", "--output-format=terse"]
-
-
-def raw_of(img: Path, out: Path) -> bytes:
-    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(img), str(out)], check=True)
-    return out.read_bytes()
-
 
 def source_image(workdir: Path) -> bytes:
     """Data, zeroes and holes, and its raw copy before any daemon opens it."""
     src = workdir / "src.qcow2"
-    qcow2(src, "write -P 0x11 0 8M", "write -P 0x22 10M 6M", "write -z 12M 1M", "write -P 0x33 20M 3M")
+    qcow2(src, writes=("write -P 0x11 0 8M", "write -P 0x22 10M 6M", "write -z 12M 1M", "write -P 0x33 20M 3M"))
     return raw_of(src, workdir / "start.raw")
 
 
@@ -67,14 +43,12 @@ async def test_push_backup_under_fio_is_point_in_time(exportd: Exportd, workdir:
     await asyncio.sleep(0.5)
     jobs = await exportd.cmd("query-block-jobs")
     assert jobs and jobs[0]["status"] == "running" and not writer.done(), "fio does not write during the job"
-    done = await exportd.event("BLOCK_JOB_COMPLETED", timeout=60)
-    assert "error" not in done, done
-    r = await writer
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    finished, r = await asyncio.gather(exportd.event("BLOCK_JOB_COMPLETED", timeout=60), writer)
+    assert "error" not in finished and r.returncode == 0, (finished, r.stdout[-2000:] + r.stderr[-2000:])
     shown = (await arun(["sha256sum", str(mnt)])).stdout.split()[0]
     await exportd.del_export("e")
-    for node in ("src", "dst"):
-        await exportd.cmd("blockdev-del", {"node-name": node})
+    await exportd.cmd("blockdev-del", {"node-name": "src"})
+    await exportd.cmd("blockdev-del", {"node-name": "dst"})
     backup = raw_of(workdir / "dst.qcow2", workdir / "backup.raw")
     assert backup == at_start, "the backup is not the source as it was when the job started"
     live = raw_of(workdir / "src.qcow2", workdir / "live.raw")

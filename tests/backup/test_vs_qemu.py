@@ -198,6 +198,21 @@ async def test_incremental_chain_same_as_qemu(tmp_path: Path) -> None:
     await both(tmp_path, images, incremental_flow, normalize=bitmap_facts, after=restore)
 
 
+def cancelled_bitmap_backup(d: Path, job: str, mode: str, *writes: str) -> list[Step]:
+    """A rate-limited sync=bitmap backup: it copies its first 1 MiB, the
+    guest writes, the job is cancelled; then the bitmap."""
+    return [
+        cmd("blockdev-backup", job_id=job, device="src", target="t", sync="bitmap", bitmap="b",
+            bitmap_mode=mode, speed=1),
+        ("sleep", 1),
+        *([guest_write(d, "src", *writes)] if writes else []),
+        cmd("block-job-cancel", device=job),
+        done(job),
+        cmd("query-named-block-nodes"),
+        sha("src", "b"),
+    ]
+
+
 def bitmap_modes_flow(d: Path) -> list[Step]:
     """never (bitmap kept), always after a cancel (bitmap = writes during
     the job + what was not copied), on-success after a cancel (kept), a
@@ -211,22 +226,8 @@ def bitmap_modes_flow(d: Path) -> list[Step]:
         done("n"),
         cmd("query-named-block-nodes"),
         sha("src", "b"),
-        # rate-limited: copies its first 1 MiB, then is cancelled
-        cmd("blockdev-backup", job_id="a", device="src", target="t", sync="bitmap", bitmap="b",
-            bitmap_mode="always", speed=1),
-        ("sleep", 1),
-        guest_write(d, "src", "write -P 0x73 2M 64k"),
-        cmd("block-job-cancel", device="a"),
-        done("a"),
-        cmd("query-named-block-nodes"),
-        sha("src", "b"),
-        cmd("blockdev-backup", job_id="s", device="src", target="t", sync="bitmap", bitmap="b",
-            bitmap_mode="on-success", speed=1),
-        ("sleep", 1),
-        cmd("block-job-cancel", device="s"),
-        done("s"),
-        cmd("query-named-block-nodes"),
-        sha("src", "b"),
+        *cancelled_bitmap_backup(d, "a", "always", "write -P 0x73 2M 64k"),
+        *cancelled_bitmap_backup(d, "s", "on-success"),
         cmd("blockdev-backup", job_id="full", device="src", target="full", sync="full", bitmap="b",
             bitmap_mode="on-success"),
         done("full"),
