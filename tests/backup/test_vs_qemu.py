@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from tests.backup.differential import add, both, guest_write, nbd_export, qcow2, save_export
+from tests.blockjobs.test_vs_qemu import graph_shape
 from tests.support.jobflow import Step, cmd, wait
 from tests.support.qsd import QSD
 
@@ -297,3 +298,24 @@ def job_progress_aside(reply: Any) -> Any:
 
 async def test_fleecing_same_as_qemu(tmp_path: Path) -> None:
     await both(tmp_path, fleece_images, fleecing_flow, normalize=job_progress_aside, after=fleeced_is_point_in_time)
+
+
+# --- the graph while a backup runs ------------------------------------------------------------
+def graph_flow(d: Path) -> list[Step]:
+    """The copy-before-write filter between the source and its export, its
+    'file' and 'target' children, the job's edges; all gone afterwards."""
+    return [
+        add(d, "src"), add(d, "t"),
+        *nbd_export(d, "src", writable=True),
+        cmd("blockdev-backup", job_id="b", device="src", target="t", sync="full", speed=1, filter_node_name="cbw"),
+        cmd("x-debug-query-block-graph"),
+        cmd("block-job-cancel", device="b"),
+        done("b"),
+        cmd("x-debug-query-block-graph"),
+        cmd("block-export-del", id="e-src"),
+        wait("BLOCK_EXPORT_DELETED"),
+    ]
+
+
+async def test_graph_during_backup_same_as_qemu(tmp_path: Path) -> None:
+    await both(tmp_path, images, graph_flow, normalize=graph_shape, numbers=False)

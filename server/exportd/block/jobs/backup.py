@@ -73,13 +73,14 @@ class BackupJob(BlockJob):
     async def setup(self, filter_node_name: str | None) -> None:
         graph = self.graph
         filt = CopyBeforeWriteFilter(graph.new_node_name(filter_node_name), self, self.bcs)
-        # the filter writes the target (QEMU's cbw 'target' child); not one of
-        # its children in the graph, so that a target whose backing node is
-        # the source (fleecing) reads that backing node through the filter
+        # the filter writes the target, its 'target' child as in QEMU (so a
+        # target whose backing node is the source keeps that edge where it is)
         self.target_edge = self.target.attach(filt, Perm.WRITE, Perm.ALL & ~Perm.RESIZE, "target")
+        filt.child_edges["target"] = self.target_edge
         try:
             graph.insert_filter(self.source, filt, "file")
         except BaseException:
+            del filt.child_edges["target"]
             self.target.detach(self.target_edge)
             self.target_edge = None
             raise
@@ -89,7 +90,7 @@ class BackupJob(BlockJob):
             self.main_edge = self.hold(filt, "main node", Perm(0), Perm.ALL)
             self.hold(self.target, "target", Perm(0), Perm.ALL)
             backing = self.target.child_edges.get("backing")
-            if backing is not None and backing.node is filt:
+            if backing is not None and backing.node is self.source:
                 self._view_backing(backing)
         except BaseException:
             await self.teardown()
@@ -115,7 +116,7 @@ class BackupJob(BlockJob):
         view = PointInTimeView(self.graph.new_node_name(None), self.bcs)
         view.child_edges["file"] = self.source.attach(view, Perm.CONSISTENT_READ, Perm.ALL, "file")
         self.view = view
-        self.graph.replace_node(self.filter, view, edges=[backing])
+        self.graph.replace_node(self.source, view, edges=[backing])
         self.bcs.zeroes_allocated = True
 
     async def teardown(self) -> None:
@@ -135,6 +136,8 @@ class BackupJob(BlockJob):
                 self.edges.remove(self.main_edge)
                 filt.detach(self.main_edge)
         if self.target_edge is not None:
+            if filt is not None:
+                filt.child_edges.pop("target", None)
             self.target.detach(self.target_edge)
             self.target_edge = None
         if filt is not None:
