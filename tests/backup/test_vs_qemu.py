@@ -128,6 +128,13 @@ def full_flow(d: Path) -> list[Step]:
         cmd("drive-backup", job_id="d3", device="src", target=str(d / "inc1.qcow2"), sync="full", mode="existing"),
         done("d3"),
         cmd("drive-backup", job_id="d4", device="src", target=str(d / "nope" / "x.qcow2"), sync="full"),
+        # no backing file: top is full; none makes a fleecing overlay of the source
+        cmd("drive-backup", job_id="d5", device="src", target=str(d / "drive-top.qcow2"), sync="top"),
+        done("d5"),
+        cmd("drive-backup", job_id="d6", device="src", target=str(d / "drive-none.qcow2"), sync="none"),
+        cmd("query-block-jobs"),
+        cmd("block-job-cancel", device="d6"),
+        done("d6"),
         cmd("transaction", actions=[
             {"type": "block-dirty-bitmap-add", "data": {"node": "src", "name": "b"}},
             {"type": "blockdev-backup", "data": {"job-id": "tx", "device": "src", "target": "t", "sync": "full"}},
