@@ -6,6 +6,7 @@ backup images (qemu-img compare) must be the same."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.backup.differential import add, both, guest_write, nbd_export, qcow2, save_export
-from tests.blockjobs.test_vs_qemu import graph_shape
+from tests.blockjobs.test_vs_qemu import _tmpfs, add_top, full_disk, graph_shape, io_status_only
 from tests.support.jobflow import Step, cmd, wait
 from tests.support.qsd import QSD
 
@@ -326,3 +327,30 @@ def graph_flow(d: Path) -> list[Step]:
 
 async def test_graph_during_backup_same_as_qemu(tmp_path: Path) -> None:
     await both(tmp_path, images, graph_flow, normalize=graph_shape, numbers=False)
+
+
+# --- I/O errors ---------------------------------------------------------------------------------
+def enospc_flow(d: Path) -> list[Step]:
+    """A full target: on-target-error=stop pauses the job with io-status
+    nospace and BLOCK_JOB_ERROR; once there is room, resume finishes it."""
+    return [
+        add_top(d),
+        cmd("blockdev-add", driver="file", node_name="t", filename=str(d / "small-fs" / "t.raw")),
+        cmd("blockdev-backup", job_id="b", device="top", target="t", sync="full", on_target_error="stop"),
+        wait("BLOCK_JOB_ERROR", device="b"),
+        ("sleep", 0.5),
+        cmd("query-block-jobs"),
+        ("call", lambda: _tmpfs(d / "small-fs", "16M", remount=True)),
+        cmd("block-job-resume", device="b"),
+        done("b"),
+        cmd("blockdev-del", node_name="t"),
+    ]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs")
+async def test_enospc_stop_and_resume_same_as_qemu(tmp_path: Path) -> None:
+    try:
+        await both(tmp_path, full_disk, enospc_flow, numbers=False, normalize=io_status_only)
+    finally:
+        for small in tmp_path.glob("*/small-fs"):
+            subprocess.run(["umount", "-l", str(small)], check=False)

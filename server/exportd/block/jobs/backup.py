@@ -86,8 +86,9 @@ class BackupJob(BlockJob):
             raise
         self.filter = filt
         try:
-            # the job's own edges block other operations on its nodes
-            self.main_edge = self.hold(filt, "main node", Perm(0), Perm.ALL)
+            # the job's own edges block other operations on its nodes; the
+            # source keeps its length while the job runs (its copy state is fixed)
+            self.main_edge = self.hold(filt, "main node", Perm(0), Perm.ALL & ~Perm.RESIZE)
             self.hold(self.target, "target", Perm(0), Perm.ALL)
             backing = self.target.child_edges.get("backing")
             if backing is not None and backing.node is self.source:
