@@ -91,6 +91,7 @@ async def make_backup_job(daemon: Any, args: dict[str, Any], source: BlockNode, 
     job = BackupJob(daemon, args.get("job-id", ""), source, target, sync=sync, bitmap=bm, bitmap_mode=mode,
                     on_source_error=args.get("on-source-error", "report"),
                     on_target_error=args.get("on-target-error", "report"), max_chunk=max_chunk,
+                    max_workers=max_workers,
                     auto_finalize=args.get("auto-finalize", True), auto_dismiss=args.get("auto-dismiss", True))
     fnn = args.get("filter-node-name")
     if fnn is not None and fnn in daemon.graph:

@@ -20,6 +20,7 @@ successor" is the bitmap as it is.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -30,6 +31,7 @@ from exportd.block.dirtymap import DirtyMap
 from exportd.block.jobs.base import BlockJob
 from exportd.block.jobs.cbw import (
     MAX_CHUNK,
+    MAX_IN_FLIGHT,
     BlockCopy,
     CopyBeforeWriteFilter,
     CopyError,
@@ -47,7 +49,7 @@ class BackupJob(BlockJob):
     def __init__(self, daemon: Any, job_id: str, source: BlockNode, target: BlockNode, *, sync: str,
                  bitmap: DirtyBitmap | None = None, bitmap_mode: str | None = None,
                  on_source_error: str = "report", on_target_error: str = "report",
-                 max_chunk: int = 0, **kwargs: Any) -> None:
+                 max_chunk: int = 0, max_workers: int = 64, **kwargs: Any) -> None:
         super().__init__(daemon, job_id, **kwargs)
         self.source = source
         self.target = target
@@ -57,6 +59,7 @@ class BackupJob(BlockJob):
         self.on_source_error = on_source_error
         self.on_target_error = on_target_error
         self.max_chunk = max_chunk
+        self.max_workers = max_workers
         self.bcs = BlockCopy(source, target, cluster_size(target))
         self.filter: CopyBeforeWriteFilter | None = None
         self.view: PointInTimeView | None = None  # the target's backing node while fleecing
@@ -173,23 +176,41 @@ class BackupJob(BlockJob):
             return
         dirty = self.bcs.dirty
         chunk = max(self.cluster, min(self.max_chunk or MAX_CHUNK, MAX_CHUNK))
+        # copies of disjoint runs overlap their I/O in the worker threads; one
+        # at a time when an error would stop the job (a pause is taken by one)
+        # or under a rate limit (QEMU starts no copy while the limit owes time)
+        stops = {"stop", "enospc"} & {self.on_source_error, self.on_target_error}
+        copies: dict[asyncio.Task[int], int] = {}  # task -> offset of its run
         cursor = 0
-        while not self.is_cancelled():
-            run = dirty.next_run(cursor, chunk)
-            if run is None:
-                break
-            offset, n = run
-            cursor = offset + n
-            try:
-                done = await self.bcs.copy(offset, n)
-            except CopyError as e:
-                policy = self.on_source_error if e.is_read else self.on_target_error
-                # report fails the job; stop pauses, ignore goes on: either
-                # way the clusters stay dirty and are tried again (QEMU's backup_loop)
-                await self.io_error(e.exc, is_read=e.is_read, policy=policy)
-                cursor = offset
-                continue
-            await self.processed(done)
+        try:
+            while not self.is_cancelled():
+                parallel = 1 if stops or self.speed else max(1, min(MAX_IN_FLIGHT, self.max_workers))
+                run = dirty.next_run(cursor, chunk) if len(copies) < parallel else None
+                if run is not None and any(o == run[0] for o in copies.values()):
+                    run = None  # wrapped around to a run in flight: wait for it
+                if run is not None:
+                    offset, n = run
+                    cursor = offset + n
+                    copies[asyncio.ensure_future(self.bcs.copy(offset, n))] = offset
+                    continue
+                if not copies:
+                    break
+                done, _ = await asyncio.wait(copies, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    offset = copies.pop(task)
+                    try:
+                        copied = task.result()
+                    except CopyError as e:
+                        policy = self.on_source_error if e.is_read else self.on_target_error
+                        # report fails the job; stop pauses, ignore goes on: either
+                        # way the clusters stay dirty and are tried again (QEMU's backup_loop)
+                        await self.io_error(e.exc, is_read=e.is_read, policy=policy)
+                        cursor = offset
+                        continue
+                    await self.processed(copied)
+        finally:
+            if copies:  # the job ends (cancel, error): its copies finish first
+                await asyncio.wait(copies)
         if not self.is_cancelled():
             await self.target.flush()
 

@@ -30,6 +30,7 @@ from exportd.block.node import BlockNode, BlockStatus, Perm, Status
 from exportd.extents import Extent
 
 MAX_CHUNK = 1 << 20  # QEMU's block-copy buffer (BLOCK_COPY_MAX_BUFFER): bytes per copy step
+MAX_IN_FLIGHT = 4  # a job's background copies at once (QEMU's x-perf max-workers caps it)
 DEFAULT_CLUSTER = 64 << 10  # BLOCK_COPY_CLUSTER_SIZE_DEFAULT
 
 
