@@ -81,6 +81,7 @@ def errors_flow(d: Path) -> list[Step]:
         cmd("blockdev-backup", job_id="j", sync="full", x_perf={"max-chunk": -1}, **b),
         cmd("blockdev-backup", job_id="j", sync="full", x_perf={"max-chunk": 4096}, **b),
         cmd("blockdev-backup", job_id="j", sync="full", filter_node_name="src", **b),
+        cmd("blockdev-backup", job_id="j", sync="full", filter_node_name="1x", **b),
         cmd("query-named-block-nodes"),
         # a running (rate-limited) backup: what it refuses, then cancelled
         cmd("blockdev-backup", job_id="j", sync="full", speed=1, filter_node_name="cbw", bitmap="b0",

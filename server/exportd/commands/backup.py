@@ -93,10 +93,10 @@ async def make_backup_job(daemon: Any, args: dict[str, Any], source: BlockNode, 
                     on_target_error=args.get("on-target-error", "report"), max_chunk=max_chunk,
                     max_workers=max_workers,
                     auto_finalize=args.get("auto-finalize", True), auto_dismiss=args.get("auto-dismiss", True))
-    fnn = args.get("filter-node-name")
-    if fnn is not None and fnn in daemon.graph:
-        raise BlockError(f"Could not create node: Duplicate nodes with node-name='{fnn}'")
-    await job.setup(fnn)
+    try:  # the filter node is made as blockdev-add would, with its texts
+        await job.setup(daemon.graph.new_node_name(args.get("filter-node-name")))
+    except BlockError as e:
+        raise BlockError(f"Could not create node: {e.desc}") from None
     try:
         if max_chunk and max_chunk < job.cluster:
             raise BlockError(f"Required max-chunk ({max_chunk}) is less than backup cluster size ({job.cluster})")

@@ -73,9 +73,11 @@ class BackupJob(BlockJob):
         return self.bcs.cluster
 
     # --- set-up (inside the command; undone by teardown() if the command fails later) --
-    async def setup(self, filter_node_name: str | None) -> None:
+    async def setup(self, filter_node_name: str) -> None:
+        """Put the filter (named `filter_node_name`, already checked) above
+        the source; a BlockError (a permission conflict) changes nothing."""
         graph = self.graph
-        filt = CopyBeforeWriteFilter(graph.new_node_name(filter_node_name), self, self.bcs)
+        filt = CopyBeforeWriteFilter(filter_node_name, self, self.bcs)
         # the filter writes the target, its 'target' child as in QEMU (so a
         # target whose backing node is the source keeps that edge where it is)
         self.target_edge = self.target.attach(filt, Perm.WRITE, Perm.ALL & ~Perm.RESIZE, "target")
