@@ -120,12 +120,12 @@ async def both(tmp_path: Path, make: Callable[[Path], None], steps: Callable[[Pa
         proc.wait(30)
     after(ours_d)
     commands = [s for s in steps(ours_d) if s[0] == "cmd"]
-    for step, a, b in zip(commands, ours, theirs, strict=True):
+    for i, (step, a, b) in enumerate(zip(commands, ours, theirs, strict=True)):
         # the file names in replies name each daemon's own directory
         a = json.loads(json.dumps(a).replace(str(ours_d), "<dir>"))
         b = json.loads(json.dumps(b).replace(str(theirs_d), "<dir>"))
         a, b = (normalize(r) for r in (a, b))
-        assert a == b, (step, a, b)
+        assert a == b, (f"command {i}", step, a, b)
     ours_seen, theirs_seen = (drained(job_events(e, keep_numbers=numbers)) for e in (our_events, their_events))
     assert ours_seen == theirs_seen, "\n".join(f"{a!s:90} {b!s}" for a, b in
                                              itertools.zip_longest(ours_seen, theirs_seen))
