@@ -50,6 +50,9 @@ class CopyError(Exception):
 
 
 class BlockCopy:
+    """Which clusters of `source` still have to reach `target`, and who is
+    copying which right now."""
+
     def __init__(self, source: BlockNode, target: BlockNode, cluster: int) -> None:
         self.source = source
         self.target = target
@@ -107,7 +110,6 @@ class BlockCopy:
                 await self.target.write(offset, data)
         except OSError as e:
             raise CopyError(e, is_read=False) from e
-
 
     async def _allocated(self, offset: int, n: int) -> bool:
         end = offset + n
