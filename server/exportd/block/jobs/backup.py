@@ -127,6 +127,11 @@ class BackupJob(BlockJob):
 
     async def teardown(self) -> None:
         """Undo setup(): the filter goes, the source's parents move back."""
+        if self.filter is not None:
+            # writes in flight (and their copies) finish first; new ones wait,
+            # then go to the source, where their parents are by then
+            self.filter.freeze()
+            await self.filter.wait_idle()
         view, self.view = self.view, None
         if view is not None:
             if view.users:
@@ -136,8 +141,6 @@ class BackupJob(BlockJob):
         if self.bitmap is not None:
             self.bitmap.busy = False
         if filt is not None:
-            filt.before_write = None
-            filt.after_write = None
             if self.main_edge is not None and self.main_edge in self.edges:
                 self.edges.remove(self.main_edge)
                 filt.detach(self.main_edge)
@@ -148,8 +151,11 @@ class BackupJob(BlockJob):
             self.target_edge = None
         if filt is not None:
             filt.dropping = True
-            filt.apply_permissions(*filt.combined_perm())
-            await self.graph.drop_filter(filt)
+            try:
+                filt.apply_permissions(*filt.combined_perm())
+                await self.graph.drop_filter(filt)
+            finally:
+                filt.thaw(redirect=self.source)
         await self.let_go_all()  # a target nobody else holds (drive-backup's) goes here
 
     # --- the filter's side ------------------------------------------------------------------
