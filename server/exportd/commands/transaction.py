@@ -9,7 +9,7 @@ from typing import Any
 from exportd.block import bitmap_actions, transaction
 from exportd.block.graph_query import block_graph
 from exportd.block.snapshot import SnapshotAction, SnapshotSyncAction
-from exportd.commands import command
+from exportd.commands import backup, command
 
 # TransactionActionKind -> the action built from (graph, data). A new kind
 # is one entry here plus its enum value and
@@ -19,6 +19,7 @@ ACTIONS: dict[str, Callable[[Any, dict[str, Any]], transaction.Action]] = {
     "blockdev-snapshot": SnapshotAction,
     "blockdev-snapshot-sync": SnapshotSyncAction,
     **bitmap_actions.ACTIONS,
+    **backup.ACTIONS,
 }
 
 

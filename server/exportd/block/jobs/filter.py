@@ -69,6 +69,9 @@ class JobFilter(BlockNode):
         self.locks = RangeLocks()
         self.serialize_writes = False  # writes take range locks too
         self.written: WriteHook | None = None
+        # awaited before a write reaches the child (a backup's copy-before-write);
+        # raising fails the write
+        self.before_write: Callable[[int, int], Awaitable[None]] | None = None
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -114,6 +117,8 @@ class JobFilter(BlockNode):
         try:
             if self.serialize_writes:
                 token = await self.locks.acquire(offset, length)
+            if self.before_write is not None and self.redirect is None:
+                await self.before_write(offset, length)
             await op(self.redirect or self.inner)
             if self.written is not None:
                 await self.written(offset, length, data)

@@ -1,0 +1,367 @@
+"""Differential tests of blockdev-backup and drive-backup: the same QMP
+flows against qemu-storage-daemon 7.2 and exportd (tests/backup/
+differential.py); replies, job events with their progress figures, and the
+backup images (qemu-img compare) must be the same."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.backup.differential import add, both, guest_write, nbd_export, qcow2, save_export
+from tests.blockjobs.test_vs_qemu import _tmpfs, add_top, full_disk, graph_shape, io_status_only
+from tests.support.jobflow import Step, cmd, wait
+from tests.support.qsd import QSD
+
+pytestmark = pytest.mark.skipif(QSD is None, reason="qemu-storage-daemon is not installed")
+
+
+def images(d: Path) -> None:
+    """src: data at 0-1M, a zero cluster at 2M; empty 4M targets; a 1M one; a raw one."""
+    qcow2(d / "src.qcow2", "4M", "write -P 0x61 0 1M", "write -z 2M 64k", "write -P 0x62 3M 128k")
+    for name in ("full", "inc1", "inc2", "t"):
+        qcow2(d / f"{name}.qcow2", "4M")
+    qcow2(d / "small.qcow2", "1M")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(d / "raw.raw"), "4M"], check=True)
+
+
+def bitmap(node: str, name: str, **opts: Any) -> Step:
+    return ("cmd", "block-dirty-bitmap-add", {"node": node, "name": name, **opts})
+
+
+def sha(node: str, name: str) -> Step:
+    return ("cmd", "x-debug-block-dirty-bitmap-sha256", {"node": node, "name": name})
+
+
+def done(job: str) -> Step:
+    return wait("JOB_STATUS_CHANGE", id=job, status="null")
+
+
+def bitmap_facts(reply: Any) -> Any:
+    """query-named-block-nodes: only the nodes' dirty bitmaps (the rest is
+    the node query's business, tested elsewhere); QEMU's anonymous bitmaps
+    (a filter's copy state) are not exportd's."""
+    ret = reply.get("return")
+    if isinstance(ret, list) and ret and isinstance(ret[0], dict) and "node-name" in ret[0]:
+        return sorted((n["node-name"], json.dumps([b for b in n.get("dirty-bitmaps", []) if "name" in b],
+                                                   sort_keys=True))
+                      for n in ret if not n["node-name"].startswith("#") and n["drv"] != "copy-before-write")
+    return reply
+
+
+# --- refusals ------------------------------------------------------------------------------
+def errors_flow(d: Path) -> list[Step]:
+    b = {"device": "src", "target": "t"}
+    return [
+        add(d, "src"), add(d, "t"), add(d, "small"), add(d, "raw", "raw"), add(d, "full"),
+        bitmap("src", "b0"),
+        cmd("blockdev-backup", sync="full", **b),
+        cmd("blockdev-backup", job_id="j", device="nope", target="t", sync="full"),
+        cmd("blockdev-backup", job_id="j", device="src", target="nope", sync="full"),
+        cmd("blockdev-backup", job_id="j", device="src", target="src", sync="full"),
+        cmd("blockdev-backup", job_id="j", device="src", target="small", sync="full"),
+        cmd("blockdev-backup", job_id="j", sync="incremental", **b),
+        cmd("blockdev-backup", job_id="j", sync="bitmap", **b),
+        cmd("blockdev-backup", job_id="j", sync="incremental", bitmap="b0", bitmap_mode="never", **b),
+        cmd("blockdev-backup", job_id="j", sync="bitmap", bitmap="nope", bitmap_mode="always", **b),
+        cmd("blockdev-backup", job_id="j", sync="bitmap", bitmap="b0", **b),
+        cmd("blockdev-backup", job_id="j", sync="none", bitmap="b0", bitmap_mode="always", **b),
+        cmd("blockdev-backup", job_id="j", sync="full", bitmap="b0", bitmap_mode="never", **b),
+        cmd("blockdev-backup", job_id="j", sync="top", bitmap="b0", bitmap_mode="never", **b),
+        cmd("blockdev-backup", job_id="j", sync="full", bitmap_mode="never", **b),
+        cmd("blockdev-backup", job_id="j", device="src", target="raw", sync="full", compress=True),
+        cmd("blockdev-backup", job_id="j", sync="full", speed=-1, **b),
+        cmd("blockdev-backup", job_id="1j", sync="full", **b),
+        cmd("blockdev-backup", job_id="j", sync="full", x_perf={"max-workers": 0}, **b),
+        cmd("blockdev-backup", job_id="j", sync="full", x_perf={"max-chunk": -1}, **b),
+        cmd("blockdev-backup", job_id="j", sync="full", x_perf={"max-chunk": 4096}, **b),
+        cmd("blockdev-backup", job_id="j", sync="full", filter_node_name="src", **b),
+        cmd("blockdev-backup", job_id="j", sync="full", filter_node_name="1x", **b),
+        cmd("query-named-block-nodes"),
+        # a running (rate-limited) backup: what it refuses, then cancelled
+        cmd("blockdev-backup", job_id="j", sync="full", speed=1, filter_node_name="cbw", bitmap="b0",
+            bitmap_mode="on-success", **b),
+        ("sleep", 1),  # its first chunk is copied (then the rate limit holds it)
+        cmd("blockdev-backup", job_id="j", device="src", target="raw", sync="full"),
+        cmd("blockdev-backup", job_id="j2", device="src", target="raw", sync="full", bitmap="b0",
+            bitmap_mode="always"),
+        cmd("blockdev-backup", job_id="j2", device="t", target="raw", sync="full"),
+        cmd("blockdev-backup", job_id="j2", device="full", target="t", sync="full"),
+        cmd("blockdev-del", node_name="src"),
+        cmd("blockdev-del", node_name="t"),
+        cmd("blockdev-del", node_name="cbw"),
+        ("cmd", "block-dirty-bitmap-clear", {"node": "src", "name": "b0"}),
+        ("cmd", "block-dirty-bitmap-remove", {"node": "src", "name": "b0"}),
+        cmd("query-named-block-nodes"),
+        cmd("query-block-jobs"),
+        cmd("block-job-cancel", device="j"),
+        done("j"),
+        cmd("query-named-block-nodes"),
+        cmd("blockdev-del", node_name="t"),
+    ]
+
+
+async def test_errors_same_as_qemu(tmp_path: Path) -> None:
+    await both(tmp_path, images, errors_flow, normalize=bitmap_facts)
+
+
+# --- full, top, drive-backup, transaction --------------------------------------------------
+def full_flow(d: Path) -> list[Step]:
+    return [
+        add(d, "src"), add(d, "full"), add(d, "t"),
+        cmd("blockdev-backup", job_id="f", device="src", target="full", sync="full", auto_dismiss=False),
+        wait("JOB_STATUS_CHANGE", id="f", status="concluded"),
+        cmd("query-block-jobs"),
+        cmd("job-dismiss", id="f"),
+        cmd("blockdev-backup", job_id="top", device="src", target="t", sync="top", auto_finalize=False),
+        wait("BLOCK_JOB_PENDING", id="top"),
+        cmd("query-jobs"),
+        cmd("job-finalize", id="top"),
+        done("top"),
+        cmd("drive-backup", job_id="d1", device="src", target=str(d / "drive-full.qcow2"), sync="full"),
+        done("d1"),
+        cmd("drive-backup", job_id="d2", device="src", target=str(d / "drive-raw.raw"), sync="full", format="raw"),
+        done("d2"),
+        cmd("drive-backup", job_id="d3", device="src", target=str(d / "inc1.qcow2"), sync="full", mode="existing"),
+        done("d3"),
+        cmd("drive-backup", job_id="d4", device="src", target=str(d / "nope" / "x.qcow2"), sync="full"),
+        # no backing file: top is full; none makes a fleecing overlay of the source
+        cmd("drive-backup", job_id="d5", device="src", target=str(d / "drive-top.qcow2"), sync="top"),
+        done("d5"),
+        cmd("drive-backup", job_id="d6", device="src", target=str(d / "drive-none.qcow2"), sync="none"),
+        cmd("query-block-jobs"),
+        cmd("block-job-cancel", device="d6"),
+        done("d6"),
+        cmd("transaction", actions=[
+            {"type": "block-dirty-bitmap-add", "data": {"node": "src", "name": "b"}},
+            {"type": "blockdev-backup", "data": {"job-id": "tx", "device": "src", "target": "t", "sync": "full"}},
+        ]),
+        done("tx"),
+        cmd("transaction", actions=[
+            {"type": "blockdev-backup", "data": {"job-id": "tx2", "device": "src", "target": "t", "sync": "full"}},
+            {"type": "abort", "data": {}},
+        ]),
+        cmd("query-named-block-nodes"),
+        # the verbs on a backup: pause, resume, a new speed
+        cmd("blockdev-backup", job_id="v", device="src", target="t", sync="full", speed=1),
+        ("sleep", 1),
+        cmd("block-job-pause", device="v"),
+        wait("JOB_STATUS_CHANGE", id="v", status="paused"),
+        cmd("query-block-jobs"),
+        cmd("block-job-complete", device="v"),
+        cmd("block-job-resume", device="v"),
+        cmd("block-job-set-speed", device="v", speed=0),
+        done("v"),
+        cmd("blockdev-del", node_name="full"),
+        cmd("blockdev-del", node_name="t"),
+        cmd("blockdev-del", node_name="src"),
+    ]
+
+
+async def test_full_top_drive_and_transaction_same_as_qemu(tmp_path: Path) -> None:
+    await both(tmp_path, images, full_flow, normalize=bitmap_facts)
+
+
+# --- incremental chains and bitmap modes ----------------------------------------------------
+def incremental_flow(d: Path) -> list[Step]:
+    """Full backup and a bitmap in one transaction, then guest writes (data,
+    zeroes, a discard) and an incremental backup, twice: the images, the
+    bitmap after each step and the job events must match QEMU's."""
+    return [
+        add(d, "src", discard="unmap"), add(d, "full"), add(d, "inc1"), add(d, "inc2"),
+        *nbd_export(d, "src", writable=True),
+        cmd("transaction", actions=[
+            {"type": "block-dirty-bitmap-add", "data": {"node": "src", "name": "b"}},
+            {"type": "blockdev-backup", "data": {"job-id": "f", "device": "src", "target": "full", "sync": "full"}},
+        ]),
+        done("f"),
+        guest_write(d, "src", "write -P 0x71 64k 64k", "write -P 0x72 1500k 100k", "write -z 3M 64k",
+                    "discard 0 64k"),
+        cmd("query-named-block-nodes"),
+        sha("src", "b"),
+        save_export(d, "src", "checkpoint1.raw"),
+        cmd("blockdev-backup", job_id="i1", device="src", target="inc1", sync="incremental", bitmap="b"),
+        done("i1"),
+        cmd("query-named-block-nodes"),
+        guest_write(d, "src", "write -P 0x73 2M 192k", "write -P 0x74 4032k 64k"),
+        save_export(d, "src", "checkpoint2.raw"),
+        cmd("blockdev-backup", job_id="i2", device="src", target="inc2", sync="bitmap", bitmap="b",
+            bitmap_mode="on-success"),
+        done("i2"),
+        cmd("query-named-block-nodes"),
+        sha("src", "b"),
+        cmd("block-export-del", id="e-src"),
+        wait("BLOCK_EXPORT_DELETED"),
+    ]
+
+
+def restore(d: Path) -> None:
+    """full + inc1 + inc2 as a chain (rebase -u), flattened: it must be
+    the live image at the last checkpoint, byte for byte."""
+    subprocess.run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", str(d / "full.qcow2"), "-F", "qcow2",
+                    str(d / "inc1.qcow2")], check=True)
+    subprocess.run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", str(d / "inc1.qcow2"), "-F", "qcow2",
+                    str(d / "inc2.qcow2")], check=True)
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(d / "inc2.qcow2"), str(d / "restored.raw")], check=True)
+    assert (d / "restored.raw").read_bytes() == (d / "checkpoint2.raw").read_bytes(), d
+    # and the first checkpoint from full + inc1
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(d / "inc1.qcow2"), str(d / "restored1.raw")], check=True)
+    assert (d / "restored1.raw").read_bytes() == (d / "checkpoint1.raw").read_bytes(), d
+
+
+async def test_incremental_chain_same_as_qemu(tmp_path: Path) -> None:
+    await both(tmp_path, images, incremental_flow, normalize=bitmap_facts, after=restore)
+
+
+def cancelled_bitmap_backup(d: Path, job: str, mode: str, *writes: str) -> list[Step]:
+    """A rate-limited sync=bitmap backup: it copies its first 1 MiB, the
+    guest writes, the job is cancelled; then the bitmap."""
+    return [
+        cmd("blockdev-backup", job_id=job, device="src", target="t", sync="bitmap", bitmap="b",
+            bitmap_mode=mode, speed=1),
+        ("sleep", 1),
+        *([guest_write(d, "src", *writes)] if writes else []),
+        cmd("block-job-cancel", device=job),
+        done(job),
+        cmd("query-named-block-nodes"),
+        sha("src", "b"),
+    ]
+
+
+def bitmap_modes_flow(d: Path) -> list[Step]:
+    """never (bitmap kept), always after a cancel (bitmap = writes during
+    the job + what was not copied), on-success after a cancel (kept), a
+    disabled bitmap; sync=full with a bitmap clears it."""
+    return [
+        add(d, "src"), add(d, "t"), add(d, "full"),
+        *nbd_export(d, "src", writable=True),
+        bitmap("src", "b"), bitmap("src", "off", disabled=True),
+        guest_write(d, "src", "write -P 0x71 0 1536k", "write -P 0x72 3M 64k"),
+        cmd("blockdev-backup", job_id="n", device="src", target="t", sync="bitmap", bitmap="b", bitmap_mode="never"),
+        done("n"),
+        cmd("query-named-block-nodes"),
+        sha("src", "b"),
+        *cancelled_bitmap_backup(d, "a", "always", "write -P 0x73 2M 64k"),
+        *cancelled_bitmap_backup(d, "s", "on-success"),
+        cmd("blockdev-backup", job_id="full", device="src", target="full", sync="full", bitmap="b",
+            bitmap_mode="on-success"),
+        done("full"),
+        cmd("query-named-block-nodes"),
+        ("cmd", "block-dirty-bitmap-merge", {"node": "src", "target": "off", "bitmaps": ["b"]}),
+        cmd("blockdev-backup", job_id="off", device="src", target="t", sync="incremental", bitmap="off"),
+        ("sleep", 0.2),
+        guest_write(d, "src", "write -P 0x74 1M 64k"),
+        done("off"),
+        cmd("query-named-block-nodes"),
+        cmd("block-export-del", id="e-src"),
+        wait("BLOCK_EXPORT_DELETED"),
+    ]
+
+
+async def test_bitmap_modes_same_as_qemu(tmp_path: Path) -> None:
+    await both(tmp_path, images, bitmap_modes_flow, normalize=bitmap_facts)
+
+
+# --- pull mode: fleecing -------------------------------------------------------------------
+def fleece_images(d: Path) -> None:
+    images(d)
+    qcow2(d / "scratch.qcow2", "4M", backing=d / "src.qcow2")
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(d / "src.qcow2"), str(d / "at-start.raw")], check=True)
+
+
+def fleecing_flow(d: Path) -> list[Step]:
+    """libvirt's pull-mode backup of QEMU < 7.1: a scratch overlay whose
+    backing node is the live node, a sync=none backup into it, the scratch
+    exported over NBD; while the node is written, the export shows the
+    node as it was."""
+    return [
+        add(d, "src"),
+        cmd("blockdev-add", driver="qcow2", node_name="scratch", backing="src",
+            file={"driver": "file", "filename": str(d / "scratch.qcow2")}),
+        *nbd_export(d, "src", writable=True),
+        cmd("block-export-add", type="nbd", id="e-scratch", node_name="scratch"),
+        cmd("blockdev-backup", job_id="fleece", device="src", target="scratch", sync="none"),
+        guest_write(d, "src", "write -P 0x71 32k 64k", "write -z 2M 128k", "write -P 0x72 3M 1M", "discard 0 4k"),
+        save_export(d, "scratch", "fleeced.raw"),
+        save_export(d, "src", "live.raw"),
+        cmd("query-block-jobs"),
+        cmd("block-job-cancel", device="fleece"),
+        done("fleece"),
+        cmd("block-export-del", id="e-scratch"),
+        wait("BLOCK_EXPORT_DELETED"),
+        cmd("blockdev-del", node_name="scratch"),
+        cmd("block-export-del", id="e-src"),
+        wait("BLOCK_EXPORT_DELETED"),
+    ]
+
+
+def fleeced_is_point_in_time(d: Path) -> None:
+    assert (d / "fleeced.raw").read_bytes() == (d / "at-start.raw").read_bytes()
+    assert (d / "live.raw").read_bytes() != (d / "at-start.raw").read_bytes()
+
+
+def job_progress_aside(reply: Any) -> Any:
+    """query-block-jobs of a fleecing job: how many bytes copy-before-write
+    saved depends on the write pattern's split into requests (equal here),
+    but QEMU's 'busy' flag is about its coroutine."""
+    ret = reply.get("return")
+    if isinstance(ret, list) and ret and "busy" in ret[0]:
+        return [{k: v for k, v in j.items() if k != "busy"} for j in ret]
+    return reply
+
+
+async def test_fleecing_same_as_qemu(tmp_path: Path) -> None:
+    await both(tmp_path, fleece_images, fleecing_flow, normalize=job_progress_aside, after=fleeced_is_point_in_time)
+
+
+# --- the graph while a backup runs ------------------------------------------------------------
+def graph_flow(d: Path) -> list[Step]:
+    """The copy-before-write filter between the source and its export, its
+    'file' and 'target' children, the job's edges; all gone afterwards."""
+    return [
+        add(d, "src"), add(d, "t"),
+        *nbd_export(d, "src", writable=True),
+        cmd("blockdev-backup", job_id="b", device="src", target="t", sync="full", speed=1, filter_node_name="cbw"),
+        cmd("x-debug-query-block-graph"),
+        cmd("block-job-cancel", device="b"),
+        done("b"),
+        cmd("x-debug-query-block-graph"),
+        cmd("block-export-del", id="e-src"),
+        wait("BLOCK_EXPORT_DELETED"),
+    ]
+
+
+async def test_graph_during_backup_same_as_qemu(tmp_path: Path) -> None:
+    await both(tmp_path, images, graph_flow, normalize=graph_shape, numbers=False)
+
+
+# --- I/O errors ---------------------------------------------------------------------------------
+def enospc_flow(d: Path) -> list[Step]:
+    """A full target: on-target-error=stop pauses the job with io-status
+    nospace and BLOCK_JOB_ERROR; once there is room, resume finishes it."""
+    return [
+        add_top(d),
+        cmd("blockdev-add", driver="file", node_name="t", filename=str(d / "small-fs" / "t.raw")),
+        cmd("blockdev-backup", job_id="b", device="top", target="t", sync="full", on_target_error="stop"),
+        wait("BLOCK_JOB_ERROR", device="b"),
+        ("sleep", 0.5),
+        cmd("query-block-jobs"),
+        ("call", lambda: _tmpfs(d / "small-fs", "16M", remount=True)),
+        cmd("block-job-resume", device="b"),
+        done("b"),
+        cmd("blockdev-del", node_name="t"),
+    ]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs")
+async def test_enospc_stop_and_resume_same_as_qemu(tmp_path: Path) -> None:
+    try:
+        await both(tmp_path, full_disk, enospc_flow, numbers=False, normalize=io_status_only)
+    finally:
+        for small in tmp_path.glob("*/small-fs"):
+            subprocess.run(["umount", "-l", str(small)], check=False)
