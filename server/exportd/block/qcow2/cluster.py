@@ -156,16 +156,20 @@ class ClusterMap(Qcow2State):
                     return None
                 _, g, _, e = out[-1]
                 raise self.corruption(f"L2 entry 0x{e:x} for guest offset 0x{g:x} is invalid")
-            t = await self._load_l2(self.l1[pos >> self.l1_shift] & OFFSET_MASK)
+            index = pos >> self.l1_shift
+            t = await self._load_l2(self.l1[index] & OFFSET_MASK, index)
             pos = self._map_cached(pos, end, out, owned_only, t)
         return out
 
-    async def _load_l2(self, off: int) -> L2Table:
+    async def _load_l2(self, off: int, l1_index: int | None = None) -> L2Table:
         t = self.l2cache.lookup(off)
         if t is not None:
             return t
-        if off & self.cmask or off + self.cs > self.io.end:
-            raise self.corruption(f"L2 table offset 0x{off:x} misaligned or outside the image")
+        if off & self.cmask:
+            where = f" (L1 index: {c_hex(l1_index)})" if l1_index is not None else ""
+            raise self.corruption(f"L2 table offset {c_hex(off)} unaligned{where}")  # QEMU's text
+        if off + self.cs > self.io.end:
+            raise self.corruption(f"L2 table offset 0x{off:x} is outside the image", off, self.cs)
 
         async def loader(o: int) -> array:
             return decode_table(await self.io.read(o, self.cs))
@@ -392,3 +396,8 @@ class ClusterMap(Qcow2State):
                 changed = True
             if changed:
                 self._keep_cached(t)
+
+
+def c_hex(n: int) -> str:
+    """C's %#x, as QEMU's messages print numbers: 0 without the prefix."""
+    return f"{n:#x}" if n else "0"

@@ -17,6 +17,7 @@ import logging
 import os
 import struct
 from array import array
+from collections.abc import Callable
 from typing import Any
 
 from exportd.aio.threads import in_own_thread
@@ -74,6 +75,7 @@ class Qcow2Node(ClusterMap, Writeback, Qcow2Bitmaps, Qcow2Reopen, BlockNode):
         self._file_edge: Edge = None  # type: ignore[assignment]  # the file child's edge (hot path)
         self.io: ImageFile = None  # type: ignore[assignment]
         self.corrupt = False
+        self.emit_event: Callable[[str, dict[str, Any]], None] | None = None  # the daemon's, for corruption
         self.meta_clusters: set[int] = set()
         self.pending_free: list[tuple[int, int, bool]] = []  # (host offset, clusters, punch)
         self._pass_discard = False  # punch freed guest-discarded clusters out of the file
@@ -107,6 +109,8 @@ class Qcow2Node(ClusterMap, Writeback, Qcow2Bitmaps, Qcow2Reopen, BlockNode):
             raise BlockError("Parameter 'file' is missing")
         ro = bool(options.get("read-only", False))
         node = cls(node_name, read_only=ro)
+        daemon = getattr(graph, "daemon", None)
+        node.emit_event = daemon.emit_event if daemon is not None else None
         node._discard_unmap = options.get("discard") in ("unmap", "on")
         # QEMU's default: pass guest discards down when discard=unmap
         node._pass_discard = bool(options.get("pass-discard-request", node._discard_unmap))
@@ -307,12 +311,22 @@ class Qcow2Node(ClusterMap, Writeback, Qcow2Bitmaps, Qcow2Reopen, BlockNode):
         await self.write_header()
         await self.io.flush()
 
-    def corruption(self, msg: str) -> OSError:
+    def corruption(self, msg: str, offset: int = -1, size: int = -1) -> OSError:
         """Note corrupt metadata: no more writes; like QEMU, a writable v3 image
-        gets the corrupt bit so that it is not opened read/write until repaired."""
+        gets the corrupt bit so that it is not opened read/write until
+        repaired, and the management hears of it once (BLOCK_IMAGE_CORRUPTED,
+        the affected host range when known)."""
         if not self.corrupt:
-            log.error("qcow2 %s: image corrupt: %s", self.node_name, msg)
+            log.error("qcow2 %s: Marking image as corrupt: %s; further corruption events will be suppressed",
+                      self.node_name, msg)
             self.corrupt = True
+            if self.emit_event is not None:
+                event: dict[str, Any] = {"device": "", "node-name": self.node_name, "msg": msg}
+                if offset >= 0:
+                    event["offset"] = offset
+                if size >= 0:
+                    event["size"] = size
+                self.emit_event("BLOCK_IMAGE_CORRUPTED", {**event, "fatal": True})
             if not self.read_only and self.version >= 3:
                 try:
                     self._mark_task = asyncio.get_running_loop().create_task(self._mark_corrupt())
