@@ -19,11 +19,7 @@ def backing_chain(top: BlockNode, base: BlockNode | None = None) -> list[BlockNo
 def filtered_or_backing(node: BlockNode) -> BlockNode | None:
     """The node below a filter (a job's), or a node's backing node (QEMU's
     bdrv_filter_or_cow_bs): where its data comes from when not its own."""
-    from exportd.block.jobs.filter import JobFilter
-
-    if isinstance(node, JobFilter):
-        return node.inner
-    return node.child("backing")
+    return node.filtered_node() or node.child("backing")
 
 
 def chain_contains(top: BlockNode, node: BlockNode) -> bool:

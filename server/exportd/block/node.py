@@ -362,6 +362,11 @@ class BlockNode(ABC):
         """Driver-specific extra members for query-named-block-nodes' `image`."""
         return {}
 
+    def filtered_node(self) -> BlockNode | None:
+        """For a filter (a job's, a point-in-time view): the node whose data
+        it shows (QEMU's bdrv_filter_bs), else None."""
+        return None
+
     # --- persistent dirty bitmaps (drivers that store them override) ---------
     def check_can_store_bitmap(self, name: str, granularity: int) -> None:
         """Raise QEMU's error unless a new persistent bitmap could be stored."""

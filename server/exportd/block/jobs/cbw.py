@@ -202,6 +202,9 @@ class PointInTimeView(BlockNode):
     def getlength(self) -> int:
         return self.bcs.length
 
+    def filtered_node(self) -> BlockNode | None:
+        return self.bcs.source  # its data, as of the job's start
+
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         bcs = self.bcs
         end = min(offset + length, bcs.length)

@@ -87,6 +87,9 @@ class JobFilter(BlockNode):
     def inner(self) -> BlockNode:
         return self.child_edges[self.role].node
 
+    def filtered_node(self) -> BlockNode | None:
+        return self.inner
+
     # --- permissions: the parents' needs pass to the child ----------------------------
     def apply_permissions(self, perm: Perm, shared: Perm) -> None:
         # what the job itself refuses (resize) it refuses with its own edge on the filter
