@@ -51,3 +51,27 @@ async def test_a_copy_waits_for_a_write_and_its_hook(graph: BlockGraph) -> None:
     hook_may_finish.set()
     await late
     inner.detach(edge)
+
+
+async def test_a_write_waiting_when_the_filter_goes_lands_on_its_node(graph: BlockGraph) -> None:
+    inner = await graph.add({"driver": "null-co", "node-name": "n", "size": 1 << 20})
+    filt = JobFilter("f", "mirror_top", "backing", owner=None)
+    edge = inner.attach(filt, Perm.WRITE | Perm.CONSISTENT_READ, Perm.ALL, "backing")
+    filt.child_edges["backing"] = edge
+    filt.serialize_writes = True
+    landed: list[int] = []
+    plain_write = inner.write
+
+    async def write(offset: int, data: object, **kw: object) -> None:
+        landed.append(offset)
+        await plain_write(offset, data, **kw)  # type: ignore[arg-type]
+
+    inner.write = write  # type: ignore[method-assign]
+    token = await filt.locks.acquire(0, 65536)  # a job's copy holds the range
+    waiting = asyncio.ensure_future(filt.write(4096, b"x" * 512))
+    await asyncio.sleep(0.01)
+    del filt.child_edges["backing"]  # the job ends: the filter is dropped
+    inner.detach(edge)
+    filt.locks.release(token)
+    await waiting
+    assert landed == [4096]

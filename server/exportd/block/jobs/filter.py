@@ -78,6 +78,7 @@ class JobFilter(BlockNode):
         self._open = asyncio.Event()  # cleared while frozen (a pivot is coming)
         self._open.set()
         self.redirect: BlockNode | None = None  # after a pivot: where writes go
+        self._last_inner: Any = None  # the child, kept for writes that outlive the filter
 
     @classmethod
     async def open(cls, graph: Any, node_name: str, options: dict[str, Any]) -> BlockNode:
@@ -85,7 +86,13 @@ class JobFilter(BlockNode):
 
     @property
     def inner(self) -> BlockNode:
-        return self.child_edges[self.role].node
+        edge = self.child_edges.get(self.role)
+        if edge is not None:
+            self._last_inner = edge.node
+            return edge.node
+        # dropped while a write was waiting (for a range, or a thaw): its
+        # parents are back on the node it filtered, so the write goes there
+        return self._last_inner
 
     def filtered_node(self) -> BlockNode | None:
         return self.inner
@@ -109,6 +116,7 @@ class JobFilter(BlockNode):
 
     async def _write_op(self, offset: int, length: int, data: bytes | bytearray | memoryview | None,
                         op: Callable[[BlockNode], Awaitable[None]]) -> None:
+        self._last_inner = self.inner  # where it goes should the filter be dropped meanwhile
         while not self._open.is_set():
             await self._open.wait()
         self.in_flight += 1
