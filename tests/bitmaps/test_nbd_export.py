@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from tests.bitmaps.test_vs_qemu import images, qemu_io
-from tests.support.jobflow import cmd, play
+from tests.support.jobflow import cmd
 from tests.support.programs import have
-from tests.support.qsd import QSD, running_qsd
+from tests.support.qsd import QSD, play_on_both
 
 pytestmark = [pytest.mark.skipif(QSD is None, reason="qemu-storage-daemon is not installed"),
               pytest.mark.skipif(not have("nbdinfo"), reason="nbdinfo missing")]
@@ -80,24 +80,20 @@ def busy_of(reply: dict[str, Any]) -> Any:
             for n in reply["return"] if not n["node-name"].startswith("#")}
 
 
+def prepare(work: Path) -> None:
+    images(work)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(work / "a.qcow2"), "-F", "qcow2",
+                    str(work / "top.qcow2")], check=True)
+
+
 async def test_bitmaps_over_nbd_as_qemu(daemon, tmp_path: Path) -> None:  # noqa: ANN001
-    results = []
-    for who in ("qsd", "exportd"):
-        work = tmp_path / who
-        work.mkdir()
-        images(work)
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(work / "a.qcow2"), "-F", "qcow2",
-                        str(work / "top.qcow2")], check=True)
-        out: dict[str, Any] = {}
-        if who == "qsd":
-            sock = work / "qmp.sock"
-            async with running_qsd(str(sock)):
-                replies, _ = await play(str(sock), script(work, out))
-        else:
-            replies, _ = await play(daemon().socket, script(work, out))
-        replies = [busy_of(r) if isinstance(r.get("return"), list) else r for r in replies]
-        results.append((replies, out))
-    (theirs, their_out), (ours, our_out) = results
+    both = await play_on_both(tmp_path, daemon, prepare, script)
+
+    def summary(who: str) -> tuple[list[Any], dict[str, Any]]:
+        replies, _events, out = both[who]
+        return [busy_of(r) if isinstance(r.get("return"), list) else r for r in replies], out
+
+    (theirs, their_out), (ours, our_out) = summary("qsd"), summary("exportd")
     steps = [s for s in script(tmp_path, {}) if s[0] == "cmd"]
     for step, a, b in zip(steps, ours, theirs, strict=True):
         assert a == b, (step, a, b)

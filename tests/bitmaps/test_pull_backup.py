@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 from tests.bitmaps.test_vs_qemu import qemu_io
-from tests.support.jobflow import cmd, play
+from tests.support.jobflow import cmd
 from tests.support.programs import have
-from tests.support.qsd import QSD, running_qsd
+from tests.support.qsd import QSD, play_on_both
 
 pytestmark = [pytest.mark.skipif(QSD is None, reason="qemu-storage-daemon is not installed"),
               pytest.mark.skipif(not have("nbdinfo") or not have("nbdcopy"), reason="libnbd-bin missing")]
@@ -97,21 +97,13 @@ def bitmaps(reply: dict[str, Any]) -> Any:
 
 
 async def test_pull_mode_incremental_backup(daemon, tmp_path: Path) -> None:  # noqa: ANN001
-    results = []
-    for who in ("qsd", "exportd"):
-        work = tmp_path / who
-        work.mkdir()
-        images(work)
-        out: dict[str, Any] = {}
-        if who == "qsd":
-            sock = work / "qmp.sock"
-            async with running_qsd(str(sock)):
-                replies, events = await play(str(sock), script(work, out))
-        else:
-            replies, events = await play(daemon().socket, script(work, out))
-        replies = [bitmaps(r) if isinstance(r.get("return"), list) else r for r in replies]
-        results.append((replies, out))
-    (theirs, their_out), (ours, our_out) = results
+    both = await play_on_both(tmp_path, daemon, images, script)
+
+    def summary(who: str) -> tuple[list[Any], dict[str, Any]]:
+        replies, _events, out = both[who]
+        return [bitmaps(r) if isinstance(r.get("return"), list) else r for r in replies], out
+
+    (theirs, their_out), (ours, our_out) = summary("qsd"), summary("exportd")
     steps = [s for s in script(tmp_path, {}) if s[0] == "cmd"]
     for step, a, b in zip(steps, ours, theirs, strict=True):
         assert a == b, (step, a, b)

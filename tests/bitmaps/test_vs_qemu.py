@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from tests.support.jobflow import cmd, play
-from tests.support.qsd import QSD, running_qsd
+from tests.support.jobflow import cmd
+from tests.support.qsd import QSD, play_on_both
 
 pytestmark = pytest.mark.skipif(QSD is None, reason="qemu-storage-daemon is not installed")
 
@@ -107,20 +107,8 @@ def script(d: Path, nbd: Path) -> list[Any]:
 
 
 async def test_bitmap_commands_as_qemu(daemon, tmp_path: Path) -> None:  # noqa: ANN001
-    results = []
-    for who in ("qsd", "exportd"):
-        work = tmp_path / who
-        work.mkdir()
-        images(work)
-        sock = work / "qmp.sock"
-        steps = script(work, work / "nbd.sock")
-        if who == "qsd":
-            async with running_qsd(str(sock)):
-                replies, _ = await play(str(sock), steps)
-        else:
-            replies, _ = await play(daemon().socket, steps)
-        results.append(replies)
-    theirs, ours = results
+    both = await play_on_both(tmp_path, daemon, images, lambda d, out: script(d, d / "nbd.sock"))
+    theirs, ours = both["qsd"][0], both["exportd"][0]
     cmds = [s for s in script(tmp_path, tmp_path) if s[0] == "cmd"]
     for step, a, b in zip(cmds, ours, theirs, strict=True):
         if step[1] == "query-named-block-nodes":

@@ -9,15 +9,21 @@ import asyncio
 
 from exportd.block.graph import BlockGraph
 from exportd.block.jobs.filter import JobFilter
-from exportd.block.node import Perm
+from exportd.block.node import BlockNode, Edge, Perm
 
 
-async def test_a_copy_waits_for_a_write_and_its_hook(graph: BlockGraph) -> None:
+async def filter_over_null(graph: BlockGraph) -> tuple[BlockNode, JobFilter, Edge]:
+    """A job filter with serialized writes over a null node."""
     inner = await graph.add({"driver": "null-co", "node-name": "n", "size": 1 << 20})
     filt = JobFilter("f", "mirror_top", "backing", owner=None)
     edge = inner.attach(filt, Perm.WRITE | Perm.CONSISTENT_READ, Perm.ALL, "backing")
     filt.child_edges["backing"] = edge
     filt.serialize_writes = True
+    return inner, filt, edge
+
+
+async def test_a_copy_waits_for_a_write_and_its_hook(graph: BlockGraph) -> None:
+    inner, filt, edge = await filter_over_null(graph)
     order: list[str] = []
     hook_may_finish = asyncio.Event()
 
@@ -54,11 +60,7 @@ async def test_a_copy_waits_for_a_write_and_its_hook(graph: BlockGraph) -> None:
 
 
 async def test_a_write_waiting_when_the_filter_goes_lands_on_its_node(graph: BlockGraph) -> None:
-    inner = await graph.add({"driver": "null-co", "node-name": "n", "size": 1 << 20})
-    filt = JobFilter("f", "mirror_top", "backing", owner=None)
-    edge = inner.attach(filt, Perm.WRITE | Perm.CONSISTENT_READ, Perm.ALL, "backing")
-    filt.child_edges["backing"] = edge
-    filt.serialize_writes = True
+    inner, filt, edge = await filter_over_null(graph)
     landed: list[int] = []
     plain_write = inner.write
 

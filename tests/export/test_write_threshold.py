@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from tests.bitmaps.test_vs_qemu import qemu_io
-from tests.support.jobflow import cmd, play
-from tests.support.qsd import QSD, running_qsd
+from tests.support.jobflow import cmd
+from tests.support.qsd import QSD, play_on_both
 
 pytestmark = pytest.mark.skipif(QSD is None, reason="qemu-storage-daemon is not installed")
 
@@ -51,19 +51,16 @@ def thresholds(reply: dict[str, Any]) -> Any:
 
 
 async def test_write_threshold_as_qemu(daemon, tmp_path: Path) -> None:  # noqa: ANN001
-    results = []
-    for who in ("qsd", "exportd"):
-        work = tmp_path / who
-        work.mkdir()
+    def prepare(work: Path) -> None:
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(work / "t.qcow2"), "4M"], check=True)
-        if who == "qsd":
-            async with running_qsd(str(work / "qmp.sock")):
-                replies, events = await play(str(work / "qmp.sock"), script(work))
-        else:
-            replies, events = await play(daemon().socket, script(work))
-        results.append(([thresholds(r) for r in replies],
-                         [d for n, d in events if n == "BLOCK_WRITE_THRESHOLD"]))
-    (theirs, their_events), (ours, our_events) = results
+
+    both = await play_on_both(tmp_path, daemon, prepare, lambda d, out: script(d))
+
+    def summary(who: str) -> tuple[list[Any], list[Any]]:
+        replies, events, _out = both[who]
+        return [thresholds(r) for r in replies], [d for n, d in events if n == "BLOCK_WRITE_THRESHOLD"]
+
+    (theirs, their_events), (ours, our_events) = summary("qsd"), summary("exportd")
     assert ours == theirs
     assert ours[1] == {"error": ["GenericError", "Device 'nope' not found"]}
     # the format node's events are the same; the file node's figure depends

@@ -65,3 +65,26 @@ async def replies_of_both(tmp_path: Path, fresh: Callable[[], None], steps: list
         theirs = await replies_of(str(tmp_path / "qsd.sock"), steps)
     fresh()
     return await replies_of(ours(), steps), theirs
+
+
+async def play_on_both(tmp_path: Path, start_exportd: Callable[[], Any], prepare: Callable[[Path], None],
+                       script: Callable[[Path, dict[str, Any]], list[Any]]) -> dict[str, Any]:
+    """The same jobflow script against qemu-storage-daemon and exportd, each
+    in its own directory made by `prepare` (tmp_path/qsd, tmp_path/exportd);
+    `script(directory, out)` may record outside findings in `out`.
+    Returns {"qsd": ..., "exportd": ...}, each (replies, events, out)."""
+    from tests.support.jobflow import play
+
+    results: dict[str, Any] = {}
+    for who in ("qsd", "exportd"):
+        work = tmp_path / who
+        work.mkdir()
+        prepare(work)
+        out: dict[str, Any] = {}
+        if who == "qsd":
+            async with running_qsd(str(work / "qmp.sock")):
+                replies, events = await play(str(work / "qmp.sock"), script(work, out))
+        else:
+            replies, events = await play(start_exportd().socket, script(work, out))
+        results[who] = (replies, events, out)
+    return results
