@@ -27,6 +27,7 @@ class RawQMP:
         self.sock.settimeout(timeout)
         self.sock.connect(path)
         self.buf = b""
+        self.events: list[dict[str, Any]] = []  # events that came while cmd() waited for its reply
         self.greeting = self.recv_msg()
 
     def send(self, data: bytes | str) -> None:
@@ -58,6 +59,19 @@ class RawQMP:
             reply = self.recv_msg()
             if "event" not in reply:
                 return reply
+            self.events.append(reply)
+
+    def event(self, name: str) -> dict[str, Any]:
+        """The next event called `name` (also one that came during a cmd())."""
+        for i, ev in enumerate(self.events):
+            if ev["event"] == name:
+                return self.events.pop(i)
+        while True:
+            msg = self.recv_msg()
+            if msg.get("event") == name:
+                return msg
+            if "event" in msg:
+                self.events.append(msg)
 
     def negotiate(self) -> None:
         assert self.cmd("qmp_capabilities") == {"return": {}}
