@@ -33,9 +33,15 @@ from exportd.tls import TlsCredsX509, TlsError
 
 LOAD_TIMEOUT_S = 30.0  # the credentials directory may sit on a hung mount
 INT64_MAX = (1 << 63) - 1
+INT_MAX = (1 << 31) - 1
+THREAD_POOL_MAX_THREADS = 64  # QEMU's default thread-pool-max
 
 # QEMU's id_wellformed(): a letter, then letters, digits, '-', '.', '_'
 _ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
+
+
+class ObjectError(Exception):
+    """An object that cannot complete; str() is QEMU's text."""
 
 
 class UserObject(Protocol):
@@ -43,7 +49,7 @@ class UserObject(Protocol):
     qom_type: str
 
     def load(self) -> None:
-        """Complete the object (blocking: runs in a thread); raise TlsError or SecretError."""
+        """Complete the object (blocking: runs in a thread); raise TlsError, SecretError or ObjectError."""
 
 
 @dataclass
@@ -65,7 +71,11 @@ class IOThread:
         return cls(args["id"], props)
 
     def load(self) -> None:
-        pass
+        """QEMU checks the thread pool's bounds when the iothread starts."""
+        low = self.properties.get("thread-pool-min", 0)
+        high = self.properties.get("thread-pool-max", THREAD_POOL_MAX_THREADS)
+        if low > high or not high or low > INT_MAX or high > INT_MAX:
+            raise ObjectError("bad thread-pool-min/thread-pool-max values")
 
 
 class ObjectRegistry:
@@ -93,7 +103,7 @@ class ObjectRegistry:
         self.objects[oid] = obj  # taken while loading: a second add of the id fails as duplicate
         try:
             await in_own_thread(obj.load, timeout=LOAD_TIMEOUT_S)
-        except (TlsError, SecretError) as e:
+        except (TlsError, SecretError, ObjectError) as e:
             del self.objects[oid]
             raise QMPError(str(e)) from None
         except OSError as e:  # the load's thread timed out (a hung mount)

@@ -116,7 +116,7 @@ class TlsCredsX509:
             except _Encrypted:
                 raise TlsError(f"Cannot load certificate '{cert}' & key '{key}': Decryption has failed.") from None
             except ssl.SSLError as e:
-                if password is not None and e.reason in _BAD_PASSWORD:
+                if password is not None and (e.reason is None or e.reason in _BAD_PASSWORD):
                     raise TlsError(f"Cannot load certificate '{cert}' & key '{key}': Decryption has failed.") from None
                 raise TlsError(f"Cannot load certificate '{cert}' & key '{key}': {_reason(e)}") from None
             except OSError as e:
@@ -166,7 +166,7 @@ def _no_password() -> str:
 
 
 # OpenSSL's reasons for a key the given password does not open
-_BAD_PASSWORD = frozenset({"BAD_DECRYPT", "BAD_PASSWORD_READ", "UNSUPPORTED"})
+_BAD_PASSWORD = frozenset({"BAD_DECRYPT", "BAD_PASSWORD_READ", "UNSUPPORTED", "PEM_LIB"})
 
 
 def _required(path: str) -> str:

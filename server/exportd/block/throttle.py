@@ -135,6 +135,8 @@ class ThrottleConfig:
                 raise QMPError("the burst length cannot be 0")
             if bucket.burst_length > 1 and not bucket.max:
                 raise QMPError("burst length set without burst rate")
+            if bucket.max and bucket.burst_length > THROTTLE_VALUE_MAX // bucket.max:
+                raise QMPError("burst length too high for this burst rate")
             if bucket.max and not bucket.avg:
                 raise QMPError("bps_max/iops_max require corresponding bps/iops values")
             if bucket.max and bucket.max < bucket.avg:
@@ -191,7 +193,7 @@ class ThrottleGroup:
             if value < 0:
                 raise QMPError("Property values cannot be negative")
             if key.endswith("-max-length") and value > UINT_MAX:
-                raise QMPError(f"x-{key} value must be in the range [0, {UINT_MAX}]")
+                raise QMPError(f"x-{key} value must be in therange [0, {UINT_MAX}]")  # sic (QEMU 7.2)
             config.set(key, value)
         if "limits" in args:
             config.apply_limits(args["limits"])
