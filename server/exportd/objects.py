@@ -34,7 +34,6 @@ from exportd.tls import TlsCredsX509, TlsError
 LOAD_TIMEOUT_S = 30.0  # the credentials directory may sit on a hung mount
 INT64_MAX = (1 << 63) - 1
 INT_MAX = (1 << 31) - 1
-THREAD_POOL_MAX_THREADS = 64  # QEMU's default thread-pool-max
 
 # QEMU's id_wellformed(): a letter, then letters, digits, '-', '.', '_'
 _ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
@@ -60,7 +59,10 @@ class IOThread:
     properties: dict[str, int]
 
     qom_type = "iothread"
-    PARAMS = ("poll-max-ns", "poll-grow", "poll-shrink", "aio-max-batch", "thread-pool-min", "thread-pool-max")
+    # the properties and QEMU's defaults (qom-get shows them)
+    DEFAULTS = {"poll-max-ns": 32768, "poll-grow": 0, "poll-shrink": 0, "aio-max-batch": 0,
+                "thread-pool-min": 0, "thread-pool-max": 64}
+    PARAMS = tuple(DEFAULTS)
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> IOThread:
@@ -72,15 +74,31 @@ class IOThread:
 
     def load(self) -> None:
         """QEMU checks the thread pool's bounds when the iothread starts."""
-        low = self.properties.get("thread-pool-min", 0)
-        high = self.properties.get("thread-pool-max", THREAD_POOL_MAX_THREADS)
+        low, high = self.get("thread-pool-min"), self.get("thread-pool-max")
         if low > high or not high or low > INT_MAX or high > INT_MAX:
             raise ObjectError("bad thread-pool-min/thread-pool-max values")
+
+    def get(self, name: str) -> int:
+        return self.properties.get(name, self.DEFAULTS[name])
+
+    def set(self, name: str, value: int) -> None:
+        """qom-set: QEMU keeps the value even when the pool's check then fails."""
+        if value < 0:
+            raise QMPError(f"{name} value must be in range [0, {INT64_MAX}]")
+        self.properties[name] = value
+        if name.startswith("thread-pool"):
+            try:
+                self.load()
+            except ObjectError as e:
+                raise QMPError(str(e)) from None
 
 
 class ObjectRegistry:
     def __init__(self) -> None:
         self.objects: dict[str, UserObject] = {}
+        # QEMU makes its /objects container on the first object-add that gets
+        # past the properties, or the first object-del (qom-list sees it after)
+        self.root_made = False
         # qom-type -> the object from object-add's arguments (QEMU's property setters)
         self.types: dict[str, Callable[[dict[str, Any]], UserObject]] = {
             "iothread": IOThread.from_args,
@@ -98,6 +116,7 @@ class ObjectRegistry:
         if "loaded" in args:
             raise QMPError(f"Property '{args['qom-type']}.loaded' is not writable")
         obj = self.types[args["qom-type"]](args)
+        self.root_made = True
         if oid in self.objects:
             raise QMPError(f"attempt to add duplicate property '{oid}' to object (type 'container')")
         self.objects[oid] = obj  # taken while loading: a second add of the id fails as duplicate
@@ -115,6 +134,7 @@ class ObjectRegistry:
         return obj
 
     def delete(self, oid: str) -> None:
+        self.root_made = True
         obj = self.objects.get(oid)
         if obj is None:
             raise QMPError(f"object '{oid}' not found")
