@@ -7,6 +7,7 @@ qemu-storage-daemon 7.2 gives the same replies."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -243,3 +244,50 @@ async def test_same_replies_as_qemu(daemon, tmp_path: Path, pki: Pki) -> None:
     # the script proves something: the good cases succeeded on QEMU
     ok = {s[1].get("id") or s[1].get("node-name") for s, r in zip(steps, theirs, strict=True) if r == {"return": {}}}
     assert {"io0", "io1", "s0", "pw-enc", "x0", "x1", "tg0", "tg1", "t0", "t1", "t2", "e0"} <= ok
+
+
+def parsed(name: str) -> Any:
+    """A json: file name as its options (key order is not part of them)."""
+    return json.loads(name[5:]) if name.startswith("json:") else name
+
+
+def node_names(steps: list[tuple[str, dict[str, Any]]], replies: list[Any]) -> list[Any]:
+    """The replies, with query-named-block-nodes cut to each node's file names."""
+    return [{n["node-name"]: (parsed(n["file"]), parsed(n["image"]["filename"])) for n in r["return"]}
+            if s[0] == "query-named-block-nodes" else r for s, r in zip(steps, replies, strict=True)]
+
+
+async def test_throttle_nodes_named_and_reopened_as_qemu(daemon, tmp_path: Path) -> None:
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(1 << 20))
+    steps = [
+        group("tg", **{"iops-total": 100}),
+        obj("throttle-group", "tg2"),
+        ("blockdev-add", {"driver": "file", "node-name": "f", "filename": str(img)}),
+        ("blockdev-add", {"driver": "throttle", "node-name": "t0", "throttle-group": "tg", "file": "f"}),
+        ("blockdev-add", {"driver": "raw", "node-name": "r", "file": "f", "offset": 512}),
+        ("blockdev-add", {"driver": "throttle", "node-name": "t1", "throttle-group": "tg", "file": "r"}),
+        ("blockdev-add", {"driver": "throttle", "node-name": "t2", "throttle-group": "tg", "file": "t1"}),
+        ("blockdev-add", {"driver": "throttle", "node-name": "t3", "throttle-group": "tg",
+                          "file": {"driver": "null-co", "node-name": "n3"}}),
+        ("blockdev-add", {"driver": "throttle", "node-name": "t4", "throttle-group": "nope",
+                          "file": {"driver": "null-co", "node-name": "n4"}}),
+        ("blockdev-add", {"driver": "null-co", "node-name": "n4"}),  # the failed add left nothing behind
+        ("query-named-block-nodes", {"flat": True}),
+        ("blockdev-reopen", {"options": [{"driver": "throttle", "node-name": "t0", "throttle-group": "nope",
+                                          "file": "f"}]}),
+        ("blockdev-reopen", {"options": [{"driver": "throttle", "node-name": "t0", "throttle-group": "tg2",
+                                          "file": "f"}]}),
+        ("object-del", {"id": "tg2"}),
+        ("blockdev-reopen", {"options": [{"driver": "throttle", "node-name": "t0", "throttle-group": "tg",
+                                          "file": "f"}]}),
+        ("object-del", {"id": "tg2"}),
+        ("blockdev-del", {"node-name": "f"}),
+        ("blockdev-del", {"node-name": "t2"}),
+    ]
+    started = []
+    ours, theirs = await replies_of_both(tmp_path, lambda: None, steps,
+                                         lambda: (started.append(daemon()) or started[0].socket))
+    started[0].terminate()
+    for i, (step, a, b) in enumerate(zip(steps, node_names(steps, ours), node_names(steps, theirs), strict=True)):
+        assert a == b, (i, step)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -383,6 +384,17 @@ def _discard(queue: deque[asyncio.Future[None]], fut: asyncio.Future[None]) -> N
         pass
 
 
+def _describe(node: BlockNode) -> dict[str, Any]:
+    """A node as the options of QEMU's json: file names (bdrv_refresh_filename)."""
+    name = node.filename()
+    if name.startswith("json:"):
+        return dict(json.loads(name[5:]))
+    if node.driver in ("file", "host_device"):
+        return {"driver": node.driver, "filename": name}
+    child = node.child("file")
+    return {"driver": node.driver, "file": _describe(child)} if child is not None else {"driver": node.driver}
+
+
 def find_group(daemon: Any, name: str) -> ThrottleGroup:
     """The throttle-group object `name` of the daemon, with QEMU's text."""
     from exportd.objects import registry_of
@@ -401,10 +413,12 @@ class ThrottleNode(BlockNode):
 
     driver = "throttle"
     option_members = frozenset({"file", "throttle-group"})
+    reopen_members = frozenset({"throttle-group"})
 
     def __init__(self, node_name: str, *, read_only: bool) -> None:
         super().__init__(node_name, read_only=read_only)
         self.member: ThrottleMember | None = None
+        self.daemon: Any = None
 
     @classmethod
     async def open(cls, graph: Any, node_name: str, options: dict[str, Any]) -> ThrottleNode:
@@ -412,6 +426,7 @@ class ThrottleNode(BlockNode):
         node = cls(node_name, read_only=read_only)
         # QEMU opens the file before it looks for the group
         child = await graph.open_child(options["file"], node, "file", Perm(0), Perm.ALL, read_only=read_only)
+        node.daemon = graph.daemon  # where its group is looked up again on reopen
         node.member = find_group(graph.daemon, options["throttle-group"]).register()
         node.request_alignment = child.request_alignment
         return node
@@ -421,6 +436,22 @@ class ThrottleNode(BlockNode):
             self.member.group.unregister(self.member)
             self.member = None
 
+    async def reopen_prepare(self, options: dict[str, Any], read_only: bool) -> Any:
+        """blockdev-reopen may move the node to another group (which must exist)."""
+
+        daemon = getattr(self, "daemon", None)
+        new = find_group(daemon, options["throttle-group"])
+
+        async def commit() -> None:
+            if self.member is not None and self.member.group is not new:
+                self.member.group.unregister(self.member)
+                self.member = new.register()
+
+        async def abort() -> None:
+            pass
+
+        return commit, abort
+
     @property
     def file(self) -> BlockNode:
         return self.child_edges["file"].node
@@ -428,6 +459,12 @@ class ThrottleNode(BlockNode):
     @property
     def group(self) -> ThrottleGroup | None:
         return self.member.group if self.member is not None else None
+
+    def filename(self) -> str:
+        """QEMU's json: name of a throttle node (its options are not a plain file name)."""
+        group = self.group.id if self.group is not None else ""
+        desc = {"throttle-group": group, "driver": "throttle", "file": _describe(self.file)}
+        return "json:" + json.dumps(desc)
 
     def apply_permissions(self, perm: Perm, shared: Perm) -> None:
         # a filter: its users' needs are its file's
