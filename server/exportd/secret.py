@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-BASE64_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
+BASE64_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\n")  # QEMU's set
 AES_KEY_LEN, AES_BLOCK = 32, 16
 
 
@@ -101,7 +101,7 @@ def b64decode(data: bytes) -> bytes:
         raise SecretError("Base64 data contains embedded NUL characters")
     if not BASE64_CHARS.issuperset(data):
         raise SecretError("Base64 data contains invalid characters")
-    body = data.split(b"=", 1)[0]
+    body = data.replace(b"\n", b"").split(b"=", 1)[0]
     body = body[:len(body) - len(body) % 4] if len(body) % 4 == 1 else body
     return binascii.a2b_base64(body + b"=" * (-len(body) % 4))
 
