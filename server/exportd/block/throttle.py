@@ -384,6 +384,10 @@ def _discard(queue: deque[asyncio.Future[None]], fut: asyncio.Future[None]) -> N
         pass
 
 
+async def _nothing_to_undo() -> None:
+    """A reopen's abort when its prepare changed nothing."""
+
+
 def _describe(node: BlockNode) -> dict[str, Any]:
     """A node as the options of QEMU's json: file names (bdrv_refresh_filename)."""
     name = node.filename()
@@ -447,10 +451,7 @@ class ThrottleNode(BlockNode):
                 self.member.group.unregister(self.member)
                 self.member = new.register()
 
-        async def abort() -> None:
-            pass
-
-        return commit, abort
+        return commit, _nothing_to_undo
 
     @property
     def file(self) -> BlockNode:
