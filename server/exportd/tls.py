@@ -29,7 +29,7 @@ import contextlib
 import errno
 import os
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,17 +49,20 @@ class TlsCredsX509:
     verify_peer: bool = True
     sanity_check: bool = True
     priority: str | None = None
+    passwordid: str | None = None  # a secret object: the password of an encrypted key
+    password_of: Callable[[str], str] | None = field(default=None, repr=False)  # secret id -> text, or TlsError
     _server: ssl.SSLContext | None = field(default=None, repr=False)
     _client: ssl.SSLContext | None = field(default=None, repr=False)
 
     qom_type = "tls-creds-x509"
 
     @classmethod
-    def from_args(cls, args: dict[str, Any]) -> TlsCredsX509:
-        """From object-add's validated arguments."""
+    def from_args(cls, args: dict[str, Any], password_of: Callable[[str], str] | None = None) -> TlsCredsX509:
+        """From object-add's validated arguments; `password_of` looks up the
+        secret named by passwordid (exportd.objects)."""
         return cls(id=args["id"], dir=args.get("dir"), endpoint=args.get("endpoint", "client"),
                    verify_peer=args.get("verify-peer", True), sanity_check=args.get("sanity-check", True),
-                   priority=args.get("priority"))
+                   priority=args.get("priority"), passwordid=args.get("passwordid"), password_of=password_of)
 
     def path(self, name: str) -> str:
         # QEMU joins with a slash whatever dir is ("" gives "/ca-cert.pem")
@@ -106,20 +109,32 @@ class TlsCredsX509:
                 raise TlsError(f"Cannot load CRL '{crl}': {_reason(e)}") from None
             ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
         if cert is not None and key is not None:
+            password = self._password()
             try:
                 # never let OpenSSL prompt on the terminal for an encrypted key
-                ctx.load_cert_chain(cert, key, password=_no_password)
+                ctx.load_cert_chain(cert, key, password=_no_password if password is None else password)
             except _Encrypted:
                 raise TlsError(f"Cannot load certificate '{cert}' & key '{key}': Decryption has failed.") from None
-            except (ssl.SSLError, OSError) as e:
-                why = _reason(e) if isinstance(e, ssl.SSLError) else e.strerror or str(e)
-                raise TlsError(f"Cannot load certificate '{cert}' & key '{key}': {why}") from None
+            except ssl.SSLError as e:
+                if password is not None and (e.reason is None or e.reason in _BAD_PASSWORD):
+                    raise TlsError(f"Cannot load certificate '{cert}' & key '{key}': Decryption has failed.") from None
+                raise TlsError(f"Cannot load certificate '{cert}' & key '{key}': {_reason(e)}") from None
+            except OSError as e:
+                raise TlsError(f"Cannot load certificate '{cert}' & key '{key}': {e.strerror or e}") from None
         if self.verify_peer:
             ctx.verify_mode = ssl.CERT_REQUIRED
             ctx.check_hostname = not server
         else:
             ctx.verify_mode = ssl.CERT_NONE
         return ctx
+
+    def _password(self) -> str | None:
+        """The text of the passwordid secret, looked up when the key loads (as QEMU)."""
+        if self.passwordid is None:
+            return None
+        if self.password_of is None:
+            raise TlsError(f"No secret with id '{self.passwordid}'")
+        return self.password_of(self.passwordid)
 
     # --- contexts --------------------------------------------------------------------
     def server_context(self) -> ssl.SSLContext:
@@ -146,8 +161,12 @@ class _Encrypted(Exception):
 
 
 def _no_password() -> str:
-    # exportd has no secret objects (QEMU's passwordid): an encrypted key cannot load
+    # an encrypted key without passwordid cannot load (and must not prompt)
     raise _Encrypted
+
+
+# OpenSSL's reasons for a key the given password does not open
+_BAD_PASSWORD = frozenset({"BAD_DECRYPT", "BAD_PASSWORD_READ", "UNSUPPORTED", "PEM_LIB"})
 
 
 def _required(path: str) -> str:

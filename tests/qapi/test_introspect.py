@@ -46,7 +46,7 @@ def test_qmp_schema_is_consistent_and_complete():
     if "blockdev-add" in by_name:
         union = by_name[by_name["blockdev-add"]["arg-type"]]
         assert {v["case"] for v in union["variants"]} == {"file", "host_device", "nbd", "null-aio", "null-co", "qcow2",
-                                                              "raw"}
+                                                              "raw", "throttle"}
         optional = {m["name"] for m in union["members"] if "default" in m}
         assert "node-name" in optional and "driver" not in optional
     assert by_name["SHUTDOWN"]["meta-type"] == "event"

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from exportd.errors import QMPError
 from exportd.export import export_type
 from exportd.export.base import BlockExport
+from exportd.objects import iothread_exists
 
 if TYPE_CHECKING:
     from exportd.block.node import BlockNode
@@ -61,10 +62,13 @@ class ExportTable:
         if cls is None:
             raise QMPError("No driver found for the requested export type")
         node = self._lookup_node(options["node-name"])
+        # an iothread must exist, as in QEMU; then one loop serves all the same
+        iothread = options.get("iothread")
+        if iothread is not None and not iothread_exists(self.daemon, iothread):
+            raise QMPError(f'iothread "{iothread}" not found')
         writable = bool(options.get("writable", False))
         if writable and node.read_only:
             raise QMPError("Cannot export read-only node as writable")
-        # iothread/fixed-iothread are accepted and ignored: one loop serves all
 
         self._pending.add(export_id)
         try:
