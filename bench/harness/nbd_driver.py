@@ -101,8 +101,10 @@ class ExportdClient(NbdClientPeer):
         return [*env.exportd_cmd,
                 "--blockdev", f"driver=nbd,node-name=nbd0,server.type=unix,"
                               f"server.path={self.socket},export={EXPORT}",
-                "--export", f"type=fuse,id=e,node-name=nbd0,mountpoint={mountpoint},writable=on"], \
-            dict(env.exportd_env)
+                "--export", f"type=fuse,id=e,node-name=nbd0,mountpoint={mountpoint},writable=on",
+                # a monitor of its own: without one exportd claims the default socket
+                "--chardev", f"socket,id=mon0,path={workdir / 'qmp.sock'},server=on,wait=off",
+                "--monitor", "chardev=mon0"], dict(env.exportd_env)
 
 
 class NbdfuseClient(NbdClientPeer):
