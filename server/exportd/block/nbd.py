@@ -228,9 +228,9 @@ class NbdNode(BlockNode):
         whole = memoryview(buf)
 
         async def go(conn: Connection) -> None:
-            await asyncio.gather(*(
+            await _all([
                 conn.request(p.CMD_READ, o, n, buf=whole[o - start:o - start + n])
-                for o, n in self._pieces(start, end - start, conn)))
+                for o, n in self._pieces(start, end - start, conn)])
 
         await self._run(go)
         if start == offset and end == offset + length:
@@ -255,9 +255,9 @@ class NbdNode(BlockNode):
 
         async def go(conn: Connection) -> None:
             flags = p.CMD_FLAG_FUA if fua and conn.can(p.FLAG_SEND_FUA) else 0
-            await asyncio.gather(*(
+            await _all([
                 conn.request(p.CMD_WRITE, o, n, flags=flags, data=view[o - offset:o - offset + n])
-                for o, n in self._pieces(offset, length, conn)))
+                for o, n in self._pieces(offset, length, conn)])
             if fua and not flags and conn.can(p.FLAG_SEND_FLUSH):
                 await conn.request(p.CMD_FLUSH)
 
@@ -274,9 +274,9 @@ class NbdNode(BlockNode):
                 return False
             flags = 0 if may_unmap else p.CMD_FLAG_NO_HOLE
             step = 1 << 30  # the length field is 32 bits; stay well inside it
-            await asyncio.gather(*(
+            await _all([
                 conn.request(p.CMD_WRITE_ZEROES, o, min(step, offset + length - o), flags=flags)
-                for o in range(offset, offset + length, step)))
+                for o in range(offset, offset + length, step)])
             return True
 
         if not await self._run(go):
@@ -291,9 +291,9 @@ class NbdNode(BlockNode):
             if not conn.can(p.FLAG_SEND_TRIM):
                 return  # advisory
             step = 1 << 30
-            await asyncio.gather(*(
+            await _all([
                 conn.request(p.CMD_TRIM, o, min(step, offset + length - o))
-                for o in range(offset, offset + length, step)))
+                for o in range(offset, offset + length, step)])
 
         await self._run(go)
 
@@ -329,6 +329,11 @@ class NbdNode(BlockNode):
         if offset + count >= self.size:
             st |= Status.EOF
         return BlockStatus(st | Status.ALLOCATED, count)
+
+
+def _all(requests: list[asyncio.Future[Any]]) -> Awaitable[Any]:
+    """Wait for every request of one operation (one alone, without a gather)."""
+    return requests[0] if len(requests) == 1 else asyncio.gather(*requests)
 
 
 def _uint32(options: dict[str, Any], key: str) -> int:
