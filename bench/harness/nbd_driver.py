@@ -24,6 +24,7 @@ the two clients; every run keeps the 1-minute load average at its end.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass
@@ -117,6 +118,15 @@ class NbdfuseClient(NbdClientPeer):
         return [program, str(mountpoint), uri(self.socket)], {}
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process, all its threads (0 when gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def nbdfuse_version() -> str:
     try:
         out = subprocess.run(["nbdfuse", "--version"], capture_output=True, text=True, timeout=20)
@@ -133,6 +143,7 @@ def summarize(runs: dict[str, dict[str, list[dict]]]) -> dict:
         per = runs.get(w.key, {})
         entry = {"clients": {n: spread([r["value"] for r in rs]) for n, rs in per.items()},
                  "loadavg": spread([r["loadavg_1min"] for rs in per.values() for r in rs]),
+                 "cpu_us_per_io": {n: spread([r["cpu_us_per_io"] for r in rs]) for n, rs in per.items()},
                  "ratio": None, "ratio_per_rep": None}
         a, b = entry["clients"].get(MINE), entry["clients"].get(REFERENCE)
         if a and b and b["median"] > 0:
@@ -208,17 +219,21 @@ class NbdDriverSection:
             c.kill()
             return
         try:
+            cpu0 = cpu_seconds(c.pid)
             result = run_fio(w, c.fio_paths(False), self.settings.runtime_s,
                              env.scratch.file(f"fio-drv-{w.key}-{c.name}-{rep}.json"),
                              on_hang=c.kill)
+            cpu_us = (cpu_seconds(c.pid) - cpu0) * 1e6 / result.ios
         except FioError as exc:
             self.errors[c.name].append(f"{w.key} #{rep + 1}: {exc}")
             self.log(f"  nbd-driver: {w.key} #{rep + 1} {c.name}: {exc}")
             return
         load = round(load_average()[0], 2)
         value = result.value(w.metric)
-        self.runs[w.key][c.name].append({"rep": rep, "value": value, "loadavg_1min": load})
-        self.log(f"  nbd-driver: {w.key} #{rep + 1} {c.name}: {value:,.0f} {w.unit} (load {load})")
+        self.runs[w.key][c.name].append({"rep": rep, "value": value, "loadavg_1min": load,
+                                         "cpu_us_per_io": round(cpu_us, 1)})
+        self.log(f"  nbd-driver: {w.key} #{rep + 1} {c.name}: {value:,.0f} {w.unit}, "
+                 f"{cpu_us:.1f} us CPU per I/O (load {load})")
 
 
 def run_section(mode: str, image_size: int, runtime_s: float, reps: int,
@@ -259,7 +274,9 @@ def nbd_driver_markdown(section: dict | None) -> list[str]:
         f"fio O_DIRECT on the mounted file, {s['runtime_s']:g} s per run, {s['reps']} "
         "repetition(s) interleaved. Cells: median [min–max]; *load*: 1-minute load average at "
         "the end of the row's runs [min–max]; *exportd / nbdfuse*: ratio of the medians (> 1: "
-        "exportd is faster) with the per-repetition ratios' range. "
+        "exportd is faster) with the per-repetition ratios' range; *CPU per I/O*: the client "
+        "process's user + system time (all threads) during the run over fio's I/O count, "
+        "less sensitive to the machine's other load than throughput. "
         + "; ".join(v for v in section.get("versions", {}).values() if v) + ".",
         "",
     ]
@@ -269,8 +286,8 @@ def nbd_driver_markdown(section: dict | None) -> list[str]:
         down.insert(0, f"nbdkit: {server['status']}: {server['reason']}")
     if down:
         lines += ["Not measured: " + "; ".join(_short(d, 200) for d in down) + ".", ""]
-    lines += [f"| figure | {MINE} | {REFERENCE} | load | {MINE} / {REFERENCE} |",
-              "|---|---:|---:|---:|---:|"]
+    lines += [f"| figure | {MINE} | {REFERENCE} | load | {MINE} / {REFERENCE} | CPU per I/O, "
+              f"{MINE} | CPU per I/O, {REFERENCE} |", "|---|---:|---:|---:|---:|---:|---:|"]
     for w in section["workloads"]:
         entry = summary[w["key"]]
         cells = [w["title"]]
@@ -283,6 +300,8 @@ def nbd_driver_markdown(section: dict | None) -> list[str]:
         if pr and pr["min"] != pr["max"]:
             ratio += f" [{pr['min']:.2f}–{pr['max']:.2f}]"
         cells.append(ratio)
+        for n in (MINE, REFERENCE):
+            cells.append(_spread_cell(entry.get("cpu_us_per_io", {}).get(n), ".1f", " us") or "n/a")
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     lines += ["", "| process | status | command |", "|---|---|---|"]
     if server.get("command"):

@@ -156,6 +156,17 @@ class NbdNode(BlockNode):
             except ConnectionLost:
                 self._connection_lost(conn)
 
+    async def _one(self, cmd: int, offset: int, length: int, **kw: Any) -> Any:
+        """One request: `_run` without its closure and loop while the
+        connection is up (the common case), `_run` itself after a loss."""
+        conn = self.conn
+        if conn is not None and conn.lost is None:
+            try:
+                return await conn.request(cmd, offset, length, **kw)
+            except ConnectionLost:
+                self._connection_lost(conn)
+        return await self._run(lambda c: c.request(cmd, offset, length, **kw))
+
     def _connection_lost(self, conn: Connection) -> None:
         if self.conn is not conn or self._closed:
             return  # already handled (another request saw it first), or closing
@@ -232,7 +243,11 @@ class NbdNode(BlockNode):
                 conn.request(p.CMD_READ, o, n, buf=whole[o - start:o - start + n])
                 for o, n in self._pieces(start, end - start, conn)])
 
-        await self._run(go)
+        conn = self.conn
+        if conn is not None and end - start <= conn.info.max_block:
+            await self._one(p.CMD_READ, start, end - start, buf=whole)
+        else:
+            await self._run(go)
         if start == offset and end == offset + length:
             return buf
         return memoryview(buf)[offset - start:offset - start + length]
@@ -252,6 +267,10 @@ class NbdNode(BlockNode):
             whole[offset - start:offset - start + length] = data
             offset, data, length = start, whole, end - start
         view = memoryview(data).cast("B")
+        conn = self.conn
+        if conn is not None and length <= conn.info.max_block and (not fua or conn.can(p.FLAG_SEND_FUA)):
+            await self._one(p.CMD_WRITE, offset, length, flags=p.CMD_FLAG_FUA if fua else 0, data=view)
+            return
 
         async def go(conn: Connection) -> None:
             flags = p.CMD_FLAG_FUA if fua and conn.can(p.FLAG_SEND_FUA) else 0
