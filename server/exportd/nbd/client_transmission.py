@@ -77,6 +77,7 @@ class Connection(asyncio.BufferedProtocol):
         self._loop = asyncio.get_running_loop()
         self._pending: dict[int, _Pending] = {}
         self._next_cookie = 1
+        self._out: list[bytes | bytearray | memoryview] = []  # requests of this turn of the loop
         self._buf = bytearray(RECV_SIZE)
         self._view = memoryview(self._buf)
         self._start = 0  # parsed up to here
@@ -109,18 +110,35 @@ class Connection(asyncio.BufferedProtocol):
         fut = self._loop.create_future()
         self._pending[cookie] = _Pending(cmd, offset, length, fut,
                                          memoryview(buf).cast("B") if buf is not None else None)
+        # One write per request (header and payload together), and while
+        # others are in flight, requests made in one turn of the loop (a burst
+        # of FUSE requests) leave in one write at its end: one syscall and one
+        # wake-up of the server for all of them. A lone request goes at once
+        # (waiting for the end of the turn costs a QD1 client ~10%). No drain:
+        # every request waits for its reply, so what the transport buffers is
+        # bounded by the requests in flight, and the caller's data outlives
+        # the write (the server cannot reply before it has it all).
         hdr = _PACK_REQUEST(p.REQUEST_MAGIC, flags, cmd, cookie, offset, length)
-        # One write: no other request can come between header and payload. No
-        # drain: every request waits for its reply, so what the transport
-        # buffers is bounded by the requests in flight, and the caller's data
-        # outlives the write (the server cannot reply before it has it all).
+        out = self._out
+        if len(self._pending) == 1 and not out:
+            if data is not None:
+                self.transport.writelines((hdr, data))
+            else:
+                self.transport.write(hdr)
+            return fut
+        if not out:
+            self._loop.call_soon(self._send)
+        out.append(hdr)
         if data is not None:
-            self.transport.writelines((hdr, data))
-        else:
-            self.transport.write(hdr)
+            out.append(data)
         # A caller that gives up (cancelled) leaves its entry: the reply still
         # comes and must be consumed; the parser drops the entry when it is complete.
         return fut
+
+    def _send(self) -> None:
+        out, self._out = self._out, []
+        if self.lost is None and out:
+            self.transport.writelines(out)
 
     # --- receiving ------------------------------------------------------------
     def get_buffer(self, sizehint: int) -> memoryview:
