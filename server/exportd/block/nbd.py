@@ -156,16 +156,19 @@ class NbdNode(BlockNode):
             except ConnectionLost:
                 self._connection_lost(conn)
 
-    async def _one(self, cmd: int, offset: int, length: int, **kw: Any) -> Any:
-        """One request: `_run` without its closure and loop while the
-        connection is up (the common case), `_run` itself after a loss."""
+    async def _one(self, op: Callable[[Connection], Awaitable[T]], cmd: int, offset: int, length: int,
+                   **kw: Any) -> Any:
+        """`_run(op)` for an op that is one request on this connection: sent
+        straight away while the connection is up (the common case, without
+        _run's loop), `_run(op)` itself after a loss (a new connection may
+        cut it differently)."""
         conn = self.conn
         if conn is not None and conn.lost is None:
             try:
                 return await conn.request(cmd, offset, length, **kw)
             except ConnectionLost:
                 self._connection_lost(conn)
-        return await self._run(lambda c: c.request(cmd, offset, length, **kw))
+        return await self._run(op)
 
     def _connection_lost(self, conn: Connection) -> None:
         if self.conn is not conn or self._closed:
@@ -245,7 +248,7 @@ class NbdNode(BlockNode):
 
         conn = self.conn
         if conn is not None and end - start <= conn.info.max_block:
-            await self._one(p.CMD_READ, start, end - start, buf=whole)
+            await self._one(go, p.CMD_READ, start, end - start, buf=whole)
         else:
             await self._run(go)
         if start == offset and end == offset + length:
@@ -267,10 +270,6 @@ class NbdNode(BlockNode):
             whole[offset - start:offset - start + length] = data
             offset, data, length = start, whole, end - start
         view = memoryview(data).cast("B")
-        conn = self.conn
-        if conn is not None and length <= conn.info.max_block and (not fua or conn.can(p.FLAG_SEND_FUA)):
-            await self._one(p.CMD_WRITE, offset, length, flags=p.CMD_FLAG_FUA if fua else 0, data=view)
-            return
 
         async def go(conn: Connection) -> None:
             flags = p.CMD_FLAG_FUA if fua and conn.can(p.FLAG_SEND_FUA) else 0
@@ -280,7 +279,11 @@ class NbdNode(BlockNode):
             if fua and not flags and conn.can(p.FLAG_SEND_FLUSH):
                 await conn.request(p.CMD_FLUSH)
 
-        await self._run(go)
+        conn = self.conn
+        if conn is not None and length <= conn.info.max_block and (not fua or conn.can(p.FLAG_SEND_FUA)):
+            await self._one(go, p.CMD_WRITE, offset, length, flags=p.CMD_FLAG_FUA if fua else 0, data=view)
+        else:
+            await self._run(go)
 
     async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
         self._check_writable()
