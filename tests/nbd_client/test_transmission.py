@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from tests.nbd_client.test_peers import pattern
+from tests.nbd_client.test_wire import open_node
 from tests.support.host import Host
 from tests.support.nbdpeer import Peer, nbdkit, qemu_nbd
 
@@ -65,20 +65,6 @@ class ChoppingRelay:
             pass
         finally:
             dst.close()
-
-
-@pytest.fixture
-async def graph_host() -> AsyncIterator[Host]:
-    h = Host()
-    try:
-        yield h
-    finally:
-        await h.graph.close_all()
-
-
-async def open_node(h: Host, sock: str):  # noqa: ANN201
-    return await h.graph.add({"driver": "nbd", "node-name": "n", "server": {"type": "unix", "path": sock},
-                              "read-only": False})
 
 
 def sparse_image(path: Path) -> bytearray:
