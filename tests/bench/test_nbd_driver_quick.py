@@ -51,6 +51,7 @@ def test_both_clients_are_measured_on_one_server(quick_run) -> None:
         for name in ("exportd", "nbdfuse"):
             (run,) = per_client[name]
             assert run["value"] > 0 and run["loadavg_1min"] >= 0, (key, name, run)
+            assert run["cpu_us_per_io"] > 0, (key, name, run)  # the client process did the work
         entry = section["summary"][key]
         ratio = entry["clients"]["exportd"]["median"] / entry["clients"]["nbdfuse"]["median"]
         assert entry["ratio"] == pytest.approx(ratio)
