@@ -25,6 +25,7 @@ README_END = "<!-- latest-results:end -->"
 
 sys.path.insert(0, str(BENCH_DIR))
 
+from harness.nbd_driver import run_section as run_nbd_driver  # noqa: E402
 from harness.peers import fio_peers  # noqa: E402
 from harness.plot import plot_ratios  # noqa: E402
 from harness.report import render_markdown  # noqa: E402
@@ -53,7 +54,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="comma-separated peer names or families (raw, qcow2, null-co); "
                         "the control plane runs when unrestricted or with null-co or 'control', "
                         "the block-job section when unrestricted or with 'jobs', "
-                        "the NBD section when unrestricted or with 'nbd'")
+                        "the NBD section when unrestricted or with 'nbd', "
+                        "the NBD driver section when unrestricted or with 'nbd-driver'")
     p.add_argument("--no-control", action="store_true", help="skip the QMP control-plane figures")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
     p.add_argument("--runtime", type=float, help="seconds per fio run (overrides the mode)")
@@ -131,7 +133,7 @@ def main(argv: list[str]) -> int:
         return 0
     only = [x.strip() for x in args.only.split(",") if x.strip()] or None
     if only:
-        known = {"control", "jobs", "nbd"} | {p.name for p in fio_peers()} | {p.family for p in fio_peers()}
+        known = {"control", "jobs", "nbd", "nbd-driver"} | {p.name for p in fio_peers()} | {p.family for p in fio_peers()}
         unknown = [x for x in only if x not in known]
         if unknown:
             print(f"--only: unknown {', '.join(unknown)}; known: {', '.join(sorted(known))}",
@@ -157,6 +159,10 @@ def main(argv: list[str]) -> int:
                    args.pyfuse3_python, REPO, exportd_env=exportd_env, note=args.note, jobs=jobs, nbd=nbd)
     try:
         record = run.run()
+        if only is None or "nbd-driver" in only:
+            s = run.settings
+            record["nbd_driver"] = run_nbd_driver(s.mode, s.image_size, s.runtime_s, s.reps, exportd_cmd,
+                                                  missing, exportd_env, log)
     except (KeyboardInterrupt, Interrupted) as exc:
         log(f"interrupted ({exc or 'SIGINT'}): cleaned up, no results written")
         return 130

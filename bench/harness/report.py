@@ -365,6 +365,8 @@ def render_markdown(record: dict) -> str:
 
     lines += jobs_markdown(record.get("jobs"))
     lines += nbd_markdown(record.get("nbd"))
+    from .nbd_driver import nbd_driver_markdown  # late: that module uses this one's cell helpers
+    lines += nbd_driver_markdown(record.get("nbd_driver"))
 
     if not peers:
         return "\n".join(lines)

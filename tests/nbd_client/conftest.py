@@ -6,12 +6,13 @@ Every server a test starts is stopped by pid at teardown (Peer.stop)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.export_fixtures import exportd, workdir  # noqa: F401  (fixtures)
+from tests.support.host import Host
 from tests.support.nbdpeer import Peer
 
 
@@ -31,3 +32,13 @@ def peers() -> Iterator[list[Peer]]:
 @pytest.fixture
 def sock(workdir: Path) -> str:  # noqa: F811
     return str(workdir / "nbd.sock")
+
+
+@pytest.fixture
+async def graph_host() -> AsyncIterator[Host]:
+    """A BlockGraph on the test's loop (no daemon), closed at the end."""
+    h = Host()
+    try:
+        yield h
+    finally:
+        await h.graph.close_all()

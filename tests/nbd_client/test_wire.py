@@ -9,25 +9,13 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
-
-import pytest
 
 from tests.nbd_client.test_peers import pattern
 from tests.support.host import Host
 from tests.support.nbdpeer import Peer, nbdkit
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-async def graph_host() -> AsyncIterator[Host]:
-    h = Host()
-    try:
-        yield h
-    finally:
-        await h.graph.close_all()
 
 
 async def open_node(h: Host, sock: str, **opts: object):  # noqa: ANN201

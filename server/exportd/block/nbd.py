@@ -156,6 +156,20 @@ class NbdNode(BlockNode):
             except ConnectionLost:
                 self._connection_lost(conn)
 
+    async def _one(self, op: Callable[[Connection], Awaitable[T]], cmd: int, offset: int, length: int,
+                   **kw: Any) -> Any:
+        """`_run(op)` for an op that is one request on this connection: sent
+        straight away while the connection is up (the common case, without
+        _run's loop), `_run(op)` itself after a loss (a new connection may
+        cut it differently)."""
+        conn = self.conn
+        if conn is not None and conn.lost is None:
+            try:
+                return await conn.request(cmd, offset, length, **kw)
+            except ConnectionLost:
+                self._connection_lost(conn)
+        return await self._run(op)
+
     def _connection_lost(self, conn: Connection) -> None:
         if self.conn is not conn or self._closed:
             return  # already handled (another request saw it first), or closing
@@ -228,11 +242,15 @@ class NbdNode(BlockNode):
         whole = memoryview(buf)
 
         async def go(conn: Connection) -> None:
-            await asyncio.gather(*(
+            await _all([
                 conn.request(p.CMD_READ, o, n, buf=whole[o - start:o - start + n])
-                for o, n in self._pieces(start, end - start, conn)))
+                for o, n in self._pieces(start, end - start, conn)])
 
-        await self._run(go)
+        conn = self.conn
+        if conn is not None and end - start <= conn.info.max_block:
+            await self._one(go, p.CMD_READ, start, end - start, buf=whole)
+        else:
+            await self._run(go)
         if start == offset and end == offset + length:
             return buf
         return memoryview(buf)[offset - start:offset - start + length]
@@ -255,13 +273,17 @@ class NbdNode(BlockNode):
 
         async def go(conn: Connection) -> None:
             flags = p.CMD_FLAG_FUA if fua and conn.can(p.FLAG_SEND_FUA) else 0
-            await asyncio.gather(*(
+            await _all([
                 conn.request(p.CMD_WRITE, o, n, flags=flags, data=view[o - offset:o - offset + n])
-                for o, n in self._pieces(offset, length, conn)))
+                for o, n in self._pieces(offset, length, conn)])
             if fua and not flags and conn.can(p.FLAG_SEND_FLUSH):
                 await conn.request(p.CMD_FLUSH)
 
-        await self._run(go)
+        conn = self.conn
+        if conn is not None and length <= conn.info.max_block and (not fua or conn.can(p.FLAG_SEND_FUA)):
+            await self._one(go, p.CMD_WRITE, offset, length, flags=p.CMD_FLAG_FUA if fua else 0, data=view)
+        else:
+            await self._run(go)
 
     async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
         self._check_writable()
@@ -274,9 +296,9 @@ class NbdNode(BlockNode):
                 return False
             flags = 0 if may_unmap else p.CMD_FLAG_NO_HOLE
             step = 1 << 30  # the length field is 32 bits; stay well inside it
-            await asyncio.gather(*(
+            await _all([
                 conn.request(p.CMD_WRITE_ZEROES, o, min(step, offset + length - o), flags=flags)
-                for o in range(offset, offset + length, step)))
+                for o in range(offset, offset + length, step)])
             return True
 
         if not await self._run(go):
@@ -291,9 +313,9 @@ class NbdNode(BlockNode):
             if not conn.can(p.FLAG_SEND_TRIM):
                 return  # advisory
             step = 1 << 30
-            await asyncio.gather(*(
+            await _all([
                 conn.request(p.CMD_TRIM, o, min(step, offset + length - o))
-                for o in range(offset, offset + length, step)))
+                for o in range(offset, offset + length, step)])
 
         await self._run(go)
 
@@ -329,6 +351,11 @@ class NbdNode(BlockNode):
         if offset + count >= self.size:
             st |= Status.EOF
         return BlockStatus(st | Status.ALLOCATED, count)
+
+
+def _all(requests: list[asyncio.Future[Any]]) -> Awaitable[Any]:
+    """Wait for every request of one operation (one alone, without a gather)."""
+    return requests[0] if len(requests) == 1 else asyncio.gather(*requests)
 
 
 def _uint32(options: dict[str, Any], key: str) -> int:
