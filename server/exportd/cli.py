@@ -215,7 +215,11 @@ def _parse_monitor(text: str, chardevs: dict[str, str | int]) -> MonitorSpec:
     return MonitorSpec(target, pretty == "on", name)
 
 
-IMPLIED_KEYS = {"object-add": "qom-type"}  # `--object tls-creds-x509,id=...`
+# the key a first bare word stands for, as in qemu-storage-daemon:
+# `--object tls-creds-x509,id=...`, `--blockdev file,...`, `--export fuse,...`
+OPTION_OF = {"object-add": "--object", "blockdev-add": "--blockdev", "block-export-add": "--export",
+             "nbd-server-start": "--nbd-server"}
+IMPLIED_KEYS = {"object-add": "qom-type", "blockdev-add": "driver", "block-export-add": "type"}
 
 
 def option_arguments(schema: Schema, command: str, text: str) -> dict[str, Any]:
@@ -306,8 +310,13 @@ async def run(opts: Options, notify: Callable[[int], None]) -> int:
         for command, text in opts.actions:
             if daemon.shutting_down:
                 break
-            args = option_arguments(daemon.schema, command, text)
-            await daemon.execute(command, args)
+            try:
+                args = option_arguments(daemon.schema, command, text)
+                await daemon.execute(command, args)
+            except QMPError as e:
+                # QEMU names the option that failed: `--blockdev TEXT: desc`
+                e.desc = f"{OPTION_OF[command]} {text}: {e.desc}"
+                raise
         if opts.pidfile and not daemon.shutting_down:
             daemon.write_pidfile(opts.pidfile)
     except (QMPError, StartupError, MonitorError, OSError) as e:

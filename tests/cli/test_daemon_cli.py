@@ -177,7 +177,7 @@ def test_daemonize_failure_reports_status(exportd_bin, tmp_path):
     sock = str(tmp_path / "d.sock")
     r = run_exportd(exportd_bin, "--daemonize", "--socket", sock, "--blockdev", "driver=bogus,node-name=x")
     assert r.returncode == 1
-    assert r.stderr.strip() == "exportd: Parameter 'driver' does not accept value 'bogus'"
+    assert r.stderr.strip() == "exportd: --blockdev driver=bogus,node-name=x: Parameter 'driver' does not accept value 'bogus'"
     assert not os.path.exists(sock)
 
 
@@ -272,6 +272,8 @@ def test_blockdev_on_command_line(daemon, raw_qmp):
 def test_startup_errors(daemon, args, message):
     d = daemon(*args, wait=False)
     assert d.wait(30) == 1
+    # QEMU names the failing option first (the last one given here)
+    message = message.replace("exportd: ", f"exportd: {args[-2]} {args[-1]}: ", 1)
     assert d.stderr.strip().splitlines()[-1] == message
     assert not os.path.exists(d.socket)
 
@@ -360,3 +362,16 @@ def test_daemonized_logs_go_to_syslog(exportd_bin, raw_qmp, tmp_path):
                    for m in seen), seen
     finally:
         syslog.close()
+
+
+def test_implied_keys_as_qemu(daemon, raw_qmp, tmp_path):
+    # `--blockdev file,...` and `--export fuse,...` as qemu-storage-daemon takes them
+    img, mnt = tmp_path / "d.img", tmp_path / "d.raw"
+    img.write_bytes(bytes(1 << 20))
+    mnt.touch()
+    d = daemon("--blockdev", f"file,node-name=f,filename={img}",
+               "--export", f"fuse,id=e,node-name=f,mountpoint={mnt}")
+    c = raw_qmp(d)
+    c.negotiate()
+    assert [e["type"] for e in c.cmd("query-block-exports")["return"]] == ["fuse"]
+    assert c.cmd("block-export-del", {"id": "e"}) == {"return": {}}
