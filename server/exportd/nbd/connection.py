@@ -2,6 +2,9 @@
 transmission phase (NetworkBlockDevice's doc/proto.md).
 
 - The handshake must end within the server's handshake-max-seconds.
+- Without TLS the transmission phase leaves asyncio's streams for the fast
+  path of nbd/transmit.py (the socket is handed over after NBD_OPT_GO); with
+  TLS it stays here (transmit()). Both serve requests through _serve().
 - Requests are served concurrently (up to MAX_IN_FLIGHT per client); each
   reply, whatever its chunks, is written by one synchronous call, so replies
   never interleave on the wire.
@@ -16,7 +19,6 @@ import asyncio
 import contextlib
 import errno
 import logging
-import os
 from typing import TYPE_CHECKING, Any
 
 from exportd.aio.resume import Resume, start_eagerly
@@ -24,6 +26,15 @@ from exportd.block.node import Status
 from exportd.export.io import to_the_end
 from exportd.nbd import protocol as P
 from exportd.nbd.meta import Contexts, allocation_depth_extents, base_allocation_extents
+from exportd.nbd.transmit import (
+    MAX_IN_FLIGHT,
+    OUT_HIGH,
+    SPARSE_READ_MIN,
+    Transmission,
+    finish_resumed,
+    read_extents_now,
+    take_socket,
+)
 from exportd.tls import TlsError, upgrade
 
 if TYPE_CHECKING:
@@ -33,12 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-async def _finish(started: Resume) -> None:
-    await started
-
-MAX_IN_FLIGHT = 16                  # requests served at once per client (QEMU: 16)
 MAX_DISCARDED_OPTION = 16 << 20     # an over-long option is skipped up to this, else dropped
-SPARSE_READ_MIN = 64 * 1024         # smaller reads are sent as data (a block_status costs more)
 CACHE_CHUNK = 4 << 20
 
 
@@ -60,6 +66,7 @@ class Connection:
         self.slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._send_lock = asyncio.Lock()
         self._main: asyncio.Task[Any] | None = None
+        self.fast: Transmission | None = None
         self.closed = False
 
     # --- life cycle -------------------------------------------------------------
@@ -69,7 +76,12 @@ class Connection:
             limit = self.server.handshake_max_seconds
             async with asyncio.timeout(limit if limit else None):
                 await self.negotiate()
-            await self.transmit()
+            taken = None if self.tls_done else take_socket(self.reader, self.writer)
+            if taken is None:
+                await self.transmit()
+            else:
+                self.fast = Transmission(self, *taken)
+                await self.fast.run()
         except (Disconnect, asyncio.IncompleteReadError, ConnectionError, TimeoutError):
             pass
         except P.ProtocolError as e:
@@ -87,6 +99,8 @@ class Connection:
         for t in list(self.tasks):
             t.cancel()
         self.writer.transport.abort()
+        if self.fast is not None:
+            self.fast.close()
         if self._main is not None and not self._main.done():
             self._main.cancel()
 
@@ -99,6 +113,8 @@ class Connection:
             exp.clients.discard(self)
             exp.unref()
         self.writer.transport.abort()
+        if self.fast is not None:
+            self.fast.close()
         for t in list(self.tasks):
             t.cancel()
         if self.tasks:
@@ -110,6 +126,12 @@ class Connection:
         return await self.reader.readexactly(n)
 
     async def _send(self, *parts: bytes | bytearray | memoryview) -> None:
+        fast = self.fast
+        if fast is not None:
+            fast.send(parts)
+            if fast.out_bytes > OUT_HIGH:
+                await fast.drained()
+            return
         # one reply buffered at a time: a client that stops reading holds
         # its own replies back, not the daemon's memory
         async with self._send_lock:
@@ -304,7 +326,7 @@ class Connection:
             # them here, and make a task only of one that really waits
             started = start_eagerly(self._serve(exp, req, payload))
             if type(started) is Resume:
-                task = asyncio.get_running_loop().create_task(_finish(started))
+                task = asyncio.get_running_loop().create_task(finish_resumed(started))
                 self.tasks.add(task)
                 task.add_done_callback(self._done)
             else:
@@ -408,20 +430,10 @@ class Connection:
         got = io.read_now(offset, n)
         if isinstance(got, (bytes, bytearray)):
             return got
-        if got is not None and all(e[3] for e in got):
-            buf = bytearray(n)
-            view = memoryview(buf)
-            pos = 0
-            for fd, off, ln, _ in got:
-                if fd >= 0:
-                    done = 0
-                    while done < ln:
-                        r = os.preadv(fd, [view[pos + done: pos + ln]], off + done)
-                        if r <= 0:
-                            break  # past the host file's end: zeroes
-                        done += r
-                pos += ln
-            return buf
+        if got is not None:
+            data = read_extents_now(got, n)
+            if data is not None:
+                return data
         return await io.read(offset, n)
 
     async def _cmd_read(self, exp: NbdExport, req: P.Request) -> None:

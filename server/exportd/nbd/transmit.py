@@ -1,0 +1,513 @@
+"""The NBD transmission phase on a plain socket (no TLS): the fast path.
+
+After NBD_OPT_GO (or EXPORT_NAME) a connection without TLS leaves asyncio's
+streams: Connection hands its socket over (a dup of the fd; whatever the
+StreamReader had buffered comes along) and this class serves it with the
+loop's reader callback directly:
+
+- requests are received with recv_into into one preallocated buffer and
+  parsed in place (struct.unpack_from); a WRITE's payload is handed to the
+  node as a view of that buffer, without a copy; a payload too big for it
+  is received straight into a buffer of its own (kept for the next one);
+- READ and WRITE that the node maps to host-file bytes that never block
+  (tmpfs, ExportIO.read_now / write_now) are answered inline, header and
+  data in one sendmsg;
+- anything else goes through Connection._serve (the same checks, errors and
+  replies as the stream path): inline when it does not wait, else as a
+  task, up to MAX_IN_FLIGHT per client (reading stops at that many);
+- replies that do not fit in the socket wait in an ordered queue; above
+  OUT_HIGH unsent bytes the client's requests are not read (a client that
+  stops reading holds back only itself);
+- between requests the loop's busy poller (exportd.fuse.busypoll, shared
+  with the FUSE channels, EXPORTD_FUSE_BUSY_POLL_US) spins on the socket
+  for a short adaptive window, so a client at queue depth 1 does not pay an
+  epoll wake-up per request.
+
+TLS connections stay on the stream path (Connection.transmit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+import struct
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from exportd.aio.resume import Resume, start_eagerly
+from exportd.extents import Extent
+from exportd.fuse.busypoll import poller_for
+from exportd.nbd import protocol as P
+
+if TYPE_CHECKING:
+    from exportd.nbd.connection import Connection
+
+RECV_BUFFER = 256 * 1024      # requests are parsed in place here
+OWN_BUFFER_MIN = RECV_BUFFER // 2  # a larger WRITE payload gets a buffer of its own
+BURST = 16                    # receives per readiness callback before the loop gets a turn
+OUT_HIGH = 4 << 20            # unsent reply bytes above which requests are not read
+MAX_PARTS = 1000              # sendmsg takes at most IOV_MAX (1024) buffers
+MAX_IN_FLIGHT = 16            # requests waiting in tasks per client (QEMU: 16)
+SPARSE_READ_MIN = 64 * 1024   # smaller structured reads are sent as data (a block_status costs more)
+
+_REQUEST = P.REQUEST
+_REQUEST_SIZE = _REQUEST.size
+_SIMPLE = P.SIMPLE_REPLY
+# a structured OFFSET_DATA chunk's header and its offset, one pack
+_DATA_CHUNK = struct.Struct(">IHHQIQ")
+_ZEROES = bytes(1 << 20)
+
+
+async def finish_resumed(started: Resume) -> None:
+    """A request's task: go on with a handler that waited (aio.resume)."""
+    await started
+
+
+def read_extents_now(extents: list[Extent], n: int) -> bytes | bytearray | None:
+    """The `n` bytes of a read mapping when no piece can block, read now;
+    None when one could (the caller awaits read()). A host file shorter
+    than its extent reads as zeroes past its end."""
+    if len(extents) == 1:
+        fd, off, ln, never_blocks = extents[0]
+        if not never_blocks:
+            return None
+        if fd < 0:
+            return bytes(n)
+        data = os.pread(fd, n, off)
+        if len(data) == n:
+            return data
+        return data + bytes(n - len(data))
+    for e in extents:
+        if not e[3]:
+            return None
+    buf = bytearray(n)
+    view = memoryview(buf)
+    pos = 0
+    for fd, off, ln, _ in extents:
+        if fd >= 0:
+            done = 0
+            while done < ln:
+                r = os.preadv(fd, [view[pos + done: pos + ln]], off + done)
+                if r <= 0:
+                    break  # past the host file's end: zeroes
+                done += r
+        pos += ln
+    return buf
+
+
+class Transmission:
+    """One client's transmission phase on its own socket; see the module docstring."""
+
+    def __init__(self, conn: Connection, sock: socket.socket, leftover: bytes) -> None:
+        exp = conn.export
+        assert exp is not None
+        self.conn = conn
+        self.exp = exp
+        self.io = exp.io
+        self.structured = conn.structured
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.loop = asyncio.get_running_loop()
+        self.buf = bytearray(max(RECV_BUFFER, len(leftover)))
+        self.view = memoryview(self.buf)
+        self.buf[: len(leftover)] = leftover
+        self.head = 0                   # first unparsed byte
+        self.tail = len(leftover)       # end of received bytes
+        # a WRITE whose payload is being received into a buffer of its own
+        self.big: tuple[int, int, int, int] | None = None  # flags, cookie, offset, length
+        self.big_buf: bytearray | None = None
+        self.big_filled = 0
+        self.spare: bytearray | None = None  # the last own buffer, kept for the next
+        self.out: deque[memoryview] = deque()
+        self.out_bytes = 0
+        self.tasks = conn.tasks
+        self.reading = False
+        self.writing = False
+        self.disc = False
+        self.closed = False
+        self.ended: asyncio.Future[None] = self.loop.create_future()
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self.poller = poller_for(self.loop)
+
+    # --- life cycle ----------------------------------------------------------------
+    async def run(self) -> None:
+        """Serve until DISC (after answering what is in flight), EOF or an
+        error; a ProtocolError is raised."""
+        self._update_reading()
+        await self.ended
+
+    def close(self) -> None:
+        """Stop serving and close the socket (Connection._finish and close)."""
+        if self.closed:
+            return
+        self.closed = True
+        self._set_reading(False)
+        if self.writing:
+            self.writing = False
+            self.loop.remove_writer(self.fd)
+        self.out.clear()
+        self.out_bytes = 0
+        self._wake_drain_waiters()
+        self.sock.close()
+        self.fd = -1
+        self._end()
+
+    def _end(self, exc: BaseException | None = None) -> None:
+        if not self.ended.done():
+            if exc is None:
+                self.ended.set_result(None)
+            else:
+                self.ended.set_exception(exc)
+        self._set_reading(False)
+
+    def _lost(self) -> None:
+        """EOF or a socket error: the client is gone, nothing more to answer."""
+        self.closed = True
+        self._set_reading(False)
+        if self.writing:
+            self.writing = False
+            self.loop.remove_writer(self.fd)
+        self.out.clear()
+        self.out_bytes = 0
+        self._wake_drain_waiters()
+        self._end()
+
+    # --- reading -------------------------------------------------------------------
+    def _want_reading(self) -> bool:
+        return (not self.closed and not self.disc and not self.ended.done()
+                and len(self.tasks) < MAX_IN_FLIGHT and self.out_bytes <= OUT_HIGH)
+
+    def _update_reading(self) -> None:
+        want = self._want_reading()
+        if want and not self.reading and self.head < self.tail:
+            # requests received before reading stopped come first
+            self._set_reading(True)
+            self._parse()
+            want = self._want_reading()
+        self._set_reading(want)
+
+    def _set_reading(self, on: bool) -> None:
+        if on == self.reading:
+            return
+        self.reading = on
+        if on:
+            self.loop.add_reader(self.fd, self._on_readable)
+            if self.poller is not None:
+                self.poller.register(self.fd, self._drain)
+        elif self.fd >= 0:
+            self.loop.remove_reader(self.fd)
+            if self.poller is not None:
+                self.poller.unregister(self.fd)
+
+    def _on_readable(self) -> None:
+        poller = self.poller
+        if poller is None:
+            self._drain()
+            return
+        poller.woken()
+        if self._drain():
+            poller.idle()
+
+    def _drain(self) -> bool:
+        """Receive and serve what the socket has (up to BURST receives).
+        True when nothing of this client is in flight afterwards (the busy
+        poller may spin on)."""
+        sock = self.sock
+        for _ in range(BURST):
+            if not self.reading:
+                return False
+            try:
+                if self.big is not None:
+                    big_buf = self.big_buf
+                    assert big_buf is not None
+                    want = self.big[3] - self.big_filled
+                    n = sock.recv_into(memoryview(big_buf)[self.big_filled: self.big[3]])
+                else:
+                    want = len(self.buf) - self.tail
+                    n = sock.recv_into(self.view[self.tail:])
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self._lost()
+                return False
+            if n == 0:
+                self._lost()
+                return False
+            try:
+                if self.big is not None:
+                    self.big_filled += n
+                    if self.big_filled == self.big[3]:
+                        self._big_done()
+                else:
+                    self.tail += n
+                    self._parse()
+            except Exception as e:  # noqa: BLE001 - garbage or a bug: this client ends, alone
+                self._end(e)
+                return False
+            if n < want:
+                break  # the socket is empty: the next readiness says when there is more
+        return not self.tasks
+
+    def _parse(self) -> None:
+        """Serve every whole request in buf[head:tail]; keep a partial one."""
+        buf = self.buf
+        head, tail = self.head, self.tail
+        try:
+            while tail - head >= _REQUEST_SIZE and self.reading:
+                magic, flags, typ, cookie, offset, length = _REQUEST.unpack_from(buf, head)
+                if magic != P.REQUEST_MAGIC:
+                    raise P.ProtocolError(f"bad request magic {magic:#x}")
+                if typ == P.CMD_WRITE:
+                    if length > P.MAX_PAYLOAD:
+                        raise P.ProtocolError(f"write of {length} bytes")  # cannot skip it safely
+                    start = head + _REQUEST_SIZE
+                    end = start + length
+                    if end > tail:
+                        if length >= OWN_BUFFER_MIN:
+                            self._big_start(flags, cookie, offset, length, start, tail)
+                            head = tail
+                        break
+                    head = end
+                    self._write(flags, cookie, offset, length, self.view[start:end])
+                    continue
+                head += _REQUEST_SIZE
+                if typ == P.CMD_READ:
+                    self._read(flags, cookie, offset, length)
+                elif typ == P.CMD_DISC:
+                    self._disconnect()
+                    head = tail  # nothing after DISC is served
+                    break
+                else:
+                    self._slow(P.Request(flags, typ, cookie, offset, length), b"")
+        finally:
+            if head == tail:
+                head = tail = 0
+            elif head and len(buf) - head < self._needed(head, tail):
+                # move the partial request to the front so it fits
+                n = tail - head
+                buf[:n] = buf[head:tail]
+                head, tail = 0, n
+            self.head, self.tail = head, tail
+
+    def _needed(self, head: int, tail: int) -> int:
+        """Bytes the partial request at `head` takes in the buffer."""
+        if tail - head < _REQUEST_SIZE:
+            return _REQUEST_SIZE
+        _, _, typ, _, _, length = _REQUEST.unpack_from(self.buf, head)
+        return _REQUEST_SIZE + length if typ == P.CMD_WRITE else _REQUEST_SIZE
+
+    def _big_start(self, flags: int, cookie: int, offset: int, length: int,
+                   start: int, tail: int) -> None:
+        spare = self.spare
+        if spare is not None and len(spare) == length:
+            big = spare
+            self.spare = None
+        else:
+            big = bytearray(length)
+        have = tail - start
+        big[:have] = self.view[start:tail]
+        self.big = (flags, cookie, offset, length)
+        self.big_buf = big
+        self.big_filled = have
+
+    def _big_done(self) -> None:
+        big, payload = self.big, self.big_buf
+        assert big is not None and payload is not None
+        self.big = None
+        self.big_buf = None
+        flags, cookie, offset, length = big
+        if self._write(flags, cookie, offset, length, memoryview(payload), owned=True):
+            self.spare = payload  # written inline: nobody keeps it
+
+    # --- requests ------------------------------------------------------------------
+    def _read(self, flags: int, cookie: int, offset: int, length: int) -> None:
+        exp = self.exp
+        if (0 < length <= P.MAX_PAYLOAD and offset + length <= exp.current_length()
+                and (flags == 0 or (flags == P.CMD_FLAG_DF and self.structured))
+                and (not self.structured or flags or length < SPARSE_READ_MIN
+                     or exp.known_data(offset) >= length)):
+            try:
+                got = self.io.read_now(offset, length)
+                data = read_extents_now(got, length) if type(got) is list else None
+            except OSError as e:
+                self._error(cookie, e)
+                return
+            if data is not None:
+                if self.structured:
+                    head = _DATA_CHUNK.pack(P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE,
+                                            P.REPLY_TYPE_OFFSET_DATA, cookie, 8 + length, offset)
+                else:
+                    head = _SIMPLE.pack(P.SIMPLE_REPLY_MAGIC, 0, cookie)
+                self.send((head, data), len(head) + length)
+                return
+        self._slow(P.Request(flags, P.CMD_READ, cookie, offset, length), b"")
+
+    def _write(self, flags: int, cookie: int, offset: int, length: int, payload: memoryview,
+               owned: bool = False) -> bool:
+        """Serve a WRITE; True when it was written inline (`payload` is free
+        again). A payload in the receive buffer is copied for a request that
+        waits; an `owned` one is handed over."""
+        exp = self.exp
+        if flags == 0 and length and exp.writable and offset + length <= exp.current_length():
+            try:
+                done = self.io.write_now(offset, payload)
+            except OSError as e:
+                self._error(cookie, e)
+                return True
+            if done is not None:
+                self.send((_SIMPLE.pack(P.SIMPLE_REPLY_MAGIC, 0, cookie),), _SIMPLE.size)
+                return True
+        self._slow(P.Request(flags, P.CMD_WRITE, cookie, offset, length),
+                   payload if owned else bytes(payload))
+        return False
+
+    def _error(self, cookie: int, e: OSError) -> None:
+        err = P.errno_to_nbd(e.errno or errno.EIO)
+        if self.structured:
+            msg = P.pack_error_payload(err, e.strerror or str(e))
+            reply = P.pack_chunk(cookie, P.REPLY_TYPE_ERROR, msg, P.REPLY_FLAG_DONE)
+        else:
+            reply = P.pack_simple_reply(cookie, err)
+        self.send((reply,), len(reply))
+
+    def _slow(self, req: P.Request, payload: Any) -> None:
+        """Everything but the inline READ/WRITE: Connection._serve, inline
+        when it does not wait, else in a task."""
+        started = start_eagerly(self.conn._serve(self.exp, req, payload))
+        if type(started) is Resume:
+            task = self.loop.create_task(finish_resumed(started))
+            self.tasks.add(task)
+            task.add_done_callback(self._task_done)
+            if len(self.tasks) >= MAX_IN_FLIGHT:
+                self._set_reading(False)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if self.closed:
+            return
+        if self.disc:
+            self._maybe_disconnected()
+            return
+        if not self.reading:
+            self._update_reading()
+        if not self.tasks and self.reading and self.poller is not None:
+            self.poller.idle()
+
+    def _disconnect(self) -> None:
+        """DISC: answer what is in flight, then end."""
+        self.disc = True
+        self._set_reading(False)
+        self._maybe_disconnected()
+
+    def _maybe_disconnected(self) -> None:
+        if not self.tasks and not self.out:
+            self._end()
+
+    # --- replies -------------------------------------------------------------------
+    def send(self, parts: tuple[Any, ...] | list[Any], total: int = -1) -> None:
+        """Send one reply whole, after the replies before it (`total`: its
+        length when the caller knows it)."""
+        if self.closed:
+            return
+        if total < 0:
+            total = 0
+            for p in parts:
+                total += len(p)
+        if len(parts) > MAX_PARTS:
+            parts = (b"".join(parts),)
+        if self.out:
+            self._queue(parts, 0)
+            self.out_bytes += total
+            if self.out_bytes > OUT_HIGH:
+                self._set_reading(False)
+            return
+        try:
+            n = self.sock.sendmsg(parts)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError:
+            self._lost()
+            return
+        if n == total:
+            return
+        self._queue(parts, n)
+        self.out_bytes += total - n
+        self.writing = True
+        self.loop.add_writer(self.fd, self._on_writable)
+        if self.out_bytes > OUT_HIGH:
+            self._set_reading(False)
+
+    def _queue(self, parts: tuple[Any, ...] | list[Any], skip: int) -> None:
+        out = self.out
+        for p in parts:
+            n = len(p)
+            if skip >= n:
+                skip -= n
+                continue
+            view = memoryview(p)
+            out.append(view[skip:] if skip else view)
+            skip = 0
+
+    def _on_writable(self) -> None:
+        out = self.out
+        while out:
+            parts = list(out) if len(out) <= MAX_PARTS else [out[i] for i in range(MAX_PARTS)]
+            try:
+                n = self.sock.sendmsg(parts)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._lost()
+                return
+            self.out_bytes -= n
+            while n:
+                first = out[0]
+                if n >= len(first):
+                    n -= len(first)
+                    out.popleft()
+                else:
+                    out[0] = first[n:]
+                    n = 0
+        self.writing = False
+        self.loop.remove_writer(self.fd)
+        self._wake_drain_waiters()
+        if self.disc:
+            self._maybe_disconnected()
+        elif not self.reading:
+            self._update_reading()
+
+    async def drained(self) -> None:
+        """Wait until the queued replies went out (a coroutine's backpressure)."""
+        if not self.out or self.closed:
+            return
+        fut = self.loop.create_future()
+        self._drain_waiters.append(fut)
+        await fut
+
+    def _wake_drain_waiters(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+
+def take_socket(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[socket.socket, bytes] | None:
+    """Take a plain stream's socket from asyncio: a dup of its fd, and what
+    the reader had received but not consumed. None for a TLS stream (and
+    anything without a socket)."""
+    transport = writer.transport
+    if transport.get_extra_info("ssl_object") is not None:
+        return None
+    tsock = transport.get_extra_info("socket")
+    buffered = getattr(reader, "_buffer", None)  # asyncio's: no public way to take it
+    if tsock is None or not isinstance(buffered, bytearray):
+        return None
+    transport.pause_reading()
+    leftover = bytes(buffered)
+    buffered.clear()
+    sock = socket.socket(fileno=os.dup(tsock.fileno()))
+    sock.setblocking(False)
+    transport.abort()  # closes its own fd; the dup keeps the connection
+    return sock, leftover
