@@ -11,7 +11,7 @@ loop's reader callback directly:
   is received straight into a buffer of its own (kept for the next one);
 - READ and WRITE that the node maps to host-file bytes that never block
   (tmpfs, ExportIO.read_now / write_now) are answered inline, header and
-  data in one sendmsg;
+  data in one sendmsg, and the replies to one burst of requests together;
 - anything else goes through Connection._serve (the same checks, errors and
   replies as the stream path): inline when it does not wait, else as a
   task, up to MAX_IN_FLIGHT per client (reading stops at that many);
@@ -49,6 +49,7 @@ OWN_BUFFER_MIN = RECV_BUFFER // 2  # a larger WRITE payload gets a buffer of its
 BURST = 16                    # receives per readiness callback before the loop gets a turn
 OUT_HIGH = 4 << 20            # unsent reply bytes above which requests are not read
 MAX_PARTS = 1000              # sendmsg takes at most IOV_MAX (1024) buffers
+CORK_MAX = 256 * 1024         # replies held for one sendmsg at most this long
 MAX_IN_FLIGHT = 16            # requests waiting in tasks per client (QEMU: 16)
 SPARSE_READ_MIN = 64 * 1024   # smaller structured reads are sent as data (a block_status costs more)
 
@@ -120,6 +121,9 @@ class Transmission:
         self.big_buf: bytearray | None = None
         self.big_filled = 0
         self.spare: bytearray | None = None  # the last own buffer, kept for the next
+        # replies held while a burst of requests is served (_parse)
+        self.corked: list[Any] | None = None
+        self.corked_bytes = 0
         self.out: deque[memoryview] = deque()
         self.out_bytes = 0
         self.tasks = conn.tasks
@@ -251,9 +255,12 @@ class Transmission:
         return not self.tasks
 
     def _parse(self) -> None:
-        """Serve every whole request in buf[head:tail]; keep a partial one."""
+        """Serve every whole request in buf[head:tail]; keep a partial one.
+        The replies of requests answered inline go out together at the end
+        (one sendmsg for a burst, one wake-up of the client)."""
         buf = self.buf
         head, tail = self.head, self.tail
+        self.corked = []
         try:
             while tail - head >= _REQUEST_SIZE and self.reading:
                 magic, flags, typ, cookie, offset, length = _REQUEST.unpack_from(buf, head)
@@ -282,6 +289,8 @@ class Transmission:
                 else:
                     self._slow(P.Request(flags, typ, cookie, offset, length), b"")
         finally:
+            self._uncork()
+            self.corked = None
             if head == tail:
                 head = tail = 0
             elif head and len(buf) - head < self._needed(head, tail):
@@ -415,6 +424,24 @@ class Transmission:
             total = 0
             for p in parts:
                 total += len(p)
+        corked = self.corked
+        if corked is not None:
+            corked.extend(parts)
+            self.corked_bytes += total
+            if self.corked_bytes >= CORK_MAX or len(corked) >= MAX_PARTS:
+                self._uncork()
+            return
+        self._send_now(parts, total)
+
+    def _uncork(self) -> None:
+        corked = self.corked
+        if corked and not self.closed:
+            total = self.corked_bytes
+            self.corked = []
+            self.corked_bytes = 0
+            self._send_now(corked, total)
+
+    def _send_now(self, parts: tuple[Any, ...] | list[Any], total: int) -> None:
         if len(parts) > MAX_PARTS:
             parts = (b"".join(parts),)
         if self.out:
