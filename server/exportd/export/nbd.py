@@ -84,11 +84,13 @@ class NbdExport(BlockExport):
         a node with its own write_zeroes, not the generic write of a buffer."""
         return type(self.node).write_zeroes is not BlockNode.write_zeroes
 
-    # --- block status cache (as QEMU's file-posix keeps one) --------------------------
-    # The last range block_status called data, for sparse reads: asking again
-    # costs a SEEK_HOLE walk per read on a big file. A stale entry is harmless:
-    # a range called data is sent as data, which is always correct; holes are
-    # never cached.
+    # --- block status cache (as QEMU's block-status cache keeps one) -----------------
+    # The last range block_status called data (not zero), for sparse reads and
+    # base:allocation: asking again costs a SEEK_HOLE walk per request on a
+    # big file. A stale entry is harmless: a range called data is sent as
+    # data, and reported allocated, which is always correct (proto.md: a hole
+    # may be reported as data); holes are never cached. Trims and zeroing
+    # through NBD, and a resize, drop it.
     def known_data(self, offset: int) -> int:
         """How many bytes from `offset` are known to be data (0: ask)."""
         c = self._data_cache
@@ -98,6 +100,13 @@ class NbdExport(BlockExport):
 
     def remember_data(self, offset: int, length: int) -> None:
         self._data_cache = (self.node, offset, offset + length)
+
+    def forget_data(self) -> None:
+        """A trim or zeroing through this export may make holes: ask again."""
+        self._data_cache = None
+
+    def length_changed(self) -> None:
+        self._data_cache = None
 
     # --- life cycle -------------------------------------------------------------------
     def _unregister(self) -> None:

@@ -403,6 +403,7 @@ class Connection:
         elif t == P.CMD_FLUSH:
             await io.flush()
         elif t == P.CMD_TRIM:
+            exp.forget_data()
             if req.length:
                 await to_the_end(exp.node.discard(req.offset, req.length))
             if req.flags & P.CMD_FLAG_FUA:
@@ -410,6 +411,7 @@ class Connection:
         elif t == P.CMD_WRITE_ZEROES:
             if req.flags & P.CMD_FLAG_FAST_ZERO and not exp.fast_zero():
                 raise OSError(errno.EOPNOTSUPP, "fast zeroing not supported")
+            exp.forget_data()
             if req.length:
                 await io.write_zeroes(req.offset, req.length, may_unmap=not req.flags & P.CMD_FLAG_NO_HOLE)
             if req.flags & P.CMD_FLAG_FUA:
@@ -464,7 +466,7 @@ class Connection:
                 st = await exp.node.block_status(pos, max(end, exp.current_length()) - pos)
                 ln = min(st.length, end - pos) if st.length > 0 else end - pos
                 hole = 1 if st.status & Status.ZERO else 0
-                if not hole and st.length > 0:
+                if not hole and st.status & Status.DATA and st.length > 0:
                     exp.remember_data(pos, st.length)
             if runs and runs[-1][0] == hole:
                 runs[-1][2] += ln
@@ -495,7 +497,7 @@ class Connection:
         chunks: list[bytes] = []
         for cname, cid in self.contexts.ids.items():
             if cname == P.CONTEXT_BASE_ALLOCATION:
-                ext = await base_allocation_extents(exp.node, req.offset, req.length, one)
+                ext = await self._base_allocation(exp, req.offset, req.length, one)
             else:
                 ext = await allocation_depth_extents(exp.node, req.offset, req.length, one)
             chunks.append(P.pack_block_status(cid, ext))
@@ -503,3 +505,25 @@ class Connection:
                               P.REPLY_FLAG_DONE if i == len(chunks) - 1 else 0)
                  for i, c in enumerate(chunks)]
         await self._send(*parts)
+
+    async def _base_allocation(self, exp: NbdExport, offset: int, length: int,
+                               one: bool) -> list[tuple[int, int]]:
+        """base:allocation, its first run of data from the export's cache
+        (see NbdExport.known_data): asked to the export's end once, not
+        walked again by every request (SEEK_HOLE walks a tmpfs file's pages
+        up to the next hole: milliseconds per call on a big image)."""
+        known = exp.known_data(offset)
+        if not known:
+            st = await exp.node.block_status(offset, max(length, exp.current_length() - offset))
+            if st.status & Status.DATA and not st.status & Status.ZERO and st.length > 0:
+                exp.remember_data(offset, st.length)
+                known = exp.known_data(offset)
+        if not known:
+            return await base_allocation_extents(exp.node, offset, length, one)
+        first = min(known, length)
+        if one or first == length:
+            return [(first, 0)]
+        rest = await base_allocation_extents(exp.node, offset + first, length - first, one)
+        if rest and rest[0][1] == 0:
+            return [(first + rest[0][0], 0), *rest[1:]]
+        return [(first, 0), *rest]
