@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from exportd.nbd.transmit import RECV_BUFFER
 from tests.nbd.tools import run
 
 IHAVEOPT = 0x49484156454F5054
@@ -26,6 +27,7 @@ SIMPLE_MAGIC = 0x67446698
 STRUCTURED_MAGIC = 0x668E33EF
 READ, WRITE, DISC, FLUSH, TRIM, WRITE_ZEROES = 0, 1, 2, 3, 4, 6
 SIZE = 16 << 20
+BIG = RECV_BUFFER + 12345  # a WRITE payload that never fits the receive buffer
 
 
 @pytest.fixture(params=["tmpfs", "disk"])
@@ -149,7 +151,7 @@ async def test_pipelined_burst_split_across_segments(nbd, image_dir: Path, struc
     # writes of every size class (inline, in the receive buffer, own buffer),
     # in the first half; reads of the second half (not written here: the
     # protocol does not order concurrent requests)
-    for length in (1, 512, 4096, 65536, 131071, 131072, 300000, 1 << 20, 4096):
+    for length in (1, 512, 4096, 65536, 131071, 300000, RECV_BUFFER // 2, 1 << 20, BIG, 4096):
         cookie += 1
         offset = rng.randrange(0, SIZE // 2 - length)
         data = rng.randbytes(length)
@@ -205,7 +207,7 @@ async def test_disconnect_mid_payload(nbd, image_dir: Path) -> None:
     img, model = await raw_export(nbd, image_dir)
     # cut inside a payload larger than the receive buffer, inside one that
     # fits it, and inside a request header
-    for cut in (request(WRITE, 1, 0, 1 << 20) + b"x" * 300000,
+    for cut in (request(WRITE, 1, 0, BIG) + b"x" * 300000,
                 request(WRITE, 1, 0, 8192) + b"y" * 100,
                 request(READ, 1, 0, 4096)[:13]):
         reader, writer = await asyncio.open_unix_connection(str(nbd.sock))
