@@ -193,6 +193,33 @@ async def test_pipelined_burst_split_across_segments(nbd, image_dir: Path, struc
     assert img.read_bytes() == model
 
 
+async def test_stream_of_writes_through_the_buffer(nbd, image_dir: Path) -> None:
+    """Writes back to back, more than the receive buffer holds several
+    times over, at sizes that leave a request cut at its end (moved to the
+    front) again and again."""
+    img, model = await raw_export(nbd, image_dir)
+    rng = random.Random(7)
+    stream = bytearray(go("disk", False))
+    count = 48
+    for cookie in range(1, count + 1):
+        length = rng.choice((200001, 4097, 65535, RECV_BUFFER // 3))
+        offset = rng.randrange(0, SIZE - length)
+        data = rng.randbytes(length)
+        stream += request(WRITE, cookie, offset, length) + data
+        model[offset:offset + length] = data
+    stream += request(DISC, 0, 0, 0)
+    reader, writer = await asyncio.open_unix_connection(str(nbd.sock))
+    writer.write(bytes(stream))
+    await read_handshake(reader, False)
+    got = await read_replies(reader, {}, False, count)
+    assert got.errors == {c: 0 for c in range(1, count + 1)}
+    assert await reader.read() == b""
+    writer.close()
+    await nbd.d.cmd("block-export-del", {"id": "disk"})
+    await nbd.d.event("BLOCK_EXPORT_DELETED")
+    assert img.read_bytes() == model
+
+
 async def clients_of(nbd, want: int) -> int:
     n = -1
     for _ in range(100):
