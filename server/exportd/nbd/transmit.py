@@ -236,8 +236,9 @@ class Transmission:
                     want = self.big[3] - self.big_filled
                     n = sock.recv_into(memoryview(big_buf)[self.big_filled: self.big[3]])
                 else:
-                    want = len(self.buf) - self.tail
-                    n = sock.recv_into(self.view[self.tail:])
+                    tail = self.tail
+                    want = len(self.buf) - tail
+                    n = sock.recv_into(self.view[tail:] if tail else self.view)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
@@ -263,11 +264,11 @@ class Transmission:
 
     def _parse(self) -> None:
         """Serve every whole request in buf[head:tail]; keep a partial one.
-        The replies of requests answered inline go out together at the end
-        (one sendmsg for a burst, one wake-up of the client)."""
+        When more than one request is there, the replies of those answered
+        inline go out together at the end (one sendmsg for a burst, one
+        wake-up of the client)."""
         buf = self.buf
         head, tail = self.head, self.tail
-        self.corked = []
         try:
             while tail - head >= _REQUEST_SIZE and self.reading:
                 magic, flags, typ, cookie, offset, length = _REQUEST.unpack_from(buf, head)
@@ -284,9 +285,13 @@ class Transmission:
                             head = tail
                         break
                     head = end
+                    if head < tail and self.corked is None:
+                        self.corked = []  # more requests follow: one sendmsg for all
                     self._write(flags, cookie, offset, length, self.view[start:end])
                     continue
                 head += _REQUEST_SIZE
+                if head < tail and self.corked is None:
+                    self.corked = []
                 if typ == P.CMD_READ:
                     self._read(flags, cookie, offset, length)
                 elif typ == P.CMD_DISC:
