@@ -220,6 +220,36 @@ async def test_stream_of_writes_through_the_buffer(nbd, image_dir: Path) -> None
     assert img.read_bytes() == model
 
 
+@pytest.mark.parametrize("structured", [False, True], ids=["simple", "structured"])
+async def test_replies_wait_for_a_slow_reader(nbd, image_dir: Path, structured: bool) -> None:
+    """Big READ replies that the socket cannot take (sent by sendfile on
+    tmpfs, cut where the socket filled up, the rest queued) arrive whole and
+    in one piece each, while other clients are served."""
+    img, model = await raw_export(nbd, image_dir)
+    rng = random.Random(5)
+    reads = {}
+    burst = bytearray(go("disk", structured))
+    for cookie in range(1, 41):
+        length = rng.choice((1 << 20, 65536, 4096, 300001))
+        offset = rng.randrange(0, SIZE - length)
+        reads[cookie] = (offset, length)
+        burst += request(READ, cookie, offset, length, flags=4 if structured else 0)  # DF
+    reader, writer = await asyncio.open_unix_connection(str(nbd.sock), limit=64)
+    writer.write(bytes(burst))
+    await writer.drain()
+    await asyncio.sleep(0.5)  # nothing read: the server's socket fills up
+    out = (await run("qemu-io", "-f", "raw", "-c", "read 0 1M", nbd.uri("disk"), timeout=20)).stdout
+    assert "read 1048576/1048576" in out
+    await read_handshake(reader, structured)
+    got = await read_replies(reader, reads, structured, len(reads))
+    assert got.errors == {c: 0 for c in reads}
+    for c, (off, ln) in reads.items():
+        assert got.data[c] == model[off:off + ln], f"read {c} at {off}+{ln}"
+    writer.close()
+    assert await clients_of(nbd, 0) == 0
+    assert img.read_bytes() == model
+
+
 async def clients_of(nbd, want: int) -> int:
     n = -1
     for _ in range(100):

@@ -54,6 +54,7 @@ BURST = 16                    # receives per readiness callback before the loop 
 OUT_HIGH = 4 << 20            # unsent reply bytes above which requests are not read
 MAX_PARTS = 1000              # sendmsg takes at most IOV_MAX (1024) buffers
 CORK_MAX = 256 * 1024         # replies held for one sendmsg at most this long
+SENDFILE_MIN = 64 * 1024      # READs from this size on go by sendfile (when they can)
 MAX_IN_FLIGHT = 16            # requests waiting in tasks per client (QEMU: 16)
 SPARSE_READ_MIN = 64 * 1024   # smaller structured reads are sent as data (a block_status costs more)
 
@@ -351,19 +352,63 @@ class Transmission:
                      or exp.known_data(offset) >= length)):
             try:
                 got = self.io.read_now(offset, length)
-                data = read_extents_now(got, length) if type(got) is list else None
+                if type(got) is not list:
+                    data = None
+                elif length >= SENDFILE_MIN and len(got) == 1 and got[0][0] >= 0 and got[0][3]:
+                    self._send_file(cookie, offset, length, got[0][0], got[0][1])
+                    return
+                else:
+                    data = read_extents_now(got, length)
             except OSError as e:
                 self._error(cookie, e)
                 return
             if data is not None:
-                if self.structured:
-                    head = _DATA_CHUNK.pack(P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE,
-                                            P.REPLY_TYPE_OFFSET_DATA, cookie, 8 + length, offset)
-                else:
-                    head = _SIMPLE.pack(P.SIMPLE_REPLY_MAGIC, 0, cookie)
-                self.send((head, data), len(head) + length)
+                self.send((self._data_head(cookie, offset, length), data))
                 return
         self._slow(P.Request(flags, P.CMD_READ, cookie, offset, length), b"")
+
+    def _data_head(self, cookie: int, offset: int, length: int) -> bytes:
+        """What precedes a READ's data: a simple reply, or an OFFSET_DATA chunk's header."""
+        if self.structured:
+            return _DATA_CHUNK.pack(P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE,
+                                    P.REPLY_TYPE_OFFSET_DATA, cookie, 8 + length, offset)
+        return _SIMPLE.pack(P.SIMPLE_REPLY_MAGIC, 0, cookie)
+
+    def _send_file(self, cookie: int, offset: int, length: int, fd: int, at: int) -> None:
+        """A big READ of host-file bytes that never block: the data goes from
+        the file to the socket by sendfile (one copy, no buffer); what the
+        socket does not take now is read and queued (the descriptor is the
+        node's: it is not kept past this call)."""
+        head = self._data_head(cookie, offset, length)
+        self._uncork()  # the replies before it go first
+        if self.out or self.closed:
+            self.send((head, read_extents_now([(fd, at, length, True)], length)))
+            return
+        try:
+            n = self.sock.send(head)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError:
+            self._lost()
+            return
+        if n < len(head):  # the socket is full: header and data wait their turn
+            data = read_extents_now([(fd, at, length, True)], length)
+            self._queued((head, data), n, len(head) + length)
+            return
+        sent = 0
+        try:
+            while sent < length:
+                n = os.sendfile(self.fd, fd, at + sent, length - sent)
+                if n == 0:
+                    break  # the host file ends early: zeroes follow
+                sent += n
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            pass  # whatever went wrong, the rest goes as data read now
+        if sent < length:
+            rest = read_extents_now([(fd, at + sent, length - sent, True)], length - sent)
+            self._send_now((rest,), length - sent)
 
     def _write(self, flags: int, cookie: int, offset: int, length: int, payload: memoryview,
                owned: bool = False) -> bool:
@@ -469,10 +514,14 @@ class Transmission:
         except OSError:
             self._lost()
             return
-        if n == total:
-            return
-        self._queue(parts, n)
-        self.out_bytes += total - n
+        if n != total:
+            self._queued(parts, n, total)
+
+    def _queued(self, parts: tuple[Any, ...] | list[Any], sent: int, total: int) -> None:
+        """A reply of which the socket took `sent` bytes (the queue was
+        empty): the rest waits for the socket to be writable."""
+        self._queue(parts, sent)
+        self.out_bytes += total - sent
         self.writing = True
         self.loop.add_writer(self.fd, self._on_writable)
         if self.out_bytes > OUT_HIGH:
