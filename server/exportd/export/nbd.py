@@ -13,10 +13,11 @@ flushes the node, which is what the flag promises.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from exportd.block.node import BlockNode, Perm
+from exportd.block.node import BlockNode, BlockStatus, Perm, Status
 from exportd.errors import QMPError
 from exportd.export import register_export_type
 from exportd.export.base import BlockExport
@@ -44,6 +45,7 @@ class NbdExport(BlockExport):
         self.clients: set[Connection] = set()
         self._server: Any = None
         self._data_cache: tuple[BlockNode, int, int] | None = None
+        self._lookup = asyncio.Lock()  # block status lookups for the cache, one at a time
 
     async def start(self, options: dict[str, Any]) -> None:
         server = server_of(self.table.daemon)
@@ -97,6 +99,25 @@ class NbdExport(BlockExport):
         if c is None or c[0] is not self.node or not c[1] <= offset < c[2]:
             return 0
         return c[2] - offset
+
+    async def data_status(self, offset: int, length: int) -> tuple[int, BlockStatus | None]:
+        """(n, None): n bytes from `offset` are data, from the cache or a
+        lookup to the export's end that fills it; (0, status): the node's
+        block status at `offset` (at least `length` bytes asked), not data.
+        One lookup at a time: nbdcopy's first requests (4 connections x 64)
+        would each walk the whole file otherwise."""
+        known = self.known_data(offset)
+        if known:
+            return known, None
+        async with self._lookup:
+            known = self.known_data(offset)
+            if known:
+                return known, None
+            st = await self.node.block_status(offset, max(length, self.current_length() - offset))
+            if st.status & Status.DATA and not st.status & Status.ZERO and st.length > 0:
+                self.remember_data(offset, st.length)
+                return st.length, None
+            return 0, st
 
     def remember_data(self, offset: int, length: int) -> None:
         self._data_cache = (self.node, offset, offset + length)

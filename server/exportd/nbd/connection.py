@@ -457,17 +457,13 @@ class Connection:
         pos, end = off, off + n
         steps = 0
         while pos < end:
-            known = exp.known_data(pos)
+            known, st = await exp.data_status(pos, end - pos)
             if known:
                 ln, hole = min(known, end - pos), 0
             else:
-                # asked to the export's end: the answer (cached when data)
-                # serves the reads that follow too
-                st = await exp.node.block_status(pos, max(end, exp.current_length()) - pos)
+                assert st is not None
                 ln = min(st.length, end - pos) if st.length > 0 else end - pos
                 hole = 1 if st.status & Status.ZERO else 0
-                if not hole and st.status & Status.DATA and st.length > 0:
-                    exp.remember_data(pos, st.length)
             if runs and runs[-1][0] == hole:
                 runs[-1][2] += ln
             else:
@@ -509,15 +505,10 @@ class Connection:
     async def _base_allocation(self, exp: NbdExport, offset: int, length: int,
                                one: bool) -> list[tuple[int, int]]:
         """base:allocation, its first run of data from the export's cache
-        (see NbdExport.known_data): asked to the export's end once, not
-        walked again by every request (SEEK_HOLE walks a tmpfs file's pages
-        up to the next hole: milliseconds per call on a big image)."""
-        known = exp.known_data(offset)
-        if not known:
-            st = await exp.node.block_status(offset, max(length, exp.current_length() - offset))
-            if st.status & Status.DATA and not st.status & Status.ZERO and st.length > 0:
-                exp.remember_data(offset, st.length)
-                known = exp.known_data(offset)
+        (NbdExport.data_status): asked to the export's end once, not walked
+        again by every request (SEEK_HOLE walks a tmpfs file's pages up to
+        the next hole: milliseconds per call on a big image)."""
+        known, _ = await exp.data_status(offset, length)
         if not known:
             return await base_allocation_extents(exp.node, offset, length, one)
         first = min(known, length)

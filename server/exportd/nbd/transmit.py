@@ -224,8 +224,8 @@ class Transmission:
 
     def _drain(self) -> bool:
         """Receive and serve what the socket has (up to BURST receives).
-        True when nothing of this client is in flight afterwards (the busy
-        poller may spin on)."""
+        True when nothing of this client is in flight or queued afterwards
+        (the busy poller may spin on)."""
         sock = self.sock
         for _ in range(BURST):
             if not self.reading:
@@ -261,7 +261,9 @@ class Transmission:
                 return False
             if n < want:
                 break  # the socket is empty: the next readiness says when there is more
-        return not self.tasks
+        # nothing in flight, nothing waiting for the socket to take it: the
+        # poller may spin (while replies wait, the loop must watch for writability)
+        return not self.tasks and not self.out
 
     def _parse(self) -> None:
         """Serve every whole request in buf[head:tail]; keep a partial one.
@@ -458,7 +460,7 @@ class Transmission:
             return
         if not self.reading:
             self._update_reading()
-        if not self.tasks and self.reading and self.poller is not None:
+        if not self.tasks and not self.out and self.reading and self.poller is not None:
             self.poller.idle()
 
     def _disconnect(self) -> None:
