@@ -262,6 +262,8 @@ async def clients_of(nbd, want: int) -> int:
 
 async def test_disconnect_mid_payload(nbd, image_dir: Path) -> None:
     img, model = await raw_export(nbd, image_dir)
+    fds = Path(f"/proc/{nbd.d.proc.pid}/fd")
+    fds_before = len(list(fds.iterdir()))
     # cut inside a payload larger than the receive buffer, inside one that
     # fits it, and inside a request header
     for cut in (request(WRITE, 1, 0, BIG) + b"x" * 300000,
@@ -275,6 +277,7 @@ async def test_disconnect_mid_payload(nbd, image_dir: Path) -> None:
         await asyncio.sleep(0.1)
         writer.close()
     assert await clients_of(nbd, 0) == 0  # nothing leaked
+    assert len(list(fds.iterdir())) <= fds_before  # the sockets too
     out = (await run("qemu-io", "-f", "raw", "-c", "read -P 0 0 0", "-c", "write -P 7 0 4k",
                      "-c", "read -P 7 0 4k", nbd.uri("disk"))).stdout
     assert "verification failed" not in out and "read 4096/4096" in out
@@ -286,6 +289,8 @@ async def test_disconnect_mid_payload(nbd, image_dir: Path) -> None:
 
 async def test_many_clients_at_once(nbd, image_dir: Path) -> None:
     img, model = await raw_export(nbd, image_dir)
+    fds = Path(f"/proc/{nbd.d.proc.pid}/fd")
+    fds_before = len(list(fds.iterdir()))
     clients = 24
     region = SIZE // clients // 4096 * 4096
 
@@ -313,6 +318,7 @@ async def test_many_clients_at_once(nbd, image_dir: Path) -> None:
     for i, expect in enumerate(results):
         model[i * region:i * region + len(expect)] = expect
     assert await clients_of(nbd, 0) == 0
+    assert len(list(fds.iterdir())) <= fds_before  # every client's socket closed
     await nbd.d.cmd("block-export-del", {"id": "disk"})
     await nbd.d.event("BLOCK_EXPORT_DELETED")
     assert img.read_bytes() == model

@@ -152,19 +152,10 @@ class Transmission:
 
     def close(self) -> None:
         """Stop serving and close the socket (Connection._finish and close)."""
-        if self.closed:
-            return
-        self.closed = True
-        self._set_reading(False)
-        if self.writing:
-            self.writing = False
-            self.loop.remove_writer(self.fd)
-        self.out.clear()
-        self.out_bytes = 0
-        self._wake_drain_waiters()
-        self.sock.close()
-        self.fd = -1
-        self._end()
+        self._lost()
+        if self.fd >= 0:
+            self.fd = -1
+            self.sock.close()
 
     def _end(self, exc: BaseException | None = None) -> None:
         if not self.ended.done():
@@ -175,10 +166,11 @@ class Transmission:
         self._set_reading(False)
 
     def _lost(self) -> None:
-        """EOF or a socket error: the client is gone, nothing more to answer."""
+        """EOF or a socket error: the client is gone, nothing more to answer
+        (the socket is closed by close(), when the connection ends)."""
         self.closed = True
         self._set_reading(False)
-        if self.writing:
+        if self.writing and self.fd >= 0:
             self.writing = False
             self.loop.remove_writer(self.fd)
         self.out.clear()
