@@ -226,6 +226,8 @@ async def test_replies_wait_for_a_slow_reader(nbd, image_dir: Path, structured: 
     tmpfs, cut where the socket filled up, the rest queued) arrive whole and
     in one piece each, while other clients are served."""
     img, model = await raw_export(nbd, image_dir)
+    fds = Path(f"/proc/{nbd.d.proc.pid}/fd")
+    fds_before = len(list(fds.iterdir()))
     rng = random.Random(5)
     reads = {}
     burst = bytearray(go("disk", structured))
@@ -246,7 +248,14 @@ async def test_replies_wait_for_a_slow_reader(nbd, image_dir: Path, structured: 
     for c, (off, ln) in reads.items():
         assert got.data[c] == model[off:off + ln], f"read {c} at {off}+{ln}"
     writer.close()
+    # and one that leaves with its replies unread
+    reader, writer = await asyncio.open_unix_connection(str(nbd.sock), limit=64)
+    writer.write(bytes(burst))
+    await writer.drain()
+    await asyncio.sleep(0.3)
+    writer.close()
     assert await clients_of(nbd, 0) == 0
+    assert len(list(fds.iterdir())) <= fds_before  # queued replies hold no descriptor
     assert img.read_bytes() == model
 
 

@@ -15,6 +15,12 @@ loop's reader callback directly:
 - anything else goes through Connection._serve (the same checks, errors and
   replies as the stream path): inline when it does not wait, else as a
   task, up to MAX_IN_FLIGHT per client (reading stops at that many);
+- READs of 64 KiB and more go by sendfile, file to socket; when the
+  socket is full the rest waits in the queue as a FilePiece (a dup of the
+  node's descriptor, at most MAX_PIECES in the process) and is sent by
+  sendfile when the socket takes it: its bytes are read then, not at the
+  request, which NBD allows (a read is not ordered against requests that
+  overlap it while it is in flight, and the client has not seen its reply);
 - replies that do not fit in the socket wait in an ordered queue; above
   OUT_HIGH unsent bytes the client's requests are not read (a client that
   stops reading holds back only itself);
@@ -69,6 +75,35 @@ _ZEROES = bytes(1 << 20)
 async def finish_resumed(started: Resume) -> None:
     """A request's task: go on with a handler that waited (aio.resume)."""
     await started
+
+
+class FilePiece:
+    """Bytes of a host file queued for sendfile once the socket takes them:
+    a descriptor of its own (a dup: the node's may be closed or replaced
+    meanwhile), where, and how many are left."""
+
+    __slots__ = ("fd", "offset", "left")
+
+    def __init__(self, fd: int, offset: int, left: int) -> None:
+        self.fd = os.dup(fd)
+        self.offset = offset
+        self.left = left
+
+    def __len__(self) -> int:
+        return self.left
+
+    def close(self) -> None:
+        global _pieces
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+            _pieces -= 1
+
+
+# Descriptors held by queued pieces, in the whole process: past this, a big
+# READ whose reply must wait is read into memory instead.
+MAX_PIECES = 256
+_pieces = 0
 
 
 def read_extents_now(extents: list[Extent], n: int) -> bytes | bytearray | None:
@@ -132,7 +167,7 @@ class Transmission:
         # replies held while a burst of requests is served (_parse)
         self.corked: list[Any] | None = None
         self.corked_bytes = 0
-        self.out: deque[memoryview] = deque()
+        self.out: deque[memoryview | FilePiece] = deque()
         self.out_bytes = 0
         self.tasks = conn.tasks
         self.reading = False
@@ -173,7 +208,7 @@ class Transmission:
         if self.writing and self.fd >= 0:
             self.writing = False
             self.loop.remove_writer(self.fd)
-        self.out.clear()
+        self._clear_out()
         self.out_bytes = 0
         self._wake_drain_waiters()
         self._end()
@@ -375,8 +410,10 @@ class Transmission:
         node's: it is not kept past this call)."""
         head = self._data_head(cookie, offset, length)
         self._uncork()  # the replies before it go first
-        if self.out or self.closed:
-            self.send((head, read_extents_now([(fd, at, length, True)], length)))
+        if self.closed:
+            return
+        if self.out:
+            self._queue_file(head, 0, fd, at, length)
             return
         try:
             n = self.sock.send(head)
@@ -386,8 +423,9 @@ class Transmission:
             self._lost()
             return
         if n < len(head):  # the socket is full: header and data wait their turn
-            data = read_extents_now([(fd, at, length, True)], length)
-            self._queued((head, data), n, len(head) + length)
+            self._queue_file(head, n, fd, at, length)
+            self.writing = True
+            self.loop.add_writer(self.fd, self._on_writable)
             return
         sent = 0
         try:
@@ -401,8 +439,25 @@ class Transmission:
         except OSError:
             pass  # whatever went wrong, the rest goes as data read now
         if sent < length:
-            rest = read_extents_now([(fd, at + sent, length - sent, True)], length - sent)
-            self._send_now((rest,), length - sent)
+            self._queue_file(b"", 0, fd, at + sent, length - sent)
+            self.writing = True
+            self.loop.add_writer(self.fd, self._on_writable)
+
+    def _queue_file(self, head: bytes, sent: int, fd: int, at: int, length: int) -> None:
+        """Queue a READ reply's rest: what is left of `head`, then the data,
+        as a FilePiece while descriptors are to be had, else read now."""
+        global _pieces
+        if sent < len(head):
+            self.out.append(memoryview(head)[sent:])
+        if _pieces < MAX_PIECES:
+            self.out.append(FilePiece(fd, at, length))  # type: ignore[arg-type]
+            _pieces += 1
+        else:
+            data = read_extents_now([(fd, at, length, True)], length)
+            self.out.append(memoryview(data))  # type: ignore[arg-type]
+        self.out_bytes += len(head) - sent + length
+        if self.out_bytes > OUT_HIGH:
+            self._set_reading(False)
 
     def _write(self, flags: int, cookie: int, offset: int, length: int, payload: memoryview,
                owned: bool = False) -> bool:
@@ -535,7 +590,31 @@ class Transmission:
     def _on_writable(self) -> None:
         out = self.out
         while out:
-            parts = list(out) if len(out) <= MAX_PARTS else [out[i] for i in range(MAX_PARTS)]
+            first = out[0]
+            if type(first) is FilePiece:
+                try:
+                    n = os.sendfile(self.fd, first.fd, first.offset, first.left)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    self._lost()  # the reply promised these bytes: nothing else can follow
+                    return
+                if n == 0:  # the host file ends early: zeroes promised
+                    out[0] = memoryview(bytes(first.left))
+                    first.close()
+                    continue
+                self.out_bytes -= n
+                first.offset += n
+                first.left -= n
+                if not first.left:
+                    first.close()
+                    out.popleft()
+                continue
+            parts = []
+            for part in out:
+                if type(part) is FilePiece or len(parts) == MAX_PARTS:
+                    break
+                parts.append(part)
             try:
                 n = self.sock.sendmsg(parts)
             except (BlockingIOError, InterruptedError):
@@ -559,6 +638,12 @@ class Transmission:
             self._maybe_disconnected()
         elif not self.reading:
             self._update_reading()
+
+    def _clear_out(self) -> None:
+        for part in self.out:
+            if type(part) is FilePiece:
+                part.close()
+        self.out.clear()
 
     async def drained(self) -> None:
         """Wait until the queued replies went out (a coroutine's backpressure)."""
