@@ -106,14 +106,26 @@ MAX_PIECES = 256
 _pieces = 0
 
 
+def _read_cached(fd: int, offset: int, n: int) -> bytearray | None:
+    """`n` bytes of a disk file if the page cache has them all (RWF_NOWAIT),
+    else None."""
+    buf = bytearray(n)
+    try:
+        got = os.preadv(fd, (buf,), offset, os.RWF_NOWAIT)
+    except OSError:  # EAGAIN, EOPNOTSUPP (no RWF_NOWAIT here), an error: read() will tell
+        return None
+    return buf if got == n else None
+
+
 def read_extents_now(extents: list[Extent], n: int) -> bytes | bytearray | None:
-    """The `n` bytes of a read mapping when no piece can block, read now;
-    None when one could (the caller awaits read()). A host file shorter
-    than its extent reads as zeroes past its end."""
+    """The `n` bytes of a read mapping when no piece can block (or, for one
+    extent of a disk file, the page cache has them), read now; None when
+    one could (the caller awaits read()). A host file shorter than its
+    extent reads as zeroes past its end."""
     if len(extents) == 1:
         fd, off, ln, never_blocks = extents[0]
         if not never_blocks:
-            return None
+            return _read_cached(fd, off, n)
         if fd < 0:
             return bytes(n)
         data = os.pread(fd, n, off)
@@ -331,8 +343,9 @@ class Transmission:
                 else:
                     self._slow(P.Request(flags, typ, cookie, offset, length), b"")
         finally:
-            self._uncork()
-            self.corked = None
+            if self.corked is not None:
+                self._uncork()
+                self.corked = None
             if head == tail:
                 head = tail = 0
             elif head and len(buf) - head < self._needed(head, tail):
@@ -392,7 +405,8 @@ class Transmission:
                 self._error(cookie, e)
                 return
             if data is not None:
-                self.send((self._data_head(cookie, offset, length), data))
+                head = self._data_head(cookie, offset, length)
+                self.send((head, data), len(head) + length)
                 return
         self._slow(P.Request(flags, P.CMD_READ, cookie, offset, length), b"")
 
