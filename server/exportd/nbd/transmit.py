@@ -162,9 +162,6 @@ class Transmission:
         self.structured = conn.structured
         self.sock = sock
         self.fd = sock.fileno()
-        _sndbuf = int(os.environ.get("EXPORTD_NBD_SNDBUF", "0"))
-        if _sndbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _sndbuf)
         self.loop = asyncio.get_running_loop()
         self.buf = bytearray(max(RECV_BUFFER, len(leftover)))
         self.view = memoryview(self.buf)
