@@ -417,8 +417,7 @@ class Transmission:
     def _send_file(self, cookie: int, offset: int, length: int, fd: int, at: int) -> None:
         """A big READ of host-file bytes that never block: the data goes from
         the file to the socket by sendfile (one copy, no buffer); what the
-        socket does not take now is read and queued (the descriptor is the
-        node's: it is not kept past this call)."""
+        socket does not take now waits in the queue (_queue_file)."""
         head = self._data_head(cookie, offset, length)
         self._uncork()  # the replies before it go first
         if self.closed:
