@@ -156,7 +156,10 @@ class ExportdNbd(NbdServer):
         return [*env.exportd_cmd,
                 "--blockdev", f"driver=file,node-name=file0,filename={image}",
                 "--nbd-server", f"addr.type=unix,addr.path={self.socket}",
-                "--export", f"type=nbd,id=e,node-name=file0,name={EXPORT},writable=on"], \
+                "--export", f"type=nbd,id=e,node-name=file0,name={EXPORT},writable=on",
+                # a monitor of its own: the default socket may be another daemon's
+                "--chardev", f"socket,id=mon0,path={self.workdir / 'qmp.sock'},server=on,wait=off",
+                "--monitor", "chardev=mon0"], \
             dict(env.exportd_env)
 
 

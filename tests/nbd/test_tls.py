@@ -57,7 +57,20 @@ async def test_nbd_over_tls(exportd: Exportd, workdir: Path) -> None:
     assert plain.returncode != 0
     refused = await asyncio.to_thread(qemu_img_info, sock, stranger)
     assert refused.returncode != 0
-    # and the server still serves
+    # and the server still serves, data too (TLS stays on the stream path)
     again = await asyncio.to_thread(qemu_img_info, sock, client_dir)
     assert again.returncode == 0, again.stderr
+    await exportd.cmd("block-export-del", {"id": "e0"})
+    await exportd.event("BLOCK_EXPORT_DELETED")
+    await exportd.cmd("block-export-add", {"type": "nbd", "id": "e0", "node-name": "n0", "name": "disk0",
+                                           "writable": True})
+    io = await asyncio.to_thread(
+        subprocess.run,
+        ["qemu-io", "--object", f"tls-creds-x509,id=tls0,dir={client_dir},endpoint=client",
+         "--image-opts", f"driver=nbd,server.type=unix,server.path={sock},export=disk0,tls-creds=tls0,"
+         "tls-hostname=localhost",
+         "-c", "read -P 0xab 0 64k", "-c", "write -P 0x5a 4k 300k", "-c", "read -P 0x5a 4k 300k"],
+        capture_output=True, text=True, timeout=60)
+    assert io.returncode == 0 and "verification failed" not in io.stdout, io.stdout + io.stderr
+    assert "read 307200/307200" in io.stdout
     await exportd.cmd("nbd-server-stop")

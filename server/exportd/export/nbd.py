@@ -13,6 +13,7 @@ flushes the node, which is what the flag promises.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,7 @@ from exportd.block import bitmaps
 from exportd.block.bitmap_actions import bitmap_of
 from exportd.block.bitmaps import DirtyBitmap, Use
 from exportd.block.chain import filtered_or_backing
-from exportd.block.node import BlockNode, Perm
+from exportd.block.node import BlockNode, BlockStatus, Perm, Status
 from exportd.errors import QMPError
 from exportd.export import register_export_type
 from exportd.export.base import BlockExport
@@ -49,6 +50,7 @@ class NbdExport(BlockExport):
         self.bitmaps: dict[str, DirtyBitmap] = {}  # context name -> the dirty bitmap it shows
         self._server: Any = None
         self._data_cache: tuple[BlockNode, int, int] | None = None
+        self._lookup = asyncio.Lock()  # block status lookups for the cache, one at a time
 
     async def start(self, options: dict[str, Any]) -> None:
         server = server_of(self.table.daemon)
@@ -114,11 +116,13 @@ class NbdExport(BlockExport):
         a node with its own write_zeroes, not the generic write of a buffer."""
         return type(self.node).write_zeroes is not BlockNode.write_zeroes
 
-    # --- block status cache (as QEMU's file-posix keeps one) --------------------------
-    # The last range block_status called data, for sparse reads: asking again
-    # costs a SEEK_HOLE walk per read on a big file. A stale entry is harmless:
-    # a range called data is sent as data, which is always correct; holes are
-    # never cached.
+    # --- block status cache (as QEMU's block-status cache keeps one) -----------------
+    # The last range block_status called data (not zero), for sparse reads and
+    # base:allocation: asking again costs a SEEK_HOLE walk per request on a
+    # big file. A stale entry is harmless: a range called data is sent as
+    # data, and reported allocated, which is always correct (proto.md: a hole
+    # may be reported as data); holes are never cached. Trims and zeroing
+    # through NBD, and a resize, drop it.
     def known_data(self, offset: int) -> int:
         """How many bytes from `offset` are known to be data (0: ask)."""
         c = self._data_cache
@@ -126,8 +130,34 @@ class NbdExport(BlockExport):
             return 0
         return c[2] - offset
 
+    async def data_status(self, offset: int, length: int) -> tuple[int, BlockStatus | None]:
+        """(n, None): n bytes from `offset` are data, from the cache or a
+        lookup to the export's end that fills it; (0, status): the node's
+        block status at `offset` (at least `length` bytes asked), not data.
+        One lookup at a time: nbdcopy's first requests (4 connections x 64)
+        would each walk the whole file otherwise."""
+        known = self.known_data(offset)
+        if known:
+            return known, None
+        async with self._lookup:
+            known = self.known_data(offset)
+            if known:
+                return known, None
+            st = await self.node.block_status(offset, max(length, self.current_length() - offset))
+            if st.status & Status.DATA and not st.status & Status.ZERO and st.length > 0:
+                self.remember_data(offset, st.length)
+                return st.length, None
+            return 0, st
+
     def remember_data(self, offset: int, length: int) -> None:
         self._data_cache = (self.node, offset, offset + length)
+
+    def forget_data(self) -> None:
+        """A trim or zeroing through this export may make holes: ask again."""
+        self._data_cache = None
+
+    def length_changed(self) -> None:
+        self._data_cache = None
 
     # --- life cycle -------------------------------------------------------------------
     def _unregister(self) -> None:

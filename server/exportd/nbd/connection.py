@@ -2,6 +2,9 @@
 transmission phase (NetworkBlockDevice's doc/proto.md).
 
 - The handshake must end within the server's handshake-max-seconds.
+- Without TLS the transmission phase leaves asyncio's streams for the fast
+  path of nbd/transmit.py (the socket is handed over after NBD_OPT_GO); with
+  TLS it stays here (transmit()). Both serve requests through _serve().
 - Requests are served concurrently (up to MAX_IN_FLIGHT per client); each
   reply, whatever its chunks, is written by one synchronous call, so replies
   never interleave on the wire.
@@ -16,14 +19,22 @@ import asyncio
 import contextlib
 import errno
 import logging
-import os
 from typing import TYPE_CHECKING, Any
 
 from exportd.aio.resume import Resume, start_eagerly
 from exportd.block.node import Status
 from exportd.export.io import to_the_end
 from exportd.nbd import protocol as P
-from exportd.nbd.meta import Contexts, context_extents
+from exportd.nbd.meta import Contexts, base_allocation_extents, context_extents
+from exportd.nbd.transmit import (
+    MAX_IN_FLIGHT,
+    OUT_HIGH,
+    SPARSE_READ_MIN,
+    Transmission,
+    finish_resumed,
+    read_extents_now,
+    take_socket,
+)
 from exportd.tls import TlsError, upgrade
 
 if TYPE_CHECKING:
@@ -33,12 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-async def _finish(started: Resume) -> None:
-    await started
-
-MAX_IN_FLIGHT = 16                  # requests served at once per client (QEMU: 16)
 MAX_DISCARDED_OPTION = 16 << 20     # an over-long option is skipped up to this, else dropped
-SPARSE_READ_MIN = 64 * 1024         # smaller reads are sent as data (a block_status costs more)
 CACHE_CHUNK = 4 << 20
 
 
@@ -60,6 +66,7 @@ class Connection:
         self.slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._send_lock = asyncio.Lock()
         self._main: asyncio.Task[Any] | None = None
+        self.fast: Transmission | None = None
         self.closed = False
 
     # --- life cycle -------------------------------------------------------------
@@ -69,7 +76,12 @@ class Connection:
             limit = self.server.handshake_max_seconds
             async with asyncio.timeout(limit if limit else None):
                 await self.negotiate()
-            await self.transmit()
+            taken = None if self.tls_done else take_socket(self.reader, self.writer)
+            if taken is None:
+                await self.transmit()
+            else:
+                self.fast = Transmission(self, *taken)
+                await self.fast.run()
         except (Disconnect, asyncio.IncompleteReadError, ConnectionError, TimeoutError):
             pass
         except P.ProtocolError as e:
@@ -87,6 +99,8 @@ class Connection:
         for t in list(self.tasks):
             t.cancel()
         self.writer.transport.abort()
+        if self.fast is not None:
+            self.fast.close()
         if self._main is not None and not self._main.done():
             self._main.cancel()
 
@@ -99,6 +113,8 @@ class Connection:
             exp.clients.discard(self)
             exp.unref()
         self.writer.transport.abort()
+        if self.fast is not None:
+            self.fast.close()
         for t in list(self.tasks):
             t.cancel()
         if self.tasks:
@@ -110,6 +126,12 @@ class Connection:
         return await self.reader.readexactly(n)
 
     async def _send(self, *parts: bytes | bytearray | memoryview) -> None:
+        fast = self.fast
+        if fast is not None:
+            fast.send(parts)
+            if fast.out_bytes > OUT_HIGH:
+                await fast.drained()
+            return
         # one reply buffered at a time: a client that stops reading holds
         # its own replies back, not the daemon's memory
         async with self._send_lock:
@@ -304,7 +326,7 @@ class Connection:
             # them here, and make a task only of one that really waits
             started = start_eagerly(self._serve(exp, req, payload))
             if type(started) is Resume:
-                task = asyncio.get_running_loop().create_task(_finish(started))
+                task = asyncio.get_running_loop().create_task(finish_resumed(started))
                 self.tasks.add(task)
                 task.add_done_callback(self._done)
             else:
@@ -381,6 +403,7 @@ class Connection:
         elif t == P.CMD_FLUSH:
             await io.flush()
         elif t == P.CMD_TRIM:
+            exp.forget_data()
             if req.length:
                 await to_the_end(exp.node.discard(req.offset, req.length))
             if req.flags & P.CMD_FLAG_FUA:
@@ -388,6 +411,7 @@ class Connection:
         elif t == P.CMD_WRITE_ZEROES:
             if req.flags & P.CMD_FLAG_FAST_ZERO and not exp.fast_zero():
                 raise OSError(errno.EOPNOTSUPP, "fast zeroing not supported")
+            exp.forget_data()
             if req.length:
                 await io.write_zeroes(req.offset, req.length, may_unmap=not req.flags & P.CMD_FLAG_NO_HOLE)
             if req.flags & P.CMD_FLAG_FUA:
@@ -408,20 +432,10 @@ class Connection:
         got = io.read_now(offset, n)
         if isinstance(got, (bytes, bytearray)):
             return got
-        if got is not None and all(e[3] for e in got):
-            buf = bytearray(n)
-            view = memoryview(buf)
-            pos = 0
-            for fd, off, ln, _ in got:
-                if fd >= 0:
-                    done = 0
-                    while done < ln:
-                        r = os.preadv(fd, [view[pos + done: pos + ln]], off + done)
-                        if r <= 0:
-                            break  # past the host file's end: zeroes
-                        done += r
-                pos += ln
-            return buf
+        if got is not None:
+            data = read_extents_now(got, n)
+            if data is not None:
+                return data
         return await io.read(offset, n)
 
     async def _cmd_read(self, exp: NbdExport, req: P.Request) -> None:
@@ -443,17 +457,13 @@ class Connection:
         pos, end = off, off + n
         steps = 0
         while pos < end:
-            known = exp.known_data(pos)
+            known, st = await exp.data_status(pos, end - pos)
             if known:
                 ln, hole = min(known, end - pos), 0
             else:
-                # asked to the export's end: the answer (cached when data)
-                # serves the reads that follow too
-                st = await exp.node.block_status(pos, max(end, exp.current_length()) - pos)
+                assert st is not None
                 ln = min(st.length, end - pos) if st.length > 0 else end - pos
                 hole = 1 if st.status & Status.ZERO else 0
-                if not hole and st.length > 0:
-                    exp.remember_data(pos, st.length)
             if runs and runs[-1][0] == hole:
                 runs[-1][2] += ln
             else:
@@ -482,9 +492,29 @@ class Connection:
         one = bool(req.flags & P.CMD_FLAG_REQ_ONE)
         chunks: list[bytes] = []
         for cname, cid in self.contexts.ids.items():
-            ext = await context_extents(exp.node, exp.bitmaps, cname, req.offset, req.length, one)
+            if cname == P.CONTEXT_BASE_ALLOCATION:
+                ext = await self._base_allocation(exp, req.offset, req.length, one)  # the export's cache first
+            else:
+                ext = await context_extents(exp.node, exp.bitmaps, cname, req.offset, req.length, one)
             chunks.append(P.pack_block_status(cid, ext))
         parts = [P.pack_chunk(req.cookie, P.REPLY_TYPE_BLOCK_STATUS, c,
                               P.REPLY_FLAG_DONE if i == len(chunks) - 1 else 0)
                  for i, c in enumerate(chunks)]
         await self._send(*parts)
+
+    async def _base_allocation(self, exp: NbdExport, offset: int, length: int,
+                               one: bool) -> list[tuple[int, int]]:
+        """base:allocation, its first run of data from the export's cache
+        (NbdExport.data_status): asked to the export's end once, not walked
+        again by every request (SEEK_HOLE walks a tmpfs file's pages up to
+        the next hole: milliseconds per call on a big image)."""
+        known, _ = await exp.data_status(offset, length)
+        if not known:
+            return await base_allocation_extents(exp.node, offset, length, one)
+        first = min(known, length)
+        if one or first == length:
+            return [(first, 0)]
+        rest = await base_allocation_extents(exp.node, offset + first, length - first, one)
+        if rest and rest[0][1] == 0:
+            return [(first + rest[0][0], 0), *rest[1:]]
+        return [(first, 0), *rest]
