@@ -66,6 +66,10 @@ def script(d: Path, out: dict[str, Any]) -> list[Any]:
         record("map-fine", lambda: nbdinfo(nbd, "r", "--map=qemu:dirty-bitmap:fine")),
         record("map-top", lambda: nbdinfo(nbd, "t", "--map=qemu:dirty-bitmap:deep")),
         bm("clear", "b"), bm("remove", "fine"), bm("enable", "b"),
+        # merging into a busy bitmap: the sources are checked first, then the target
+        # (an empty list: tests/bitmaps/test_vs_qemu.py, qemu-storage-daemon 7.2 crashes)
+        ("cmd", "block-dirty-bitmap-merge", {"node": "q", "target": "b", "bitmaps": ["nope"]}),
+        ("cmd", "block-dirty-bitmap-merge", {"node": "q", "target": "b", "bitmaps": ["deep"]}),
         cmd("query-named-block-nodes", flat=True),
         cmd("block-export-del", id="r"), cmd("block-export-del", id="t"),
         ("sleep", 0.5),

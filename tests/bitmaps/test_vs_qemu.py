@@ -114,3 +114,21 @@ async def test_bitmap_commands_as_qemu(daemon, tmp_path: Path) -> None:  # noqa:
         if step[1] == "query-named-block-nodes":
             a, b = bitmaps_of(a), bitmaps_of(b)
         assert a == b, (step, a, b)
+
+
+def test_merge_of_no_bitmaps(daemon, raw_qmp, tmp_path: Path) -> None:  # noqa: ANN001
+    """An empty source list merges nothing (qemu-storage-daemon 7.2 dies of
+    SIGSEGV on it, so this one is exportd alone); the target is still checked."""
+    c = raw_qmp(daemon())
+    c.negotiate()
+    images(tmp_path)
+    assert c.cmd("blockdev-add", {"driver": "qcow2", "node-name": "q",
+                                  "file": {"driver": "file", "filename": str(tmp_path / "a.qcow2")}}) == {"return": {}}
+    assert c.cmd("block-dirty-bitmap-add", {"node": "q", "name": "b"}) == {"return": {}}
+    assert c.cmd("block-dirty-bitmap-merge", {"node": "q", "target": "b", "bitmaps": []}) == {"return": {}}
+    assert c.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(tmp_path / "n.sock")}}}) == {
+        "return": {}}
+    assert c.cmd("block-dirty-bitmap-disable", {"node": "q", "name": "b"}) == {"return": {}}
+    assert c.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "q", "bitmaps": ["b"]}) == {"return": {}}
+    assert c.cmd("block-dirty-bitmap-merge", {"node": "q", "target": "b", "bitmaps": []}) == {"error": {
+        "class": "GenericError", "desc": "Bitmap 'b' is currently in use by another operation and cannot be used"}}

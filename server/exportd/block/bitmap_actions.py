@@ -118,8 +118,9 @@ class MergeAction(_ChangeBitsAction):
                 source = bitmap_of(self.graph, d["node"], src)
             else:
                 source = bitmap_of(self.graph, src["node"], src["name"])
-            bitmaps.check_merge(target, source)
+            bitmaps.check_merge_source(target, source)
             merged.merge(source.bits)
+        bitmaps.check_merge_target(target)
         self.bitmap, self.backup = target, target.bits.copy()
         target.bits.restore(merged)
 

@@ -153,9 +153,14 @@ def detach(bm: DirtyBitmap) -> None:
     bm.node.dirty_bitmaps.remove(bm)
 
 
-def check_merge(target: DirtyBitmap, source: DirtyBitmap) -> None:
-    target.check(Use.DEFAULT)
+def check_merge_source(target: DirtyBitmap, source: DirtyBitmap) -> None:
+    """A source QEMU merges (into an anonymous copy of the target first: the
+    target's own state is checked after every source, check_merge_target)."""
     source.check(Use.INCONSISTENT)
     if target.bits.length != source.bits.length:
         raise BlockError(f"Bitmaps are of different sizes (destination size is {target.bits.length}, "
                          f"source size is {source.bits.length}) and can't be merged")
+
+
+def check_merge_target(target: DirtyBitmap) -> None:
+    target.check(Use.DEFAULT)
