@@ -27,8 +27,9 @@ def source_image(workdir: Path) -> bytes:
     return raw_of(src, workdir / "start.raw")
 
 
-async def test_push_backup_under_fio_is_point_in_time(exportd: Exportd, workdir: Path) -> None:
-    at_start = source_image(workdir)
+async def src_and_dst_exported(exportd: Exportd, workdir: Path) -> Path:
+    """Nodes src (the image made already) and dst (a new qcow2), and src
+    exported writable through FUSE: the mountpoint."""
     qcow2(workdir / "dst.qcow2")
     for node in ("src", "dst"):
         await exportd.cmd("blockdev-add", {"driver": "qcow2", "node-name": node,
@@ -36,6 +37,12 @@ async def test_push_backup_under_fio_is_point_in_time(exportd: Exportd, workdir:
     mnt = workdir / "disk.raw"
     mnt.touch()
     await exportd.add_export("e", "src", mnt, writable=True)
+    return mnt
+
+
+async def test_push_backup_under_fio_is_point_in_time(exportd: Exportd, workdir: Path) -> None:
+    at_start = source_image(workdir)
+    mnt = await src_and_dst_exported(exportd, workdir)
     # 24 MiB at 6 MiB/s: the job runs ~4 s, all of fio's write phase falls inside it
     await exportd.cmd("blockdev-backup", {"job-id": "b", "device": "src", "target": "dst", "sync": "full",
                                           "speed": 6 * M})
@@ -98,13 +105,7 @@ async def test_backups_cancelled_and_done_under_fio_lose_no_write(exportd: Expor
     export: the filter comes and goes under writes in flight, none fails
     or goes astray (fio verifies all it wrote)."""
     source_image(workdir)
-    qcow2(workdir / "dst.qcow2")
-    for node in ("src", "dst"):
-        await exportd.cmd("blockdev-add", {"driver": "qcow2", "node-name": node,
-                                           "file": {"driver": "file", "filename": str(workdir / f"{node}.qcow2")}})
-    mnt = workdir / "disk.raw"
-    mnt.touch()
-    await exportd.add_export("e", "src", mnt, writable=True)
+    mnt = await src_and_dst_exported(exportd, workdir)
     writer = asyncio.ensure_future(arun(fio(mnt), timeout=120))
     await asyncio.sleep(0.3)
     rounds = 0
