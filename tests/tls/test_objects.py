@@ -120,7 +120,9 @@ def test_command_line_errors(tmp_path: Path, option: str, text: str) -> None:
                            "--object", option.format(d=missing)],
                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1] == text.format(d=missing)
+    # QEMU names the option first
+    expected = text.format(d=missing).replace("exportd: ", f"exportd: --object {option.format(d=missing)}: ", 1)
+    assert proc.stderr.strip().splitlines()[-1] == expected
     assert not (tmp_path / "s.sock").exists()
 
 
