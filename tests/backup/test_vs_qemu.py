@@ -42,13 +42,15 @@ def done(job: str) -> Step:
     return wait("JOB_STATUS_CHANGE", id=job, status="null")
 
 
-def bitmap_facts(reply: Any) -> Any:
+def bitmap_facts(reply: Any, *, busy: bool = True) -> Any:
     """query-named-block-nodes: only the nodes' dirty bitmaps (the rest is
     the node query's business, tested elsewhere); QEMU's anonymous bitmaps
-    (a filter's copy state) are not exportd's."""
+    (a filter's copy state) are not exportd's. Without `busy` that flag is
+    left out."""
     ret = reply.get("return")
     if isinstance(ret, list) and ret and isinstance(ret[0], dict) and "node-name" in ret[0]:
-        return sorted((n["node-name"], json.dumps([b for b in n.get("dirty-bitmaps", []) if "name" in b],
+        return sorted((n["node-name"], json.dumps([{k: v for k, v in b.items() if busy or k != "busy"}
+                                                    for b in n.get("dirty-bitmaps", []) if "name" in b],
                                                    sort_keys=True))
                       for n in ret if not n["node-name"].startswith("#") and n["drv"] != "copy-before-write")
     return reply
@@ -107,7 +109,10 @@ def errors_flow(d: Path) -> list[Step]:
 
 
 async def test_errors_same_as_qemu(tmp_path: Path) -> None:
-    await both(tmp_path, images, errors_flow, normalize=bitmap_facts)
+    # qemu-storage-daemon 7.2 now and then lists the bitmap of its running,
+    # rate-limited backup as not busy (about 1 run in 8) while refusing it
+    # to another backup as busy; the refusal is compared, the flag is not
+    await both(tmp_path, images, errors_flow, normalize=lambda r: bitmap_facts(r, busy=False))
 
 
 # --- full, top, drive-backup, transaction --------------------------------------------------
