@@ -136,6 +136,17 @@ class BusyPoller:
 _pollers: PerLoop[BusyPoller] = PerLoop(lambda loop: BusyPoller(loop, window_from_env()))
 
 
+def serve_readable(poller: BusyPoller | None, drain: Callable[[], bool]) -> None:
+    """An fd's readable callback: drain it, telling the poller (if any) that
+    the loop was woken and, when nothing is left in flight, that it may spin."""
+    if poller is None:
+        drain()
+        return
+    poller.woken()
+    if drain():
+        poller.idle()
+
+
 def poller_for(loop: asyncio.AbstractEventLoop) -> BusyPoller | None:
     """The poller shared by every session on `loop`; None when polling is off."""
     if not window_from_env():

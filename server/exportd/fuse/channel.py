@@ -34,7 +34,7 @@ from exportd.aio.resume import Resume, start_eagerly
 
 from . import abi
 from .buffers import BufferPool, pool_for
-from .busypoll import poller_for
+from .busypoll import poller_for, serve_readable
 from .filesystem import SingleFileFS
 from .replies import Scatter
 from .requests import RequestError
@@ -152,13 +152,7 @@ class Channel:
             os.close(fd)
 
     def _on_readable(self) -> None:
-        poller = self._poller
-        if poller is None:
-            self._drain()
-            return
-        poller.woken()
-        if self._drain():
-            poller.idle()
+        serve_readable(self._poller, self._drain)
 
     def _drain(self) -> bool:
         """Read and dispatch up to BURST requests. True when nothing of ours

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from exportd.aio.resume import Resume, start_eagerly
 from exportd.extents import Extent
-from exportd.fuse.busypoll import poller_for
+from exportd.fuse.busypoll import poller_for, serve_readable
 from exportd.nbd import protocol as P
 
 if TYPE_CHECKING:
@@ -250,13 +250,7 @@ class Transmission:
                 self.poller.unregister(self.fd)
 
     def _on_readable(self) -> None:
-        poller = self.poller
-        if poller is None:
-            self._drain()
-            return
-        poller.woken()
-        if self._drain():
-            poller.idle()
+        serve_readable(self.poller, self._drain)
 
     def _drain(self) -> bool:
         """Receive and serve what the socket has (up to BURST receives).
