@@ -86,10 +86,11 @@ def errors_flow(d: Path) -> list[Step]:
         cmd("blockdev-backup", job_id="j", sync="full", filter_node_name="1x", **b),
         cmd("query-named-block-nodes"),
         # a running (rate-limited) backup: what it refuses, then cancelled
-        cmd("blockdev-backup", job_id="j", sync="full", speed=1, filter_node_name="cbw", bitmap="b0",
+        # (its own id: a refused 'j' above left a 'null' event a wait for 'j' would take)
+        cmd("blockdev-backup", job_id="bk", sync="full", speed=1, filter_node_name="cbw", bitmap="b0",
             bitmap_mode="on-success", **b),
         ("sleep", 1),  # its first chunk is copied (then the rate limit holds it)
-        cmd("blockdev-backup", job_id="j", device="src", target="raw", sync="full"),
+        cmd("blockdev-backup", job_id="bk", device="src", target="raw", sync="full"),
         cmd("blockdev-backup", job_id="j2", device="src", target="raw", sync="full", bitmap="b0",
             bitmap_mode="always"),
         cmd("blockdev-backup", job_id="j2", device="t", target="raw", sync="full"),
@@ -101,8 +102,8 @@ def errors_flow(d: Path) -> list[Step]:
         ("cmd", "block-dirty-bitmap-remove", {"node": "src", "name": "b0"}),
         cmd("query-named-block-nodes"),
         cmd("query-block-jobs"),
-        cmd("block-job-cancel", device="j"),
-        done("j"),
+        cmd("block-job-cancel", device="bk"),
+        done("bk"),
         cmd("query-named-block-nodes"),
         cmd("blockdev-del", node_name="t"),
     ]
