@@ -15,6 +15,11 @@ def test_jsonstream_unit():
     assert out == [ParseError("JSON parse error, control character in string")]
     small = JsonStream(max_size=100)
     assert small.feed(b'{"a": "' + b"x" * 200) == [ParseError("JSON token size limit exceeded")]
-    assert small.feed(b'yyy"} {"ok": 1}') == [ParseError("JSON parse error, expecting value"), {"ok": 1}]
+    # the rest of a message dropped for a limit is skipped, with no reply of its own
+    assert small.feed(b'yyy", "b": [1, "]"]} {"ok": 1}') == [{"ok": 1}]
     few = JsonStream(max_tokens=10)
-    assert few.feed(b"[" + b"1," * 20 + b"1]") [0] == ParseError("JSON token count limit exceeded")
+    assert few.feed(b"[" + b"1," * 20 + b"1] 7 ") == [ParseError("JSON token count limit exceeded"), 7]
+    deep = JsonStream(max_nesting=3)
+    assert deep.feed(b'[[[[["x]"]]]], 2] {"a": [[[1]]]}') == [
+        ParseError("JSON nesting depth limit exceeded"), ParseError("JSON nesting depth limit exceeded")]
+    assert deep.feed(b' {"a": [1]}') == [{"a": [1]}]

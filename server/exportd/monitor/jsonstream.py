@@ -28,6 +28,8 @@ from typing import Any
 MAX_MESSAGE_SIZE = 64 << 20  # QEMU: MAX_TOKEN_SIZE
 MAX_TOKEN_COUNT = 1 << 20  # QEMU allows 2 Mi; every token here is a Python object
 MAX_NESTING = 1024  # QEMU: MAX_NESTING
+# strings longer than this are worth encoding a slice at a time in replies
+BIG_STRING = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ _ESCAPES = {
     "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t",
 }
 _KEYWORDS = {"true": True, "false": False, "null": None}
+_SKIP_STOP = re.compile(r"[\[\]{}\"']")
 _PUNCT = "{}[]:,"
 
 # Sentinel token kinds for the incremental parser.
@@ -69,11 +72,7 @@ def _decode_string(body: str) -> str:
     if "\\" not in body:
         # isprintable() is false for control characters and surrogates (bad
         # bytes): the common case is settled at C speed
-        if body.isprintable():
-            return body
-        if _CONTROL.search(body):
-            raise _SyntaxError("control character in string")
-        return _modified_utf8(body) if _INVALID_UTF8.search(body) else body
+        return body if body.isprintable() else _plain_run(body)
     try:
         # C speed for valid escapes (a raw " of a single-quoted string makes
         # it fail, never parse as something else)
@@ -86,10 +85,7 @@ def _decode_string(body: str) -> str:
     i, n = 0, len(body)
     while i < n:
         j = body.find("\\", i)
-        run = body[i:] if j < 0 else body[i:j]
-        if _CONTROL.search(run):
-            raise _SyntaxError("control character in string")
-        out.append(run)
+        out.append(_plain_run(body[i:] if j < 0 else body[i:j]))
         if j < 0:
             break
         i = j
@@ -115,22 +111,26 @@ def _decode_string(body: str) -> str:
         elif 0xDC00 <= code < 0xE000:
             raise _SyntaxError(f"\\u{code:04x} is not a valid Unicode character")
         out.append(chr(code))
-    text = "".join(out)
-    # escapes never give U+DC80..U+DCFF alone, so these came from bad bytes
-    return _modified_utf8(text) if _INVALID_UTF8.search(text) else text
+    return "".join(out)
 
 
-_INVALID_UTF8 = re.compile("[\udc80-\udcff]")
 _CONTROL = re.compile("[\x00-\x1f]")
+# bytes that are not UTF-8 (lone surrogates, see _BAD_IN_STRING), but for
+# the pair C0 80: QEMU reads strings as modified UTF-8, where it is U+0000
+_NOT_MODIFIED_UTF8 = re.compile("\udcc0(?!\udc80)|(?<!\udcc0)\udc80|[\udc81-\udcbf\udcc1-\udcff]")
 
 
-def _modified_utf8(body: str) -> str:
-    """QEMU reads strings as modified UTF-8: the overlong pair C0 80 is
-    U+0000; any other invalid sequence refuses the string."""
-    body = body.replace("\udcc0\udc80", "\0")
-    if _INVALID_UTF8.search(body):
+def _plain_run(run: str) -> str:
+    """A run of a string without escapes: its text, or the first error in
+    it by position (so that where a string is cut into chunks does not
+    change which error is reported)."""
+    control = _CONTROL.search(run)
+    invalid = _NOT_MODIFIED_UTF8.search(run)
+    if control is not None and (invalid is None or control.start() < invalid.start()):
+        raise _SyntaxError("control character in string")
+    if invalid is not None:
         raise _SyntaxError("invalid UTF-8 sequence in string")
-    return body
+    return run.replace("\udcc0\udc80", "\0") if "\udcc0" in run else run
 
 
 def _hex4(body: str, i: int) -> tuple[int, int]:
@@ -138,6 +138,29 @@ def _hex4(body: str, i: int) -> tuple[int, int]:
     if len(digits) != 4 or any(c not in "0123456789abcdefABCDEF" for c in digits):
         raise _SyntaxError("invalid hex escape sequence in string")
     return int(digits, 16), i + 4
+
+
+# whole units of a string's inside: runs without a backslash, \\uXXXX, or
+# another escape (checked when decoded); stops before an unfinished escape
+_WHOLE_UNITS = re.compile(r"(?:[^\\]+|\\u[0-9a-fA-F]{4}|\\[^u])*")
+_HIGH_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}")
+
+
+def _decodable_prefix(raw: str) -> int:
+    """How much of the inside of an unfinished string can be decoded now:
+    no escape, surrogate pair (\\uD83D\\uDE00) or modified-UTF-8 pair
+    (bytes C0 80) is cut in two. An invalid \\u escape is taken whole, so
+    that decoding reports it."""
+    m = _WHOLE_UNITS.match(raw)
+    assert m is not None
+    cut = m.end()
+    if raw.startswith("\\u", cut) and len(raw) - cut >= 6:
+        return cut + 6  # \\u and four characters that are not hex digits
+    if cut >= 6 and _HIGH_SURROGATE_ESCAPE.match(raw, cut - 6) and not _odd_backslashes_before(raw, cut - 6, 0):
+        cut -= 6  # its low half may follow
+    if cut and raw[cut - 1] == "\udcc0":
+        cut -= 1  # byte C0: U+0000 if 80 follows
+    return cut
 
 
 def _string_end(s: str, i: int, quote: str, escaped: bool) -> tuple[int, bool]:
@@ -282,6 +305,11 @@ class _Parser:
 class JsonStream:
     """Feed raw bytes; get back complete messages (values or ParseError)."""
 
+    # Whether any stream of this process ever parsed a string longer than
+    # BIG_STRING: only then can a reply hold one (the daemon makes none of
+    # its own), and only then is each reply searched for them (session.py)
+    big_strings_seen = False
+
     def __init__(
         self,
         max_size: int = MAX_MESSAGE_SIZE,
@@ -298,9 +326,16 @@ class JsonStream:
         self._buf = ""  # an unfinished number or keyword
         self._quote: str | None = None  # set while a string spans chunks
         self._escaped = False  # that string's last chunk ended in a lone backslash
-        self._parts: list[str] = []
+        self._parts: list[str] = []  # its raw inside so far (for a stray token's text)
         self._parts_len = 0
+        # ... decoded as it arrives, so that its end costs no more than a chunk
+        self._decoded: list[str] = []
+        self._undecoded = ""  # a tail that may end mid-escape
+        self._string_error: str | None = None
         self._discarding = False  # swallowing the rest of an oversized string
+        # after a message was dropped for a limit: the depth of brackets
+        # left to skip, so that its rest is passed over without a reply per token
+        self._skip_depth = 0
         self._reset_message()
 
     def _reset_message(self) -> None:
@@ -323,11 +358,41 @@ class JsonStream:
         self._scan(buf, out)
         return out
 
+    # --- skipping the rest of a dropped message -----------------------------
+    def _skip_from(self, level: int) -> None:
+        self._skip_depth = level
+
+    def _skip(self, buf: str, pos: int) -> int:
+        """Pass over the rest of a dropped message: brackets counted, strings
+        jumped, everything else at C speed. Returns where skipping ended
+        (len(buf) if it goes on in the next chunk)."""
+        n = len(buf)
+        while self._skip_depth > 0:
+            m = _SKIP_STOP.search(buf, pos)
+            if m is None:
+                return n
+            ch, pos = m.group(), m.end()
+            if ch in "[{":
+                self._skip_depth += 1
+            elif ch in "]}":
+                self._skip_depth -= 1
+            else:
+                end, escaped = _string_end(buf, pos, ch, False)
+                if end < 0:
+                    self._quote, self._escaped, self._discarding = ch, escaped, True
+                    return n
+                pos = end + 1
+        return pos
+
     # --- lexing -----------------------------------------------------------
     def _scan(self, buf: str, out: list[Any]) -> None:
         n = len(buf)
         pos = 0
         while True:
+            if self._skip_depth:
+                pos = self._skip(buf, pos)
+                if self._skip_depth or self._discarding:
+                    return
             if self._recovering:
                 r = _RESYNC.search(buf, pos)
                 if r is None:
@@ -352,8 +417,7 @@ class JsonStream:
                 if end < 0:
                     # the rest of the string comes in later chunks
                     self._quote, self._escaped = ch, escaped
-                    self._parts = [buf[pos + 1 :]]
-                    self._parts_len = n - pos - 1
+                    self._take_string_part(buf[pos + 1 :])
                     self._check_pending(out)
                     return
                 self._string_token(buf[pos + 1 : end], out)
@@ -398,32 +462,64 @@ class JsonStream:
             self._quote, self._discarding = None, False
             return text[end + 1 :]
         if end < 0:
-            self._parts.append(text)
-            self._parts_len += len(text)
+            self._take_string_part(text)
             self._escaped = escaped
             self._check_pending(out)
             return None
         if text[end] in _BAD_IN_STRING:
             token = self._quote + "".join(self._parts) + text[:end] + "\ufffd"
-            self._quote, self._parts, self._parts_len = None, [], 0
+            self._end_string()
             self._stray(token, out)
             return text[end + 1 :]
-        self._parts.append(text[:end])
-        body = "".join(self._parts)
-        self._quote, self._parts, self._parts_len = None, [], 0
-        self._string_token(body, out)
+        size = self._parts_len + end + 2
+        if size > BIG_STRING:
+            JsonStream.big_strings_seen = True
+        try:
+            if self._string_error is not None:
+                raise _SyntaxError(self._string_error)
+            self._decoded.append(_decode_string(self._undecoded + text[:end]))
+            value: Any = "".join(self._decoded)  # one copy of a string that may be 28 MiB
+        except _SyntaxError as e:
+            self._fail(str(e))
+            value = ""
+        self._end_string()
+        self._emit_token(_VALUE, value, size, out)
         return text[end + 1 :]
+
+    def _take_string_part(self, raw: str) -> None:
+        """More of a string that spans chunks: kept raw, and decoded as far
+        as it can be."""
+        self._parts.append(raw)
+        self._parts_len += len(raw)
+        if self._string_error is not None:
+            return
+        raw = self._undecoded + raw
+        cut = _decodable_prefix(raw)
+        try:
+            if cut:
+                self._decoded.append(_decode_string(raw[:cut]))
+            self._undecoded = raw[cut:]
+        except _SyntaxError as e:
+            self._string_error, self._decoded, self._undecoded = str(e), [], ""
+
+    def _end_string(self) -> None:
+        self._quote, self._parts, self._parts_len = None, [], 0
+        self._decoded, self._undecoded, self._string_error = [], "", None
 
     def _check_pending(self, out: list[Any]) -> None:
         if self._size + self._parts_len > self.max_size:
             # one unfinished string alone is past the limit: drop it, and
-            # swallow the rest of it as it arrives
-            self._parts, self._parts_len = [], 0
-            self._discarding = True
+            # swallow the rest of it as it arrives, then the rest of its message
+            quote = self._quote
+            self._end_string()
+            self._quote, self._discarding = quote, True
+            self._skip_from(self._braces + self._brackets)
             self._reset_message()
             out.append(ParseError("JSON token size limit exceeded"))
 
     def _string_token(self, body: str, out: list[Any]) -> None:
+        if len(body) > BIG_STRING:
+            JsonStream.big_strings_seen = True
         try:
             value: Any = _decode_string(body)
         except _SyntaxError as e:
@@ -472,11 +568,16 @@ class JsonStream:
                 out.append(ParseError("JSON parse error, expecting value"))
             self._reset_message()
         elif self._size > self.max_size:
-            self._reset_message()
-            out.append(ParseError("JSON token size limit exceeded"))
+            self._drop_message("JSON token size limit exceeded", out)
         elif self._tokens > self.max_tokens:
-            self._reset_message()
-            out.append(ParseError("JSON token count limit exceeded"))
+            self._drop_message("JSON token count limit exceeded", out)
         elif self._braces + self._brackets > self.max_nesting:
-            self._reset_message()
-            out.append(ParseError("JSON nesting depth limit exceeded"))
+            self._drop_message("JSON nesting depth limit exceeded", out)
+
+    def _drop_message(self, error: str, out: list[Any]) -> None:
+        # QEMU then starts over inside the message and answers each of its
+        # remaining tokens (millions of replies for a big array); the rest
+        # of it is skipped here instead, with one reply for the message
+        self._skip_from(self._braces + self._brackets)
+        self._reset_message()
+        out.append(ParseError(error))

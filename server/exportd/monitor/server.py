@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Room for a burst of hundreds of clients connecting at once (the kernel
+# caps it at net.core.somaxconn); asyncio accepts up to this many per wakeup.
+LISTEN_BACKLOG = 4096
+
 
 class MonitorError(Exception):
     pass
@@ -79,7 +83,7 @@ def bind_unix_socket(path: str, mode: int = 0o600) -> socket.socket:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         sock.bind(tmp)
-        sock.listen(64)
+        sock.listen(LISTEN_BACKLOG)
         if mode != 0o600:
             os.chmod(tmp, mode)
         if tmp != path:
@@ -117,7 +121,7 @@ class Monitor:
             sock = bind_unix_socket(self.path, mode)
             st = os.stat(self.path)
             self._inode = (st.st_dev, st.st_ino)
-        self._server = await asyncio.start_unix_server(self._client, sock=sock)
+        self._server = await asyncio.start_unix_server(self._client, sock=sock, backlog=LISTEN_BACKLOG)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         session = Session(self.executor, reader, writer, pretty=self.pretty)

@@ -5,6 +5,10 @@ paced by the replies (each reply is drained before the next message is
 taken), so a client that sends without reading only stalls itself. A client
 that disconnects while its command runs does not cancel it: the command
 completes and its reply is dropped, so no half-done state is left behind.
+
+No client holds the loop for long (aio/budget.py): its input is parsed a
+few KiB at a time, and parsing, commands and the writing of a big reply
+give the loop back once their time slice is used up.
 """
 
 from __future__ import annotations
@@ -12,10 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from exportd.aio.budget import TimeSlice
 from exportd.errors import CommandNotFound, QMPError
-from exportd.monitor.jsonstream import JsonStream, ParseError
+from exportd.monitor.jsonstream import BIG_STRING, JsonStream, ParseError
 
 if TYPE_CHECKING:
     import asyncio
@@ -25,6 +32,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 64 * 1024
+# parsed this much at a time: about a millisecond at worst (2-byte tokens)
+FEED_SLICE = 1024
 # A client whose unread output passes this is not reading: drop it rather
 # than let events pile up in memory.
 MAX_PENDING_OUTPUT = 16 << 20
@@ -32,8 +41,53 @@ MAX_PENDING_OUTPUT = 16 << 20
 
 def encode(message: dict[str, Any], pretty: bool = False) -> bytes:
     """One server message: JSON ending in CRLF (one line unless pretty)."""
-    text = json.dumps(message, indent=4 if pretty else None)
-    return (text + "\r\n").encode()
+    return b"".join(encode_pieces(message, pretty))
+
+
+# stands for a big string in the skeleton of a message; a string of the
+# message that equals it by chance would need this process's random part
+_PLACEHOLDER = f"\0exportd-big-string-{uuid.uuid4().hex}-"
+
+
+def encode_pieces(message: dict[str, Any], pretty: bool = False) -> Iterator[bytes]:
+    """encode(), in pieces of about BIG_STRING bytes where the message holds
+    big strings (an error that quotes a 28 MiB argument...): json.dumps of
+    such a string takes the loop for a second. The message's skeleton is
+    encoded with placeholders, each string then slice by slice (JSON escapes
+    each character on its own, so the slices join into the same text).
+    Messages are searched for big strings only once a client sent one."""
+    big: list[str] = []
+    skeleton = _without_big_strings(message, big) if JsonStream.big_strings_seen else message
+    text = json.dumps(skeleton, indent=4 if pretty else None)
+    if not big:
+        yield (text + "\r\n").encode()
+        return
+    for i, value in enumerate(big):
+        marker = json.dumps(f"{_PLACEHOLDER}{i}")
+        before, text = text.split(marker, 1)
+        yield (before + '"').encode()
+        for start in range(0, len(value), BIG_STRING):
+            yield json.dumps(value[start : start + BIG_STRING])[1:-1].encode()
+        yield b'"'
+    yield (text + "\r\n").encode()
+
+
+def _without_big_strings(value: Any, big: list[str]) -> Any:
+    """`value` with each string longer than BIG_STRING replaced by a
+    placeholder (appended to `big`, in the order json.dumps meets them);
+    the same object when it has none."""
+    if isinstance(value, str):
+        if len(value) <= BIG_STRING:
+            return value
+        big.append(value)
+        return f"{_PLACEHOLDER}{len(big) - 1}"
+    if isinstance(value, dict):
+        out = {k: _without_big_strings(v, big) for k, v in value.items()}
+        return out if any(out[k] is not v for k, v in value.items()) else value
+    if isinstance(value, list):
+        items = [_without_big_strings(v, big) for v in value]
+        return items if any(a is not b for a, b in zip(items, value, strict=True)) else value
+    return value
 
 
 def event_message(name: str, data: dict[str, Any] | None) -> dict[str, Any]:
@@ -63,28 +117,36 @@ class Session:
         self.pretty = pretty
         self.negotiated = False
         self.closed = False
+        self.turn = TimeSlice()
 
     # --- output -----------------------------------------------------------------
+    def _pieces(self, message: dict[str, Any]) -> list[bytes] | Iterator[bytes]:
+        try:
+            pieces = encode_pieces(message, self.pretty)
+            first = next(pieces)  # the skeleton: where encoding errors show
+        except (ValueError, TypeError, RecursionError) as e:
+            log.warning("reply could not be encoded: %s", e)
+            return [encode({"error": {"class": "GenericError", "desc": f"Reply could not be encoded: {e}"}},
+                           self.pretty)]
+        return _chain(first, pieces)
+
     def _write(self, message: dict[str, Any]) -> bool:
         if self.closed or self.writer.is_closing():
             return False
-        try:
-            data = encode(message, self.pretty)
-        except (ValueError, TypeError, RecursionError) as e:
-            log.warning("reply could not be encoded: %s", e)
-            data = encode(
-                {"error": {"class": "GenericError", "desc": f"Reply could not be encoded: {e}"}},
-                self.pretty,
-            )
-        self.writer.write(data)
+        for piece in self._pieces(message):
+            self.writer.write(piece)
         return True
 
     async def send(self, message: dict[str, Any]) -> None:
-        if self._write(message):
-            try:
-                await self.writer.drain()
-            except ConnectionError:
-                self.close()
+        if self.closed or self.writer.is_closing():
+            return
+        for piece in self._pieces(message):
+            self.writer.write(piece)
+            await self.turn.pause_if_due()
+        try:
+            await self.writer.drain()
+        except ConnectionError:
+            self.close()
 
     def send_event(self, message: dict[str, Any]) -> None:
         """Queue an event (no waiting: events come from anywhere on the loop)."""
@@ -107,15 +169,19 @@ class Session:
         greeting = self.executor.greeting()
         await self.send(greeting)
         stream = JsonStream()
+        turn = self.turn
         try:
             while not self.closed:
-                data = await self.reader.read(READ_CHUNK)
+                data = memoryview(await self.reader.read(READ_CHUNK))
                 if not data:
                     break
-                for item in stream.feed(data):
-                    await self.handle(item)
-                    if self.closed:
-                        break
+                for start in range(0, len(data), FEED_SLICE):
+                    for item in stream.feed(data[start : start + FEED_SLICE]):
+                        await self.handle(item)
+                        await turn.pause_if_due()
+                        if self.closed:
+                            return
+                    await turn.pause_if_due()
         except (ConnectionError, OSError):
             pass
         except Exception:  # a bug here ends this client only
@@ -154,6 +220,11 @@ class Session:
         if has_id:
             reply["id"] = request["id"]
         return reply
+
+
+def _chain(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
+    yield first
+    yield from rest
 
 
 def _check_request(request: dict[str, Any]) -> tuple[str, dict[str, Any]]:

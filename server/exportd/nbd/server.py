@@ -19,6 +19,7 @@ import ssl
 from typing import TYPE_CHECKING, Any
 
 from exportd.errors import QMPError
+from exportd.monitor.server import LISTEN_BACKLOG
 
 if TYPE_CHECKING:
     from exportd.export.nbd import NbdExport
@@ -55,19 +56,19 @@ class NbdServer:
                 with contextlib.suppress(FileNotFoundError):
                     if os.path.exists(path) and not os.path.isdir(path):
                         os.unlink(path)  # QEMU unlinks whatever is there too
-                srv = await asyncio.start_unix_server(self._accept, path=path, limit=1 << 20)
+                srv = await asyncio.start_unix_server(self._accept, path=path, limit=1 << 20, backlog=LISTEN_BACKLOG)
                 self._unix_path = path
             elif kind == "inet":
                 host = data.get("host") or None
                 srv = await asyncio.start_server(self._accept, host=host, port=int(data["port"]),
-                                                 reuse_address=True, limit=1 << 20)
+                                                 reuse_address=True, limit=1 << 20, backlog=LISTEN_BACKLOG)
             elif kind == "fd":
                 sock = socket.socket(fileno=_fd_number(data["str"]))
                 sock.setblocking(False)
                 if sock.family == socket.AF_UNIX:
-                    srv = await asyncio.start_unix_server(self._accept, sock=sock, limit=1 << 20)
+                    srv = await asyncio.start_unix_server(self._accept, sock=sock, limit=1 << 20, backlog=LISTEN_BACKLOG)
                 else:
-                    srv = await asyncio.start_server(self._accept, sock=sock, limit=1 << 20)
+                    srv = await asyncio.start_server(self._accept, sock=sock, limit=1 << 20, backlog=LISTEN_BACKLOG)
             else:  # vsock: not on this host
                 raise QMPError(f"Socket address type '{kind}' is not supported")
         except OSError as e:
