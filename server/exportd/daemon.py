@@ -26,7 +26,7 @@ import logging
 import os
 from typing import Any
 
-from exportd import __version__, commands, jobs, systemd
+from exportd import __version__, commands, fdreserve, jobs, systemd
 from exportd.aio.settle import settled
 from exportd.block.graph import BlockGraph
 from exportd.commands.control import OFFERED_CAPABILITIES
@@ -83,6 +83,8 @@ class Daemon:
         self.schema.validate(name, args)
         if cmd is None:
             raise QMPError(f"Command {name} is not implemented yet")
+        if name in fdreserve.OPENING_COMMANDS:
+            fdreserve.check_room(name)
         async with self.command_lock:
             result = await cmd.handler(self, args)
             await settled()  # e.g. the kernel dropped an export's cached size

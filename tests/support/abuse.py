@@ -21,6 +21,7 @@ import resource
 import shutil
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import threading
@@ -372,12 +373,104 @@ def connect_burst(target: Target, clients: int = 200, seconds: float = 5.0) -> d
     return counts
 
 
+def nbd_export(target: Target) -> str:
+    """An NBD server on a UNIX socket with the probe node's export 'probe'
+    (read-only); its socket path."""
+    path = str(target.workdir / "nbd.sock")
+    if os.path.exists(path):
+        return path  # started by an earlier abuse
+    c = RawClient(target.sock)
+    c.negotiate()
+    for name, args in (("nbd-server-start", {"addr": {"type": "unix", "data": {"path": path}}}),
+                       ("block-export-add", {"type": "nbd", "id": "nbd-probe", "node-name": "probe"})):
+        r = c.cmd(name, args)
+        assert "return" in r, r
+    c.close()
+    return path
+
+
+def _nbd_connect(path: str) -> socket.socket:
+    """Fixed newstyle handshake with NBD_OPT_EXPORT_NAME 'probe', no zeroes."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(60)
+    s.connect(path)
+    hello = _recv_exact(s, 18)
+    assert hello[:16] == b"NBDMAGICIHAVEOPT", hello
+    s.sendall(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
+    s.sendall(b"IHAVEOPT" + struct.pack(">II", 1, 5) + b"probe")
+    _recv_exact(s, 10)  # size, transmission flags
+    return s
+
+
+def _recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("EOF from the NBD server")
+        buf += chunk
+    return bytes(buf)
+
+
+def _nbd_reads(count: int, size: int = 4096) -> bytes:
+    rng = random.Random(2)
+    return b"".join(struct.pack(">IHHQQI", 0x25609513, 0, 0, i, rng.randrange(IMAGE_SIZE // size) * size, size)
+                    for i in range(count))
+
+
+def nbd_flood(target: Target, requests: int = 200_000) -> dict[str, Any]:
+    """NBD READs of 4 KiB sent as fast as the server takes them, replies
+    read as fast as they come: every reply must arrive."""
+    s = _nbd_connect(nbd_export(target))
+    sender = threading.Thread(target=s.sendall, args=(_nbd_reads(requests),), daemon=True)
+    sender.start()
+    got, bad = 0, 0
+    reply = 16 + 4096
+    buf = bytearray()
+    while got < requests:
+        chunk = s.recv(1 << 20)
+        if not chunk:
+            break
+        buf += chunk
+        whole = len(buf) // reply
+        for i in range(whole):
+            magic, error = struct.unpack_from(">II", buf, i * reply)
+            bad += magic != 0x67446698 or error != 0
+        del buf[: whole * reply]
+        got += whole
+    sender.join(60)
+    s.close()
+    return {"requests": requests, "replies": got, "bad_replies": bad}
+
+
+def nbd_never_reads(target: Target, seconds: float = 5.0) -> dict[str, Any]:
+    """NBD READs sent for `seconds` without ever reading a reply; then the
+    client goes away."""
+    s = _nbd_connect(nbd_export(target))
+    s.setblocking(False)
+    batch = _nbd_reads(10_000)
+    sent, pending = 0, memoryview(batch)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            n = s.send(pending)
+        except BlockingIOError:
+            time.sleep(0.005)
+            continue
+        sent += n
+        pending = pending[n:] or memoryview(batch)
+    s.close()
+    return {"request_bytes_taken": sent}
+
+
 ABUSES: dict[str, Callable[[Target], dict[str, Any]]] = {
     "query-flood": query_flood,
     "json-array-60MiB": big_array,
     "string-28MiB": big_string,
     "string-28MiB-escaped": lambda t: big_string(t, escaped=True),
     "connect-burst": connect_burst,
+    "nbd-flood": nbd_flood,
+    "nbd-never-reads": nbd_never_reads,
 }
 
 
@@ -411,3 +504,33 @@ def probe(target: Target, abuse: Callable[[Target], dict[str, Any]], timeout: fl
             proc.kill()
             proc.join()
     return {"abuse": facts, "seconds": round(took, 2), **probes.result(), "alive": target.alive}
+
+
+def exports_until_refused(target: Target, most: int = 1000) -> dict[str, Any]:
+    """FUSE exports of one node until block-export-add fails (the daemon
+    runs under a low open-file limit); then a new QMP client must still be
+    greeted and served. The exports are deleted again."""
+    c = RawClient(target.sock, timeout=60)
+    c.negotiate()
+    made, error = 0, None
+    for i in range(most):
+        mnt = target.workdir / f"many-{i}.raw"
+        mnt.touch()
+        r = c.cmd("block-export-add", {"type": "fuse", "id": f"many{i}", "node-name": "null0",
+                                       "mountpoint": str(mnt), "writable": False})
+        if "error" in r:
+            error = r["error"]["desc"]
+            break
+        made += 1
+    late: dict[str, Any] = {}
+    try:
+        other = RawClient(target.sock, timeout=10)
+        other.negotiate()
+        late = other.cmd("query-version")
+        other.close()
+    except (OSError, ConnectionError, ValueError) as e:
+        late = {"failed": str(e)}
+    for i in range(made):
+        c.cmd("block-export-del", {"id": f"many{i}"})
+    c.close()
+    return {"exports": made, "refused_with": error, "new_client": "ok" if "return" in late else late}

@@ -18,6 +18,7 @@ import socket
 import ssl
 from typing import TYPE_CHECKING, Any
 
+from exportd import fdreserve
 from exportd.errors import QMPError
 from exportd.monitor.server import LISTEN_BACKLOG
 
@@ -84,6 +85,10 @@ class NbdServer:
         if self.max_connections and len(self.connections) >= self.max_connections:
             # QEMU stops accepting (clients wait in the backlog); we say no at once
             log.info("nbd: connection refused: max-connections=%d reached", self.max_connections)
+            writer.transport.abort()
+            return
+        if not fdreserve.room_for_client():
+            log.warning("nbd: connection refused: too few file descriptors left (the reserve is for QMP)")
             writer.transport.abort()
             return
         conn = Connection(self, reader, writer)

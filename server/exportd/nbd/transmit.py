@@ -39,6 +39,7 @@ import errno
 import os
 import socket
 import struct
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +58,10 @@ if TYPE_CHECKING:
 RECV_BUFFER = 2 << 20
 OWN_BUFFER_MIN = RECV_BUFFER // 2  # a larger WRITE payload gets a buffer of its own
 BURST = 16                    # receives per readiness callback before the loop gets a turn
+# ... and at most this long serving them: a client that sends requests as
+# fast as it reads replies would otherwise keep the loop for tens of ms per
+# receive (thousands of small READs), and every other client waits (issue 16)
+SLICE_S = 0.0005
 OUT_HIGH = 4 << 20            # unsent reply bytes above which requests are not read
 MAX_PARTS = 1000              # sendmsg takes at most IOV_MAX (1024) buffers
 CORK_MAX = 256 * 1024         # replies held for one sendmsg at most this long
@@ -180,6 +185,8 @@ class Transmission:
         self.out_bytes = 0
         self.tasks = conn.tasks
         self.reading = False
+        self.slice_end = 0.0  # when the current turn of serving this client ends
+        self.continuing = False  # a turn for requests already received is scheduled
         self.writing = False
         self.disc = False
         self.closed = False
@@ -232,9 +239,35 @@ class Transmission:
         if want and not self.reading and self.head < self.tail:
             # requests received before reading stopped come first
             self._set_reading(True)
+            self.slice_end = time.monotonic() + SLICE_S
             self._parse()
+            self._continue_if_left()
             want = self._want_reading()
         self._set_reading(want)
+
+    # --- taking turns with the loop's other work ---------------------------------------
+    def _left_unserved(self) -> bool:
+        """A whole request received but not served (its slice ran out); a
+        partial one waits for the socket's readiness instead."""
+        return (self.big is None and self.reading and self.tail - self.head >= _REQUEST_SIZE
+                and self.tail - self.head >= self._needed(self.head, self.tail))
+
+    def _continue_if_left(self) -> None:
+        if not self.continuing and self._left_unserved():
+            self.continuing = True
+            self.loop.call_soon(self._continue)
+
+    def _continue(self) -> None:
+        self.continuing = False
+        if self.closed or not self.reading:
+            return  # what is left is served when reading resumes (_update_reading)
+        self.slice_end = time.monotonic() + SLICE_S
+        try:
+            self._parse()
+        except Exception as e:  # noqa: BLE001 - garbage or a bug: this client ends, alone
+            self._end(e)
+            return
+        self._continue_if_left()
 
     def _set_reading(self, on: bool) -> None:
         if on == self.reading:
@@ -257,6 +290,9 @@ class Transmission:
         True when nothing of this client is in flight or queued afterwards
         (the busy poller may spin on)."""
         sock = self.sock
+        if self.continuing:
+            return False  # requests already received come first (_continue)
+        self.slice_end = time.monotonic() + SLICE_S
         for _ in range(BURST):
             if not self.reading:
                 return False
@@ -291,6 +327,11 @@ class Transmission:
                 return False
             if n < want:
                 break  # the socket is empty: the next readiness says when there is more
+            if time.monotonic() > self.slice_end:
+                break  # the socket's readiness brings us back
+        self._continue_if_left()
+        if self.continuing:
+            return False
         # nothing in flight, nothing waiting for the socket to take it: the
         # poller may spin (while replies wait, the loop must watch for writability)
         return not self.tasks and not self.out
@@ -303,7 +344,12 @@ class Transmission:
         buf = self.buf
         head, tail = self.head, self.tail
         try:
+            slice_end, first = self.slice_end, head
             while tail - head >= _REQUEST_SIZE and self.reading:
+                if head != first and time.monotonic() > slice_end:
+                    # the rest when the loop has had a turn (_continue_if_left);
+                    # one request at least per call, so each makes progress
+                    break
                 magic, flags, typ, cookie, offset, length = _REQUEST.unpack_from(buf, head)
                 if magic != P.REQUEST_MAGIC:
                     raise P.ProtocolError(f"bad request magic {magic:#x}")
