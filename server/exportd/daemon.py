@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -185,5 +186,17 @@ class Daemon:
 def _brief(args: dict[str, Any]) -> str:
     """A command's arguments for a log line: bounded (a 28 MiB message
     must not become a 28 MiB line)."""
-    text = json.dumps(args, default=str)
+    text = json.dumps(_shortened(args), default=str)
     return text if len(text) <= 400 else text[:400] + "..."
+
+
+def _shortened(value: Any, depth: int = 0) -> Any:
+    """`value` with long strings and containers cut, before json.dumps sees
+    it (dumping a 28 MiB string only to cut it holds the loop for 0.4 s)."""
+    if isinstance(value, str):
+        return value if len(value) <= 200 else f"{value[:200]}...({len(value)} characters)"
+    if isinstance(value, dict):
+        return {k: _shortened(v, depth + 1) for k, v in itertools.islice(value.items(), 20)} if depth < 6 else "{...}"
+    if isinstance(value, list):
+        return [_shortened(v, depth + 1) for v in value[:20]] if depth < 6 else "[...]"
+    return value
