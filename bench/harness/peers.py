@@ -1,14 +1,17 @@
 """The peers the benchmark compares: how each one starts, where fio aims, how it stops.
 
 A peer that cannot start is not an error of the run: start() raises
-PeerUnavailable with a one-line reason, the run goes on without it and the
-report says "unavailable: <reason>".
+PeerUnavailable with a one-line reason (a missing program or facility: the
+report says "unavailable: <reason>") or its subclass PeerStartError (the
+program ran and refused or died while starting, e.g. an exportd that does not
+know an option yet: "start error: <reason>"), and the run goes on without it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -27,6 +30,10 @@ class PeerUnavailable(Exception):
     """The peer cannot run here; str(exc) is the reason shown in the report."""
 
 
+class PeerStartError(PeerUnavailable):
+    """The peer's program was launched but exited or never served."""
+
+
 @dataclass
 class PeerEnv:
     """What peers need from the run."""
@@ -38,6 +45,7 @@ class PeerEnv:
     pyfuse3_script: Path
     null_size: int = NULL_SIZE
     exportd_env: dict[str, str] = field(default_factory=dict)  # e.g. a lever's switch
+    passthrough_hp: Path | None = None     # libfuse's example, built by bench/peers/build_passthrough_hp.sh
 
 
 @dataclass
@@ -45,7 +53,7 @@ class Peer:
     name: str
     label: str
     family: str                            # raw | qcow2 | null-co
-    status: str = "new"                    # new | ok | unavailable | failed | stopped
+    status: str = "new"                    # new | ok | unavailable | start-error | failed | stopped
     reason: str = ""
     info: dict = field(default_factory=dict)
 
@@ -120,13 +128,13 @@ class ProcessPeer(Peer):
             if status is not None:
                 last = _last_line(self.log_path)
                 self._unmount_leftovers()
-                raise PeerUnavailable(f"exited with status {status}" + (f": {last}" if last else ""))
+                raise PeerStartError(f"exited with status {status}" + (f": {last}" if last else ""))
             if all(is_mounted(m) for m in self.mountpoints) and extra_ready():
                 return
             if time.monotonic() > deadline:
                 last = _last_line(self.log_path)
                 self.stop()
-                raise PeerUnavailable(f"not serving after {READY_TIMEOUT_S:.0f} s"
+                raise PeerStartError(f"not serving after {READY_TIMEOUT_S:.0f} s"
                                       + (f": {last}" if last else ""))
             time.sleep(0.05)
 
@@ -197,12 +205,30 @@ class DaemonPeer(ProcessPeer):
     export_count: int = 2
     extra_export_options: str = ""
     private_image: bool = False
+    objects: tuple[str, ...] = ()          # --object values, before the block devices
 
     def program(self, env: PeerEnv) -> list[str]:
         raise NotImplementedError
 
     def environment(self, env: PeerEnv) -> dict[str, str]:
         return {}
+
+    def command(self, program: list[str], image: Path | None, workdir: Path,
+                null_size: int) -> list[str]:
+        """The whole command line; fills self.mountpoints, self.node_name and self.qmp_path."""
+        blockdevs, self.node_name = blockdev_args(self.family, image, null_size)
+        objects = [arg for value in self.objects for arg in ("--object", value)]
+        self.mountpoints = []
+        exports = []
+        for i in range(self.export_count):
+            mountpoint = workdir / f"export{i}.raw"
+            self.mountpoints.append(mountpoint)
+            exports += ["--export", f"type=fuse,id=export{i},node-name={self.node_name},"
+                        f"mountpoint={mountpoint},writable=on{self.extra_export_options}"]
+        self.qmp_path = workdir / "qmp.sock"
+        monitor = ["--chardev", f"socket,id=mon0,path={self.qmp_path},server=on,wait=off",
+                   "--monitor", "chardev=mon0"]
+        return program + objects + blockdevs + exports + monitor
 
     def start(self, env: PeerEnv) -> None:
         program = self.program(env)
@@ -211,19 +237,10 @@ class DaemonPeer(ProcessPeer):
         if self.family != "null-co":
             image = (env.images.private_copy(self.family, self.name) if self.private_image
                      else env.images.base(self.family))
-        blockdevs, self.node_name = blockdev_args(self.family, image, env.null_size)
-        self.mountpoints = []
-        exports = []
-        for i in range(self.export_count):
-            mountpoint = workdir / f"export{i}.raw"
+        cmd = self.command(program, image, workdir, env.null_size)
+        for mountpoint in self.mountpoints:
             mountpoint.touch()
-            self.mountpoints.append(mountpoint)
-            exports += ["--export", f"type=fuse,id=export{i},node-name={self.node_name},"
-                        f"mountpoint={mountpoint},writable=on{self.extra_export_options}"]
-        self.qmp_path = workdir / "qmp.sock"
-        monitor = ["--chardev", f"socket,id=mon0,path={self.qmp_path},server=on,wait=off",
-                   "--monitor", "chardev=mon0"]
-        self._launch(env, program + blockdevs + exports + monitor, workdir, self.environment(env))
+        self._launch(env, cmd, workdir, self.environment(env))
         self._wait_ready(extra_ready=self.qmp_path.exists)
         self.info["query-block-exports"] = self._query_exports()
 
@@ -238,9 +255,23 @@ class DaemonPeer(ProcessPeer):
         return self.mountpoints[:2] if two_exports else self.mountpoints[:1]
 
 
+IOTHREAD_ID = "io0"
+
+
 class QsdPeer(DaemonPeer):
+    """qemu-storage-daemon; iothread=True is the configuration a user tuning it
+    would pick: every export in one iothread (`--object iothread` and the
+    export's `iothread=`; one, because both exports share the node and a node
+    lives in one AioContext). The iothread polls adaptively (poll-max-ns
+    default), the main loop does not."""
+
+    def __init__(self, *args, iothread: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if iothread:
+            self.objects = (f"iothread,id={IOTHREAD_ID}",)
+            self.extra_export_options += f",iothread={IOTHREAD_ID}"
+
     def program(self, env: PeerEnv) -> list[str]:
-        import shutil
         qsd = shutil.which("qemu-storage-daemon")
         if qsd is None:
             raise PeerUnavailable("qemu-storage-daemon not installed (qemu-system-common)")
@@ -251,13 +282,17 @@ class ExportdPeer(DaemonPeer):
     private_image = True  # exportd locks images its own way: never share with another daemon
 
     def __init__(self, *args, passthrough: str | None = None, growable: bool = False,
-                 **kwargs) -> None:
+                 io_uring: str | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.passthrough = passthrough
         if growable:
             self.extra_export_options += ",growable=on"
         if passthrough is not None:
             self.extra_export_options += f",passthrough={passthrough}"
+        if io_uring is not None:
+            # FUSE over io_uring (issue 17); an exportd without the option
+            # refuses to start, which the report shows as a start error.
+            self.extra_export_options += f",io-uring={io_uring}"
 
     def program(self, env: PeerEnv) -> list[str]:
         if env.exportd_cmd is None:
@@ -268,20 +303,103 @@ class ExportdPeer(DaemonPeer):
         return dict(env.exportd_env)
 
 
+URING_PARAMETER = Path("/sys/module/fuse/parameters/enable_uring")
+RING_THREAD_PREFIX = "fuse-ring-"
+
+
+def thread_names(pid: int) -> dict[str, int]:
+    """How many threads of the process carry each name (/proc/PID/task/*/comm)."""
+    names: dict[str, int] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+        except OSError:
+            continue  # the thread ended
+        names[name] = names.get(name, 0) + 1
+    return dict(sorted(names.items()))
+
+
+def uring_enabled(parameter: Path = URING_PARAMETER) -> tuple[bool, str]:
+    """Whether the kernel offers FUSE over io_uring, and why not."""
+    try:
+        value = parameter.read_text().strip()
+    except OSError:
+        return False, f"{parameter} missing (kernel without FUSE over io_uring)"
+    if value != "Y":
+        return False, f"{parameter} is {value} (as root: echo Y > {parameter}; make bench does)"
+    return True, ""
+
+
+class PassthroughHpPeer(ProcessPeer):
+    """libfuse's passthrough_hp (C, libfuse >= 3.18) over a directory holding a
+    copy of the raw image; --nopassthrough --nosplice, so it reads and writes
+    the file itself, as exportd does. io_uring=False: requests over /dev/fuse,
+    served by libfuse's worker threads; True: `-o io_uring`, served by the
+    per-CPU ring threads (fuse-ring-N), which start() checks exist."""
+
+    def __init__(self, *args, io_uring: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.io_uring = io_uring
+
+    def command(self, binary: Path, source: Path, mountpoint: Path) -> list[str]:
+        cmd = [str(binary), "--foreground", "--nopassthrough", "--nosplice"]
+        if self.io_uring:
+            cmd += ["-o", "io_uring"]
+        return cmd + [str(source), str(mountpoint)]
+
+    def start(self, env: PeerEnv) -> None:
+        if env.passthrough_hp is None or not env.passthrough_hp.exists():
+            raise PeerUnavailable("passthrough_hp not built (bench/peers/build_passthrough_hp.sh; "
+                                  "make bench runs it)")
+        if self.io_uring:
+            enabled, why = uring_enabled()
+            if not enabled:
+                raise PeerUnavailable(why)
+        workdir = env.scratch.dir(self.name)
+        source = workdir / "source"
+        source.mkdir()
+        env.images.private_copy("raw", self.name, source / "image.raw")
+        mountpoint = workdir / "mnt"
+        mountpoint.mkdir()
+        self.mountpoints = [mountpoint]
+        self.file = mountpoint / "image.raw"
+        self._launch(env, self.command(env.passthrough_hp, source, mountpoint), workdir)
+        self._wait_ready()
+        # The rings start with the session; a server that silently fell back
+        # to /dev/fuse must not be reported as the io_uring peer.
+        threads = thread_names(self.proc.pid)
+        self.info["threads"] = threads
+        rings = sum(n for name, n in threads.items() if name.startswith(RING_THREAD_PREFIX))
+        if self.io_uring and rings == 0:
+            self.stop()
+            raise PeerStartError(f"no {RING_THREAD_PREFIX}N thread: not serving through io_uring "
+                                 f"(threads: {threads})")
+
+    def fio_paths(self, two_exports: bool) -> list[Path]:
+        return [self.file, self.file] if two_exports else [self.file]
+
+
 def fio_peers() -> list[Peer]:
     """Every peer of the I/O workloads, in the order they run within a repetition."""
     return [
         DirectPeer("direct", "direct access", "raw"),
         QsdPeer("qsd-raw", "qemu-storage-daemon, raw", "raw"),
+        QsdPeer("qsd-raw-iothread", "qemu-storage-daemon, raw, iothread", "raw", iothread=True),
         Pyfuse3Peer("pyfuse3", "pyfuse3 single-file FS, raw", "raw"),
+        PassthroughHpPeer("passthrough-hp", "libfuse passthrough_hp, /dev/fuse", "raw"),
+        PassthroughHpPeer("passthrough-hp-uring", "libfuse passthrough_hp, io_uring", "raw", io_uring=True),
         # growable=on: exportd refuses passthrough on a writable, non-growable
         # export (the kernel would let writes past EOF grow the file); fio
         # never writes past EOF, so this changes nothing else.
         ExportdPeer("exportd-raw-pt", "exportd, raw, passthrough=on", "raw", passthrough="on",
                     growable=True),
         ExportdPeer("exportd-raw", "exportd, raw, passthrough=off", "raw", passthrough="off"),
+        ExportdPeer("exportd-raw-uring", "exportd, raw, passthrough=off, io-uring=on", "raw",
+                    passthrough="off", io_uring="on"),
         QsdPeer("qsd-qcow2", "qemu-storage-daemon, qcow2", "qcow2"),
+        QsdPeer("qsd-qcow2-iothread", "qemu-storage-daemon, qcow2, iothread", "qcow2", iothread=True),
         ExportdPeer("exportd-qcow2", "exportd, qcow2", "qcow2"),
+        ExportdPeer("exportd-qcow2-uring", "exportd, qcow2, io-uring=on", "qcow2", io_uring="on"),
         QsdPeer("qsd-null-co", "qemu-storage-daemon, null-co", "null-co"),
         ExportdPeer("exportd-null-co", "exportd, null-co", "null-co"),
     ]
