@@ -103,6 +103,7 @@ class ProcessPeer(Peer):
     # __post_init__, and stop() must work on a peer whose start() failed early.
     proc: subprocess.Popen | None = None
     mountpoints: list[Path] = []  # only ever replaced, never mutated in place
+    sigterm_exit_statuses: tuple[int, ...] = (0,)  # what a clean exit on SIGTERM looks like
 
     @property
     def pid(self) -> int | None:
@@ -156,6 +157,7 @@ class ProcessPeer(Peer):
         if self.proc is not None:
             status = stop_process(self.proc, grace=10.0)
             self.info["exit_status"] = status
+            self.info["exit_status_expected"] = status in self.sigterm_exit_statuses
         self._unmount_leftovers()
 
 
@@ -268,6 +270,8 @@ class QsdPeer(DaemonPeer):
     def __init__(self, *args, iothread: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if iothread:
+            # Its own image: the plain peer holds the base image's write lock.
+            self.private_image = True
             self.objects = (f"iothread,id={IOTHREAD_ID}",)
             self.extra_export_options += f",iothread={IOTHREAD_ID}"
 
@@ -336,6 +340,9 @@ class PassthroughHpPeer(ProcessPeer):
     the file itself, as exportd does. io_uring=False: requests over /dev/fuse,
     served by libfuse's worker threads; True: `-o io_uring`, served by the
     per-CPU ring threads (fuse-ring-N), which start() checks exist."""
+
+    # libfuse's loop returns the signal that ended it and the example exits 1.
+    sigterm_exit_statuses = (0, 1)
 
     def __init__(self, *args, io_uring: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)

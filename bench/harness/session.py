@@ -17,8 +17,16 @@ from .images import Images
 from .jobs import JobsSection, job_settings, jobs_available
 from .machine import load_average, machine_info
 from .nbd import NbdSection, nbd_available, nbd_settings
-from .peers import (DaemonPeer, Peer, PeerEnv, PeerStartError, PeerUnavailable, control_peers,
-                    fio_peers, select)
+from .peers import (
+    DaemonPeer,
+    Peer,
+    PeerEnv,
+    PeerStartError,
+    PeerUnavailable,
+    control_peers,
+    fio_peers,
+    select,
+)
 from .scratch import Scratch, sweep_stale
 from .workloads import WARMUP, WORKLOADS, Workload
 
