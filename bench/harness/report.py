@@ -357,29 +357,55 @@ def nbd_markdown(nbd: dict | None) -> list[str]:
     return lines
 
 
-def _run_load_ranges(record: dict) -> dict[str, str]:
-    """Per peer: 'before a–b, after c–d', the 1-minute load average around its fio runs."""
-    before: dict[str, list[float]] = {}
-    after: dict[str, list[float]] = {}
+OTHERS_LIMIT = 0.5  # CPUs of other work during a run worth pointing out
+
+
+def _runs(record: dict):
     for per_peer in record["fio"].values():
         for name, entry in per_peer.items():
             for run in entry["runs"]:
-                if "loadavg_1min_before" in run:
-                    before.setdefault(name, []).append(run["loadavg_1min_before"])
-                after.setdefault(name, []).append(run["loadavg_1min"])
+                yield name, run
 
-    def span(values: list[float]) -> str:
-        return f"{min(values):.2f}–{max(values):.2f}" if min(values) != max(values) else f"{values[0]:.2f}"
 
-    return {name: (f"before {span(before[name])}, " if name in before else "") + f"after {span(values)}"
-            for name, values in after.items()}
+def _run_conditions(record: dict) -> dict[str, str]:
+    """Per peer: the 1-minute load average before and after its fio runs and the
+    CPUs other work took during them (cpu.CpuWindow), each as a range."""
+    values: dict[str, dict[str, list[float]]] = {}
+    for name, run in _runs(record):
+        for key in ("loadavg_1min_before", "loadavg_1min", "others_cpus"):
+            if key in run:
+                values.setdefault(name, {}).setdefault(key, []).append(run[key])
+
+    def span(v: list[float]) -> str:
+        return f"{min(v):.2f}–{max(v):.2f}" if min(v) != max(v) else f"{v[0]:.2f}"
+
+    cells = {}
+    for name, v in values.items():
+        parts = []
+        if "loadavg_1min_before" in v:
+            parts.append(f"before {span(v['loadavg_1min_before'])}")
+        parts.append(f"after {span(v['loadavg_1min'])}")
+        if "others_cpus" in v:
+            parts.append(f"others {span(v['others_cpus'])} CPUs")
+        cells[name] = ", ".join(parts)
+    return cells
+
+
+def _disturbed_runs_line(record: dict) -> list[str]:
+    others = [run["others_cpus"] for _, run in _runs(record) if "others_cpus" in run]
+    if not others:
+        return []
+    busy = [o for o in others if o > OTHERS_LIMIT]
+    return [f"Other work during the fio runs (machine CPU time minus fio's, the peer's and the "
+            f"harness's): more than {OTHERS_LIMIT:g} CPU in {len(busy)} of {len(others)} runs, "
+            f"at most {max(others):.2f} CPUs.", ""]
 
 
 def render_markdown(record: dict) -> str:
     figures = figures_from_record(record)
     targets = _targets_by_row(record)
     peers = record["peers"]
-    lines = _header(record)
+    lines = _header(record) + _disturbed_runs_line(record)
 
     if record["targets"]:
         titles = {w["key"]: w["title"] for w in record["workloads"]}
@@ -466,9 +492,10 @@ def render_markdown(record: dict) -> str:
         return "\n".join(lines)
     lines += ["## Peers", "",
               "*load*: the 1-minute load average before and after the peer's fio runs, "
-              "[min–max] over them (the harness's own fio and daemons add about 2 on 2 CPUs).", "",
+              "[min–max] over them (the harness's own fio and daemons add about 2 on 2 CPUs), "
+              "and the CPUs that other work took during them.", "",
               "| peer | status | load | how it runs |", "|---|---|---|---|"]
-    load_ranges = _run_load_ranges(record)
+    load_ranges = _run_conditions(record)
     for name, p in peers.items():
         status = p["status"] if p["status"] == "ok" else f"{STATUS_WORDS.get(p['status'], p['status'])}: {p['reason']}"
         threads = p["info"].get("threads")

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from .control import measure_cycles, measure_memory
+from .cpu import CpuWindow
 from .figures import BEST_OF, CONTROL_METRICS, Figures, issue7_targets, issue17_targets, spread
 from .fio import FioError, run_fio
 from .images import Images
@@ -231,6 +232,7 @@ class BenchRun:
                     entry = self.fio_record[w.key][peer.name]
                     output = scratch.file(f"fio-{w.key}-{peer.name}-{rep}.json")
                     load_before = _load_1min()
+                    cpu = CpuWindow(peer.pid)
                     try:
                         result = run_fio(w, peer.fio_paths(w.two_exports), self.settings.runtime_for(w),
                                          output, on_hang=lambda peer=peer: _hung(peer))
@@ -242,9 +244,10 @@ class BenchRun:
                         continue
                     entry["runs"].append(result.as_dict() | {
                         "value": result.value(w.metric), "rep": rep,
-                        "loadavg_1min_before": load_before, "loadavg_1min": _load_1min()})
+                        "loadavg_1min_before": load_before, "loadavg_1min": _load_1min()} | cpu.close())
                     log(f"[{done}/{total}] {w.key} #{rep + 1} {peer.name}: "
-                        f"{result.value(w.metric):,.0f} {w.unit}")
+                        f"{result.value(w.metric):,.0f} {w.unit} "
+                        f"(other work: {entry['runs'][-1]['others_cpus']:.2f} CPUs)")
         for peer in self.peers:
             stop_peer(peer)
 

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 RUN = REPO / "bench" / "run.py"
 sys.path.insert(0, str(REPO / "bench"))
 
+from harness.cpu import CpuWindow  # noqa: E402
 from harness.figures import Figures, issue17_targets, spread  # noqa: E402
 from harness.images import Images  # noqa: E402
 from harness.loadcheck import banner, load_check, refusal  # noqa: E402
@@ -57,6 +59,26 @@ def test_load_above_the_limit_is_refused_unless_allowed() -> None:
 def test_banner_only_on_a_loaded_run() -> None:
     assert banner(load_check(0.3, allowed=False)) is None
     assert "1.70" in banner(load_check(1.7, allowed=True))
+
+
+def test_cpu_of_other_work_is_told_from_the_peers() -> None:
+    """A spinning process counts as the peer's when it is the server, as other
+    work when it is not."""
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 3\n"
+                                "while time.time() < end: pass"])
+    try:
+        time.sleep(0.3)
+        as_server = CpuWindow(spinner.pid)
+        time.sleep(0.8)
+        as_server = as_server.close()
+        as_other = CpuWindow(None)
+        time.sleep(0.8)
+        as_other = as_other.close()
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert as_server["ours_cpus"] - as_other["ours_cpus"] > 0.3, (as_server, as_other)
+    assert as_other["others_cpus"] - as_server["others_cpus"] > 0.3, (as_server, as_other)
 
 
 # -- min / median / max ------------------------------------------------------
