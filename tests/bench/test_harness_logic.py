@@ -303,7 +303,7 @@ def test_passthrough_hp_serves_through_its_rings(scratch_env: PeerEnv) -> None:
         finally:
             os.close(fd)
         # Written through the mount, into the peer's private copy (not the base image).
-        assert (served.parent.parent / "source" / "image.raw").read_bytes()[:4096] == b"x" * 4096
+        assert Path(peer.info["image"]).read_bytes()[:4096] == b"x" * 4096
         assert base.read_bytes()[:4096] != b"x" * 4096
     finally:
         peer.stop()
