@@ -185,12 +185,14 @@ class Pyfuse3Peer(ProcessPeer):
         return [m, m] if two_exports else [m]
 
 
-def blockdev_args(family: str, image: Path | None, null_size: int) -> tuple[list[str], str]:
-    """--blockdev options for a family and the node name to export."""
+def blockdev_args(family: str, image: Path | None, null_size: int,
+                  file_options: str = "") -> tuple[list[str], str]:
+    """--blockdev options for a family and the node name to export;
+    file_options (",aio=io_uring") go to the file node."""
     if family == "raw":
-        return ["--blockdev", f"driver=file,node-name=file0,filename={image}"], "file0"
+        return ["--blockdev", f"driver=file,node-name=file0,filename={image}{file_options}"], "file0"
     if family == "qcow2":
-        return ["--blockdev", f"driver=file,node-name=file0,filename={image}",
+        return ["--blockdev", f"driver=file,node-name=file0,filename={image}{file_options}",
                 "--blockdev", "driver=qcow2,node-name=qcow0,file=file0"], "qcow0"
     if family == "null-co":
         return ["--blockdev", f"driver=null-co,node-name=null0,size={null_size}"], "null0"
@@ -208,6 +210,7 @@ class DaemonPeer(ProcessPeer):
     extra_export_options: str = ""
     private_image: bool = False
     objects: tuple[str, ...] = ()          # --object values, before the block devices
+    file_options: str = ""                 # appended to the file node's options
 
     def program(self, env: PeerEnv) -> list[str]:
         raise NotImplementedError
@@ -218,7 +221,7 @@ class DaemonPeer(ProcessPeer):
     def command(self, program: list[str], image: Path | None, workdir: Path,
                 null_size: int) -> list[str]:
         """The whole command line; fills self.mountpoints, self.node_name and self.qmp_path."""
-        blockdevs, self.node_name = blockdev_args(self.family, image, null_size)
+        blockdevs, self.node_name = blockdev_args(self.family, image, null_size, self.file_options)
         objects = [arg for value in self.objects for arg in ("--object", value)]
         self.mountpoints = []
         exports = []
@@ -261,19 +264,23 @@ IOTHREAD_ID = "io0"
 
 
 class QsdPeer(DaemonPeer):
-    """qemu-storage-daemon; iothread=True is the configuration a user tuning it
-    would pick: every export in one iothread (`--object iothread` and the
-    export's `iothread=`; one, because both exports share the node and a node
-    lives in one AioContext). The iothread polls adaptively (poll-max-ns
-    default), the main loop does not."""
+    """qemu-storage-daemon, plain or with one of the two levers a user tuning
+    it would reach for: iothread=True puts every export in one iothread
+    (`--object iothread` and the export's `iothread=`; one, because both
+    exports share the node and a node lives in one AioContext); aio="io_uring"
+    submits the file node's I/O through io_uring instead of its thread pool."""
 
-    def __init__(self, *args, iothread: bool = False, **kwargs) -> None:
+    def __init__(self, *args, iothread: bool = False, aio: str | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if iothread:
-            # Its own image: the plain peer holds the base image's write lock.
+        if (iothread or aio) and self.family == "qcow2":
+            # Its own image: the plain peer holds the qcow2 base image's write
+            # lock (raw file nodes share it, and 1 GiB copies fill tmpfs).
             self.private_image = True
+        if iothread:
             self.objects = (f"iothread,id={IOTHREAD_ID}",)
             self.extra_export_options += f",iothread={IOTHREAD_ID}"
+        if aio:
+            self.file_options = f",aio={aio}"
 
     def program(self, env: PeerEnv) -> list[str]:
         qsd = shutil.which("qemu-storage-daemon")
@@ -395,6 +402,7 @@ def fio_peers() -> list[Peer]:
         DirectPeer("direct", "direct access", "raw"),
         QsdPeer("qsd-raw", "qemu-storage-daemon, raw", "raw"),
         QsdPeer("qsd-raw-iothread", "qemu-storage-daemon, raw, iothread", "raw", iothread=True),
+        QsdPeer("qsd-raw-aio-uring", "qemu-storage-daemon, raw, aio=io_uring", "raw", aio="io_uring"),
         Pyfuse3Peer("pyfuse3", "pyfuse3 single-file FS, raw", "raw"),
         PassthroughHpPeer("passthrough-hp", "libfuse passthrough_hp, /dev/fuse", "raw"),
         PassthroughHpPeer("passthrough-hp-uring", "libfuse passthrough_hp, io_uring", "raw", io_uring=True),
@@ -408,6 +416,8 @@ def fio_peers() -> list[Peer]:
                     passthrough="off", io_uring="on"),
         QsdPeer("qsd-qcow2", "qemu-storage-daemon, qcow2", "qcow2"),
         QsdPeer("qsd-qcow2-iothread", "qemu-storage-daemon, qcow2, iothread", "qcow2", iothread=True),
+        QsdPeer("qsd-qcow2-aio-uring", "qemu-storage-daemon, qcow2, aio=io_uring", "qcow2",
+                aio="io_uring"),
         ExportdPeer("exportd-qcow2", "exportd, qcow2", "qcow2"),
         ExportdPeer("exportd-qcow2-uring", "exportd, qcow2, io-uring=on", "qcow2", io_uring="on"),
         QsdPeer("qsd-null-co", "qemu-storage-daemon, null-co", "null-co"),

@@ -131,19 +131,22 @@ def test_record_keeps_min_median_max_per_peer_and_workload() -> None:
     assert "30 IOPS [10–50]" in md
 
 
-def test_qsd_is_compared_through_the_better_of_plain_and_iothread() -> None:
+def test_qsd_is_compared_through_its_best_configuration() -> None:
     record = _record({
-        "qsd-raw": {"rand-read": [100.0] * 5, "seq-read": [500.0] * 3},
-        "qsd-raw-iothread": {"rand-read": [80.0] * 5, "seq-read": [1000.0] * 3},
-        "exportd-raw": {"rand-read": [200.0] * 5, "seq-read": [2000.0] * 3},
+        "qsd-raw": {"rand-read": [100.0] * 5, "seq-read": [500.0] * 3, "seq-write": [300.0] * 3},
+        "qsd-raw-iothread": {"rand-read": [80.0] * 5, "seq-read": [1000.0] * 3, "seq-write": [200.0] * 3},
+        "qsd-raw-aio-uring": {"rand-read": [90.0] * 5, "seq-read": [900.0] * 3, "seq-write": [400.0] * 3},
+        "exportd-raw": {"rand-read": [200.0] * 5, "seq-read": [2000.0] * 3, "seq-write": [800.0] * 3},
     })
-    assert record["best_of"]["qsd-raw-best"]["chosen"]["rand-read"] == "qsd-raw"
-    assert record["best_of"]["qsd-raw-best"]["chosen"]["seq-read"] == "qsd-raw-iothread"
+    chosen = record["best_of"]["qsd-raw-best"]["chosen"]
+    assert (chosen["rand-read"], chosen["seq-read"], chosen["seq-write"]) == (
+        "qsd-raw", "qsd-raw-iothread", "qsd-raw-aio-uring")
     assert record["ratios"]["exportd-raw"]["rand-read"]["qsd"] == pytest.approx(2.0)
     assert record["ratios"]["exportd-raw"]["seq-read"]["qsd"] == pytest.approx(2.0)  # vs 1000, not 500
+    assert record["ratios"]["exportd-raw"]["seq-write"]["qsd"] == pytest.approx(2.0)  # vs 400
     md = render_markdown(record)
     assert "| exportd raw /dev/fuse / qsd best | 2.00x | " in md
-    assert "| qsd-raw-best: which won | qsd-raw-iothread | " in md
+    assert "| qsd-raw-best: which won | qsd-raw-iothread | qsd-raw-aio-uring | qsd-raw | " in md
 
 
 def test_best_of_picks_the_lower_figure_for_times() -> None:
@@ -223,9 +226,18 @@ def test_qsd_iothread_command_line(tmp_path: Path) -> None:
     assert cmd[:3] == ["qsd", "--object", "iothread,id=io0"]       # before the nodes
     exports = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--export"]
     assert len(exports) == 2 and all(e.endswith(",writable=on,iothread=io0") for e in exports)
-    assert tuned.private_image  # the plain peer holds the base image's lock
+    assert tuned.private_image and not peers["qsd-raw-iothread"].private_image  # qcow2 locks
     plain = peers["qsd-qcow2"].command(["qsd"], tmp_path / "i.qcow2", tmp_path, 2**20)
     assert "--object" not in plain and not any(",iothread=" in a for a in plain)
+
+
+def test_qsd_aio_io_uring_command_line(tmp_path: Path) -> None:
+    peers = {p.name: p for p in fio_peers()}
+    cmd = peers["qsd-qcow2-aio-uring"].command(["qsd"], tmp_path / "i.qcow2", tmp_path, 2**20)
+    nodes = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--blockdev"]
+    assert nodes == [f"driver=file,node-name=file0,filename={tmp_path / 'i.qcow2'},aio=io_uring",
+                     "driver=qcow2,node-name=qcow0,file=file0"]
+    assert "--object" not in cmd
 
 
 def test_exportd_io_uring_command_line(tmp_path: Path) -> None:
