@@ -95,9 +95,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
     s = Settings.for_mode(args.quick)
     overrides = {}
     if args.runtime is not None:
-        overrides["runtime_s"] = args.runtime
+        overrides |= {"runtime_s": args.runtime, "qd1_runtime_s": args.runtime,
+                      "section_runtime_s": args.runtime}
     if args.reps is not None:
-        overrides["reps"] = max(1, args.reps)
+        overrides["reps"] = overrides["qd1_reps"] = max(1, args.reps)
         overrides["control_reps"] = max(1, args.reps)
     if args.image_mib is not None:
         overrides["image_size"] = args.image_mib * 2**20
@@ -195,7 +196,7 @@ def main(argv: list[str]) -> int:
         record = run.run()
         if only is None or "nbd-driver" in only:
             s = run.settings
-            record["nbd_driver"] = run_nbd_driver(s.mode, s.image_size, s.runtime_s, s.reps, exportd_cmd,
+            record["nbd_driver"] = run_nbd_driver(s.mode, s.image_size, s.section_runtime_s, s.reps, exportd_cmd,
                                                   missing, exportd_env, log)
     except (KeyboardInterrupt, Interrupted) as exc:
         log(f"interrupted ({exc or 'SIGINT'}): cleaned up, no results written")

@@ -39,7 +39,7 @@ from harness.report import render_markdown  # noqa: E402
 from harness.scratch import Scratch  # noqa: E402
 from harness.session import BenchRun, Settings, start_peer  # noqa: E402
 from harness.workloads import BY_KEY, WORKLOADS  # noqa: E402
-from run import default_passthrough_hp  # noqa: E402
+from run import default_passthrough_hp, parse_args, settings_from  # noqa: E402
 
 EXPORTD = REPO / ".venv" / "bin" / "exportd"
 PASSTHROUGH_HP = default_passthrough_hp()
@@ -99,6 +99,15 @@ def test_full_mode_repeats_4k_qd1_at_least_five_times() -> None:
         assert quick.reps_for(w) == 1
     assert full.reps_for(BY_KEY["seq-read"]) == full.reps == 3
     assert full.reps_for(BY_KEY["rand-read-qd16"]) == 3
+
+
+def test_command_line_overrides_reach_every_workload() -> None:
+    s = settings_from(parse_args(["--reps", "2", "--runtime", "0.5"]))
+    assert [s.reps_for(w) for w in WORKLOADS] == [2] * len(WORKLOADS)
+    assert [s.runtime_for(w) for w in WORKLOADS] == [0.5] * len(WORKLOADS)
+    assert s.section_runtime_s == 0.5
+    full = settings_from(parse_args([]))
+    assert full.mode == "full" and full.section_runtime_s == 4.0  # the sections keep their 4 s
 
 
 # -- records: best of two configurations, ratios, targets ----------------------
