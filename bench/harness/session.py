@@ -86,7 +86,7 @@ def _load_1min() -> float:
 
 
 def start_peer(peer: Peer, env: PeerEnv) -> None:
-    peer.info["loadavg_1min_before"] = _load_1min()
+    peer.info["loadavg_1min_at_start"] = _load_1min()
     try:
         peer.start(env)
     except (KeyboardInterrupt, SystemExit):
@@ -104,7 +104,7 @@ def start_peer(peer: Peer, env: PeerEnv) -> None:
 
 def stop_peer(peer: Peer) -> None:
     peer.stop()
-    peer.info.setdefault("loadavg_1min_after", _load_1min())
+    peer.info.setdefault("loadavg_1min_at_stop", _load_1min())
 
 
 def _mark_dead(peer: Peer) -> None:
