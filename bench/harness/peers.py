@@ -316,6 +316,8 @@ class ExportdPeer(DaemonPeer):
 
 URING_PARAMETER = Path("/sys/module/fuse/parameters/enable_uring")
 RING_THREAD_PREFIX = "fuse-ring-"
+WORKER_THREAD = "fuse_worker"
+THREADS_TIMEOUT_S = 5.0
 
 
 def thread_names(pid: int) -> dict[str, int]:
@@ -382,11 +384,18 @@ class PassthroughHpPeer(ProcessPeer):
         self.file = mountpoint / "image.raw"
         self._launch(env, self.command(env.passthrough_hp, source, mountpoint), workdir)
         self._wait_ready()
-        # The rings start with the session; a server that silently fell back
-        # to /dev/fuse must not be reported as the io_uring peer.
-        threads = thread_names(self.proc.pid)
+        # The mount shows before libfuse has started its threads (the rings
+        # come after INIT); a server that silently fell back to /dev/fuse
+        # must not be reported as the io_uring peer.
+        deadline = time.monotonic() + THREADS_TIMEOUT_S
+        while True:
+            threads = thread_names(self.proc.pid)
+            rings = sum(n for name, n in threads.items() if name.startswith(RING_THREAD_PREFIX))
+            workers = sum(n for name, n in threads.items() if name == WORKER_THREAD)
+            if (rings if self.io_uring else workers) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         self.info["threads"] = threads
-        rings = sum(n for name, n in threads.items() if name.startswith(RING_THREAD_PREFIX))
         if self.io_uring and rings == 0:
             self.stop()
             raise PeerStartError(f"no {RING_THREAD_PREFIX}N thread: not serving through io_uring "
