@@ -323,7 +323,11 @@ THREADS_TIMEOUT_S = 5.0
 def thread_names(pid: int) -> dict[str, int]:
     """How many threads of the process carry each name (/proc/PID/task/*/comm)."""
     names: dict[str, int] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return names  # the process is gone
+    for task in tasks:
         try:
             name = (task / "comm").read_text().strip()
         except OSError:
@@ -345,8 +349,9 @@ def uring_enabled(parameter: Path = URING_PARAMETER) -> tuple[bool, str]:
 
 class PassthroughHpPeer(ProcessPeer):
     """libfuse's passthrough_hp (C, libfuse >= 3.18) over a directory holding a
-    copy of the raw image (its own, shared by its two configurations); --nopassthrough --nosplice, so it reads and writes
-    the file itself, as exportd does. io_uring=False: requests over /dev/fuse,
+    copy of the raw image (shared by its two configurations only);
+    --nopassthrough --nosplice, so it reads and writes the file itself, as
+    exportd does. io_uring=False: requests over /dev/fuse,
     served by libfuse's worker threads; True: `-o io_uring`, served by the
     per-CPU ring threads (fuse-ring-N), which start() checks exist."""
 
