@@ -85,6 +85,8 @@ if ! dpkg --compare-versions "$UPSTREAM" ge "$MIN_VERSION"; then
 fi
 rm -rf "$DEST"
 dpkg-source -x "$DSC" "$DEST" >/dev/null
+# dpkg-source leaves a link to the upstream tarball beside the tree.
+rm -f "$CACHE"/fuse3_*.orig.tar.*
 
 say "building libfuse $VERSION (examples only needed; takes about a minute)"
 # -Dexamples=true: passthrough_hp; no utils install, no udev rules: nothing
