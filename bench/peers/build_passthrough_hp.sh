@@ -97,5 +97,6 @@ grep -i 'uring' "$DEST/meson-setup.log" >&2 || true
 ninja -C "$DEST/build" >"$DEST/ninja.log" 2>&1 || { tail -n 30 "$DEST/ninja.log" >&2; exit 1; }
 [ -x "$BINARY" ] || { say "no $BINARY after the build"; exit 1; }
 echo "$VERSION" >"$DEST/built"
-rm -rf "$WORK"
+# The sources and the suite's package lists served only this build.
+rm -rf "$WORK" "$APT"
 echo "$BINARY"
