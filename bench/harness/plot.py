@@ -82,8 +82,8 @@ def plot_ratios(record: dict, path: Path) -> bool:
     fio = [(w["key"], w["title"]) for w in record["workloads"]]
     control = [(k, title) for k, (title, _) in CONTROL_METRICS.items()]
     # One colour per peer in both panels (a control-plane daemon shares its kind's colour).
-    palette = plt.get_cmap("tab10").colors
     names = [n for n, p in record["peers"].items() if p["role"] == "io"]
+    palette = plt.get_cmap("tab10" if len(names) <= 10 else "tab20").colors
     colors = {n: palette[i % len(palette)] for i, n in enumerate(names)}
     colors["qsd"] = colors.get("qsd-null-co", palette[0])
     colors["exportd"] = colors.get("exportd-null-co", palette[1])
