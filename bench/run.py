@@ -2,8 +2,12 @@
 """exportd benchmark harness (`make bench`, `make bench QUICK=1`). See bench/README.md.
 
 Runs fio workloads and QMP control-plane measurements against exportd and its
-peers (direct access, qemu-storage-daemon, a pyfuse3 filesystem) on tmpfs
+peers (direct access, qemu-storage-daemon plain and with an iothread, a pyfuse3
+filesystem, libfuse's passthrough_hp over /dev/fuse and io_uring) on tmpfs
 images, and writes latest.json, latest.md and latest.png into --out.
+
+It refuses to run (and to render a table) when the 1-minute load average is
+above 0.5, unless --allow-load is given; the table then says so.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -25,6 +30,7 @@ README_END = "<!-- latest-results:end -->"
 
 sys.path.insert(0, str(BENCH_DIR))
 
+from harness.loadcheck import LOAD_LIMIT, load_check, refusal  # noqa: E402
 from harness.nbd_driver import run_section as run_nbd_driver  # noqa: E402
 from harness.peers import fio_peers  # noqa: E402
 from harness.plot import plot_ratios  # noqa: E402
@@ -44,6 +50,13 @@ def find_exportd(explicit: str | None) -> tuple[list[str] | None, str]:
     if found:
         return [found], ""
     return None, f"no exportd executable ({candidate} missing: run make setup)"
+
+
+def default_passthrough_hp() -> Path:
+    """Where bench/peers/build_passthrough_hp.sh leaves libfuse's example."""
+    cache = os.environ.get("EXPORTD_BENCH_CACHE") or str(
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "exportd-bench")
+    return Path(cache) / "libfuse" / "build" / "example" / "passthrough_hp"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -67,6 +80,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--note", default="", help="free text recorded with the results (which lever...)")
     p.add_argument("--pyfuse3-python", default=sys.executable,
                    help="interpreter with pyfuse3 and trio for the pyfuse3 peer")
+    p.add_argument("--passthrough-hp", type=Path, default=default_passthrough_hp(),
+                   help="libfuse's passthrough_hp (default: where bench/peers/build_passthrough_hp.sh "
+                        "builds it)")
+    p.add_argument("--allow-load", action="store_true",
+                   help=f"run and write the table even when the 1-minute load average is above "
+                        f"{LOAD_LIMIT:g} (the table is then marked as measured on a loaded machine)")
     p.add_argument("--render", type=Path, metavar="JSON",
                    help="only re-render latest.md/png from an existing record")
     return p.parse_args(argv)
@@ -76,9 +95,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
     s = Settings.for_mode(args.quick)
     overrides = {}
     if args.runtime is not None:
-        overrides["runtime_s"] = args.runtime
+        overrides |= {"runtime_s": args.runtime, "qd1_runtime_s": args.runtime,
+                      "section_runtime_s": args.runtime}
     if args.reps is not None:
-        overrides["reps"] = max(1, args.reps)
+        overrides["reps"] = overrides["qd1_reps"] = max(1, args.reps)
         overrides["control_reps"] = max(1, args.reps)
     if args.image_mib is not None:
         overrides["image_size"] = args.image_mib * 2**20
@@ -113,6 +133,7 @@ def update_readme(markdown: str) -> None:
 
 
 def write_outputs(record: dict, out: Path) -> None:
+    """latest.json, latest.md, latest.png (and the README's copy of the table)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "latest.json").write_text(json.dumps(record, indent=1, sort_keys=False) + "\n")
     markdown = render_markdown(record)
@@ -129,8 +150,21 @@ def write_outputs(record: dict, out: Path) -> None:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.render:
-        write_outputs(json.loads(args.render.read_text()), args.out)
+        record = json.loads(args.render.read_text())
+        check = record.get("load_check")
+        if check and args.allow_load:
+            check["allowed"] = True
+        why = refusal(check)
+        if why:
+            print(f"no table: {why}", file=sys.stderr)
+            return 3
+        write_outputs(record, args.out)
         return 0
+    check = load_check(os.getloadavg()[0], args.allow_load)
+    why = refusal(check)
+    if why:
+        print(f"not running: {why}", file=sys.stderr)
+        return 3
     only = [x.strip() for x in args.only.split(",") if x.strip()] or None
     if only:
         known = {"control", "jobs", "nbd", "nbd-driver"} | {p.name for p in fio_peers()} | {p.family for p in fio_peers()}
@@ -156,16 +190,18 @@ def main(argv: list[str]) -> int:
         exportd_env[name] = value
     raise_on_termination_signals()
     run = BenchRun(settings_from(args), only, control, exportd_cmd, missing,
-                   args.pyfuse3_python, REPO, exportd_env=exportd_env, note=args.note, jobs=jobs, nbd=nbd)
+                   args.pyfuse3_python, REPO, exportd_env=exportd_env, note=args.note, jobs=jobs, nbd=nbd,
+                   passthrough_hp=args.passthrough_hp)
     try:
         record = run.run()
         if only is None or "nbd-driver" in only:
             s = run.settings
-            record["nbd_driver"] = run_nbd_driver(s.mode, s.image_size, s.runtime_s, s.reps, exportd_cmd,
+            record["nbd_driver"] = run_nbd_driver(s.mode, s.image_size, s.section_runtime_s, s.reps, exportd_cmd,
                                                   missing, exportd_env, log)
     except (KeyboardInterrupt, Interrupted) as exc:
         log(f"interrupted ({exc or 'SIGINT'}): cleaned up, no results written")
         return 130
+    record["load_check"] = check
     write_outputs(record, args.out)
     print(render_markdown(record))
     return 0

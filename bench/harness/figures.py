@@ -1,4 +1,5 @@
-"""Medians, ratios and the targets of issue 7.
+"""Medians and spreads, ratios, the better of two configurations of a peer,
+and the targets of issues 7 and 17.
 
 Every ratio is oriented so that > 1 means "better than the reference":
 peer/reference for throughput and IOPS, reference/peer for time and memory.
@@ -24,6 +25,28 @@ def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def spread(values: list[float]) -> dict | None:
+    """min / median / max / n of repeated measurements (None: no measurement)."""
+    if not values:
+        return None
+    return {"min": min(values), "median": statistics.median(values), "max": max(values),
+            "n": len(values)}
+
+
+# A peer that has two configurations a user would choose between is compared
+# through the better of the two, per figure: name -> (label, members).
+BEST_OF = {
+    "qsd-raw-best": ("qemu-storage-daemon, raw, best of plain, iothread and aio=io_uring",
+                     ("qsd-raw", "qsd-raw-iothread", "qsd-raw-aio-uring")),
+    "qsd-qcow2-best": ("qemu-storage-daemon, qcow2, best of plain, iothread and aio=io_uring",
+                       ("qsd-qcow2", "qsd-qcow2-iothread", "qsd-qcow2-aio-uring")),
+    "exportd-raw-best": ("exportd, raw, better of /dev/fuse and io_uring",
+                         ("exportd-raw", "exportd-raw-uring")),
+    "exportd-qcow2-best": ("exportd, qcow2, better of /dev/fuse and io_uring",
+                           ("exportd-qcow2", "exportd-qcow2-uring")),
+}
+
+
 class Figures:
     """One number per (peer, metric), with the peer families for reference lookup."""
 
@@ -38,13 +61,34 @@ class Figures:
     def get(self, peer: str, key: str) -> float | None:
         return self.values.get((peer, key))
 
+    def add_best_of(self, groups: dict[str, tuple[str, tuple[str, ...]]] = BEST_OF) -> dict:
+        """Set each group's figure to its best member's; returns
+        {group: {metric: member}} (which configuration won)."""
+        chosen: dict[str, dict[str, str]] = {}
+        metrics = {key for (_, key) in self.values}
+        for group, (_, members) in groups.items():
+            for key in metrics:
+                present = [(self.values[(m, key)], m) for m in members if (m, key) in self.values]
+                if not present:
+                    continue
+                pick = max if HIGHER_IS_BETTER[key] else min
+                value, member = pick(present)
+                self.values[(group, key)] = value
+                chosen.setdefault(group, {})[key] = member
+        return chosen
+
     def reference_peer(self, peer: str, key: str, kind: str) -> str | None:
-        """The peer a ratio 'vs <kind>' compares against, for this metric."""
+        """The peer a ratio 'vs <kind>' compares against, for this metric:
+        for 'qsd', the best of its configurations that ran (add_best_of),
+        else the plain one."""
         if kind == "qsd":
             if key in CONTROL_METRICS:
                 return "qsd"
             family = self.families.get(peer)
-            return f"qsd-{family}" if family else None
+            if not family:
+                return None
+            best = f"qsd-{family}-best"
+            return best if (best, key) in self.values else f"qsd-{family}"
         if kind == "direct":
             return "direct" if key in FIO_KEYS else None
         return kind  # a peer name, e.g. pyfuse3
@@ -66,13 +110,14 @@ class Target:
     reference: str | None      # "direct", "qsd", a peer name; None: bound on the figure itself
     bound: float
     strict: bool = False       # "ahead of" (>) instead of "at least" (>=)
+    reference_label: str = ""  # how the reference reads in the report (default: its name)
 
     def describe(self) -> str:
         if self.reference is None:
             unit = CONTROL_METRICS[self.key][1] if self.key in CONTROL_METRICS else ""
             return f"< {self.bound:g} {unit}".strip()
         op = ">" if self.strict else "≥"
-        return f"{op} {self.bound:g}x {self.reference}"
+        return f"{op} {self.bound:g}x {self.reference_label or self.reference}"
 
     def evaluate(self, figures: Figures) -> tuple[str, float | None]:
         """('met' | 'missed' | 'n/a', the ratio or figure compared)."""
@@ -110,4 +155,35 @@ def issue7_targets() -> list[Target]:
         Target("exportd", "memory", None, 128.0),
         Target("exportd", "memory-io", None, 128.0),
     ]
+    return targets
+
+
+SMALL_KEYS = tuple(w.key for w in WORKLOADS if w.block_size == "4k")
+QD1_SMALL_KEYS = tuple(w.key for w in WORKLOADS if w.block_size == "4k" and w.iodepth == 1)
+
+
+def issue17_targets() -> list[Target]:
+    """Issue 17 (medians of one run on an idle machine). exportd is taken as the
+    better of its /dev/fuse and io_uring configurations against the peers, as
+    qemu-storage-daemon is the best of plain, iothread and aio=io_uring;
+    io_uring's own gain is exportd-*-uring against exportd-* on /dev/fuse."""
+    qsd_raw, qsd_qcow2 = "qsd-raw-best", "qsd-qcow2-best"
+    targets = [
+        Target("exportd-raw-uring", "rand-read", "exportd-raw", 1.4, reference_label="exportd /dev/fuse"),
+        Target("exportd-raw-uring", "rand-write", "exportd-raw", 1.4, reference_label="exportd /dev/fuse"),
+        Target("exportd-raw-uring", "rand-read-qd16", "exportd-raw", 1.5,
+               reference_label="exportd /dev/fuse"),
+    ]
+    for key in FIO_KEYS:
+        bound = 2.0 if key == "rand-write" else 1.0
+        targets.append(Target("exportd-raw-best", key, qsd_raw, bound, strict=bound == 1.0,
+                              reference_label="qsd best"))
+    for key in FIO_KEYS:
+        bound = {"rand-read": 3.0, "rand-write": 2.0}.get(key, 1.0)
+        targets.append(Target("exportd-qcow2-best", key, qsd_qcow2, bound, strict=bound == 1.0,
+                              reference_label="qsd best"))
+    targets += [Target("exportd-raw-best", key, "passthrough-hp", 1.0, strict=True,
+                       reference_label="passthrough_hp /dev/fuse") for key in SMALL_KEYS]
+    targets += [Target("exportd-raw-best", key, "passthrough-hp-uring", 0.8,
+                       reference_label="passthrough_hp io_uring") for key in SMALL_KEYS]
     return targets

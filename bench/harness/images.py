@@ -96,8 +96,9 @@ class Images:
     def base(self, family: str) -> Path:
         return {"raw": self.raw, "qcow2": self.qcow2}[family]()
 
-    def private_copy(self, family: str, owner: str) -> Path:
+    def private_copy(self, family: str, owner: str, destination: Path | None = None) -> Path:
+        """A copy of the base image for one peer (by default beside the base images)."""
         src = self.base(family)
-        dst = self.directory / f"{owner}.{family}"
+        dst = destination or self.directory / f"{owner}.{family}"
         shutil.copyfile(src, dst)
         return dst

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-from .figures import CONTROL_METRICS, Figures, median
+from .figures import BEST_OF, CONTROL_METRICS, Figures, median
+from .loadcheck import banner
 
 REASON_CHARS = 90
 
@@ -63,11 +64,12 @@ def _target_cells(targets: list[dict]) -> tuple[str, str]:
     return described, "<br>".join(statuses)
 
 
+STATUS_WORDS = {"unavailable": "unavailable", "start-error": "start error", "failed": "failed"}
+
+
 def _unavailable(peer: dict) -> str:
-    if peer["status"] in ("unavailable", "failed"):
-        word = "unavailable" if peer["status"] == "unavailable" else "failed"
-        return f"{word}: {_short(peer['reason'])}"
-    return ""
+    word = STATUS_WORDS.get(peer["status"])
+    return f"{word}: {_short(peer['reason'])}" if word else ""
 
 
 def _header(record: dict) -> list[str]:
@@ -78,12 +80,17 @@ def _header(record: dict) -> list[str]:
     for t in record["targets"]:
         counts[t["status"]] = counts.get(t["status"], 0) + 1
     exportd = m.get("exportd", "")
+    qd1 = ""
+    if s.get("qd1_reps") and (s["qd1_reps"], s["qd1_runtime_s"]) != (s["reps"], s["runtime_s"]):
+        qd1 = f" (4 KiB QD1: {s['qd1_runtime_s']:g} s, {max(s['reps'], s['qd1_reps'])} repetitions)"
+    warning = banner(record.get("load_check"))
     lines = [
         "# exportd benchmark: latest run",
         "",
+        *([warning, ""] if warning else []),
         f"{record['mode']} run started {record['started']}, {record['duration_s'] / 60:.1f} min; "
         f"images on tmpfs: {size_text}; fio {s['runtime_s']:g} s per run, "
-        f"{s['reps']} repetition(s) interleaved across peers, medians shown"
+        f"{s['reps']} repetition(s){qd1} interleaved across peers, median [min–max] shown"
         + (f"; control plane: {s['control_cycles']} add+del cycles x {s['control_reps']}, "
            f"{s['memory_exports']} exports for memory." if record.get("control") else ".")
         + (f" Peers restricted to: {', '.join(record['only'])}." if record.get("only") else "")
@@ -101,8 +108,10 @@ def _header(record: dict) -> list[str]:
     if record["peers"]:
         lines += [
             "Ratios: > 1 means better than the reference (throughput and IOPS: peer / reference; "
-            "time and memory: reference / peer). *vs qsd* compares with qemu-storage-daemon on the "
-            "same kind of node (raw, qcow2, null-co); *vs direct* with fio on the raw image file itself.",
+            "time and memory: reference / peer), ratios of medians. *vs qsd* compares with "
+            "qemu-storage-daemon on the same kind of node (raw, qcow2, null-co), the best of its "
+            "plain, iothread and aio=io_uring configurations per figure where they ran; *vs direct* with fio on "
+            "the raw image file itself.",
             "",
         ]
     if record["targets"]:
@@ -111,6 +120,74 @@ def _header(record: dict) -> list[str]:
             + ("; n/a means the peer or its reference did not run." if counts.get("n/a") else "."),
             "",
         ]
+    return lines
+
+
+# Rows of the issue-17 table: (peer or best-of group, reference, how it reads).
+ISSUE17_ROWS = (
+    ("exportd-raw", "qsd-raw-best", "exportd raw /dev/fuse / qsd best"),
+    ("exportd-raw", "passthrough-hp", "exportd raw /dev/fuse / passthrough_hp /dev/fuse"),
+    ("exportd-raw", "passthrough-hp-uring", "exportd raw /dev/fuse / passthrough_hp io_uring"),
+    ("exportd-raw-uring", "qsd-raw-best", "exportd raw io_uring / qsd best"),
+    ("exportd-raw-uring", "passthrough-hp", "exportd raw io_uring / passthrough_hp /dev/fuse"),
+    ("exportd-raw-uring", "passthrough-hp-uring", "exportd raw io_uring / passthrough_hp io_uring"),
+    ("exportd-raw-uring", "exportd-raw", "exportd raw io_uring / exportd raw /dev/fuse"),
+    ("passthrough-hp-uring", "passthrough-hp", "passthrough_hp io_uring / passthrough_hp /dev/fuse"),
+    ("qsd-raw-iothread", "qsd-raw", "qsd raw iothread / qsd raw plain"),
+    ("qsd-raw-aio-uring", "qsd-raw", "qsd raw aio=io_uring / qsd raw plain"),
+    ("exportd-qcow2", "qsd-qcow2-best", "exportd qcow2 /dev/fuse / qsd best"),
+    ("exportd-qcow2-uring", "qsd-qcow2-best", "exportd qcow2 io_uring / qsd best"),
+    ("exportd-qcow2-uring", "exportd-qcow2", "exportd qcow2 io_uring / exportd qcow2 /dev/fuse"),
+    ("qsd-qcow2-iothread", "qsd-qcow2", "qsd qcow2 iothread / qsd qcow2 plain"),
+    ("qsd-qcow2-aio-uring", "qsd-qcow2", "qsd qcow2 aio=io_uring / qsd qcow2 plain"),
+)
+
+
+def issue17_markdown(record: dict, figures: Figures) -> list[str]:
+    """exportd against the strongest peers: one row per comparison, one column
+    per workload (ratio of medians, > 1: the first is better)."""
+    peers = record["peers"]
+    def present(name: str) -> bool:
+        return any(m in peers for m in (BEST_OF[name][1] if name in BEST_OF else (name,)))
+
+    rows = [r for r in ISSUE17_ROWS if present(r[0]) or present(r[1])]
+    if not rows:
+        return []
+    workloads = record["workloads"]
+    lines = ["## Against the strongest peers (issue 17)", "",
+             "Ratios of medians, > 1: the first is faster. *qsd best*: the best of "
+             "qemu-storage-daemon's plain, iothread and aio=io_uring configurations, per figure "
+             "(which one won is in the last rows). n/a: a peer did not run (see Peers).", "",
+             "| comparison | " + " | ".join(w["title"] for w in workloads) + " |",
+             "|---|" + "---:|" * len(workloads)]
+    for peer, ref, title in rows:
+        cells = [_ratio(figures.ratio(peer, w["key"], ref)) or "n/a" for w in workloads]
+        lines.append("| " + " | ".join(_cell(c) for c in [title, *cells]) + " |")
+    for group, best in (record.get("best_of") or {}).items():
+        if group.startswith("qsd-") and present(group):
+            cells = [best["chosen"].get(w["key"], "n/a") for w in workloads]
+            lines.append("| " + " | ".join(_cell(c) for c in [f"{group}: which won", *cells]) + " |")
+    lines.append("")
+    targets = record.get("targets_issue17") or []
+    if targets:
+        titles = {w["key"]: w["title"] for w in workloads}
+        counts: dict[str, int] = {}
+        for t in targets:
+            counts[t["status"]] = counts.get(t["status"], 0) + 1
+        lines += ["### Targets of issue 17", "",
+                  "exportd is the better of its /dev/fuse and io_uring configurations against "
+                  "the peers (as qsd is the best of its three); the io_uring gain is "
+                  "exportd-raw-uring against exportd-raw. Targets: "
+                  + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + ".", "",
+                  "| exportd | figure | target | this run | status |", "|---|---|---|---:|---|"]
+        for t in targets:
+            label = BEST_OF[t["peer"]][0] if t["peer"] in BEST_OF else peers.get(
+                t["peer"], {"label": t["peer"]})["label"]
+            shown = "" if t["value"] is None else f"{t['value']:.2f}x"
+            status = f"**{t['status']}**" if t["status"] == "missed" else t["status"]
+            lines.append(f"| {_cell(label)} | {titles[t['metric']]} | {t['target']} | {shown} "
+                         f"| {status} |")
+        lines.append("")
     return lines
 
 
@@ -282,11 +359,55 @@ def nbd_markdown(nbd: dict | None) -> list[str]:
     return lines
 
 
+OTHERS_LIMIT = 0.5  # CPUs of other work during a run worth pointing out
+
+
+def _runs(record: dict):
+    for per_peer in record["fio"].values():
+        for name, entry in per_peer.items():
+            for run in entry["runs"]:
+                yield name, run
+
+
+def _run_conditions(record: dict) -> dict[str, str]:
+    """Per peer: the 1-minute load average before and after its fio runs and the
+    CPUs other work took during them (cpu.CpuWindow), each as a range."""
+    values: dict[str, dict[str, list[float]]] = {}
+    for name, run in _runs(record):
+        for key in ("loadavg_1min_before", "loadavg_1min", "others_cpus"):
+            if key in run:
+                values.setdefault(name, {}).setdefault(key, []).append(run[key])
+
+    def span(v: list[float]) -> str:
+        return f"{min(v):.2f}–{max(v):.2f}" if min(v) != max(v) else f"{v[0]:.2f}"
+
+    cells = {}
+    for name, v in values.items():
+        parts = []
+        if "loadavg_1min_before" in v:
+            parts.append(f"before {span(v['loadavg_1min_before'])}")
+        parts.append(f"after {span(v['loadavg_1min'])}")
+        if "others_cpus" in v:
+            parts.append(f"others {span(v['others_cpus'])} CPUs")
+        cells[name] = ", ".join(parts)
+    return cells
+
+
+def _disturbed_runs_line(record: dict) -> list[str]:
+    others = [run["others_cpus"] for _, run in _runs(record) if "others_cpus" in run]
+    if not others:
+        return []
+    busy = [o for o in others if o > OTHERS_LIMIT]
+    return [f"Other work during the fio runs (machine CPU time minus fio's, the peer's and the "
+            f"harness's): more than {OTHERS_LIMIT:g} CPU in {len(busy)} of {len(others)} runs, "
+            f"at most {max(others):.2f} CPUs.", ""]
+
+
 def render_markdown(record: dict) -> str:
     figures = figures_from_record(record)
     targets = _targets_by_row(record)
     peers = record["peers"]
-    lines = _header(record)
+    lines = _header(record) + _disturbed_runs_line(record)
 
     if record["targets"]:
         titles = {w["key"]: w["title"] for w in record["workloads"]}
@@ -363,6 +484,7 @@ def render_markdown(record: dict) -> str:
                 first = False
         lines.append("")
 
+    lines += issue17_markdown(record, figures)
     lines += jobs_markdown(record.get("jobs"))
     lines += nbd_markdown(record.get("nbd"))
     from .nbd_driver import nbd_driver_markdown  # late: that module uses this one's cell helpers
@@ -370,11 +492,21 @@ def render_markdown(record: dict) -> str:
 
     if not peers:
         return "\n".join(lines)
-    lines += ["## Peers", "", "| peer | status | how it runs |", "|---|---|---|"]
+    lines += ["## Peers", "",
+              "*load*: the 1-minute load average before and after the peer's fio runs, "
+              "[min–max] over them (the harness's own fio and daemons add about 2 on 2 CPUs), "
+              "and the CPUs that other work took during them.", "",
+              "| peer | status | load | how it runs |", "|---|---|---|---|"]
+    load_ranges = _run_conditions(record)
     for name, p in peers.items():
-        status = p["status"] if p["status"] == "ok" else f"{p['status']}: {p['reason']}"
+        status = p["status"] if p["status"] == "ok" else f"{STATUS_WORDS.get(p['status'], p['status'])}: {p['reason']}"
+        threads = p["info"].get("threads")
+        if threads:
+            status += " (threads: " + ", ".join(f"{n} x{c}" if c > 1 else n
+                                                 for n, c in threads.items()) + ")"
+        load = load_ranges.get(name, "")
         exit_status = p["info"].get("exit_status", 0)
-        if p["status"] == "ok" and exit_status != 0:
+        if p["status"] == "ok" and not p["info"].get("exit_status_expected", exit_status == 0):
             # SIGTERM should end a daemon cleanly; anything else is worth a look.
             status += (" (did not exit on SIGTERM, killed)" if exit_status is None
                        else f" (exit status {exit_status} on SIGTERM)")
@@ -391,7 +523,7 @@ def render_markdown(record: dict) -> str:
                 status += " (query-block-exports: " + ", ".join(
                     f"{k}={v}" for k, v in extra.items()) + ")"
         how = _scratchless(how)
-        lines.append(f"| {name} | {_cell(status)} | `{_cell(how)}` |" if how
-                     else f"| {name} | {_cell(status)} | |")
+        lines.append(f"| {name} | {_cell(status)} | {load} | `{_cell(how)}` |" if how
+                     else f"| {name} | {_cell(status)} | {load} | |")
     lines.append("")
     return "\n".join(lines)

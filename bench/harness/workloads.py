@@ -21,6 +21,12 @@ class Workload:
         return "MiB/s" if self.metric == "bw" else "IOPS"
 
     @property
+    def small_qd1(self) -> bool:
+        """4 KiB at queue depth 1: the figures that swing most on this machine
+        (up to 4x between back-to-back runs), so they get more repetitions."""
+        return self.block_size == "4k" and self.iodepth == 1
+
+    @property
     def direction(self) -> str:
         return "write" if "write" in self.rw else "read"
 
