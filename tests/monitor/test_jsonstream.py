@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from exportd.monitor.jsonstream import JsonStream, ParseError
 
 
@@ -23,3 +25,33 @@ def test_jsonstream_unit():
     assert deep.feed(b'[[[[["x]"]]]], 2] {"a": [[[1]]]}') == [
         ParseError("JSON nesting depth limit exceeded"), ParseError("JSON nesting depth limit exceeded")]
     assert deep.feed(b' {"a": [1]}') == [{"a": [1]}]
+
+
+def test_strings_across_chunks_decode_as_whole() -> None:
+    # escapes, a surrogate pair, modified UTF-8 C0 80, an escaped backslash
+    # before "u", and errors: cut at every point, the result is the same
+    bodies = [b'\\ud83d\\ude00x\\n\\u00e9\xc0\x80\\\\ud83d' * 3,
+              b'ok\\uZZZZ', b'a\xc0b', b'\\ud83dx', b'x\x01\\q', b'\xc3\xa9\\"\'']
+    for body in bodies:
+        msg = b'{"s": "' + body + b'"} '
+        whole = JsonStream().feed(msg)
+        for cut in range(1, len(msg)):
+            s = JsonStream()
+            assert s.feed(msg[:cut]) + s.feed(msg[cut:]) == whole, (body, cut)
+        s = JsonStream()
+        assert [x for i in range(len(msg)) for x in s.feed(msg[i : i + 1])] == whole, body
+
+
+def test_big_string_replies_encode_in_slices() -> None:
+    from exportd.monitor import session
+
+    saw = JsonStream.big_strings_seen
+    JsonStream.big_strings_seen = True
+    try:
+        m = {"error": {"class": "GenericError", "desc": "\u00e9\n\"" * 100_000}, "id": ["x" * 70_000, 1]}
+        pieces = list(session.encode_pieces(m))
+        assert len(pieces) > 5 and max(map(len, pieces)) <= 6 * session.BIG_STRING  # \\u00e9: 6 bytes a character
+        assert b"".join(pieces) == (json.dumps(m) + "\r\n").encode()
+        assert session.encode(m, pretty=True) == (json.dumps(m, indent=4) + "\r\n").encode()
+    finally:
+        JsonStream.big_strings_seen = saw

@@ -88,12 +88,14 @@ class Target:
     open_files: int | None = None  # RLIMIT_NOFILE of the daemon, when set
     proc: subprocess.Popen[bytes] | None = None
     sock: str = ""
+    probe_sock: str = ""  # the probes' QMP socket (qsd's monitors take one client each)
     image: Path = field(default_factory=Path)
     mountpoint: Path = field(default_factory=Path)
 
     def start(self) -> Target:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.sock = str(self.workdir / f"{self.kind}.sock")
+        self.probe_sock = self.sock
         self.image = self.workdir / "probe.raw"
         with open(self.image, "wb") as f:
             f.write(os.urandom(1 << 20) * (IMAGE_SIZE >> 20))
@@ -107,7 +109,9 @@ class Target:
         else:
             qsd = shutil.which("qemu-storage-daemon")
             assert qsd is not None, "qemu-storage-daemon is not installed"
-            cmd = [qsd, "--chardev", f"socket,id=m,path={self.sock},server=on,wait=off", "--monitor", "chardev=m"]
+            self.probe_sock = str(self.workdir / "probe.sock")
+            cmd = [qsd, "--chardev", f"socket,id=m,path={self.sock},server=on,wait=off", "--monitor", "chardev=m",
+                   "--chardev", f"socket,id=p,path={self.probe_sock},server=on,wait=off", "--monitor", "chardev=p"]
             env = dict(os.environ)
         cmd += ["--blockdev", node, "--export", export]
         limit = self.open_files
@@ -202,7 +206,7 @@ class Probes:
         self._threads: list[threading.Thread] = []
 
     def __enter__(self) -> Probes:
-        self._qmp_client = RawClient(self.target.sock)
+        self._qmp_client = RawClient(self.target.probe_sock)
         self._qmp_client.negotiate()
         self._fd = os.open(self.target.mountpoint, os.O_RDONLY | os.O_DIRECT)
         for fn in (self._read_loop, self._qmp_loop):
