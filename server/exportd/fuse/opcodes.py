@@ -180,7 +180,10 @@ def _init(ch: Channel, unique: int, buf: memoryview, off: int, end: int) -> bool
     flags = WANTED_FLAGS
     if owner.want_passthrough:
         flags |= abi.PASSTHROUGH
-    flags &= init.flags
+    if owner.want_io_uring:
+        flags |= abi.OVER_IO_URING
+    offered = init.flags
+    flags &= offered
     if not flags & abi.INIT_EXT:
         flags &= 0xFFFFFFFF
     payload = replies.init_out(
@@ -198,7 +201,7 @@ def _init(ch: Channel, unique: int, buf: memoryview, off: int, end: int) -> bool
     ch.reply_ok(unique, payload)
     log.debug("%s: INIT 7.%d flags %#x", owner.mountpoint, minor, flags)
     ch.handlers = SERVING
-    owner.initialized(minor, flags)
+    owner.initialized(minor, flags, offered)
     return False
 
 
