@@ -41,7 +41,7 @@ import struct
 from typing import TYPE_CHECKING, Any
 
 from . import abi
-from .iouring import OP_URING_CMD, IoUring
+from .iouring import OP_URING_CMD, SETUP_COOP_TASKRUN, IoUring
 
 if TYPE_CHECKING:
     from .channel import Channel
@@ -136,7 +136,7 @@ class FuseRing:
         self.queues = queues
         self.depth = depth
         n = queues * depth
-        self.ring = IoUring(n)
+        self.ring = IoUring(n, flags=SETUP_COOP_TASKRUN)
         self.fd = self.ring.fd
         self.stride = PAGE + payload
         # one anonymous mapping for every entry; pages are only backed once
@@ -191,6 +191,7 @@ class FuseRing:
         """Close the ring: the kernel cancels the entries it still holds."""
         self.live = 0
         self.by_unique.clear()
+        self.fd = -1
         self.ring.close()
 
     # --- requests -----------------------------------------------------------------
