@@ -208,9 +208,6 @@ class FuseRing:
             while handled < BURST:
                 done = ring.completions()
                 if not done:
-                    if ring.unsubmitted:
-                        ring.submit()  # its commits may fetch new requests at once
-                        continue
                     break
                 for index, res, _ in done:
                     e = self.entries[index]
@@ -219,6 +216,8 @@ class FuseRing:
                         continue
                     handled += 1
                     self._request(ch, e)
+                if ring.unsubmitted:
+                    ring.submit()  # the commits may fetch waiting requests at once
         finally:
             self._draining = False
             if ring.unsubmitted and ring.fd >= 0:
