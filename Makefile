@@ -54,9 +54,9 @@ test: setup
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 	@reason=$$($(VPY) -c 'from exportd.fuse.uring import unavailable_reason; print(unavailable_reason())'); \
 	if [ "$(URING_PASS)" = 0 ]; then :; elif [ -z "$$reason" ]; then \
-	  echo "== $(URING_TESTS) again, FUSE exports on io_uring (EXPORTD_FUSE_IO_URING=on)"; \
+	  echo "== the export tiers' data-path tests again, FUSE exports on io_uring (EXPORTD_FUSE_IO_URING=on)"; \
 	  EXPORTD_FUSE_IO_URING=on $(VPY) -m pytest -q $(URING_TESTS); \
-	else echo "== skipping the io_uring pass of $(URING_TESTS): $$reason"; fi
+	else echo "== no io_uring pass of the export tiers: $$reason"; fi
 
 lint: setup
 	$(VENV)/bin/ruff check server clients tests bench
