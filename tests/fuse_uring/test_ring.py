@@ -248,5 +248,31 @@ async def test_export_option_and_query(workdir, need_ring):
     assert not exportd_mounts_under(str(workdir))
 
 
+async def test_command_line_export_with_io_uring_on(workdir, need_ring):
+    """The syntax the benchmark's exportd peer uses: --export ...,io-uring=on."""
+    img = workdir / "d.raw"
+    img.write_bytes(pattern(1 << 20))
+    (workdir / "m.raw").touch()
+    d = Exportd(workdir)
+    await d.start(
+        "--blockdev", f"driver=file,node-name=f,filename={img}",
+        "--export", f"type=fuse,id=e,node-name=f,mountpoint={workdir / 'm.raw'},writable=on,io-uring=on",
+    )
+    try:
+        [shown] = await d.exports()
+        assert shown["io-uring"] is True and shown["writable"] is True
+        fd = await asyncio.to_thread(os.open, workdir / "m.raw", os.O_RDWR)
+        try:
+            await asyncio.to_thread(os.pwrite, fd, b"ring", 4096)
+            assert await asyncio.to_thread(os.pread, fd, 8, 4094) == pattern(4096)[4094:] + b"ring" + pattern(8192)[4100:4102]
+        finally:
+            os.close(fd)
+        await d.quit()
+    finally:
+        await d.stop()
+    assert img.read_bytes()[4096:4100] == b"ring"
+    assert not exportd_mounts_under(str(workdir))
+
+
 def test_init_flag_is_bit_41():
     assert abi.OVER_IO_URING == 1 << 41

@@ -69,9 +69,8 @@ class Owner(Protocol):
     want_passthrough: bool
     want_io_uring: bool
 
-    def initialized(self, minor: int, flags: int, offered: int) -> None:
-        """INIT was answered with protocol 7.`minor` and these flags (of
-        those the kernel `offered`)."""
+    def initialized(self, minor: int, flags: int) -> None:
+        """INIT was answered with protocol 7.`minor` and these flags."""
 
     def destroyed(self) -> None:
         """The kernel sent DESTROY (answered; reading stopped)."""

@@ -182,8 +182,7 @@ def _init(ch: Channel, unique: int, buf: memoryview, off: int, end: int) -> bool
         flags |= abi.PASSTHROUGH
     if owner.want_io_uring:
         flags |= abi.OVER_IO_URING
-    offered = init.flags
-    flags &= offered
+    flags &= init.flags
     if not flags & abi.INIT_EXT:
         flags &= 0xFFFFFFFF
     payload = replies.init_out(
@@ -201,7 +200,7 @@ def _init(ch: Channel, unique: int, buf: memoryview, off: int, end: int) -> bool
     ch.reply_ok(unique, payload)
     log.debug("%s: INIT 7.%d flags %#x", owner.mountpoint, minor, flags)
     ch.handlers = SERVING
-    owner.initialized(minor, flags, offered)
+    owner.initialized(minor, flags)
     return False
 
 

@@ -238,7 +238,7 @@ class FuseSession:
 
     # --- what the channel tells us (channel.Owner) ----------------------------------
 
-    def initialized(self, minor: int, flags: int, offered: int) -> None:
+    def initialized(self, minor: int, flags: int) -> None:
         self.proto_minor = minor
         self.passthrough_available = bool(flags & abi.PASSTHROUGH)
         if self.want_io_uring and self.state is State.MOUNTING:
