@@ -225,6 +225,11 @@ async def test_export_option_and_query(workdir, need_ring):
         shown = {e["id"]: e["io-uring"] for e in await d.exports()}
         assert shown == {"e1": True, "e2": False}
         assert (workdir / "m1.raw").read_bytes()[:4096] == pattern(4096)
+        # deleted with the ring active (hard: a reader may still hold it open)
+        await d.del_export("e1", "hard")
+        assert [e["id"] for e in await d.exports()] == ["e2"]
+        await d.add_export("e1", "f", workdir / "m1.raw", io_uring="on")  # the id and mountpoint again
+        assert (workdir / "m1.raw").read_bytes()[:4096] == pattern(4096)
         text = await d.error("block-export-add", {
             "type": "fuse", "id": "e3", "node-name": "f",
             "mountpoint": str(workdir / "m3.raw"), "io-uring": "sometimes"})
