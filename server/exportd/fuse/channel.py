@@ -159,7 +159,9 @@ class Channel:
         if self.reading:
             self._loop.add_reader(ring.fd, self._on_ring_readable)
             if self._poller is not None:
-                self._poller.register(ring.fd, self._drain_ring)
+                # /dev/fuse now only brings INTERRUPT and FORGET: not worth spinning on
+                self._poller.unregister(self.fd)
+                self._poller.register(ring.fd, self._drain_ring, ring.ring.has_completions)
 
     def close(self) -> None:
         """Stop reading, cancel what is in flight, close the ring and the fd."""
