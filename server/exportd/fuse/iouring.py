@@ -174,18 +174,26 @@ class IoUring:
     def submit(self, wait: int = 0) -> int:
         """Submit what is queued; with `wait`, also wait for that many
         completions (the GIL is then released)."""
-        n = self.unsubmitted
-        if wait:
-            ret = _syscall(self._enter_nr, self.fd, n, wait, ENTER_GETEVENTS, 0, 0, 0)
-        else:
-            ret = _syscall_gil(self._enter_nr, self.fd, n, 0, 0, 0, 0, 0)
-        if ret < 0:
-            err = ctypes.get_errno()
-            if err in (errno.EINTR, errno.EAGAIN, errno.EBUSY):
-                return 0  # nothing consumed; the caller retries later
-            raise OSError(err, f"io_uring_enter: {os.strerror(err)}")
-        self.unsubmitted = n - ret
-        return ret
+        done = 0
+        for _ in range(8):  # a few tries: EINTR, or a partial submission
+            n = self.unsubmitted
+            if wait:
+                ret = _syscall(self._enter_nr, self.fd, n, wait, ENTER_GETEVENTS, 0, 0, 0)
+            else:
+                ret = _syscall_gil(self._enter_nr, self.fd, n, 0, 0, 0, 0, 0)
+            if ret < 0:
+                err = ctypes.get_errno()
+                if err == errno.EINTR:
+                    continue
+                if err in (errno.EAGAIN, errno.EBUSY):
+                    break  # nothing consumed; the caller tries again later
+                raise OSError(err, f"io_uring_enter: {os.strerror(err)}")
+            self.unsubmitted = n - ret
+            done += ret
+            if not self.unsubmitted or not ret:
+                break
+            wait = 0
+        return done
 
     # --- completion ---------------------------------------------------------------
 

@@ -32,6 +32,7 @@ An entry's memory, from its page-aligned start:
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import errno
 import logging
@@ -157,7 +158,9 @@ class FuseRing:
         self.live = 0  # entries the kernel holds (registered or fetching)
         self.failed = ""  # why registration failed
         self.served = 0  # requests that came through the ring (tests, benchmarks)
+        self.lost = 0  # entries the kernel gave back with an error while connected
         self._draining = False
+        self._retry: asyncio.TimerHandle | None = None
 
     def _sqe_head(self, e: Entry, cmd: int, commit_id: int) -> bytes:
         return SQE_HEAD.pack(
@@ -189,6 +192,9 @@ class FuseRing:
 
     def close(self) -> None:
         """Close the ring: the kernel cancels the entries it still holds."""
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         self.live = 0
         self.by_unique.clear()
         self.fd = -1
@@ -220,9 +226,23 @@ class FuseRing:
                     ring.submit()  # the commits may fetch waiting requests at once
         finally:
             self._draining = False
-            if ring.unsubmitted and ring.fd >= 0:
-                ring.submit()
+            self.flush()
         return not ch.in_flight and not self.by_unique
+
+    def flush(self) -> None:
+        """Submit what is queued. Commits the kernel could not take yet
+        (EAGAIN, EBUSY) are tried again a millisecond later: a request whose
+        answer stays in the SQ would wait forever."""
+        ring = self.ring
+        if ring.fd < 0 or not ring.unsubmitted:
+            return
+        ring.submit()
+        if ring.unsubmitted and self._retry is None:
+            self._retry = asyncio.get_running_loop().call_later(1e-3, self._retried)
+
+    def _retried(self) -> None:
+        self._retry = None
+        self.flush()
 
     def _request(self, ch: Channel, e: Entry) -> None:
         buf = e.buf
@@ -240,9 +260,11 @@ class FuseRing:
 
     def _lost(self, e: Entry, res: int) -> None:
         """The kernel gave an entry back without a request: the connection
-        is over (ENOTCONN, ECANCELED) or a command failed."""
+        is over (ENOTCONN, ECANCELED, ECONNABORTED) or a command failed; the
+        entry then no longer serves its queue."""
         self.live -= 1
-        if res not in (-errno.ENOTCONN, -errno.ECANCELED, -errno.ECONNABORTED, -errno.ENOENT):
+        if res not in (-errno.ENOTCONN, -errno.ECANCELED, -errno.ECONNABORTED):
+            self.lost += 1
             log.warning(
                 "%s: FUSE ring entry %d (queue %d) failed: %s",
                 self.channel.owner.mountpoint, e.index, e.qid, os.strerror(-res),
@@ -273,7 +295,7 @@ class FuseRing:
         struct.pack_into("<Q", sqes, off + _COMMIT_ID_AT, unique)
         ring.queued()
         if not self._draining:
-            ring.submit()
+            self.flush()
         return True
 
     def payload_of(self, unique: int) -> memoryview | None:
