@@ -44,7 +44,9 @@ async def test_kill9_then_restart_cleans_stale_mounts(workdir: Path) -> None:
     stale = fuse_mounts_under(str(workdir))
     assert len(stale) == 3
     for path in (workdir / "mnt0.raw", workdir / "mnt1.raw", images[2][0]):
-        assert await athread(stat_errno, path) == errno.ENOTCONN
+        # ENOTCONN; ECONNABORTED when the dead daemon served through
+        # FUSE over io_uring (the kernel ends its ring that way)
+        assert await athread(stat_errno, path) in (errno.ENOTCONN, errno.ECONNABORTED)
 
     second = Exportd(workdir)
     await second.start()

@@ -43,6 +43,16 @@ async def read_back(mountpoint: Path, image_as_raw: Path) -> list:
     return json.loads(r.stdout)
 
 
+def assert_spliced(session, at_least: int) -> None:
+    """At least that many READ replies spliced; none under FUSE over
+    io_uring, whose replies are copied into the ring entry (the same bytes,
+    checked by read_back, came through the ring)."""
+    if session.io_uring:
+        assert session.spliced == 0 and session.ring_served > 0
+    else:
+        assert session.spliced >= at_least
+
+
 def max_read_of(mountpoint: Path) -> int:
     for line in open("/proc/self/mounts"):
         fields = line.split()
@@ -58,7 +68,7 @@ async def test_raw_reads_are_spliced_from_a_tmpfs_image(host: Host, workdir: Pat
     exp = await add(host, workdir, "e", node="f", passthrough="off")
     assert max_read_of(workdir / "e.raw") == SPLICE_MAX_READ
     assert await read_back(workdir / "e.raw", shm / "img.raw") == []
-    assert exp.session.spliced >= 3
+    assert_spliced(exp.session, 3)
 
 
 async def test_a_disk_image_is_not_spliced(host: Host, workdir: Path) -> None:
@@ -91,4 +101,4 @@ async def test_qcow2_reads_are_spliced_where_clusters_hold_data(
     assert max_read_of(workdir / "e.raw") == SPLICE_MAX_READ
     assert await read_back(workdir / "e.raw", shm / "src.raw") == []
     assert await read_back(workdir / "e.raw", shm / "src.raw") == []  # L2 tables cached now
-    assert exp.session.spliced > 0
+    assert_spliced(exp.session, 1)

@@ -13,6 +13,8 @@ mounted over an existing regular file, as QEMU's FUSE export does.
     readreply.py   how a READ is answered: splice, inline (extents) or await read()
     splice.py      the per-loop pipe READ replies are spliced through
     passthrough.py backing files for FUSE passthrough
+    uring.py       FUSE over io_uring: ring entries, REGISTER, COMMIT_AND_FETCH
+    iouring.py     a minimal io_uring (SQE128, URING_CMD) over the raw system calls
     buffers.py     receive buffers shared by all sessions of one loop
     busypoll.py    adaptive busy-polling of a loop's FUSE fds
     mount.py       mount(2) / fusermount3, unmount, stale-mount finder and cleaner
@@ -21,10 +23,12 @@ Public API:
 
     from exportd.fuse import FuseSession, SingleFileFS, Attr, SetAttr, OpenReply, StatFs
     session = await FuseSession.start(fs, mountpoint, fsname=..., read_only=...,
-                                      allow_other=..., passthrough=...)
+                                      allow_other=..., passthrough=...,
+                                      io_uring="auto" | "on" | "off")
     session.closed            # future -> "closed" | "unmounted" | "destroy" | "error: ..."
     session.counters          # {"READ": n, ...}
     session.passthrough_available; session.open_backing(fd) -> id; session.close_backing(id)
+    session.io_uring; session.io_uring_reason  # the ring serves; why not
     await session.close()     # unmount; idempotent
     mount.clean_stale_mounts([paths])  # blocking: run in a thread
 """

@@ -39,6 +39,7 @@ from .filesystem import SingleFileFS
 from .replies import Scatter
 from .requests import RequestError
 from .splice import ReplyPipe
+from .uring import FuseRing
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ BUFFER_SIZE = MAX_WRITE + PAGE_SIZE
 BURST = 32
 
 HEAD = struct.Struct("<IIQ")  # len, opcode, unique: the start of fuse_in_header
+HEAD_UNIQUE = struct.Struct("<Q")  # fuse_out_header.unique, at offset 8
 OUT = abi.OUT_HEADER
 
 # A handler answers (or starts answering) one request: (channel, unique,
@@ -65,6 +67,7 @@ class Owner(Protocol):
 
     mountpoint: str
     want_passthrough: bool
+    want_io_uring: bool
 
     def initialized(self, minor: int, flags: int) -> None:
         """INIT was answered with protocol 7.`minor` and these flags."""
@@ -94,7 +97,7 @@ class Channel:
     # one per live export: no per-instance dict
     __slots__ = (
         "fd", "fs", "owner", "handlers", "read_now", "write_now", "splice", "spliced",
-        "reading", "counts", "other_counts", "_loop", "_pool", "_poller", "_inflight",
+        "reading", "counts", "other_counts", "ring", "_loop", "_pool", "_poller", "_inflight",
     )
 
     def __init__(
@@ -120,6 +123,9 @@ class Channel:
         self.reading = False  # the loop (and the poller) watch the fd
         self.counts = [0] * (abi.MAX_OPCODE + 1)
         self.other_counts: dict[int, int] = {}
+        # FUSE over io_uring, once set up (uring.py): requests also come
+        # through it, and replies to those go back through it
+        self.ring: FuseRing | None = None
         self._loop = loop
         self._pool: BufferPool = pool_for(loop, BUFFER_SIZE)
         self._poller = poller_for(loop)
@@ -140,16 +146,43 @@ class Channel:
             self._loop.remove_reader(self.fd)
             if self._poller is not None:
                 self._poller.unregister(self.fd)
+            ring = self.ring
+            if ring is not None and ring.fd >= 0:
+                self._loop.remove_reader(ring.fd)
+                if self._poller is not None:
+                    self._poller.unregister(ring.fd)
+
+    def use_ring(self, ring: FuseRing) -> None:
+        """Serve the requests that come through `ring` too (registered)."""
+        self.ring = ring
+        self.splice = None  # ring replies are copied into the entry's payload
+        if self.reading:
+            self._loop.add_reader(ring.fd, self._on_ring_readable)
+            if self._poller is not None:
+                # /dev/fuse now only brings INTERRUPT and FORGET: not worth spinning on
+                self._poller.unregister(self.fd)
+                self._poller.register(ring.fd, self._drain_ring, ring.ring.has_completions)
 
     def close(self) -> None:
-        """Stop reading, cancel what is in flight, close the fd."""
+        """Stop reading, cancel what is in flight, close the ring and the fd."""
         self.stop_reading()
         fd, self.fd = self.fd, -1
         for task, resume, _ in list(self._inflight.values()):
             _cancel(task, resume)
         self._inflight.clear()
+        if self.ring is not None:
+            self.ring.close()  # first: its pending commands hold the device file
         if fd >= 0:
             os.close(fd)
+
+    def _on_ring_readable(self) -> None:
+        serve_readable(self._poller, self._drain_ring)
+
+    def _drain_ring(self) -> bool:
+        ring = self.ring
+        if ring is None or not self.reading:
+            return True
+        return ring.drain()
 
     def _on_readable(self) -> None:
         serve_readable(self._poller, self._drain)
@@ -184,7 +217,8 @@ class Channel:
         return not self._inflight
 
     def _dispatch(self, buf: memoryview, n: int) -> bool:
-        """Handle one request; True when `buf` must stay checked out."""
+        """Handle one request read from /dev/fuse; True when `buf` must stay
+        checked out."""
         if n < 40:
             self.owner.halt(f"short read of {n} bytes (header is 40)")
             return False
@@ -192,6 +226,11 @@ class Channel:
         if length != n:
             self.owner.halt(f"header length {length} != {n} bytes read (opcode {opcode})")
             return False
+        return self.dispatch(opcode, unique, buf, 40, n)
+
+    def dispatch(self, opcode: int, unique: int, buf: memoryview, off: int, end: int) -> bool:
+        """Hand one request (its body is buf[off:end]) to its opcode's
+        handler; True when `buf` must stay checked out."""
         if opcode <= abi.MAX_OPCODE:
             self.counts[opcode] += 1
             handler = self.handlers[opcode]
@@ -202,7 +241,7 @@ class Channel:
             self.reply_error(unique, errno.ENOSYS)
             return False
         try:
-            return handler(self, unique, buf, 40, n)
+            return handler(self, unique, buf, off, end)
         except RequestError as e:
             log.warning("%s: bad request: %s", self.owner.mountpoint, e)
             self.reply_error(unique, errno.EINVAL)
@@ -284,7 +323,7 @@ class Channel:
                 self.reply_ok(unique, payload)
         finally:
             self._inflight.pop(unique, None)
-            if buf is not None:
+            if buf is not None and (self.ring is None or buf.obj is not self.ring.memory):
                 if reuse:
                     self._pool.release(buf)
                 else:
@@ -310,7 +349,11 @@ class Channel:
     # --- replies ------------------------------------------------------------------
 
     def write(self, parts: tuple[Any, ...]) -> None:
+        """Send one reply: parts[0] is its fuse_out_header."""
         if self.fd < 0:
+            return
+        ring = self.ring
+        if ring is not None and ring.commit(HEAD_UNIQUE.unpack_from(parts[0], 8)[0], parts):
             return
         try:
             os.writev(self.fd, parts)

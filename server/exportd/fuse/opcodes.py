@@ -180,6 +180,8 @@ def _init(ch: Channel, unique: int, buf: memoryview, off: int, end: int) -> bool
     flags = WANTED_FLAGS
     if owner.want_passthrough:
         flags |= abi.PASSTHROUGH
+    if owner.want_io_uring:
+        flags |= abi.OVER_IO_URING
     flags &= init.flags
     if not flags & abi.INIT_EXT:
         flags &= 0xFFFFFFFF

@@ -75,12 +75,7 @@ def answer_read(ch: Channel, unique: int, buf: memoryview, off: int, end: int) -
     # one bytes-like object: channel.reply_ok, inlined
     if len(data) > size:
         data = memoryview(data)[:size]
-    fd = ch.fd
-    if fd >= 0:
-        try:
-            os.writev(fd, (OUT.pack(16 + len(data), 0, unique), data))
-        except OSError as e:
-            ch.write_failed(e)
+    ch.write((OUT.pack(16 + len(data), 0, unique), data))
     return False
 
 

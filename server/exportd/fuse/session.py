@@ -2,12 +2,15 @@
 
     session = await FuseSession.start(fs, mountpoint, fsname="exportd:x",
                                       read_only=False, allow_other=False,
-                                      passthrough=False)
+                                      passthrough=False, io_uring="auto")
     reason = await session.closed        # or: await session.close()
 
 This module is the session's life cycle (State): mount, INIT, close, end.
 The requests themselves go through its channel (channel.py: the /dev/fuse
-fd, read loop and replies) to the opcode table (opcodes.py).
+fd, read loop and replies) to the opcode table (opcodes.py), and through
+FUSE over io_uring (uring.py) when INIT negotiated it: io_uring="auto" uses
+it when the kernel allows, "on" fails the start when it cannot (the
+reason: IoUringUnavailable), "off" stays on /dev/fuse.
 """
 
 from __future__ import annotations
@@ -36,10 +39,18 @@ from .mount import (
 )
 from .passthrough import BackingFiles, PassthroughUnavailable
 from .splice import SPLICE_MAX_READ, pipe_for
+from .uring import FuseRing, depth_from_env, possible_cpus, unavailable_reason
 
 log = logging.getLogger(__name__)
 
 INVALIDATE_TIMEOUT_S = 10.0  # a kernel stuck on a page lock: give up waiting, not the loop
+
+
+IO_URING_MODES = ("auto", "on", "off")
+
+
+class IoUringUnavailable(OSError):
+    """io_uring="on" and FUSE over io_uring cannot be used; the text says why."""
 
 
 class State(enum.Enum):
@@ -59,6 +70,7 @@ class FuseSession:
         options: MountOptions,
         *,
         passthrough: bool,
+        io_uring: str = "off",
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.fs = fs
@@ -67,6 +79,11 @@ class FuseSession:
         self.fsname = options.fsname
         self.want_passthrough = passthrough
         self.passthrough_available = False
+        # FUSE over io_uring: asked for in INIT, and whether it serves
+        self.io_uring_mode = io_uring
+        self.want_io_uring = io_uring != "off"
+        self.io_uring = False
+        self.io_uring_reason = ""  # why not, when it was wanted and does not serve
         self.connection: int | None = None  # FUSE connection number (fusectl)
         self.proto_minor = 0
         self.max_write = MAX_WRITE
@@ -98,6 +115,7 @@ class FuseSession:
         read_only: bool = False,
         allow_other: bool = False,
         passthrough: bool = False,
+        io_uring: str = "off",
         loop: asyncio.AbstractEventLoop | None = None,
         init_timeout: float = 10.0,
     ) -> FuseSession:
@@ -105,8 +123,16 @@ class FuseSession:
 
         Returns once the kernel's INIT is answered. Raises MountError (an
         OSError) with the kernel's or fusermount3's message when mounting
-        fails, TimeoutError when INIT never comes.
+        fails, TimeoutError when INIT never comes, IoUringUnavailable when
+        io_uring is "on" and cannot be used (nothing is left mounted).
         """
+        if io_uring not in IO_URING_MODES:
+            raise ValueError(f"io_uring must be one of {IO_URING_MODES}, not {io_uring!r}")
+        reason = unavailable_reason() if io_uring != "off" else ""
+        if reason:
+            if io_uring == "on":
+                raise IoUringUnavailable(errno.EOPNOTSUPP, reason)
+            io_uring = "off"  # auto: do not even ask the kernel
         loop = loop or asyncio.get_running_loop()
         splice_reads = fs.splice_reads and pipe_for(loop).usable
         options = MountOptions(
@@ -116,10 +142,13 @@ class FuseSession:
             # a spliced reply must fit the pipe, header included
             max_read=SPLICE_MAX_READ if splice_reads else MAX_WRITE,
         )
-        self = cls(fs, mountpoint, options, passthrough=passthrough, loop=loop)
+        self = cls(fs, mountpoint, options, passthrough=passthrough, io_uring=io_uring, loop=loop)
+        self.io_uring_reason = reason
         await self._mount()
         try:
             await asyncio.wait_for(asyncio.shield(self._init_answered), init_timeout)
+            if io_uring == "on" and not self.io_uring:
+                raise IoUringUnavailable(errno.EOPNOTSUPP, self.io_uring_reason)
         except BaseException:
             await self.close()
             raise
@@ -212,10 +241,40 @@ class FuseSession:
     def initialized(self, minor: int, flags: int) -> None:
         self.proto_minor = minor
         self.passthrough_available = bool(flags & abi.PASSTHROUGH)
+        if self.want_io_uring and self.state is State.MOUNTING:
+            if flags & abi.OVER_IO_URING:
+                self._start_ring()
+            else:
+                self.io_uring_reason = (
+                    f"the kernel did not offer FUSE_OVER_IO_URING in INIT (protocol 7.{minor})"
+                )
         if self.state is State.MOUNTING:
             self.state = State.READY
         if not self._init_answered.done():
             self._init_answered.set_result(None)
+
+    def _start_ring(self) -> None:
+        """Register the ring entries (INIT is answered: the kernel knows
+        max_write, which the payload buffers must hold)."""
+        ring = None
+        try:
+            ring = FuseRing(
+                self.channel,
+                queues=possible_cpus(),
+                depth=depth_from_env(),
+                payload=max(abi.MIN_READ_BUFFER, self.max_write),
+            )
+            ring.register()
+        except OSError as e:
+            if ring is not None:
+                ring.close()
+            self.io_uring_reason = f"FUSE over io_uring set-up failed: {e.strerror or e}"
+            log.info("%s: %s; serving through /dev/fuse", self.mountpoint, self.io_uring_reason)
+            return
+        self.channel.use_ring(ring)
+        self.io_uring = True
+        self.io_uring_reason = ""
+        log.debug("%s: FUSE over io_uring, %d queues of %d", self.mountpoint, ring.queues, ring.depth)
 
     def destroyed(self) -> None:
         if self.state is not State.CLOSING:
@@ -261,6 +320,12 @@ class FuseSession:
     @property
     def in_flight(self) -> int:
         return self.channel.in_flight
+
+    @property
+    def ring_served(self) -> int:
+        """Requests that came through FUSE over io_uring (tests, benchmarks)."""
+        ring = self.channel.ring
+        return 0 if ring is None else ring.served
 
     @property
     def spliced(self) -> int:
