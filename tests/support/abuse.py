@@ -104,6 +104,8 @@ class Target:
         node = f"driver=file,node-name=probe,filename={self.image}"
         export = f"type=fuse,id=probe,node-name=probe,mountpoint={self.mountpoint}"
         if self.kind == "exportd":
+            # reads through the daemon's loop, as qsd's are (not the kernel's passthrough)
+            export += ",passthrough=off"
             cmd = [sys.executable, "-m", "exportd", "--socket", self.sock]
             env = dict(os.environ, PYTHONPATH=str(ROOT / "server"))
         else:
