@@ -46,15 +46,15 @@ def check_probes(result: dict[str, Any]) -> None:
 
 
 def test_query_flood_without_reading(target: Target) -> None:
-    r = abuse.probe(target, abuse.query_flood)
+    r = abuse.probe(target, lambda t: abuse.query_flood(t, seconds=2))
     facts = r["abuse"]
     assert facts["sent"] > 100 and facts["replies"] == facts["sent"] and facts["in_order"], r
     check_probes(r)
 
 
 def test_json_array_past_the_token_limit(target: Target) -> None:
-    r = abuse.probe(target, abuse.big_array)
-    # one reply for the whole 60 MiB message, not one per token
+    r = abuse.probe(target, lambda t: abuse.big_array(t, mib=20))
+    # one reply for the whole 20 MiB message (10 Mi tokens), not one per token
     assert r["abuse"] == {"error_replies": 1, "errors": {"JSON token count limit exceeded": 1}}, r
     check_probes(r)
 
@@ -67,20 +67,20 @@ def test_28_mib_string(target: Target, escaped: bool) -> None:
 
 
 def test_connect_burst(target: Target) -> None:
-    r = abuse.probe(target, lambda t: abuse.connect_burst(t, clients=200, seconds=4))
+    r = abuse.probe(target, lambda t: abuse.connect_burst(t, clients=200, seconds=2))
     facts = r["abuse"]
-    assert facts["connections"] > 1000 and facts["no_greeting"] == 0 and facts["refused"] == 0, r
+    assert facts["connections"] > 500 and facts["no_greeting"] == 0 and facts["refused"] == 0, r
     check_probes(r)
 
 
 def test_nbd_flood(target: Target) -> None:
-    r = abuse.probe(target, abuse.nbd_flood)
+    r = abuse.probe(target, lambda t: abuse.nbd_flood(t, requests=100_000))
     assert r["abuse"]["replies"] == r["abuse"]["requests"] and r["abuse"]["bad_replies"] == 0, r
     check_probes(r)
 
 
 def test_nbd_client_that_never_reads(target: Target) -> None:
-    r = abuse.probe(target, abuse.nbd_never_reads)
+    r = abuse.probe(target, lambda t: abuse.nbd_never_reads(t, seconds=2))
     assert "failed" not in r["abuse"], r
     check_probes(r)
 

@@ -16,7 +16,7 @@ from tests.bench.test_quick import harness_run, pytestmark  # noqa: F401  (same 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("bench-jobs-out")
-    with harness_run(["--quick", "--only", "jobs"], out, timeout=120) as proc:
+    with harness_run(["--quick", "--only", "jobs", "--runtime", "0.3"], out, timeout=120) as proc:
         yield proc, out
 
 

@@ -23,7 +23,7 @@ FIGURES = {"rr1", "rw1", "rr16", "rw16", "sr", "sw"}
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("bench-nbd-driver-out")
-    with harness_run(["--quick", "--only", "nbd-driver"], out, timeout=150) as proc:
+    with harness_run(["--quick", "--only", "nbd-driver", "--runtime", "0.3"], out, timeout=150) as proc:
         yield proc, out
 
 

@@ -31,7 +31,7 @@ def _exportd_has_nbd() -> bool:
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("bench-nbd-out")
-    with harness_run(["--quick", "--only", "nbd"], out, timeout=150) as proc:
+    with harness_run(["--quick", "--only", "nbd", "--runtime", "0.3"], out, timeout=150) as proc:
         yield proc, out
 
 

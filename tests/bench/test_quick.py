@@ -82,7 +82,7 @@ def harness_run(args: list[str], out: Path, timeout: float = 170):
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("bench-out")
-    with harness_run(["--quick", "--only", "null-co"], out) as proc:
+    with harness_run(["--quick", "--only", "null-co", "--runtime", "0.3"], out) as proc:
         yield proc, out
 
 
