@@ -12,7 +12,7 @@ import os
 import pytest
 
 from exportd.fuse import uring
-from tests.support.mounts import exportd_mounts_under, lazy_unmount_exportd_mounts
+from tests.fuse.conftest import target, workdir  # noqa: F401 - the same fixtures as tests/fuse
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -29,21 +29,6 @@ def need_ring() -> None:
     reason = uring.unavailable_reason()
     if reason:
         pytest.skip(reason)
-
-
-@pytest.fixture
-def workdir(tmp_path):
-    """The test's directory; exportd mounts left inside are detached at the end."""
-    yield tmp_path
-    lazy_unmount_exportd_mounts(str(tmp_path))
-    assert not exportd_mounts_under(str(tmp_path)), "mounts left behind"
-
-
-@pytest.fixture
-def target(workdir) -> str:
-    path = workdir / "export.img"
-    path.write_bytes(b"")
-    return str(path)
 
 
 @pytest.fixture
