@@ -55,3 +55,43 @@ def test_big_string_replies_encode_in_slices() -> None:
         assert session.encode(m, pretty=True) == (json.dumps(m, indent=4) + "\r\n").encode()
     finally:
         JsonStream.big_strings_seen = saw
+
+
+async def test_events_wait_for_a_reply_written_in_slices() -> None:
+    import asyncio
+
+    from exportd.monitor import session
+
+    class Writer:
+        def __init__(self) -> None:
+            self.data = bytearray()
+            self.transport = self
+
+        def get_write_buffer_size(self) -> int:
+            return 0
+
+        def is_closing(self) -> bool:
+            return False
+
+        def write(self, b: bytes) -> None:
+            self.data += b
+
+        async def drain(self) -> None:
+            pass
+
+    saw = JsonStream.big_strings_seen
+    JsonStream.big_strings_seen = True
+    try:
+        w = Writer()
+        s = session.Session(None, None, w)  # type: ignore[arg-type]
+        s.negotiated = True
+        s.turn.slice_s = 0  # a turn after every piece
+        reply = {"return": {"x": "y" * 1_000_000}}
+        sending = asyncio.ensure_future(s.send(reply))
+        await asyncio.sleep(0)
+        s.send_event({"event": "E"})  # while the reply is half written
+        await sending
+        lines = bytes(w.data).split(b"\r\n")
+        assert [json.loads(x) for x in lines if x] == [reply, {"event": "E"}]
+    finally:
+        JsonStream.big_strings_seen = saw

@@ -118,6 +118,9 @@ class Session:
         self.negotiated = False
         self.closed = False
         self.turn = TimeSlice()
+        # events that came while a reply was being written in slices: they
+        # go out after it, not in the middle of its text
+        self._held_events: list[dict[str, Any]] | None = None
 
     # --- output -----------------------------------------------------------------
     def _pieces(self, message: dict[str, Any]) -> list[bytes] | Iterator[bytes]:
@@ -140,9 +143,15 @@ class Session:
     async def send(self, message: dict[str, Any]) -> None:
         if self.closed or self.writer.is_closing():
             return
-        for piece in self._pieces(message):
-            self.writer.write(piece)
-            await self.turn.pause_if_due()
+        self._held_events = []
+        try:
+            for piece in self._pieces(message):
+                self.writer.write(piece)
+                await self.turn.pause_if_due()
+        finally:
+            held, self._held_events = self._held_events, None
+            for event in held:
+                self._write(event)
         try:
             await self.writer.drain()
         except ConnectionError:
@@ -156,6 +165,9 @@ class Session:
         if transport.get_write_buffer_size() > MAX_PENDING_OUTPUT:
             log.warning("QMP client is not reading its events; disconnecting it")
             self.close()
+            return
+        if self._held_events is not None:
+            self._held_events.append(message)
             return
         self._write(message)
 
