@@ -359,9 +359,6 @@ class JsonStream:
         return out
 
     # --- skipping the rest of a dropped message -----------------------------
-    def _skip_from(self, level: int) -> None:
-        self._skip_depth = level
-
     def _skip(self, buf: str, pos: int) -> int:
         """Pass over the rest of a dropped message: brackets counted, strings
         jumped, everything else at C speed. Returns where skipping ended
@@ -513,7 +510,7 @@ class JsonStream:
             quote = self._quote
             self._end_string()
             self._quote, self._discarding = quote, True
-            self._skip_from(self._braces + self._brackets)
+            self._skip_depth = self._braces + self._brackets
             self._reset_message()
             out.append(ParseError("JSON token size limit exceeded"))
 
@@ -578,6 +575,6 @@ class JsonStream:
         # QEMU then starts over inside the message and answers each of its
         # remaining tokens (millions of replies for a big array); the rest
         # of it is skipped here instead, with one reply for the message
-        self._skip_from(self._braces + self._brackets)
+        self._skip_depth = self._braces + self._brackets
         self._reset_message()
         out.append(ParseError(error))
