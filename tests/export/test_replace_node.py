@@ -61,10 +61,12 @@ async def test_a_refused_move_leaves_the_export_serving_the_old_node(host: Host,
     assert data == a
 
 
-async def test_a_passthrough_export_refuses_to_move(host: Host, workdir: Path) -> None:
-    # the kernel serves its reads from the old image file itself
+async def test_a_passthrough_export_moves_only_with_no_passthrough_file_open(host: Host, workdir: Path) -> None:
+    # the kernel serves a file opened by passthrough from the old image file
+    # itself: while one is open the export refuses to move; once all are
+    # closed it moves, and later opens are served by the daemon
     a = make_image(workdir / "a.img", SIZE, seed=5)
-    make_image(workdir / "b.img", SIZE, seed=6)
+    b = make_image(workdir / "b.img", SIZE, seed=6)
     g = host.graph
     await g.add({"driver": "raw", "node-name": "ra", "file": {"driver": "file", "filename": str(workdir / "a.img")}})
     rb = await g.add({"driver": "raw", "node-name": "rb",
@@ -72,10 +74,23 @@ async def test_a_passthrough_export_refuses_to_move(host: Host, workdir: Path) -
     exp = await add(host, workdir, "e", "ra")
     if not exp.passthrough:
         pytest.skip(f"no FUSE passthrough here: {exp.passthrough_reason}")
-    with pytest.raises(BlockError, match="passthrough"):
-        g.replace_node(g.get("ra"), rb)
-    assert exp.node is g.get("ra") and rb.users == []
-    assert await athread(lambda: (workdir / "e.raw").read_bytes()) == a
+    mnt = str(workdir / "e.raw")
+    fd = await athread(os.open, mnt, os.O_RDONLY)
+    try:
+        with pytest.raises(BlockError, match="1 file\\(s\\) open through FUSE passthrough"):
+            g.replace_node(g.get("ra"), rb)
+        assert exp.node is g.get("ra") and rb.users == []
+        assert await athread(os.pread, fd, SIZE, 0) == a
+    finally:
+        await athread(os.close, fd)
+    for _ in range(100):  # the kernel sends RELEASE after close() has returned
+        if exp.passthrough_open == 0:
+            break
+        await asyncio.sleep(0.01)
+    g.replace_node(g.get("ra"), rb)
+    assert exp.node is rb and not exp.passthrough
+    await asyncio.gather(*exp._invalidations)
+    assert await athread(lambda: (workdir / "e.raw").read_bytes()) == b
 
 
 async def test_the_kernel_sees_the_new_nodes_size_at_once(host: Host, workdir: Path) -> None:

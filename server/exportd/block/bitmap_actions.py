@@ -48,6 +48,8 @@ class AddAction(_BitmapAction):
         node = node_of(self.graph, d["node"])
         bm = bitmaps.create(node, d["name"], d.get("granularity"), persistent=d.get("persistent", False),
                             disabled=d.get("disabled", False))
+        if bm.enabled:
+            bitmaps.check_can_record(node)
         bitmaps.attach(bm)
         self.bitmap = bm
 
@@ -137,6 +139,8 @@ class _SwitchAction(_BitmapAction):
     async def prepare(self) -> None:
         bm = bitmap_of(self.graph, self.data["node"], self.data["name"])
         bm.check(Use.ALLOW_RO)
+        if self.enable and not bm.enabled:
+            bitmaps.check_can_record(bm.node)
         self.bitmap, self.was_enabled = bm, bm.enabled
         bm.enabled = self.enable
 

@@ -63,6 +63,10 @@ class FuseExport(BlockExport):
         self.io_uring_reason = ""  # why not, when it was wanted
         self.backing_id = 0
         self._backing_fd = -1
+        # files open by passthrough (all, and those open for writing): the
+        # kernel serves them without the daemon until they are released
+        self.passthrough_open = 0
+        self.passthrough_writers = 0
         self.session: Any = None
         self._close_task: asyncio.Task[None] | None = None
         self.mount_dev: tuple[int, int] | None = None
@@ -258,7 +262,25 @@ class FuseExport(BlockExport):
     def passthrough_still_safe(self) -> bool:
         """Whether a new open may still be handed to the kernel: a job or a
         dirty bitmap that came after the mount must see the writes."""
-        return self._passthrough_source()[0] is not None
+        return self.passthrough and self._passthrough_source()[0] is not None
+
+    def passthrough_opened(self, writer: bool) -> None:
+        self.passthrough_open += 1
+        self.passthrough_writers += writer
+
+    def passthrough_released(self, writer: bool) -> None:
+        self.passthrough_open -= 1
+        self.passthrough_writers -= writer
+
+    def refuse_recording(self, node_name: str) -> str | None:
+        """Why a dirty bitmap of `node_name` (this export's node or one below
+        it) cannot start recording: files already open by passthrough are
+        written by the kernel, which no bitmap sees."""
+        if self.passthrough_writers:
+            return (f"Export '{self.id}' has {self.passthrough_writers} file(s) open for writing through "
+                    f"FUSE passthrough, whose writes the dirty bitmaps of node '{node_name}' would miss; "
+                    "close them first, or use passthrough=off")
+        return None
 
     def _passthrough_wanted(self, mode: str) -> bool:
         if mode == "off":
@@ -317,6 +339,11 @@ class FuseExport(BlockExport):
 
     def edge_moved(self, edge: Any, old: Any) -> None:
         super().edge_moved(edge, old)
+        if self.passthrough:
+            # the backing file is the old node's: later opens go through the daemon
+            self._close_backing()
+            self.passthrough = False
+            self.passthrough_reason = f"the export moved from node '{old.node_name}'"
         # the kernel may hold the old node's size (attributes cached for up
         # to a second) and pages (shared mmap): have it drop them
         self._drop_kernel_cache()
@@ -334,9 +361,11 @@ class FuseExport(BlockExport):
             settle_later(task)  # the command's reply waits for it
 
     def refuse_move(self, edge: Any, new: Any) -> str | None:
-        # the kernel reads and writes the old image file itself: it cannot be moved
-        if self.passthrough:
-            return f"Export '{self.id}' uses FUSE passthrough on its image file and cannot move to '{new.node_name}'"
+        # the kernel reads and writes the old image file itself for the files
+        # open by passthrough: they cannot follow (later opens would)
+        if self.passthrough_open:
+            return (f"Export '{self.id}' has {self.passthrough_open} file(s) open through FUSE passthrough "
+                    f"on its image file and cannot move to '{new.node_name}' until they are closed")
         return None
 
     # --- what the file handlers ask ------------------------------------------------

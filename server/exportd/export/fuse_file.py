@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SEEK_PROBE = 1 << 62  # "to the end" for block_status
+# file handles of opens the kernel serves by passthrough (others are 0)
+FH_PASSTHROUGH_READER = 1
+FH_PASSTHROUGH_WRITER = 2
 
 
 class ExportedFile(SingleFileFS):
@@ -134,11 +137,15 @@ class ExportedFile(SingleFileFS):
                 await self.export.io.truncate(0)
             backing_id = exp.backing_id
             if backing_id and exp.passthrough_still_safe():
-                return OpenReply(fh=0, flags=0, backing_id=backing_id)
+                # counted until release: the kernel serves this file without us
+                exp.passthrough_opened(wants_write)
+                return OpenReply(fh=FH_PASSTHROUGH_WRITER if wants_write else FH_PASSTHROUGH_READER,
+                                 flags=0, backing_id=backing_id)
             return OpenReply(fh=0, flags=FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES)
 
     async def release(self, fh: int, flags: int) -> None:
-        return None
+        if fh in (FH_PASSTHROUGH_READER, FH_PASSTHROUGH_WRITER):
+            self.export.passthrough_released(fh == FH_PASSTHROUGH_WRITER)
 
     # --- data ---------------------------------------------------------------------
     # read and write are the hot path: the reference is taken inline rather
