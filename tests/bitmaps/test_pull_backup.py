@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,52 @@ def copy_out(sock: Path, export: str, out: Path) -> str:
     return hashlib.sha256(out.read_bytes()).hexdigest()
 
 
+# A backup tool's incremental pull, with python3-libnbd: the dirty extents of
+# the checkpoint bitmap, and only those, read over NBD onto the last backup.
+PULL_DIRTY = """
+import sys, nbd
+uri, out = sys.argv[1], sys.argv[2]
+h = nbd.NBD()
+h.add_meta_context("qemu:dirty-bitmap:chk0")
+h.connect_uri(uri)
+size, dirty, offset = h.get_size(), [], 0
+def extents(ctx, off, entries, err):
+    global offset
+    for i in range(0, len(entries), 2):
+        if entries[i + 1] & 1:
+            dirty.append((offset, entries[i]))
+        offset += entries[i]
+while offset < size:
+    h.block_status(size - offset, offset, extents)
+with open(out, "r+b") as f:
+    for off, n in dirty:
+        f.seek(off)
+        f.write(h.pread(n, off))
+print(sum(n for _, n in dirty))
+"""
+
+
+def pull_dirty_while_writing(sock: Path, base: Path, out: Path) -> int:
+    """Apply the dirty extents of export `backup` over a copy of `base`
+    while the guest keeps writing to `live`; the bytes read."""
+    shutil.copyfile(base, out)
+    guest = subprocess.Popen(["qemu-io", "-f", "raw", *[a for i in range(32) for a in
+                              ("-c", f"write -P {0x60 + i} {(i % 8) * MiB + 4096 * i} 128k")],
+                              f"nbd+unix:///live?socket={sock}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        r = subprocess.run(["/usr/bin/python3", "-c", PULL_DIRTY, f"nbd+unix:///backup?socket={sock}", str(out)],
+                           capture_output=True, text=True)
+    finally:
+        _, err = guest.communicate(timeout=60)
+    assert guest.returncode == 0, err
+    assert r.returncode == 0, r.stderr
+    return int(r.stdout)
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def dirty_map(sock: Path, export: str) -> Any:
     r = subprocess.run(["nbdinfo", "--json", "--map=qemu:dirty-bitmap:chk0", f"nbd+unix:///{export}?socket={sock}"],
                        capture_output=True, text=True)
@@ -62,6 +109,7 @@ def script(d: Path, out: dict[str, Any]) -> list[Any]:
         cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(nbd)}}),
         ("cmd", "block-export-add", {"type": "nbd", "id": "live", "node-name": "disk", "name": "live",
                                      "writable": True}),
+        record("full", lambda: copy_out(nbd, "live", d / "full.raw")),  # the backup at chk0
         ("call", lambda: qemu_io(nbd, "write -P 0x22 1M 64k", "write -P 0x33 3M 200k", "write -z 5M 64k",
                                  export="live")),
         record("checkpoint", lambda: copy_out(nbd, "live", d / "checkpoint.raw")),
@@ -78,6 +126,8 @@ def script(d: Path, out: dict[str, Any]) -> list[Any]:
         ("call", lambda: qemu_io(nbd, "write -P 0x44 1M 1M", "write -P 0x55 0 4k", "write -z 3M 64k",
                                  export="live")),
         record("map", lambda: dirty_map(nbd, "backup")),
+        record("pulled", lambda: pull_dirty_while_writing(nbd, d / "full.raw", d / "incremental.raw")),
+        record("restored", lambda: sha(d / "incremental.raw")),
         record("backup", lambda: copy_out(nbd, "backup", d / "backup.raw")),
         record("live-now", lambda: copy_out(nbd, "live", d / "live.raw")),
         cmd("query-named-block-nodes", flat=True),
@@ -112,3 +162,7 @@ async def test_pull_mode_incremental_backup(daemon, tmp_path: Path) -> None:  # 
     assert our_out["backup"] == our_out["checkpoint"] != our_out["live-now"]
     dirty = [(o, n) for o, n, what in our_out["map"] if what == "dirty"]
     assert dirty == [(1 * MiB, 64 << 10), (3 * MiB, 256 << 10), (5 * MiB, 64 << 10)], our_out["map"]
+    # the last full backup plus only the dirty extents, read while the guest
+    # wrote, is the disk at the checkpoint
+    assert our_out["pulled"] == sum(n for _, n in dirty)
+    assert our_out["restored"] == our_out["checkpoint"] != our_out["full"]
