@@ -109,20 +109,12 @@ def check_can_record(node: BlockNode) -> None:
     """Refuse to let a bitmap of `node` start recording while a parent above
     it lets writes bypass the daemon (files open by FUSE passthrough): the
     bitmap would silently miss them and an incremental backup lose data."""
-    seen: set[int] = set()
-    pending = [node]
-    while pending:
-        n = pending.pop()
-        for edge in n.users:
-            parent = edge.parent
-            if id(parent) in seen:
-                continue
-            seen.add(id(parent))
-            refuse = getattr(parent, "refuse_recording", None)
-            if refuse is not None and (reason := refuse(node.node_name)):
-                raise BlockError(reason)
-            if hasattr(parent, "users"):  # a node: its parents write through it too
-                pending.append(parent)
+    from exportd.block.graph import users_above
+
+    for parent in users_above(node):
+        refuse = getattr(parent, "refuse_recording", None)
+        if refuse is not None and (reason := refuse(node.node_name)):
+            raise BlockError(reason)
 
 
 # --- lookup and the commands' steps ------------------------------------------------

@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from exportd.block import driver_class
@@ -402,24 +403,13 @@ class BlockGraph:
     def notify_resized(self, node: BlockNode) -> None:
         """Tell every parent above `node` that its length may have changed
         (an export then drops what the kernel cached of its size)."""
-        seen: set[int] = set()
-        pending = [node]
-        while pending:
-            n = pending.pop()
-            for e in n.users:
-                parent = e.parent
-                if id(parent) in seen:
-                    continue
-                seen.add(id(parent))
-                if isinstance(parent, BlockNode):
-                    pending.append(parent)
-                else:
-                    hook = getattr(parent, "node_resized", None)
-                    if hook is not None:
-                        try:
-                            hook()
-                        except Exception:
-                            log.exception("%r: node_resized hook failed", parent)
+        for parent in users_above(node):
+            hook = getattr(parent, "node_resized", None)
+            if hook is not None:
+                try:
+                    hook()
+                except Exception:
+                    log.exception("%r: node_resized hook failed", parent)
 
     async def _release_children(self, node: BlockNode) -> None:
         for role in list(node.children):
@@ -520,6 +510,23 @@ class _Resizer:
 
 def parent_users(node: BlockNode) -> list[Edge]:
     return [u for u in node.users if isinstance(u.parent, BlockNode)]
+
+
+def users_above(node: BlockNode) -> Iterator[object]:
+    """Every parent above `node` that is not a node (exports, jobs), once
+    each, through any number of node layers."""
+    seen: set[int] = set()
+    pending = [node]
+    while pending:
+        for e in pending.pop().users:
+            parent = e.parent
+            if id(parent) in seen:
+                continue
+            seen.add(id(parent))
+            if isinstance(parent, BlockNode):
+                pending.append(parent)
+            else:
+                yield parent
 
 
 def subtree(node: BlockNode) -> set[BlockNode]:
