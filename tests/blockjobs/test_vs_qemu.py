@@ -162,6 +162,50 @@ async def test_mirror_same_as_qemu(tmp_path: Path) -> None:
     await both(tmp_path, chain, mirror_flow)
 
 
+def _qcow2_node(d: Path, name: str, **more: Any) -> Step:
+    return cmd("blockdev-add", driver="qcow2", node_name=name,
+               file={"driver": "file", "filename": str(d / f"{name}.qcow2")}, **more)
+
+
+def replaces_flow(d: Path) -> list[Step]:
+    """`replaces`: QEMU's checks in its order (unknown node, node in use,
+    abrupt change of visible data: only the source or a node below it
+    through filters qualifies), then a working one: the mirror of a
+    throttle filter replaces the node under the filter, so the filter ends
+    up over the target."""
+    return [
+        _qcow2_node(d, "mid"),
+        _qcow2_node(d, "top", backing="mid"),
+        _qcow2_node(d, "dst"),
+        _qcow2_node(d, "small"),
+        cmd("blockdev-mirror", job_id="m", device="top", target="dst", sync="full", replaces="nope"),
+        cmd("blockdev-mirror", job_id="m", device="top", target="dst", sync="full", replaces="mid"),
+        cmd("blockdev-mirror", job_id="m", device="top", target="dst", sync="full", replaces="small"),
+        cmd("blockdev-mirror", job_id="m", device="top", target="dst", sync="full", replaces="dst"),
+        cmd("blockdev-mirror", job_id="m", device="top", target="dst", sync="bitmap", replaces="nope"),
+        cmd("blockdev-mirror", job_id="m", device="top", target="top", sync="full", replaces="small"),
+        cmd("blockdev-mirror", job_id="m", device="top", target="dst", sync="full", replaces="top", buf_size=-1),
+        cmd("drive-mirror", job_id="m", device="top", target=str(d / "x.qcow2"), sync="full", replaces="top"),
+        cmd("object-add", qom_type="throttle-group", id="tg"),
+        cmd("blockdev-add", driver="throttle", node_name="thr", throttle_group="tg", file="top"),
+        cmd("blockdev-mirror", job_id="m", device="top", target="dst", sync="full", replaces="top"),
+        cmd("blockdev-mirror", job_id="m", device="thr", target="dst", sync="full", replaces="mid"),
+        cmd("blockdev-mirror", job_id="m", device="thr", target="dst", sync="full", replaces="small"),
+        cmd("blockdev-mirror", job_id="m", device="thr", target="dst", sync="full", replaces="top"),
+        wait("BLOCK_JOB_READY", device="m"),
+        cmd("job-complete", id="m"),
+        wait("JOB_STATUS_CHANGE", id="m", status="null"),
+        cmd("x-debug-query-block-graph"),
+        cmd("blockdev-del", node_name="thr"),
+        cmd("blockdev-del", node_name="dst"),
+        cmd("blockdev-del", node_name="top"),
+    ]
+
+
+async def test_mirror_replaces_same_as_qemu(tmp_path: Path) -> None:
+    await both(tmp_path, chain, replaces_flow, normalize=graph_shape)
+
+
 def busy_flow(d: Path) -> list[Step]:
     """What a running job refuses on its nodes."""
     return [

@@ -18,12 +18,14 @@ target before it completes, so the job converges whatever the write rate.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 from typing import Any
 
 from exportd.block.chain import allocated_above
 from exportd.block.dirtymap import DirtyMap
-from exportd.block.graph import is_zero
+from exportd.block.graph import can_replace, is_zero
 from exportd.block.jobs.base import BlockJob
 from exportd.block.jobs.filter import JobFilter
 from exportd.block.node import BlockNode, Perm, Status
@@ -43,7 +45,8 @@ class MirrorJob(BlockJob):
                  granularity: int = 0, buf_size: int = 16 << 20, copy_mode: str = "background",
                  base: BlockNode | None = None, replaces: BlockNode | None = None,
                  on_source_error: str = "report", on_target_error: str = "report",
-                 target_backing: BlockNode | None = None, zero_target: bool = True, **kwargs: Any) -> None:
+                 target_backing: BlockNode | None = None, zero_target: bool = True, unmap: bool = True,
+                 **kwargs: Any) -> None:
         super().__init__(daemon, job_id, **kwargs)
         self.source = source
         self.target = target
@@ -53,6 +56,11 @@ class MirrorJob(BlockJob):
         self.copy_mode = copy_mode
         self.base = base  # active commit: the node committed into (the target)
         self.to_replace = replaces or source
+        # QEMU keeps the name and looks the node up again at job-complete
+        self.replaces = replaces.node_name if replaces is not None else None
+        # drive-mirror's `unmap`: zeroes of the source become holes in the
+        # target (or written zeroes when False); blockdev-mirror always unmaps
+        self.unmap = unmap
         self.on_source_error = on_source_error
         self.on_target_error = on_target_error
         self.target_backing = target_backing  # drive-mirror: the target's backing after the pivot
@@ -255,7 +263,7 @@ class MirrorJob(BlockJob):
                     if zero and data is None:
                         pass
                     elif zero:
-                        await self.target.write_zeroes(offset, n, may_unmap=True)
+                        await self.target.write_zeroes(offset, n, may_unmap=self.unmap)
                     else:
                         await self.target.write(offset, data)
                     break
@@ -279,6 +287,11 @@ class MirrorJob(BlockJob):
 
     # --- verbs ------------------------------------------------------------------------------
     def do_complete(self) -> None:
+        if self.replaces is not None:
+            node = self.graph.find(self.replaces)
+            if node is None:
+                raise BlockError(f"Node name '{self.replaces}' not found")
+            self.to_replace = node
         self.should_complete = True
 
     def do_cancel(self, force: bool) -> bool:
@@ -301,6 +314,13 @@ class MirrorJob(BlockJob):
             if self.target_backing is not None and self.target.child("backing") is None:
                 await graph.set_backing(self.target, self.target_backing)
             if self.to_replace is not self.source:
+                # the graph may have changed since the start: QEMU checks
+                # again, reports why on stderr and fails the job with EPERM
+                if not can_replace(self.source, self.to_replace):
+                    log.error("job %s: Can no longer replace '%s' by '%s', because it can no longer be guaranteed "
+                              "that doing so would not lead to an abrupt change of visible data",
+                              self.id, self.to_replace.node_name, self.target.node_name)
+                    raise OSError(errno.EPERM, os.strerror(errno.EPERM))
                 graph.replace_node(self.to_replace, self.target)
             else:
                 graph.replace_node(self.filter, self.target)
