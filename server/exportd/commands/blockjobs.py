@@ -255,6 +255,8 @@ async def drive_mirror(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
         options["backing"] = None  # the backing node is set at the pivot, as QEMU
     if args.get("node-name") is not None:
         options["node-name"] = args["node-name"]
+    # the target opens with the source's discard mode (QEMU: its open flags)
+    options["discard"] = source.options.get("discard", "ignore")
     target = await graph._open(options)  # owned by its users: gone with the job if never pivoted
     try:
         kwargs = _mirror_kwargs(args, _replaces_node(daemon, args, source))

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 MAX_CHUNK = 256 << 10  # bytes copied per step (at most buf-size): the loop is held for one step
 MAX_IN_FLIGHT = 4  # steps in flight (their I/O overlaps in the worker threads)
+ZEROING_STEP = 1 << 30  # bytes zeroed per step when a target is zeroed before the copy
 
 
 class MirrorJob(BlockJob):
@@ -228,8 +229,17 @@ class MirrorJob(BlockJob):
         if self.sync == "none":
             return
         if self.sync == "full" and self.base is None and self.zero_target:
-            self.dirty.mark(0, length)
-            return
+            if not can_write_zeroes_with_unmap(self.target):
+                self.dirty.mark(0, length)
+                return
+            # a target that can punch holes is zeroed first (with `unmap`:
+            # holes, else written zeroes), not counted as progress, and then
+            # gets only what the chain holds, as onto a new image
+            for offset in range(0, length, ZEROING_STEP):
+                if self.is_cancelled():
+                    return
+                await self.target.write_zeroes(offset, min(ZEROING_STEP, length - offset), may_unmap=self.unmap)
+                await self.pause_point()
         # sync=top: what the source's own layer holds; active commit: the
         # layers above base; full onto zeroes: what the whole chain holds
         if self.base is not None or self.sync == "full":
@@ -253,37 +263,51 @@ class MirrorJob(BlockJob):
         try:
             while True:
                 try:
-                    zero, data = await self._read_source(offset, n)
+                    data = await self.source.read(offset, n)
                     break
                 except OSError as e:
                     if not await self.io_error(e, is_read=True, policy=self.on_source_error):
                         return n
-            while True:
-                try:
-                    if zero and data is None:
-                        pass
-                    elif zero:
-                        await self.target.write_zeroes(offset, n, may_unmap=self.unmap)
-                    else:
-                        await self.target.write(offset, data)
-                    break
-                except OSError as e:
-                    if not await self.io_error(e, is_read=False, policy=self.on_target_error):
+            for start, length, piece in self._pieces(offset, data):
+                while True:
+                    try:
+                        if piece is not None:
+                            await self.target.write(start, piece)
+                        elif not await self._target_reads_zeroes(start, length):
+                            await self.target.write_zeroes(start, length, may_unmap=self.unmap)
                         break
+                    except OSError as e:
+                        if not await self.io_error(e, is_read=False, policy=self.on_target_error):
+                            break
         finally:
             if token is not None:
                 self.filter.locks.release(token)
         return n
 
-    async def _read_source(self, offset: int, n: int) -> tuple[bool, bytes | bytearray | memoryview | None]:
-        """(zero, data): data None when the target already reads zeroes there.
-        The bytes tell whether they are zeroes: cheaper than asking the
-        source's block status, which may have to search the host file."""
-        data = await self.source.read(offset, n)
-        if not is_zero(data):
-            return False, data
+    def _pieces(self, offset: int, data: bytes | bytearray | memoryview) -> list[tuple[int, int, memoryview | None]]:
+        """The run read at `offset` cut into data and zeroes (piece None) at
+        the job's granularity, so that zero clusters amid data stay zero
+        clusters in the target (QEMU writes what the source's block status
+        calls zero as zeroes). The bytes tell, which is cheaper than asking
+        the source's block status (it may have to search the host file)."""
+        view = memoryview(data)
+        if is_zero(view):
+            return [(offset, len(view), None)]
+        pieces: list[tuple[int, int, memoryview | None]] = []
+        g = self.granularity
+        for at in range(0, len(view), g):
+            chunk = view[at:at + g]
+            zero = is_zero(chunk)
+            if pieces and (pieces[-1][2] is None) == zero:
+                start, length, _ = pieces[-1]
+                pieces[-1] = (start, length + len(chunk), None if zero else view[start - offset:at + len(chunk)])
+            else:
+                pieces.append((offset + at, len(chunk), None if zero else chunk))
+        return pieces
+
+    async def _target_reads_zeroes(self, offset: int, n: int) -> bool:
         tst = await self.target.block_status(offset, n)
-        return True, b"" if not (tst.status & Status.ZERO and tst.length >= n) else None
+        return bool(tst.status & Status.ZERO) and tst.length >= n
 
     # --- verbs ------------------------------------------------------------------------------
     def do_complete(self) -> None:
@@ -363,3 +387,14 @@ def check_granularity(granularity: int) -> None:
         raise BlockError("Parameter 'granularity' expects a value in range [512B, 64MB]")
     if granularity & (granularity - 1):
         raise BlockError("Parameter 'granularity' expects a power of 2")
+
+
+def can_write_zeroes_with_unmap(node: BlockNode) -> bool:
+    """QEMU's bdrv_can_write_zeroes_with_unmap: opened with discard=unmap,
+    on a driver whose zero writes can leave holes (qcow2 from version 3,
+    raw and file)."""
+    if node.options.get("discard") != "unmap":
+        return False
+    if node.driver == "qcow2":
+        return getattr(node, "version", 3) >= 3
+    return node.driver in ("raw", "file")
