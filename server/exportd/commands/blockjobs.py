@@ -103,7 +103,8 @@ async def block_stream(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
     for node in backing_chain(top, base):
         check_not_busy(node, backing=False)
     backing_file = args.get("backing-file")
-    if base is None and backing_file is not None:
+    # QEMU looks at base / base-node only: with `bottom` a backing file is refused too
+    if (base is None or bottom_name is not None) and backing_file is not None:
         raise BlockError("backing file specified, but streaming the entire chain")
     opts = _job_options(args)
     job = StreamJob(daemon, _job_id(daemon, args), top, base, backing_file, on_error=args.get("on-error", "report"),
