@@ -52,26 +52,31 @@ def add_top(d: Path) -> Step:
 
 
 def image_facts(d: Path) -> dict[str, Any]:
-    """Per image: its guest-visible content (sha256 of qemu-img convert) and backing file."""
+    """Per image: its guest-visible content (sha256 of qemu-img convert),
+    backing file, and how many clusters qemu-img check finds leaked
+    (corruption fails at once)."""
     facts = {}
-    for img in sorted(d.glob("*.qcow2")):
+    for img in sorted(d.glob("**/*.qcow2")):
         info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(img)],
                                          capture_output=True, text=True, check=True).stdout)
         raw = d / "facts.raw"
         subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(img), str(raw)], check=True)
-        facts[img.name] = (hashlib.sha256(raw.read_bytes()).hexdigest(), info.get("backing-filename"))
+        r = subprocess.run(["qemu-img", "check", "--output=json", str(img)], capture_output=True, text=True)
+        assert r.returncode in (0, 3), (img, r.stdout, r.stderr)  # 3: leaks only
+        leaks = json.loads(r.stdout).get("leaks", 0)
+        facts[str(img.relative_to(d))] = (hashlib.sha256(raw.read_bytes()).hexdigest(), info.get("backing-filename"),
+                                          leaks)
         raw.unlink()
-        r = subprocess.run(["qemu-img", "check", "-q", str(img)], capture_output=True, text=True)
-        assert r.returncode == 0, (img, r.stdout)
     return facts
 
 
 async def both(tmp_path: Path, make: Callable[[Path], None], steps: Callable[[Path], list[Step]],
                *, numbers: bool = True, events: bool = True,
-               normalize: Callable[[Any], Any] = lambda reply: reply) -> None:
+               normalize: Callable[[Any], Any] = lambda reply: reply, known_leaks: str | None = None) -> None:
     """Play `steps` against both daemons on fresh images made by `make`;
     compare replies (through `normalize`, for deliberate differences), job events (unless `events` is False: QEMU pauses and
-    resumes jobs for each drain, which exportd has no need of) and images."""
+    resumes jobs for each drain, which exportd has no need of) and images. With `known_leaks` (why),
+    clusters exportd leaks where QEMU leaks none make the test an expected failure once all else matched."""
     d = tmp_path / "img"
     d.mkdir()
     make(d)
@@ -103,7 +108,15 @@ async def both(tmp_path: Path, make: Callable[[Path], None], steps: Callable[[Pa
     ours_seen, theirs_seen = (job_events(e, keep_numbers=numbers) for e in (our_events, their_events))
     assert ours_seen == theirs_seen, "\n".join(f"{a!s:90} {b!s}" for a, b in
                                              __import__("itertools").zip_longest(ours_seen, theirs_seen))
-    assert image_facts(d) == their_facts
+    our_facts = image_facts(d)
+    if known_leaks is not None:
+        leaked = {k: f[2] for k, f in our_facts.items() if f[2] and not their_facts.get(k, (0, 0, 0))[2]}
+        our_facts = {k: (*f[:2], their_facts[k][2]) if k in leaked and k in their_facts else f
+                     for k, f in our_facts.items()}
+        assert our_facts == their_facts
+        if leaked:
+            pytest.xfail(f"{known_leaks}: leaked clusters {leaked}")
+    assert our_facts == their_facts
 
 
 def mirror_flow(d: Path) -> list[Step]:
@@ -654,3 +667,79 @@ async def test_drive_mirror_unmap_same_as_qemu(tmp_path: Path, discard: str) -> 
     assert ours == theirs, "\n".join(f"{k}:\n  ours   {ours[k]}\n  theirs {theirs[k]}" for k in ours)
     # the flag made a difference (else this test would prove nothing)
     assert theirs[f"t-{discard}-false.qcow2"] != theirs[f"t-{discard}-true.qcow2"]
+
+
+def _small_fs(d: Path) -> Path:
+    """d/small-fs: a 1 MiB tmpfs, mounted once and emptied for each daemon's turn."""
+    small = d / "small-fs"
+    small.mkdir(exist_ok=True)
+    if not any(line.split()[1] == str(small) for line in Path("/proc/mounts").read_text().splitlines()):
+        _tmpfs(small, "1M")
+    else:
+        for p in small.iterdir():
+            p.unlink()
+        _tmpfs(small, "1M", remount=True)
+    return small
+
+
+def full_top(d: Path) -> None:
+    """The chain with top on a 1 MiB tmpfs: streaming 2 MiB into it fills it."""
+    chain(d)
+    top = _small_fs(d) / "top.qcow2"
+    _qcow2(top, "4M", d / "mid.qcow2", "write -P 0x63 3M 512k")
+
+
+def full_base(d: Path) -> None:
+    """base (empty, on a 1 MiB tmpfs) <- mid (2 MiB of data) <- top: committing mid fills base."""
+    for p in d.glob("*.qcow2"):
+        p.unlink()
+    base = _small_fs(d) / "base.qcow2"
+    _qcow2(base, "4M")
+    _qcow2(d / "mid.qcow2", "4M", base, "write -P 0x62 0 2M")
+    _qcow2(d / "top.qcow2", "4M", d / "mid.qcow2", "write -P 0x63 3M 512k")
+
+
+def stream_enospc_flow(d: Path) -> list[Step]:
+    """block-stream on-error=enospc into a full top: BLOCK_JOB_ERROR, paused
+    with io-status nospace; with room again, resume finishes it."""
+    return [
+        cmd("blockdev-add", driver="qcow2", node_name="top",
+            file={"driver": "file", "filename": str(d / "small-fs" / "top.qcow2")}),
+        cmd("block-stream", job_id="s", device="top", on_error="enospc"),
+        wait("BLOCK_JOB_ERROR", device="s"),
+        wait("JOB_STATUS_CHANGE", id="s", status="paused"),
+        cmd("query-block-jobs"),
+        ("call", lambda: _tmpfs(d / "small-fs", "16M", remount=True)),
+        cmd("block-job-resume", device="s"),
+        wait("JOB_STATUS_CHANGE", id="s", status="null"),
+        cmd("blockdev-del", node_name="top"),
+    ]
+
+
+def commit_enospc_flow(d: Path) -> list[Step]:
+    """An intermediate block-commit on-error=stop into a full base: the same."""
+    return [
+        add_top(d),
+        cmd("block-commit", job_id="c", device="top", top=str(d / "mid.qcow2"),
+            base=str(d / "small-fs" / "base.qcow2"), on_error="stop"),
+        wait("BLOCK_JOB_ERROR", device="c"),
+        wait("JOB_STATUS_CHANGE", id="c", status="paused"),
+        cmd("query-block-jobs"),
+        ("call", lambda: _tmpfs(d / "small-fs", "16M", remount=True)),
+        cmd("block-job-resume", device="c"),
+        wait("JOB_STATUS_CHANGE", id="c", status="null"),
+        cmd("blockdev-del", node_name="top"),
+    ]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs")
+@pytest.mark.parametrize(("make", "flow"), [(full_top, stream_enospc_flow), (full_base, commit_enospc_flow)])
+async def test_stream_commit_on_error_same_as_qemu(tmp_path: Path, make: Callable[[Path], None],
+                                                   flow: Callable[[Path], list[Step]]) -> None:
+    try:
+        await both(tmp_path, make, flow, numbers=False, normalize=io_status_only, known_leaks=(
+            "exportd's qcow2 keeps the refcounts of clusters whose write failed with ENOSPC (QEMU frees them)"))
+    finally:
+        small = tmp_path / "img" / "small-fs"
+        if small.exists():
+            subprocess.run(["umount", "-l", str(small)], check=False)
