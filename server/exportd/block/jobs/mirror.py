@@ -33,6 +33,8 @@ from exportd.errors import BlockError
 
 log = logging.getLogger(__name__)
 
+Buffer = bytes | bytearray | memoryview
+
 MAX_CHUNK = 256 << 10  # bytes copied per step (at most buf-size): the loop is held for one step
 MAX_IN_FLIGHT = 4  # steps in flight (their I/O overlaps in the worker threads)
 ZEROING_STEP = 1 << 30  # bytes zeroed per step when a target is zeroed before the copy
@@ -284,25 +286,28 @@ class MirrorJob(BlockJob):
                 self.filter.locks.release(token)
         return n
 
-    def _pieces(self, offset: int, data: bytes | bytearray | memoryview) -> list[tuple[int, int, memoryview | None]]:
+    def _pieces(self, offset: int, data: Buffer) -> list[tuple[int, int, Buffer | None]]:
         """The run read at `offset` cut into data and zeroes (piece None) at
         the job's granularity, so that zero clusters amid data stay zero
         clusters in the target (QEMU writes what the source's block status
         calls zero as zeroes). The bytes tell, which is cheaper than asking
         the source's block status (it may have to search the host file)."""
+        if is_zero(data):
+            return [(offset, len(data), None)]
         view = memoryview(data)
-        if is_zero(view):
-            return [(offset, len(view), None)]
-        pieces: list[tuple[int, int, memoryview | None]] = []
+        pieces: list[tuple[int, int, Buffer | None]] = []
         g = self.granularity
         for at in range(0, len(view), g):
             chunk = view[at:at + g]
-            zero = is_zero(chunk)
+            # the end bytes first: data is told without a copy of the granule
+            zero = chunk[0] == 0 and chunk[-1] == 0 and is_zero(chunk)
             if pieces and (pieces[-1][2] is None) == zero:
                 start, length, _ = pieces[-1]
                 pieces[-1] = (start, length + len(chunk), None if zero else view[start - offset:at + len(chunk)])
             else:
                 pieces.append((offset + at, len(chunk), None if zero else chunk))
+        if len(pieces) == 1:
+            return [(offset, len(data), data)]  # all data: the buffer as read
         return pieces
 
     async def _target_reads_zeroes(self, offset: int, n: int) -> bool:
