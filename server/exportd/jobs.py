@@ -64,7 +64,7 @@ VERB_STATES: dict[str, frozenset[JobStatus]] = {
     "pause": _ACTIVE,
     "resume": _ACTIVE,
     "set-speed": _ACTIVE,
-    "complete": frozenset({S.READY}),
+    "complete": frozenset({S.READY, S.STANDBY}),  # a paused READY job too (QEMU since 6.1)
     "finalize": frozenset({S.PENDING}),
     "dismiss": frozenset({S.CONCLUDED}),
 }

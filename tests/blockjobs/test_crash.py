@@ -197,6 +197,11 @@ CASES: dict[str, dict[str, Any]] = {
     "drive-mirror": {"cmd": "drive-mirror", "ready": True, "lands": "dst",
                      "args": {"device": "top", "target": "{dst}", "format": "qcow2", "sync": "full",
                               "node-name": "dst"}},
+    # sync=none copies only what is written during the job: READY at once,
+    # killed while the writer goes on; the new image's backing is the source
+    "drive-mirror-none-after-ready": {"cmd": "drive-mirror", "ready": True, "lands": "dst", "kill_when_ready": True,
+                                      "args": {"device": "top", "target": "{dst}", "format": "qcow2",
+                                               "sync": "none", "node-name": "dst"}},
 }
 
 
@@ -324,6 +329,8 @@ async def test_kill9_during_a_job(exportd: Exportd, workdir: Path, case: str) ->
         assert backing_of(lands) is None
     elif case == "commit-intermediate":
         assert backing_of(lands) == str(d / "base.qcow2")
+    elif c["args"].get("sync") == "none":
+        assert backing_of(lands) == str(d / "top.qcow2")
     if c["lands"] == "dst":
         r = subprocess.run(["qemu-img", "compare", "-q", str(d / "top.qcow2"), str(lands)], capture_output=True)
         assert r.returncode == 0, r

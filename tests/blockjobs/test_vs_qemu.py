@@ -52,26 +52,31 @@ def add_top(d: Path) -> Step:
 
 
 def image_facts(d: Path) -> dict[str, Any]:
-    """Per image: its guest-visible content (sha256 of qemu-img convert) and backing file."""
+    """Per image: its guest-visible content (sha256 of qemu-img convert),
+    backing file, and how many clusters qemu-img check finds leaked
+    (corruption fails at once)."""
     facts = {}
-    for img in sorted(d.glob("*.qcow2")):
+    for img in sorted(d.glob("**/*.qcow2")):
         info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(img)],
                                          capture_output=True, text=True, check=True).stdout)
         raw = d / "facts.raw"
         subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(img), str(raw)], check=True)
-        facts[img.name] = (hashlib.sha256(raw.read_bytes()).hexdigest(), info.get("backing-filename"))
+        r = subprocess.run(["qemu-img", "check", "--output=json", str(img)], capture_output=True, text=True)
+        assert r.returncode in (0, 3), (img, r.stdout, r.stderr)  # 3: leaks only
+        leaks = json.loads(r.stdout).get("leaks", 0)
+        facts[str(img.relative_to(d))] = (hashlib.sha256(raw.read_bytes()).hexdigest(), info.get("backing-filename"),
+                                          leaks)
         raw.unlink()
-        r = subprocess.run(["qemu-img", "check", "-q", str(img)], capture_output=True, text=True)
-        assert r.returncode == 0, (img, r.stdout)
     return facts
 
 
 async def both(tmp_path: Path, make: Callable[[Path], None], steps: Callable[[Path], list[Step]],
                *, numbers: bool = True, events: bool = True,
-               normalize: Callable[[Any], Any] = lambda reply: reply) -> None:
+               normalize: Callable[[Any], Any] = lambda reply: reply, known_leaks: str | None = None) -> None:
     """Play `steps` against both daemons on fresh images made by `make`;
     compare replies (through `normalize`, for deliberate differences), job events (unless `events` is False: QEMU pauses and
-    resumes jobs for each drain, which exportd has no need of) and images."""
+    resumes jobs for each drain, which exportd has no need of) and images. With `known_leaks` (why),
+    clusters exportd leaks where QEMU leaks none make the test an expected failure once all else matched."""
     d = tmp_path / "img"
     d.mkdir()
     make(d)
@@ -103,7 +108,15 @@ async def both(tmp_path: Path, make: Callable[[Path], None], steps: Callable[[Pa
     ours_seen, theirs_seen = (job_events(e, keep_numbers=numbers) for e in (our_events, their_events))
     assert ours_seen == theirs_seen, "\n".join(f"{a!s:90} {b!s}" for a, b in
                                              __import__("itertools").zip_longest(ours_seen, theirs_seen))
-    assert image_facts(d) == their_facts
+    our_facts = image_facts(d)
+    if known_leaks is not None:
+        leaked = {k: f[2] for k, f in our_facts.items() if f[2] and not their_facts.get(k, (0, 0, 0))[2]}
+        our_facts = {k: (*f[:2], their_facts[k][2]) if k in leaked and k in their_facts else f
+                     for k, f in our_facts.items()}
+        assert our_facts == their_facts
+        if leaked:
+            pytest.xfail(f"{known_leaks}: leaked clusters {leaked}")
+    assert our_facts == their_facts
 
 
 def mirror_flow(d: Path) -> list[Step]:
@@ -160,6 +173,139 @@ def mirror_flow(d: Path) -> list[Step]:
 
 async def test_mirror_same_as_qemu(tmp_path: Path) -> None:
     await both(tmp_path, chain, mirror_flow)
+
+
+def _qcow2_node(d: Path, name: str, **more: Any) -> Step:
+    return cmd("blockdev-add", driver="qcow2", node_name=name,
+               file={"driver": "file", "filename": str(d / f"{name}.qcow2")}, **more)
+
+
+def replaces_flow(d: Path) -> list[Step]:
+    """`replaces`: QEMU's checks in its order (unknown node, node in use,
+    abrupt change of visible data: only the source or a node below it
+    through filters qualifies), then a working one: the mirror of a
+    throttle filter replaces the node under the filter, so the filter ends
+    up over the target."""
+    return [
+        _qcow2_node(d, "mid"),
+        _qcow2_node(d, "top", backing="mid"),
+        _qcow2_node(d, "dst"),
+        _qcow2_node(d, "small"),
+        cmd("blockdev-mirror", job_id="m", device="top", target="dst", sync="full", replaces="nope"),
+        cmd("blockdev-mirror", job_id="m", device="top", target="dst", sync="full", replaces="mid"),
+        cmd("blockdev-mirror", job_id="m", device="top", target="dst", sync="full", replaces="small"),
+        cmd("blockdev-mirror", job_id="m", device="top", target="dst", sync="full", replaces="dst"),
+        cmd("blockdev-mirror", job_id="m", device="top", target="dst", sync="bitmap", replaces="nope"),
+        cmd("blockdev-mirror", job_id="m", device="top", target="top", sync="full", replaces="small"),
+        cmd("blockdev-mirror", job_id="m", device="top", target="dst", sync="full", replaces="top", buf_size=-1),
+        cmd("drive-mirror", job_id="m", device="top", target=str(d / "x.qcow2"), sync="full", replaces="top"),
+        cmd("object-add", qom_type="throttle-group", id="tg"),
+        cmd("blockdev-add", driver="throttle", node_name="thr", throttle_group="tg", file="top"),
+        cmd("blockdev-mirror", job_id="m", device="top", target="dst", sync="full", replaces="top"),
+        cmd("blockdev-mirror", job_id="m", device="thr", target="dst", sync="full", replaces="mid"),
+        cmd("blockdev-mirror", job_id="m", device="thr", target="dst", sync="full", replaces="small"),
+        cmd("blockdev-mirror", job_id="m", device="thr", target="dst", sync="full", replaces="top"),
+        wait("BLOCK_JOB_READY", device="m"),
+        cmd("job-complete", id="m"),
+        wait("JOB_STATUS_CHANGE", id="m", status="null"),
+        cmd("x-debug-query-block-graph"),
+        cmd("blockdev-del", node_name="thr"),
+        cmd("blockdev-del", node_name="dst"),
+        cmd("blockdev-del", node_name="top"),
+    ]
+
+
+def replaces_lost_flow(d: Path) -> list[Step]:
+    """The node to replace no longer lies below the source through filters
+    at job-complete (a snapshot put a qcow2 overlay between them): QEMU
+    checks again at the pivot and fails the job with EPERM."""
+    return [
+        _qcow2_node(d, "mid"),
+        _qcow2_node(d, "top", backing="mid"),
+        _qcow2_node(d, "dst"),
+        cmd("object-add", qom_type="throttle-group", id="tg"),
+        cmd("blockdev-add", driver="throttle", node_name="thr", throttle_group="tg", file="top"),
+        cmd("blockdev-mirror", job_id="m", device="thr", target="dst", sync="full", replaces="top",
+            auto_dismiss=False),
+        wait("BLOCK_JOB_READY", device="m"),
+        ("call", lambda: _qcow2(d / "ov.qcow2", "4M")),
+        _qcow2_node(d, "ov", backing=None),
+        cmd("blockdev-snapshot", node="top", overlay="ov"),
+        cmd("job-complete", id="m"),
+        wait("JOB_STATUS_CHANGE", id="m", status="concluded"),
+        cmd("query-block-jobs"),
+        cmd("job-dismiss", id="m"),
+        cmd("x-debug-query-block-graph"),
+    ]
+
+
+async def test_mirror_replaces_same_as_qemu(tmp_path: Path) -> None:
+    await both(tmp_path, chain, replaces_flow, normalize=graph_shape)
+
+
+def _nbd_writes(sock: Path, *offsets: int) -> None:
+    """64 KiB writes to the NBD export 'top' (from a process of their own)."""
+    args = ["qemu-io", "-f", "raw"]
+    for off in offsets:
+        args += ["-c", f"write -P 0x65 {off} 64k"]
+    r = subprocess.run([*args, f"nbd+unix:///top?socket={sock}"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def complete_refused_flow(d: Path) -> list[Step]:
+    """QEMU's job_complete checks beyond the verb table: a READY mirror that
+    was cancelled (soft) cannot be completed. To keep it READY after the
+    cancel, writes through an NBD export leave it work, and its target is a
+    throttle node whose group then lets 64 KiB/s through (QEMU 7.2 ignores
+    `speed` once READY); lifting the limit lets it finish. A paused READY
+    job (standby) refuses a soft cancel but accepts job-complete, and
+    pivots on resume."""
+    sock = d / "nbd.sock"
+    return [
+        add_top(d),
+        cmd("blockdev-add", driver="qcow2", node_name="dst", file={"driver": "file", "filename": str(d / "dst.qcow2")}),
+        cmd("object-add", qom_type="throttle-group", id="tg"),
+        cmd("blockdev-add", driver="throttle", node_name="slow", throttle_group="tg", file="dst"),
+        cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(sock)}}),
+        ("cmd", "block-export-add", {"type": "nbd", "id": "e", "node-name": "top", "name": "top", "writable": True}),
+        cmd("blockdev-mirror", job_id="m", device="top", target="slow", sync="full"),
+        wait("BLOCK_JOB_READY", device="m"),
+        cmd("qom-set", path="tg", property="limits", value={"bps-write": 64 << 10}),
+        ("call", lambda: _nbd_writes(sock, 0, 1 * M, 2 * M, 3 * M)),
+        ("sleep", 0.3),
+        cmd("block-job-cancel", device="m"),
+        cmd("job-complete", id="m"),
+        cmd("block-job-complete", device="m"),
+        cmd("query-block-jobs"),
+        cmd("qom-set", path="tg", property="limits", value={}),
+        wait("JOB_STATUS_CHANGE", id="m", status="null"),
+        cmd("blockdev-del", node_name="slow"),
+        cmd("blockdev-mirror", job_id="m2", device="top", target="dst", sync="full"),
+        wait("BLOCK_JOB_READY", device="m2"),
+        cmd("job-pause", id="m2"),
+        wait("JOB_STATUS_CHANGE", id="m2", status="standby"),
+        cmd("block-job-cancel", device="m2"),
+        cmd("job-complete", id="m2"),
+        cmd("query-block-jobs"),
+        cmd("job-resume", id="m2"),
+        wait("JOB_STATUS_CHANGE", id="m2", status="null"),
+        cmd("block-export-del", id="e"),
+        wait("BLOCK_EXPORT_DELETED"),
+        cmd("nbd-server-stop"),
+        cmd("blockdev-del", node_name="top"),
+    ]
+
+
+def job_states(reply: Any) -> Any:
+    """query-block-jobs without the progress figures (they depend on timing)."""
+    ret = reply.get("return")
+    if isinstance(ret, list) and ret and "io-status" in ret[0]:
+        return [{k: v for k, v in j.items() if k not in ("len", "offset", "busy")} for j in ret]
+    return reply
+
+
+async def test_complete_refused_same_as_qemu(tmp_path: Path) -> None:
+    await both(tmp_path, chain, complete_refused_flow, numbers=False, normalize=job_states)
 
 
 def busy_flow(d: Path) -> list[Step]:
@@ -249,6 +395,75 @@ def stream_flow(d: Path) -> list[Step]:
         wait("JOB_STATUS_CHANGE", id="s2", status="null"),
         cmd("blockdev-del", node_name="top"),
     ]
+
+
+def stream_bottom_flow(d: Path) -> list[Step]:
+    """A stream down to `bottom` (mid's data into top, base stays); QEMU
+    7.2 refuses a backing file name with `bottom` (it checks `base` only)."""
+    return [
+        _qcow2_node(d, "mid"),
+        _qcow2_node(d, "top", backing="mid"),
+        cmd("block-stream", job_id="s", device="top", bottom="mid", backing_file="base.qcow2"),
+        cmd("block-stream", job_id="s", device="top", bottom="mid", auto_dismiss=False),
+        wait("JOB_STATUS_CHANGE", id="s", status="concluded"),
+        cmd("query-block-jobs"),
+        cmd("job-dismiss", id="s"),
+        cmd("query-named-block-nodes"),
+        cmd("blockdev-del", node_name="top"),
+    ]
+
+
+def stream_backing_file_flow(d: Path) -> list[Step]:
+    """A stream to a base that writes the backing file name given into top's header."""
+    return [
+        add_top(d),
+        cmd("block-stream", job_id="s", device="top", base=str(d / "base.qcow2"), backing_file="base.qcow2"),
+        wait("JOB_STATUS_CHANGE", id="s", status="null"),
+        cmd("blockdev-del", node_name="top"),
+    ]
+
+
+def commit_backing_file_flow(d: Path) -> list[Step]:
+    """An intermediate commit (mid into base) that writes the backing file
+    name given into top's header. (QEMU then names top by a json: filename,
+    as its header no longer names its backing node's file; exportd keeps
+    the plain file name, so query-named-block-nodes is not compared.)"""
+    return [
+        add_top(d),
+        cmd("block-commit", job_id="c", device="top", top=str(d / "mid.qcow2"), base=str(d / "base.qcow2"),
+            backing_file="base.qcow2"),
+        wait("JOB_STATUS_CHANGE", id="c", status="null"),
+        cmd("blockdev-del", node_name="top"),
+    ]
+
+
+def mirror_granularity_flow(d: Path) -> list[Step]:
+    """A mirror with a granularity and a buffer size of its own: the same
+    progress figures and result as QEMU's."""
+    return [
+        add_top(d),
+        cmd("blockdev-add", driver="qcow2", node_name="dst", file={"driver": "file", "filename": str(d / "dst.qcow2")}),
+        cmd("blockdev-mirror", job_id="m", device="top", target="dst", sync="top", granularity=8192,
+            buf_size=64 << 10),
+        wait("BLOCK_JOB_READY", device="m"),
+        cmd("query-block-jobs"),
+        cmd("job-complete", id="m"),
+        wait("JOB_STATUS_CHANGE", id="m", status="null"),
+        cmd("blockdev-mirror", job_id="m2", device="dst", target="top", sync="full", granularity=1 << 20,
+            buf_size=512 << 10),
+        wait("BLOCK_JOB_READY", device="m2"),
+        cmd("query-block-jobs"),
+        cmd("block-job-cancel", device="m2"),
+        wait("JOB_STATUS_CHANGE", id="m2", status="null"),
+        cmd("blockdev-del", node_name="dst"),
+        cmd("blockdev-del", node_name="top"),
+    ]
+
+
+@pytest.mark.parametrize("flow", [stream_bottom_flow, stream_backing_file_flow, commit_backing_file_flow,
+                                  mirror_granularity_flow])
+async def test_job_options_same_as_qemu(tmp_path: Path, flow: Callable[[Path], list[Step]]) -> None:
+    await both(tmp_path, chain, flow, normalize=node_names)
 
 
 @pytest.mark.parametrize("flow", [commit_flow, commit_intermediate_flow, commit_active_flow, stream_flow])
@@ -414,3 +629,146 @@ def node_names(reply: Any) -> Any:
 
 async def test_drive_mirror_same_as_qemu(tmp_path: Path) -> None:
     await both(tmp_path, chain, drive_mirror_flow, normalize=node_names)
+
+
+def filled_targets(d: Path) -> None:
+    """The chain, plus targets full of data (0x64) for drive-mirror mode=existing."""
+    chain(d)
+    for discard in ("unmap", "ignore"):
+        for unmap in ("false", "true"):
+            _qcow2(d / f"t-{discard}-{unmap}.qcow2", "4M", None, "write -P 0x64 0 4M")
+
+
+def image_map(path: Path) -> list[dict[str, Any]]:
+    """`qemu-img map` of an image: where it holds data, zeroes or nothing,
+    with whether a host cluster backs it; neighbours alike are merged (host
+    offsets are left out: they depend on the order of allocation)."""
+    out = subprocess.run(["qemu-img", "map", "-U", "--output=json", str(path)], capture_output=True, text=True,
+                         check=True).stdout
+    merged: list[dict[str, Any]] = []
+    for m in json.loads(out):
+        m = {k: v for k, v in m.items() if k != "offset"} | {"allocated": "offset" in m}
+        last = merged[-1] if merged else None
+        if last is not None and {**last, "start": 0, "length": 0} == {**m, "start": 0, "length": 0}:
+            last["length"] += m["length"]
+        else:
+            merged.append(m)
+    return merged
+
+
+def unmap_flow(d: Path, discard: str, maps: list[dict[str, Any]]) -> list[Step]:
+    """drive-mirror's `unmap` onto existing targets full of data; the source
+    is opened with `discard` (the target inherits it). Where the source
+    reads zeroes the target is unmapped (unmap=true) or gets allocated
+    zeroes; a target opened with discard=unmap is zeroed first (not counted
+    in the progress). `maps` receives the targets' qemu-img map."""
+    steps: list[Step] = [cmd("blockdev-add", driver="qcow2", node_name="top", discard=discard,
+                             file={"driver": "file", "filename": str(d / "top.qcow2")})]
+    for unmap in (False, True):
+        job = f"m-{unmap}"
+        steps += [
+            cmd("drive-mirror", job_id=job, device="top", target=str(d / f"t-{discard}-{str(unmap).lower()}.qcow2"),
+                sync="full", mode="existing", format="qcow2", unmap=unmap),
+            wait("BLOCK_JOB_READY", device=job),
+            cmd("block-job-cancel", device=job),
+            wait("JOB_STATUS_CHANGE", id=job, status="null"),
+        ]
+    steps += [cmd("blockdev-del", node_name="top"),
+              ("call", lambda: maps.append({p.name: image_map(p) for p in sorted(d.glob(f"t-{discard}-*.qcow2"))}))]
+    return steps
+
+
+@pytest.mark.parametrize("discard", [
+    "unmap",
+    pytest.param("ignore", marks=pytest.mark.xfail(strict=True, reason=(
+        "QEMU's qcow2 honours MAY_UNMAP on a job's (BlockBackend's) zero write whatever the node's discard "
+        "option; exportd's qcow2 write_zeroes unmaps only with discard=unmap (server/exportd/block/qcow2)"))),
+])
+async def test_drive_mirror_unmap_same_as_qemu(tmp_path: Path, discard: str) -> None:
+    maps: list[dict[str, Any]] = []
+    await both(tmp_path, filled_targets, lambda d: unmap_flow(d, discard, maps))
+    theirs, ours = maps
+    assert ours == theirs, "\n".join(f"{k}:\n  ours   {ours[k]}\n  theirs {theirs[k]}" for k in ours)
+    # the flag made a difference (else this test would prove nothing)
+    assert theirs[f"t-{discard}-false.qcow2"] != theirs[f"t-{discard}-true.qcow2"]
+
+
+def _small_fs(d: Path) -> Path:
+    """d/small-fs: a 1 MiB tmpfs, mounted once and emptied for each daemon's turn."""
+    small = d / "small-fs"
+    small.mkdir(exist_ok=True)
+    if not any(line.split()[1] == str(small) for line in Path("/proc/mounts").read_text().splitlines()):
+        _tmpfs(small, "1M")
+    else:
+        for p in small.iterdir():
+            p.unlink()
+        _tmpfs(small, "1M", remount=True)
+    return small
+
+
+def full_top(d: Path) -> None:
+    """The chain with top on a 1 MiB tmpfs: streaming 2 MiB into it fills it."""
+    chain(d)
+    top = _small_fs(d) / "top.qcow2"
+    _qcow2(top, "4M", d / "mid.qcow2", "write -P 0x63 3M 512k")
+
+
+def full_base(d: Path) -> None:
+    """base (empty, on a 1 MiB tmpfs) <- mid (2 MiB of data) <- top: committing mid fills base."""
+    for p in d.glob("*.qcow2"):
+        p.unlink()
+    base = _small_fs(d) / "base.qcow2"
+    _qcow2(base, "4M")
+    _qcow2(d / "mid.qcow2", "4M", base, "write -P 0x62 0 2M")
+    _qcow2(d / "top.qcow2", "4M", d / "mid.qcow2", "write -P 0x63 3M 512k")
+
+
+def stream_enospc_flow(d: Path) -> list[Step]:
+    """block-stream on-error=enospc into a full top: BLOCK_JOB_ERROR, paused
+    with io-status nospace; with room again, resume finishes it."""
+    return [
+        cmd("blockdev-add", driver="qcow2", node_name="top",
+            file={"driver": "file", "filename": str(d / "small-fs" / "top.qcow2")}),
+        cmd("block-stream", job_id="s", device="top", on_error="enospc"),
+        wait("BLOCK_JOB_ERROR", device="s"),
+        wait("JOB_STATUS_CHANGE", id="s", status="paused"),
+        cmd("query-block-jobs"),
+        ("call", lambda: _tmpfs(d / "small-fs", "16M", remount=True)),
+        cmd("block-job-resume", device="s"),
+        wait("JOB_STATUS_CHANGE", id="s", status="null"),
+        cmd("blockdev-del", node_name="top"),
+    ]
+
+
+def commit_enospc_flow(d: Path) -> list[Step]:
+    """An intermediate block-commit on-error=stop into a full base: the same."""
+    return [
+        add_top(d),
+        cmd("block-commit", job_id="c", device="top", top=str(d / "mid.qcow2"),
+            base=str(d / "small-fs" / "base.qcow2"), on_error="stop"),
+        wait("BLOCK_JOB_ERROR", device="c"),
+        wait("JOB_STATUS_CHANGE", id="c", status="paused"),
+        cmd("query-block-jobs"),
+        ("call", lambda: _tmpfs(d / "small-fs", "16M", remount=True)),
+        cmd("block-job-resume", device="c"),
+        wait("JOB_STATUS_CHANGE", id="c", status="null"),
+        cmd("blockdev-del", node_name="top"),
+    ]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs")
+@pytest.mark.parametrize(("make", "flow"), [(full_top, stream_enospc_flow), (full_base, commit_enospc_flow)])
+async def test_stream_commit_on_error_same_as_qemu(tmp_path: Path, make: Callable[[Path], None],
+                                                   flow: Callable[[Path], list[Step]]) -> None:
+    try:
+        await both(tmp_path, make, flow, numbers=False, normalize=io_status_only, known_leaks=(
+            "exportd's qcow2 keeps the refcounts of clusters whose write failed with ENOSPC (QEMU frees them)"))
+    finally:
+        small = tmp_path / "img" / "small-fs"
+        if small.exists():
+            subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+async def test_mirror_replaces_lost_same_as_qemu(tmp_path: Path) -> None:
+    # QEMU drains (standby, ready) around the snapshot; exportd has no need to
+    await both(tmp_path, chain, replaces_lost_flow, events=False, normalize=graph_shape)

@@ -500,6 +500,31 @@ def check_not_busy(node: BlockNode, *, backing: bool = True) -> None:
 
 
 
+# Drivers QEMU marks is_filter whose filtered child is not a job's (those
+# say so through filtered_node()): driver -> the child they show.
+FILTER_CHILD_ROLES = {"throttle": "file"}
+
+
+def filter_child(node: BlockNode) -> BlockNode | None:
+    """The node a filter shows (QEMU's bdrv_filter_bs), None for any other node."""
+    inner = node.filtered_node()
+    if inner is not None:
+        return inner
+    role = FILTER_CHILD_ROLES.get(node.driver)
+    return node.child(role) if role is not None else None
+
+
+def can_replace(source: BlockNode, to_replace: BlockNode) -> bool:
+    """QEMU's bdrv_recurse_can_replace: a mirror of `source` may replace
+    `to_replace` only if it is `source` or lies below it through filters
+    (anything else would change what its parents see at once)."""
+    node: BlockNode | None = source
+    while node is not None:
+        if node is to_replace:
+            return True
+        node = filter_child(node)
+    return False
+
 
 class _Resizer:
     """The user block_resize attaches for the time of the call."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from exportd.block.chain import backing_chain, chain_contains, overlay_of
-from exportd.block.graph import check_not_busy
+from exportd.block.graph import can_replace, check_not_busy
 from exportd.block.jobs.base import BlockJob, block_job, check_speed
 from exportd.block.jobs.commit import CommitJob
 from exportd.block.jobs.mirror import ActiveCommitJob, MirrorJob, check_granularity
@@ -103,7 +103,8 @@ async def block_stream(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
     for node in backing_chain(top, base):
         check_not_busy(node, backing=False)
     backing_file = args.get("backing-file")
-    if base is None and backing_file is not None:
+    # QEMU looks at base / base-node only: with `bottom` a backing file is refused too
+    if (base is None or bottom_name is not None) and backing_file is not None:
         raise BlockError("backing file specified, but streaming the entire chain")
     opts = _job_options(args)
     job = StreamJob(daemon, _job_id(daemon, args), top, base, backing_file, on_error=args.get("on-error", "report"),
@@ -167,18 +168,36 @@ async def block_commit(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- mirror ------------------------------------------------------------------------------
-def _mirror_checks(daemon: Any, args: dict[str, Any], source: BlockNode) -> None:
+def _check_sync(args: dict[str, Any]) -> None:
     sync = args["sync"]
     if sync in ("incremental", "bitmap"):
         raise BlockError(f"Sync mode '{sync}' not supported")
-    check_granularity(args.get("granularity", 0))
+
+
+def _check_buf_size(args: dict[str, Any]) -> None:
     if args.get("buf-size", 0) < 0:
         raise BlockError("Invalid parameter 'buf-size'")
-    check_not_busy(source)
 
 
-def _mirror_kwargs(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
-    replaces = _node(daemon, args["replaces"]) if args.get("replaces") is not None else None
+def _replaces_node(daemon: Any, args: dict[str, Any], source: BlockNode) -> BlockNode | None:
+    """The node `replaces` names, checked as QEMU's check_to_replace_node
+    and blockdev_mirror_common do, in their order."""
+    name = args.get("replaces")
+    if name is None:
+        return None
+    node = daemon.graph.find(name)
+    if node is None:
+        raise BlockError(f"Failed to find node with node-name='{name}'")
+    check_not_busy(node)
+    if not can_replace(source, node):
+        raise BlockError(f"Cannot replace '{name}' by a node mirrored from '{source.node_name}', because it cannot "
+                         "be guaranteed that doing so would not lead to an abrupt change of visible data")
+    if node.getlength() != source.getlength():
+        raise BlockError("cannot replace image with a mirror image of different size")
+    return node
+
+
+def _mirror_kwargs(args: dict[str, Any], replaces: BlockNode | None) -> dict[str, Any]:
     return {"sync": args["sync"], "granularity": args.get("granularity", 0),
             "buf_size": args.get("buf-size", 0) or 16 << 20, "copy_mode": args.get("copy-mode", "background"),
             "replaces": replaces, "on_source_error": args.get("on-source-error", "report"),
@@ -187,14 +206,18 @@ def _mirror_kwargs(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
 
 @command("blockdev-mirror")
 async def blockdev_mirror(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
+    # QEMU's order: qmp_blockdev_mirror, blockdev_mirror_common, mirror_start(_job)
     source = _root_node(daemon, args["device"])
     target = _node(daemon, args["target"], as_device=True)
-    _mirror_checks(daemon, args, source)
+    check_granularity(args.get("granularity", 0))
+    check_not_busy(source)
+    check_not_busy(target)
+    replaces = _replaces_node(daemon, args, source)
+    _check_sync(args)
+    _check_buf_size(args)
     if target is source:
         raise BlockError("Can't mirror node into itself")
-    check_not_busy(target)
-    kwargs = _mirror_kwargs(daemon, args)
-    job = MirrorJob(daemon, _job_id(daemon, args), source, target, **kwargs)
+    job = MirrorJob(daemon, _job_id(daemon, args), source, target, **_mirror_kwargs(args, replaces))
     await _start(job, job.setup(args.get("filter-node-name")), args.get("speed", 0))
     return {}
 
@@ -206,11 +229,15 @@ async def drive_mirror(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
 
     graph = daemon.graph
     source = _root_node(daemon, args["device"])
-    _mirror_checks(daemon, args, source)
+    check_granularity(args.get("granularity", 0))
+    _check_sync(args)
+    _check_buf_size(args)
+    check_not_busy(source)
+    if args.get("replaces") is not None and args.get("node-name") is None:
+        raise BlockError("a node-name must be provided when replacing a named node of the graph")
     sync, mode = args["sync"], args.get("mode", "absolute-paths")
     fmt = args.get("format") or (source.driver if mode != "existing" else None)
     backing = {"full": None, "top": source.child("backing"), "none": source}[sync]
-    kwargs = _mirror_kwargs(daemon, args)
     job_id = _job_id(daemon, args)
     if args.get("node-name") is not None and args["node-name"] in graph:
         raise BlockError(f"Duplicate nodes with node-name='{args['node-name']}'")
@@ -229,11 +256,14 @@ async def drive_mirror(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
         options["backing"] = None  # the backing node is set at the pivot, as QEMU
     if args.get("node-name") is not None:
         options["node-name"] = args["node-name"]
+    # the target opens with the source's discard mode (QEMU: its open flags)
+    options["discard"] = source.options.get("discard", "ignore")
     target = await graph._open(options)  # owned by its users: gone with the job if never pivoted
     try:
+        kwargs = _mirror_kwargs(args, _replaces_node(daemon, args, source))
         job = MirrorJob(daemon, job_id, source, target,
                         target_backing=backing if mode != "existing" else None,
-                        zero_target=mode == "existing", **kwargs)
+                        zero_target=mode == "existing", unmap=args.get("unmap", True), **kwargs)
         await _start(job, job.setup(None), args.get("speed", 0))
     except BaseException:
         if target.refcount == 0:

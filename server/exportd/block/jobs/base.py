@@ -125,18 +125,24 @@ class BlockJob(Job):
             await self.sleep(delay)  # woken early by a verb: the speed may have changed
             delay = self.rate.delay()
 
-    async def copy_range(self, src: BlockNode, dst: BlockNode, offset: int, n: int, zero: bool) -> None:
+    async def copy_range(self, src: BlockNode, dst: BlockNode, offset: int, n: int, zero: bool, *,
+                         as_read: bool = False) -> None:
         """Copy [offset, offset + n) from `src` to `dst` (zeroes as write-zeroes),
-        retried or skipped as the error policy says (commit and stream)."""
+        retried or skipped as the error policy says (commit and stream).
+        `as_read`: any failure is the read's (a stream's copy-on-read, for
+        QEMU a read that failed), else only the read's own."""
         while True:
+            read_done = zero
             try:
                 if zero:
                     await dst.write_zeroes(offset, n)
                 else:
-                    await dst.write(offset, await src.read(offset, n))
+                    data = await src.read(offset, n)
+                    read_done = True
+                    await dst.write(offset, data)
                 return
             except OSError as e:
-                if not await self.io_error(e, is_read=False):
+                if not await self.io_error(e, is_read=as_read or not read_done):
                     return
 
     # --- I/O errors ---------------------------------------------------------------------------------

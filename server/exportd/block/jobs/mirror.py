@@ -18,12 +18,14 @@ target before it completes, so the job converges whatever the write rate.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 from typing import Any
 
 from exportd.block.chain import allocated_above
 from exportd.block.dirtymap import DirtyMap
-from exportd.block.graph import is_zero
+from exportd.block.graph import can_replace, is_zero
 from exportd.block.jobs.base import BlockJob
 from exportd.block.jobs.filter import JobFilter
 from exportd.block.node import BlockNode, Perm, Status
@@ -31,8 +33,11 @@ from exportd.errors import BlockError
 
 log = logging.getLogger(__name__)
 
+Buffer = bytes | bytearray | memoryview
+
 MAX_CHUNK = 256 << 10  # bytes copied per step (at most buf-size): the loop is held for one step
 MAX_IN_FLIGHT = 4  # steps in flight (their I/O overlaps in the worker threads)
+ZEROING_STEP = 1 << 30  # bytes zeroed per step when a target is zeroed before the copy
 
 
 class MirrorJob(BlockJob):
@@ -43,7 +48,8 @@ class MirrorJob(BlockJob):
                  granularity: int = 0, buf_size: int = 16 << 20, copy_mode: str = "background",
                  base: BlockNode | None = None, replaces: BlockNode | None = None,
                  on_source_error: str = "report", on_target_error: str = "report",
-                 target_backing: BlockNode | None = None, zero_target: bool = True, **kwargs: Any) -> None:
+                 target_backing: BlockNode | None = None, zero_target: bool = True, unmap: bool = True,
+                 **kwargs: Any) -> None:
         super().__init__(daemon, job_id, **kwargs)
         self.source = source
         self.target = target
@@ -53,6 +59,11 @@ class MirrorJob(BlockJob):
         self.copy_mode = copy_mode
         self.base = base  # active commit: the node committed into (the target)
         self.to_replace = replaces or source
+        # QEMU keeps the name and looks the node up again at job-complete
+        self.replaces = replaces.node_name if replaces is not None else None
+        # drive-mirror's `unmap`: zeroes of the source become holes in the
+        # target (or written zeroes when False); blockdev-mirror always unmaps
+        self.unmap = unmap
         self.on_source_error = on_source_error
         self.on_target_error = on_target_error
         self.target_backing = target_backing  # drive-mirror: the target's backing after the pivot
@@ -220,8 +231,17 @@ class MirrorJob(BlockJob):
         if self.sync == "none":
             return
         if self.sync == "full" and self.base is None and self.zero_target:
-            self.dirty.mark(0, length)
-            return
+            if not can_write_zeroes_with_unmap(self.target):
+                self.dirty.mark(0, length)
+                return
+            # a target that can punch holes is zeroed first (with `unmap`:
+            # holes, else written zeroes), not counted as progress, and then
+            # gets only what the chain holds, as onto a new image
+            for offset in range(0, length, ZEROING_STEP):
+                if self.is_cancelled():
+                    return
+                await self.target.write_zeroes(offset, min(ZEROING_STEP, length - offset), may_unmap=self.unmap)
+                await self.pause_point()
         # sync=top: what the source's own layer holds; active commit: the
         # layers above base; full onto zeroes: what the whole chain holds
         if self.base is not None or self.sync == "full":
@@ -245,40 +265,62 @@ class MirrorJob(BlockJob):
         try:
             while True:
                 try:
-                    zero, data = await self._read_source(offset, n)
+                    data = await self.source.read(offset, n)
                     break
                 except OSError as e:
                     if not await self.io_error(e, is_read=True, policy=self.on_source_error):
                         return n
-            while True:
-                try:
-                    if zero and data is None:
-                        pass
-                    elif zero:
-                        await self.target.write_zeroes(offset, n, may_unmap=True)
-                    else:
-                        await self.target.write(offset, data)
-                    break
-                except OSError as e:
-                    if not await self.io_error(e, is_read=False, policy=self.on_target_error):
+            for start, length, piece in self._pieces(offset, data):
+                while True:
+                    try:
+                        if piece is not None:
+                            await self.target.write(start, piece)
+                        elif not await self._target_reads_zeroes(start, length):
+                            await self.target.write_zeroes(start, length, may_unmap=self.unmap)
                         break
+                    except OSError as e:
+                        if not await self.io_error(e, is_read=False, policy=self.on_target_error):
+                            break
         finally:
             if token is not None:
                 self.filter.locks.release(token)
         return n
 
-    async def _read_source(self, offset: int, n: int) -> tuple[bool, bytes | bytearray | memoryview | None]:
-        """(zero, data): data None when the target already reads zeroes there.
-        The bytes tell whether they are zeroes: cheaper than asking the
-        source's block status, which may have to search the host file."""
-        data = await self.source.read(offset, n)
-        if not is_zero(data):
-            return False, data
+    def _pieces(self, offset: int, data: Buffer) -> list[tuple[int, int, Buffer | None]]:
+        """The run read at `offset` cut into data and zeroes (piece None) at
+        the job's granularity, so that zero clusters amid data stay zero
+        clusters in the target (QEMU writes what the source's block status
+        calls zero as zeroes). The bytes tell, which is cheaper than asking
+        the source's block status (it may have to search the host file)."""
+        if is_zero(data):
+            return [(offset, len(data), None)]
+        view = memoryview(data)
+        pieces: list[tuple[int, int, Buffer | None]] = []
+        g = self.granularity
+        for at in range(0, len(view), g):
+            chunk = view[at:at + g]
+            # the end bytes first: data is told without a copy of the granule
+            zero = chunk[0] == 0 and chunk[-1] == 0 and is_zero(chunk)
+            if pieces and (pieces[-1][2] is None) == zero:
+                start, length, _ = pieces[-1]
+                pieces[-1] = (start, length + len(chunk), None if zero else view[start - offset:at + len(chunk)])
+            else:
+                pieces.append((offset + at, len(chunk), None if zero else chunk))
+        if len(pieces) == 1:
+            return [(offset, len(data), data)]  # all data: the buffer as read
+        return pieces
+
+    async def _target_reads_zeroes(self, offset: int, n: int) -> bool:
         tst = await self.target.block_status(offset, n)
-        return True, b"" if not (tst.status & Status.ZERO and tst.length >= n) else None
+        return bool(tst.status & Status.ZERO) and tst.length >= n
 
     # --- verbs ------------------------------------------------------------------------------
     def do_complete(self) -> None:
+        if self.replaces is not None:
+            node = self.graph.find(self.replaces)
+            if node is None:
+                raise BlockError(f"Node name '{self.replaces}' not found")
+            self.to_replace = node
         self.should_complete = True
 
     def do_cancel(self, force: bool) -> bool:
@@ -301,6 +343,13 @@ class MirrorJob(BlockJob):
             if self.target_backing is not None and self.target.child("backing") is None:
                 await graph.set_backing(self.target, self.target_backing)
             if self.to_replace is not self.source:
+                # the graph may have changed since the start: QEMU checks
+                # again, reports why on stderr and fails the job with EPERM
+                if not can_replace(self.source, self.to_replace):
+                    log.error("job %s: Can no longer replace '%s' by '%s', because it can no longer be guaranteed "
+                              "that doing so would not lead to an abrupt change of visible data",
+                              self.id, self.to_replace.node_name, self.target.node_name)
+                    raise OSError(errno.EPERM, os.strerror(errno.EPERM))
                 graph.replace_node(self.to_replace, self.target)
             else:
                 graph.replace_node(self.filter, self.target)
@@ -343,3 +392,14 @@ def check_granularity(granularity: int) -> None:
         raise BlockError("Parameter 'granularity' expects a value in range [512B, 64MB]")
     if granularity & (granularity - 1):
         raise BlockError("Parameter 'granularity' expects a power of 2")
+
+
+def can_write_zeroes_with_unmap(node: BlockNode) -> bool:
+    """QEMU's bdrv_can_write_zeroes_with_unmap: opened with discard=unmap,
+    on a driver whose zero writes can leave holes (qcow2 from version 3,
+    raw and file)."""
+    if node.options.get("discard") != "unmap":
+        return False
+    if node.driver == "qcow2":
+        return getattr(node, "version", 3) >= 3
+    return node.driver in ("raw", "file")

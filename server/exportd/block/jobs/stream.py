@@ -80,7 +80,7 @@ class StreamJob(BlockJob):
                 if not st.status & Status.ALLOCATED:
                     allocated, zero, n = await allocated_above(backing, self.base, offset, n)
                     if allocated:
-                        await self.copy_range(self.top, self.top, offset, n, zero)
+                        await self.copy_range(self.top, self.top, offset, n, zero, as_read=True)
                         copied = True
             finally:
                 locks.release(token)
