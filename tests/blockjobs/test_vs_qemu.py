@@ -72,11 +72,10 @@ def image_facts(d: Path) -> dict[str, Any]:
 
 async def both(tmp_path: Path, make: Callable[[Path], None], steps: Callable[[Path], list[Step]],
                *, numbers: bool = True, events: bool = True,
-               normalize: Callable[[Any], Any] = lambda reply: reply, known_leaks: str | None = None) -> None:
+               normalize: Callable[[Any], Any] = lambda reply: reply) -> None:
     """Play `steps` against both daemons on fresh images made by `make`;
     compare replies (through `normalize`, for deliberate differences), job events (unless `events` is False: QEMU pauses and
-    resumes jobs for each drain, which exportd has no need of) and images. With `known_leaks` (why),
-    clusters exportd leaks where QEMU leaks none make the test an expected failure once all else matched."""
+    resumes jobs for each drain, which exportd has no need of) and images (leaked clusters included)."""
     d = tmp_path / "img"
     d.mkdir()
     make(d)
@@ -108,15 +107,7 @@ async def both(tmp_path: Path, make: Callable[[Path], None], steps: Callable[[Pa
     ours_seen, theirs_seen = (job_events(e, keep_numbers=numbers) for e in (our_events, their_events))
     assert ours_seen == theirs_seen, "\n".join(f"{a!s:90} {b!s}" for a, b in
                                              __import__("itertools").zip_longest(ours_seen, theirs_seen))
-    our_facts = image_facts(d)
-    if known_leaks is not None:
-        leaked = {k: f[2] for k, f in our_facts.items() if f[2] and not their_facts.get(k, (0, 0, 0))[2]}
-        our_facts = {k: (*f[:2], their_facts[k][2]) if k in leaked and k in their_facts else f
-                     for k, f in our_facts.items()}
-        assert our_facts == their_facts
-        if leaked:
-            pytest.xfail(f"{known_leaks}: leaked clusters {leaked}")
-    assert our_facts == their_facts
+    assert image_facts(d) == their_facts
 
 
 def mirror_flow(d: Path) -> list[Step]:
@@ -761,8 +752,7 @@ def commit_enospc_flow(d: Path) -> list[Step]:
 async def test_stream_commit_on_error_same_as_qemu(tmp_path: Path, make: Callable[[Path], None],
                                                    flow: Callable[[Path], list[Step]]) -> None:
     try:
-        await both(tmp_path, make, flow, numbers=False, normalize=io_status_only, known_leaks=(
-            "exportd's qcow2 keeps the refcounts of clusters whose write failed with ENOSPC (QEMU frees them)"))
+        await both(tmp_path, make, flow, numbers=False, normalize=io_status_only)
     finally:
         small = tmp_path / "img" / "small-fs"
         if small.exists():

@@ -280,6 +280,7 @@ class ClusterMap(Qcow2State):
         writes: list[tuple[int, Any]] = []
         updates: list[tuple[L2Table, int, int]] = []
         frees: list[int] = []
+        allocated: list[int] = []  # host offsets of new data clusters
         pos, end = offset, offset + len(mv)
         while pos < end:
             l1i = pos >> self.l1_shift
@@ -314,12 +315,20 @@ class ClusterMap(Qcow2State):
                         content = bytearray(await self._cluster_content(e, cstart))
                         content[in_off : in_off + n] = chunk
                     new = await self.rc.alloc(1)
+                    allocated.append(new)
                     writes.append((new, content))
                     updates.append((t, idx, new | COPIED))
                     if e & (COMPRESSED | OFFSET_MASK):
                         frees.append(e)
                 pos += n
-        await self._write_runs(writes)
+        try:
+            await self._write_runs(writes)
+        except BaseException:
+            # no L2 entry points at the new clusters yet: give them back, or
+            # a failed write (ENOSPC) would leak them (QEMU's qcow2_alloc_cluster_abort)
+            for h in allocated:
+                await self.rc.add(h >> cbits, -1)
+            raise
         for t, idx, ne in updates:
             t.entries[idx] = ne
             self._keep_cached(t)
