@@ -49,7 +49,7 @@ class BackupJob(BlockJob):
     def __init__(self, daemon: Any, job_id: str, source: BlockNode, target: BlockNode, *, sync: str,
                  bitmap: DirtyBitmap | None = None, bitmap_mode: str | None = None,
                  on_source_error: str = "report", on_target_error: str = "report",
-                 max_chunk: int = 0, max_workers: int = 64, **kwargs: Any) -> None:
+                 max_chunk: int = 0, max_workers: int = 64, compress: bool = False, **kwargs: Any) -> None:
         super().__init__(daemon, job_id, **kwargs)
         self.source = source
         self.target = target
@@ -60,7 +60,7 @@ class BackupJob(BlockJob):
         self.on_target_error = on_target_error
         self.max_chunk = max_chunk
         self.max_workers = max_workers
-        self.bcs = BlockCopy(source, target, cluster_size(target))
+        self.bcs = BlockCopy(source, target, cluster_size(target), compress=compress)
         self.filter: CopyBeforeWriteFilter | None = None
         self.view: PointInTimeView | None = None  # the target's backing node while fleecing
         self.main_edge: Edge | None = None
