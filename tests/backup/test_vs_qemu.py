@@ -9,6 +9,7 @@ import json
 import os
 import random
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 from tests.backup.differential import add, both, guest_write, nbd_export, qcow2, save_export
 from tests.blockjobs.test_vs_qemu import _tmpfs, add_top, full_disk, graph_shape, io_status_only
 from tests.support.jobflow import Step, cmd, wait
+from tests.support.nbdpeer import nbdkit
 from tests.support.qsd import QSD
 
 pytestmark = pytest.mark.skipif(QSD is None, reason="qemu-storage-daemon is not installed")
@@ -447,3 +449,107 @@ async def test_compress_same_as_qemu(tmp_path: Path) -> None:
         # the same deflate parameters and packing: about the same file
         sa, sb = (theirs / name).stat().st_size, (ours / name).stat().st_size
         assert abs(sa - sb) <= 2 * cs + (64 << 10), (name, sa, sb)
+
+
+# --- on-target-error and on-source-error ----------------------------------------------------------
+def target_holds_source(d: Path) -> None:
+    """After a job that went on (ignore) or resumed (stop, enospc) past a
+    full disk, the target holds the whole source."""
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(d / "top.qcow2"), str(d / "top.raw")], check=True)
+    assert (d / "small-fs" / "t.raw").read_bytes() == (d / "top.raw").read_bytes()
+    (d / "top.raw").unlink()
+
+
+def enospc_policy_flow(policy: str) -> Callable[[Path], list[Step]]:
+    """A target on a full tmpfs with on-target-error=`policy`: report fails
+    the job; ignore retries (one BLOCK_JOB_ERROR counted) until there is
+    room; enospc stops on ENOSPC (as stop does) until resumed."""
+    def flow(d: Path) -> list[Step]:
+        room = ("call", lambda: _tmpfs(d / "small-fs", "16M", remount=True))
+        steps: list[Step] = [
+            add_top(d),
+            cmd("blockdev-add", driver="file", node_name="t", filename=str(d / "small-fs" / "t.raw")),
+            cmd("blockdev-backup", job_id="b", device="top", target="t", sync="full", on_target_error=policy),
+            wait("BLOCK_JOB_ERROR", device="b"),
+        ]
+        if policy == "report":
+            steps += [done("b")]
+        elif policy == "ignore":
+            steps += [("sleep", 0.3), cmd("query-block-jobs"), room, done("b")]
+        else:
+            steps += [("sleep", 0.5), cmd("query-block-jobs"), room, cmd("block-job-resume", device="b"), done("b")]
+        return [*steps, cmd("blockdev-del", node_name="t")]
+    return flow
+
+
+def running_or_stopped(reply: Any) -> Any:
+    """query-block-jobs of a job that ignores errors: its io-status (QEMU
+    keeps the last error's) and whether it runs; the rest is timing."""
+    ret = reply.get("return")
+    if isinstance(ret, list) and ret and "io-status" in ret[0]:
+        return [{k: j[k] for k in ("device", "paused", "io-status", "ready")} for j in ret]
+    return reply
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs")
+@pytest.mark.parametrize("policy", ["report", "ignore", "enospc"])
+async def test_on_target_error_same_as_qemu(tmp_path: Path, policy: str) -> None:
+    try:
+        await both(tmp_path, full_disk, enospc_policy_flow(policy), numbers=False, normalize=running_or_stopped,
+                   after=(lambda d: None) if policy == "report" else target_holds_source)
+    finally:
+        for small in tmp_path.glob("*/small-fs"):
+            subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def failing_source(tmp_path: Path) -> Path:
+    """src.raw (data at 0-1M and 3M), to be served by nbdkit through its
+    error filter (to both daemons, one after the other): every read fails
+    with EIO while the file `fail-reads` next to it exists."""
+    src = tmp_path / "src.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(src), "4M"], check=True)
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x61 0 1M", "-c", "write -P 0x62 3M 128k", str(src)],
+                   check=True, capture_output=True)
+    return src
+
+
+def source_error_flow(policy: str) -> Callable[[Path], list[Step]]:
+    def flow(d: Path) -> list[Step]:
+        trigger = d.parent / "fail-reads"
+        steps: list[Step] = [
+            ("call", trigger.touch),
+            cmd("blockdev-add", driver="nbd", node_name="src",
+                server={"type": "unix", "path": str(d.parent / "nbdkit.sock")}),
+            add(d, "t"),
+            cmd("blockdev-backup", job_id="b", device="src", target="t", sync="full", on_source_error=policy),
+            wait("BLOCK_JOB_ERROR", device="b"),
+        ]
+        if policy == "report":
+            steps += [done("b")]
+        elif policy == "ignore":
+            steps += [("sleep", 0.3), ("call", trigger.unlink), done("b")]
+        else:
+            steps += [("sleep", 0.5), cmd("query-block-jobs"), ("call", trigger.unlink),
+                      cmd("block-job-resume", device="b"), done("b")]
+        return [*steps, cmd("blockdev-del", node_name="t"), cmd("blockdev-del", node_name="src")]
+    return flow
+
+
+@pytest.mark.parametrize("policy", ["report", "stop", "ignore"])
+async def test_on_source_error_same_as_qemu(tmp_path: Path, policy: str) -> None:
+    """A source whose reads fail (nbdkit's error filter behind an NBD
+    node: the same failure for both daemons, where QEMU would use
+    blkdebug, which exportd does not have)."""
+    src = failing_source(tmp_path)
+    peer = nbdkit(str(tmp_path / "nbdkit.sock"), "--filter=error", "file", str(src),
+                  "error-pread=EIO", "error-pread-rate=100%", f"error-pread-file={tmp_path / 'fail-reads'}",
+                  log=tmp_path / "nbdkit.log").start()
+    try:
+        theirs, ours = await both(tmp_path, images, source_error_flow(policy), numbers=False,
+                                  normalize=running_or_stopped)
+    finally:
+        peer.stop()
+    if policy != "report":
+        for d in (theirs, ours):
+            subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", str(src),
+                            str(d / "t.qcow2")], check=True)
