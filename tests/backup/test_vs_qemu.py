@@ -553,3 +553,31 @@ async def test_on_source_error_same_as_qemu(tmp_path: Path, policy: str) -> None
         for d in (theirs, ours):
             subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", str(src),
                             str(d / "t.qcow2")], check=True)
+
+
+# --- drive-backup as a transaction action ---------------------------------------------------------
+def drive_transaction_flow(d: Path) -> list[Step]:
+    """drive-backup in transactions: with a bitmap add (committed), with an
+    abort (its image is made, then the action undone), with a target that
+    cannot be created (the bitmap add is undone too)."""
+    def drive(job: str, name: str, **extra: Any) -> dict[str, Any]:
+        return {"type": "drive-backup", "data": {"job-id": job, "device": "src", "target": str(d / name),
+                                                 "sync": "full", **extra}}
+    return [
+        add(d, "src"),
+        cmd("transaction", actions=[{"type": "block-dirty-bitmap-add", "data": {"node": "src", "name": "b"}},
+                                    drive("d1", "tx-full.qcow2")]),
+        done("d1"),
+        cmd("transaction", actions=[drive("d2", "tx-raw.raw", format="raw"), {"type": "abort", "data": {}}]),
+        cmd("transaction", actions=[{"type": "block-dirty-bitmap-add", "data": {"node": "src", "name": "c"}},
+                                    drive("d3", "nope/x.qcow2")]),
+        cmd("transaction", actions=[drive("d4", "tx-inc.qcow2", sync="incremental", bitmap="b"),
+                                    {"type": "block-dirty-bitmap-add", "data": {"node": "src", "name": "c"}}]),
+        done("d4"),
+        cmd("query-named-block-nodes"),
+        cmd("query-block-jobs"),
+    ]
+
+
+async def test_drive_backup_transaction_same_as_qemu(tmp_path: Path) -> None:
+    await both(tmp_path, images, drive_transaction_flow, normalize=bitmap_facts)

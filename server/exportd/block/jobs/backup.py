@@ -68,6 +68,7 @@ class BackupJob(BlockJob):
         self.target_edge: Edge | None = None
         self.successor: DirtyMap | None = None  # writes to the source during the job
         self._successor_records = False
+        self._older_bitmaps: set[int] = set()  # ids of the node's bitmaps when the job was made
 
     @property
     def cluster(self) -> int:
@@ -111,6 +112,8 @@ class BackupJob(BlockJob):
             self.bcs.dirty.mark(0, length)
         if self.bitmap is not None:
             self.bitmap.busy = True
+            # QEMU's successor is a bitmap made now: newer than these
+            self._older_bitmaps = {id(b) for b in self.bitmap.node.dirty_bitmaps}
             self.successor = DirtyMap(self.bitmap.bits.length, self.bitmap.granularity)
             self._successor_records = self.bitmap.enabled
         self.total_progress = self.bcs.dirty.dirty_bytes()
@@ -256,10 +259,13 @@ class BackupJob(BlockJob):
         if self.bitmap_mode == "never" or not (success or self.bitmap_mode == "always"):
             return  # the bitmap as it was plus the successor: what it is now
         bm.bits.restore(successor)
-        # QEMU's successor, made at the job's start, takes the bitmap's place
-        # and name: it is the node's newest bitmap now
+        # QEMU's successor, made when the job was, takes the bitmap's place
+        # and name: in the node's list (newest first) it comes after the
+        # bitmaps added since and before the older ones
         bitmaps.detach(bm)
-        bitmaps.attach(bm)
+        listed = bm.node.dirty_bitmaps
+        at = next((i for i, b in enumerate(listed) if id(b) in self._older_bitmaps), len(listed))
+        listed.insert(at, bm)
         if not success:  # always, after a failure: also what was not copied
             bm.bits.merge(self.bcs.dirty)
 
