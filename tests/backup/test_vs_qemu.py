@@ -394,18 +394,20 @@ def compress_images(d: Path) -> None:
     qcow2(d / "c64.qcow2", "4M")
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(d / "c4.qcow2"),
                     "4M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "compression_type=zstd", str(d / "cz.qcow2"),
+                    "4M"], check=True)
     qcow2(d / "used.qcow2", "4M", "write -P 0x55 1M 64k")
     subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(d / "raw.raw"), "4M"], check=True)
 
 
 def compress_flow(d: Path) -> list[Step]:
     """Compressed full backups into qcow2 targets (64 KiB and 4 KiB
-    clusters, drive-backup's new image), a guest write while one runs
+    clusters, zstd, drive-backup's new image), a guest write while one runs
     (copy-before-write compresses too), a target with data already (QEMU's
     compressed write never overwrites: the job fails), a raw target
     (refused)."""
     return [
-        add(d, "src"), add(d, "c64"), add(d, "c4"), add(d, "used"), add(d, "raw", "raw"),
+        add(d, "src"), add(d, "c64"), add(d, "c4"), add(d, "cz"), add(d, "used"), add(d, "raw", "raw"),
         *nbd_export(d, "src", writable=True),
         cmd("blockdev-backup", job_id="j", device="src", target="raw", sync="full", compress=True),
         cmd("blockdev-backup", job_id="b64", device="src", target="c64", sync="full", compress=True, speed=1),
@@ -416,6 +418,8 @@ def compress_flow(d: Path) -> list[Step]:
         done("b64"),
         cmd("blockdev-backup", job_id="b4", device="src", target="c4", sync="full", compress=True),
         done("b4"),
+        cmd("blockdev-backup", job_id="bz", device="src", target="cz", sync="full", compress=True),
+        done("bz"),
         cmd("drive-backup", job_id="d", device="src", target=str(d / "drive.qcow2"), sync="full", compress=True),
         done("d"),
         cmd("blockdev-backup", job_id="u", device="src", target="used", sync="full", compress=True),
@@ -442,8 +446,9 @@ def compressed_as_start(d: Path) -> None:
 
 
 async def test_compress_same_as_qemu(tmp_path: Path) -> None:
+    pytest.importorskip("zstandard")  # exportd's zstd (an optional extra)
     theirs, ours = await both(tmp_path, compress_images, compress_flow, after=compressed_as_start)
-    for name, cs in (("c64.qcow2", 65536), ("c4.qcow2", 4096), ("drive.qcow2", 65536)):
+    for name, cs in (("c64.qcow2", 65536), ("c4.qcow2", 4096), ("cz.qcow2", 65536), ("drive.qcow2", 65536)):
         a, b = compressed_clusters(theirs / name, cs), compressed_clusters(ours / name, cs)
         assert a == b and a, (name, sorted(a ^ b))
         # the same deflate parameters and packing: about the same file
