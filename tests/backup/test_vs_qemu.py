@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import pytest
 from tests.backup.differential import add, both, guest_write, nbd_export, qcow2, save_export
 from tests.blockjobs.test_vs_qemu import _tmpfs, add_top, full_disk, graph_shape, io_status_only
 from tests.support.jobflow import Step, cmd, wait
+from tests.support.nbdpeer import nbdkit
 from tests.support.qsd import QSD
 
 pytestmark = pytest.mark.skipif(QSD is None, reason="qemu-storage-daemon is not installed")
@@ -371,3 +374,215 @@ async def test_enospc_stop_and_resume_same_as_qemu(tmp_path: Path) -> None:
     finally:
         for small in tmp_path.glob("*/small-fs"):
             subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+# --- compress ---------------------------------------------------------------------------------
+def compress_images(d: Path) -> None:
+    """src: compressible data (0-1M), incompressible data (1M-1.5M), a zero
+    cluster (2M), a pattern (3M); empty qcow2 targets with 64 KiB and
+    4 KiB clusters; one that holds data already; a raw one."""
+    rng = random.Random(14)
+    words = [rng.randbytes(6).hex().encode() for _ in range(50)]
+    text = b" ".join(rng.choice(words) for _ in range(200_000))[: 1 << 20]
+    (d / "src.raw").write_bytes(text + rng.randbytes(512 << 10))
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(d / "src.raw"), str(d / "src.qcow2")],
+                   check=True)
+    (d / "src.raw").unlink()
+    subprocess.run(["qemu-img", "resize", "-q", str(d / "src.qcow2"), "4M"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -z 2M 64k", "-c", "write -P 0x62 3M 128k",
+                    str(d / "src.qcow2")], check=True, capture_output=True)
+    qcow2(d / "c64.qcow2", "4M")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(d / "c4.qcow2"),
+                    "4M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "compression_type=zstd", str(d / "cz.qcow2"),
+                    "4M"], check=True)
+    qcow2(d / "used.qcow2", "4M", "write -P 0x55 1M 64k")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(d / "raw.raw"), "4M"], check=True)
+
+
+def compress_flow(d: Path) -> list[Step]:
+    """Compressed full backups into qcow2 targets (64 KiB and 4 KiB
+    clusters, zstd, drive-backup's new image), a guest write while one runs
+    (copy-before-write compresses too), a target with data already (QEMU's
+    compressed write never overwrites: the job fails), a raw target
+    (refused)."""
+    return [
+        add(d, "src"), add(d, "c64"), add(d, "c4"), add(d, "cz"), add(d, "used"), add(d, "raw", "raw"),
+        *nbd_export(d, "src", writable=True),
+        cmd("blockdev-backup", job_id="j", device="src", target="raw", sync="full", compress=True),
+        cmd("blockdev-backup", job_id="b64", device="src", target="c64", sync="full", compress=True, speed=1),
+        ("sleep", 0.5),
+        save_export(d, "src", "at-start.raw"),
+        guest_write(d, "src", "write -P 0x71 3M 64k", "write -z 0 64k"),
+        cmd("block-job-set-speed", device="b64", speed=0),
+        done("b64"),
+        cmd("blockdev-backup", job_id="b4", device="src", target="c4", sync="full", compress=True),
+        done("b4"),
+        cmd("blockdev-backup", job_id="bz", device="src", target="cz", sync="full", compress=True),
+        done("bz"),
+        cmd("drive-backup", job_id="d", device="src", target=str(d / "drive.qcow2"), sync="full", compress=True),
+        done("d"),
+        cmd("blockdev-backup", job_id="u", device="src", target="used", sync="full", compress=True),
+        done("u"),
+        cmd("block-export-del", id="e-src"),
+        wait("BLOCK_EXPORT_DELETED"),
+    ]
+
+
+def compressed_clusters(img: Path, cs: int) -> set[int]:
+    """Guest clusters qemu-img map shows compressed (data without a host offset)."""
+    out = subprocess.run(["qemu-img", "map", "--output=json", str(img)], capture_output=True, text=True,
+                         check=True).stdout
+    return {c for e in json.loads(out) if e["data"] and "offset" not in e
+            for c in range(e["start"], e["start"] + e["length"], cs)}
+
+
+def compressed_as_start(d: Path) -> None:
+    """The first backup holds the disk as it was when it started, also
+    after the guest wrote; every result converts back to the data."""
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(d / "c64.qcow2"), str(d / "c64-back.raw")], check=True)
+    assert (d / "c64-back.raw").read_bytes() == (d / "at-start.raw").read_bytes()
+    (d / "c64-back.raw").unlink()
+
+
+async def test_compress_same_as_qemu(tmp_path: Path) -> None:
+    pytest.importorskip("zstandard")  # exportd's zstd (an optional extra)
+    theirs, ours = await both(tmp_path, compress_images, compress_flow, after=compressed_as_start)
+    for name, cs in (("c64.qcow2", 65536), ("c4.qcow2", 4096), ("cz.qcow2", 65536), ("drive.qcow2", 65536)):
+        a, b = compressed_clusters(theirs / name, cs), compressed_clusters(ours / name, cs)
+        assert a == b and a, (name, sorted(a ^ b))
+        # the same deflate parameters and packing: about the same file
+        sa, sb = (theirs / name).stat().st_size, (ours / name).stat().st_size
+        assert abs(sa - sb) <= 2 * cs + (64 << 10), (name, sa, sb)
+
+
+# --- on-target-error and on-source-error ----------------------------------------------------------
+def target_holds_source(d: Path) -> None:
+    """After a job that went on (ignore) or resumed (stop, enospc) past a
+    full disk, the target holds the whole source."""
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(d / "top.qcow2"), str(d / "top.raw")], check=True)
+    assert (d / "small-fs" / "t.raw").read_bytes() == (d / "top.raw").read_bytes()
+    (d / "top.raw").unlink()
+
+
+def enospc_policy_flow(policy: str) -> Callable[[Path], list[Step]]:
+    """A target on a full tmpfs with on-target-error=`policy`: report fails
+    the job; ignore retries (one BLOCK_JOB_ERROR counted) until there is
+    room; enospc stops on ENOSPC (as stop does) until resumed."""
+    def flow(d: Path) -> list[Step]:
+        room = ("call", lambda: _tmpfs(d / "small-fs", "16M", remount=True))
+        steps: list[Step] = [
+            add_top(d),
+            cmd("blockdev-add", driver="file", node_name="t", filename=str(d / "small-fs" / "t.raw")),
+            cmd("blockdev-backup", job_id="b", device="top", target="t", sync="full", on_target_error=policy),
+            wait("BLOCK_JOB_ERROR", device="b"),
+        ]
+        if policy == "report":
+            steps += [done("b")]
+        elif policy == "ignore":
+            steps += [("sleep", 0.3), cmd("query-block-jobs"), room, done("b")]
+        else:
+            steps += [("sleep", 0.5), cmd("query-block-jobs"), room, cmd("block-job-resume", device="b"), done("b")]
+        return [*steps, cmd("blockdev-del", node_name="t")]
+    return flow
+
+
+def running_or_stopped(reply: Any) -> Any:
+    """query-block-jobs of a job that ignores errors: its io-status (QEMU
+    keeps the last error's) and whether it runs; the rest is timing."""
+    ret = reply.get("return")
+    if isinstance(ret, list) and ret and "io-status" in ret[0]:
+        return [{k: j[k] for k in ("device", "paused", "io-status", "ready")} for j in ret]
+    return reply
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs")
+@pytest.mark.parametrize("policy", ["report", "ignore", "enospc"])
+async def test_on_target_error_same_as_qemu(tmp_path: Path, policy: str) -> None:
+    try:
+        await both(tmp_path, full_disk, enospc_policy_flow(policy), numbers=False, normalize=running_or_stopped,
+                   after=(lambda d: None) if policy == "report" else target_holds_source)
+    finally:
+        for small in tmp_path.glob("*/small-fs"):
+            subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def failing_source(tmp_path: Path) -> Path:
+    """src.raw (data at 0-1M and 3M), to be served by nbdkit through its
+    error filter (to both daemons, one after the other): every read fails
+    with EIO while the file `fail-reads` next to it exists."""
+    src = tmp_path / "src.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(src), "4M"], check=True)
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x61 0 1M", "-c", "write -P 0x62 3M 128k", str(src)],
+                   check=True, capture_output=True)
+    return src
+
+
+def source_error_flow(policy: str) -> Callable[[Path], list[Step]]:
+    def flow(d: Path) -> list[Step]:
+        trigger = d.parent / "fail-reads"
+        steps: list[Step] = [
+            ("call", trigger.touch),
+            cmd("blockdev-add", driver="nbd", node_name="src",
+                server={"type": "unix", "path": str(d.parent / "nbdkit.sock")}),
+            add(d, "t"),
+            cmd("blockdev-backup", job_id="b", device="src", target="t", sync="full", on_source_error=policy),
+            wait("BLOCK_JOB_ERROR", device="b"),
+        ]
+        if policy == "report":
+            steps += [done("b")]
+        elif policy == "ignore":
+            steps += [("sleep", 0.3), ("call", trigger.unlink), done("b")]
+        else:
+            steps += [("sleep", 0.5), cmd("query-block-jobs"), ("call", trigger.unlink),
+                      cmd("block-job-resume", device="b"), done("b")]
+        return [*steps, cmd("blockdev-del", node_name="t"), cmd("blockdev-del", node_name="src")]
+    return flow
+
+
+@pytest.mark.parametrize("policy", ["report", "stop", "ignore"])
+async def test_on_source_error_same_as_qemu(tmp_path: Path, policy: str) -> None:
+    """A source whose reads fail (nbdkit's error filter behind an NBD
+    node: the same failure for both daemons, where QEMU would use
+    blkdebug, which exportd does not have)."""
+    src = failing_source(tmp_path)
+    peer = nbdkit(str(tmp_path / "nbdkit.sock"), "--filter=error", "file", str(src),
+                  "error-pread=EIO", "error-pread-rate=100%", f"error-pread-file={tmp_path / 'fail-reads'}",
+                  log=tmp_path / "nbdkit.log").start()
+    try:
+        theirs, ours = await both(tmp_path, images, source_error_flow(policy), numbers=False,
+                                  normalize=running_or_stopped)
+    finally:
+        peer.stop()
+    if policy != "report":
+        for d in (theirs, ours):
+            subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", str(src),
+                            str(d / "t.qcow2")], check=True)
+
+
+# --- drive-backup as a transaction action ---------------------------------------------------------
+def drive_transaction_flow(d: Path) -> list[Step]:
+    """drive-backup in transactions: with a bitmap add (committed), with an
+    abort (its image is made, then the action undone), with a target that
+    cannot be created (the bitmap add is undone too)."""
+    def drive(job: str, name: str, **extra: Any) -> dict[str, Any]:
+        return {"type": "drive-backup", "data": {"job-id": job, "device": "src", "target": str(d / name),
+                                                 "sync": "full", **extra}}
+    return [
+        add(d, "src"),
+        cmd("transaction", actions=[{"type": "block-dirty-bitmap-add", "data": {"node": "src", "name": "b"}},
+                                    drive("d1", "tx-full.qcow2")]),
+        done("d1"),
+        cmd("transaction", actions=[drive("d2", "tx-raw.raw", format="raw"), {"type": "abort", "data": {}}]),
+        cmd("transaction", actions=[{"type": "block-dirty-bitmap-add", "data": {"node": "src", "name": "c"}},
+                                    drive("d3", "nope/x.qcow2")]),
+        cmd("transaction", actions=[drive("d4", "tx-inc.qcow2", sync="incremental", bitmap="b"),
+                                    {"type": "block-dirty-bitmap-add", "data": {"node": "src", "name": "c"}}]),
+        done("d4"),
+        cmd("query-named-block-nodes"),
+        cmd("query-block-jobs"),
+    ]
+
+
+async def test_drive_backup_transaction_same_as_qemu(tmp_path: Path) -> None:
+    await both(tmp_path, images, drive_transaction_flow, normalize=bitmap_facts)

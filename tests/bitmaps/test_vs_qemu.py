@@ -132,3 +132,62 @@ def test_merge_of_no_bitmaps(daemon, raw_qmp, tmp_path: Path) -> None:  # noqa: 
     assert c.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "q", "bitmaps": ["b"]}) == {"return": {}}
     assert c.cmd("block-dirty-bitmap-merge", {"node": "q", "target": "b", "bitmaps": []}) == {"error": {
         "class": "GenericError", "desc": "Bitmap 'b' is currently in use by another operation and cannot be used"}}
+
+
+def cross_node_images(d: Path) -> None:
+    images(d)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(d / "b.qcow2"), str(4 * MiB)], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(d / "s.raw"), str(4 * MiB)], check=True)
+
+
+def cross_node_script(d: Path, nbd: Path) -> list[Any]:
+    """Bitmaps of two other nodes of the same size (a qcow2 and a raw file,
+    granularities 4 KiB and 512 B) merged into a bitmap of `q` (64 KiB):
+    by command, mixed with one of q's own, and in a transaction."""
+    def sha(bitmap: str, node: str = "q") -> Any:
+        return ("cmd", "x-debug-block-dirty-bitmap-sha256", {"node": node, "name": bitmap})
+
+    return [
+        cmd("blockdev-add", driver="qcow2", node_name="q", file={"driver": "file", "filename": str(d / "a.qcow2")}),
+        cmd("blockdev-add", driver="qcow2", node_name="o", file={"driver": "file", "filename": str(d / "b.qcow2")}),
+        cmd("blockdev-add", driver="file", node_name="s", filename=str(d / "s.raw")),
+        ("cmd", "block-dirty-bitmap-add", {"node": "o", "name": "ob", "granularity": 4096}),
+        ("cmd", "block-dirty-bitmap-add", {"node": "s", "name": "sb", "granularity": 512}),
+        ("cmd", "block-dirty-bitmap-add", {"node": "q", "name": "own"}),
+        ("cmd", "block-dirty-bitmap-add", {"node": "q", "name": "dst", "disabled": True}),
+        cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(nbd)}}),
+        ("cmd", "block-export-add", {"type": "nbd", "id": "eo", "node-name": "o", "name": "o", "writable": True}),
+        ("cmd", "block-export-add", {"type": "nbd", "id": "es", "node-name": "s", "name": "s", "writable": True}),
+        ("cmd", "block-export-add", {"type": "nbd", "id": "eq", "node-name": "q", "name": "a", "writable": True}),
+        ("call", lambda: qemu_io(nbd, "write 0 1", "write 100000 70000", "write -z 1M 64k", export="o")),
+        ("call", lambda: qemu_io(nbd, "write 2M 512", "write 4193792 512", export="s")),
+        ("call", lambda: qemu_io(nbd, "write 3M 4096")),
+        sha("ob", "o"), sha("sb", "s"),
+        cmd("block-dirty-bitmap-merge", node="q", target="dst", bitmaps=[{"node": "o", "name": "ob"}]),
+        cmd("query-named-block-nodes", flat=True), sha("dst"),
+        cmd("block-dirty-bitmap-merge", node="q", target="dst", bitmaps=["own", {"node": "s", "name": "sb"}]),
+        cmd("query-named-block-nodes", flat=True), sha("dst"),
+        ("cmd", "block-dirty-bitmap-clear", {"node": "q", "name": "dst"}),
+        cmd("transaction", actions=[
+            {"type": "block-dirty-bitmap-add", "data": {"node": "q", "name": "t", "granularity": 4096}},
+            {"type": "block-dirty-bitmap-merge",
+             "data": {"node": "q", "target": "t", "bitmaps": [{"node": "s", "name": "sb"}, {"node": "o", "name": "ob"}]}},
+            {"type": "block-dirty-bitmap-merge", "data": {"node": "q", "target": "dst", "bitmaps": ["t"]}}]),
+        cmd("query-named-block-nodes", flat=True), sha("t"), sha("dst"),
+        cmd("block-export-del", id="eo"), cmd("block-export-del", id="es"), cmd("block-export-del", id="eq"),
+        cmd("nbd-server-stop"),
+    ]
+
+
+async def test_cross_node_merge_as_qemu(daemon, tmp_path: Path) -> None:  # noqa: ANN001
+    both = await play_on_both(tmp_path, daemon, cross_node_images, lambda d, out: cross_node_script(d, d / "nbd.sock"))
+    theirs, ours = both["qsd"][0], both["exportd"][0]
+    cmds = [s for s in cross_node_script(tmp_path, tmp_path) if s[0] == "cmd"]
+    for step, a, b in zip(cmds, ours, theirs, strict=True):
+        if step[1] == "query-named-block-nodes":
+            a, b = bitmaps_of(a), bitmaps_of(b)
+        assert a == b, (step, a, b)
+    # the merges did something
+    shas = [r["return"]["sha256"] for s, r in zip(cmds, ours, strict=True)
+            if s[1] == "x-debug-block-dirty-bitmap-sha256"]
+    assert len(set(shas)) >= 4, shas

@@ -139,3 +139,46 @@ async def test_in_use_is_on_disk_before_the_first_write(daemon, tmp_path: Path) 
     await asyncio.sleep(0)
     r = subprocess.run(["qemu-img", "check", str(img)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def backups_after_crash(d: Path) -> list[Step]:
+    """Backups that would use the inconsistent bitmaps: refused with QEMU's
+    text (and no job made); once b0 is removed a full backup runs."""
+    b = {"device": "q", "target": "t"}
+    return [
+        cmd("blockdev-add", driver="qcow2", node_name="q",
+            file={"driver": "file", "filename": str(d / "a.qcow2")}),
+        cmd("blockdev-add", driver="qcow2", node_name="t",
+            file={"driver": "file", "filename": str(d / "t.qcow2")}),
+        cmd("blockdev-backup", job_id="i", sync="incremental", bitmap="b0", **b),
+        cmd("blockdev-backup", job_id="i", sync="bitmap", bitmap="off", bitmap_mode="always", **b),
+        cmd("blockdev-backup", job_id="i", sync="full", bitmap="b0", bitmap_mode="on-success", **b),
+        cmd("drive-backup", job_id="i", device="q", target=str(d / "d.qcow2"), sync="incremental", bitmap="b0",
+            mode="existing", format="qcow2"),
+        cmd("query-block-jobs"),
+        qb.bm("remove", "b0"),
+        cmd("blockdev-backup", job_id="f", sync="full", **b),
+        ("wait", "JOB_STATUS_CHANGE", {"id": "f", "status": "null"}),
+        cmd("blockdev-del", node_name="t"),
+        cmd("blockdev-del", node_name="q"),
+    ]
+
+
+async def test_inconsistent_bitmap_refused_by_backup(daemon, tmp_path: Path) -> None:  # noqa: ANN001
+    replies = {}
+    for who in ("qsd", "exportd"):
+        work = tmp_path / who
+        img = qb.new_image(work, 16 * MiB, "b0", "--disable -g 8192 off")
+        for name in ("t", "d"):
+            qb.run("qemu-img", "create", "-q", "-f", "qcow2", str(work / f"{name}.qcow2"), str(16 * MiB))
+        if who == "qsd":
+            await crash_qsd(work)
+        else:
+            await crash_exportd(work, daemon)
+        assert [b["flags"][0] for b in qb.image_bitmaps(img)] == ["in-use", "in-use"]
+        replies[who] = await qb.replies_on(who, work / "again.sock", backups_after_crash(work), daemon)
+        qb.run("qemu-img", "compare", str(img), str(work / "t.qcow2"))
+    assert replies["exportd"] == replies["qsd"], json.dumps(replies)
+    refused = {"error": ["GenericError", "Bitmap 'b0' is inconsistent and cannot be used"]}
+    assert replies["qsd"][2] == refused and replies["qsd"][4] == refused and replies["qsd"][5] == refused
+    assert replies["qsd"][3] == {"error": ["GenericError", "Bitmap 'off' is inconsistent and cannot be used"]}

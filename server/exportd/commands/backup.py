@@ -19,6 +19,7 @@ from exportd.block.bitmaps import DirtyBitmap, Use
 from exportd.block.graph import check_not_busy
 from exportd.block.jobs.backup import BackupJob
 from exportd.block.jobs.base import check_speed
+from exportd.block.jobs.cbw import supports_compressed_writes
 from exportd.block.node import BlockNode
 from exportd.block.transaction import Action, run
 from exportd.commands import command
@@ -74,9 +75,9 @@ async def make_backup_job(daemon: Any, args: dict[str, Any], source: BlockNode, 
     sync, bm, mode = _bitmap_checks(args, source)
     if source is target:
         raise BlockError("Source and target cannot be the same")
-    if args.get("compress", False):
-        # exportd writes no compressed clusters (QEMU names the target's
-        # device here: a node has none)
+    compress = bool(args.get("compress", False))
+    if compress and not supports_compressed_writes(target):
+        # QEMU names the target's device here: a node has none
         raise BlockError("Compression is not supported for this drive ")
     check_not_busy(source, backing=False)
     check_not_busy(target, backing=False)
@@ -91,7 +92,7 @@ async def make_backup_job(daemon: Any, args: dict[str, Any], source: BlockNode, 
     job = BackupJob(daemon, args.get("job-id", ""), source, target, sync=sync, bitmap=bm, bitmap_mode=mode,
                     on_source_error=args.get("on-source-error", "report"),
                     on_target_error=args.get("on-target-error", "report"), max_chunk=max_chunk,
-                    max_workers=max_workers,
+                    max_workers=max_workers, compress=compress,
                     auto_finalize=args.get("auto-finalize", True), auto_dismiss=args.get("auto-dismiss", True))
     try:  # the filter node is made as blockdev-add would, with its texts
         await job.setup(daemon.graph.new_node_name(args.get("filter-node-name")))

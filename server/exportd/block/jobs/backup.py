@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any
 
 from exportd.block import bitmaps
@@ -49,7 +50,7 @@ class BackupJob(BlockJob):
     def __init__(self, daemon: Any, job_id: str, source: BlockNode, target: BlockNode, *, sync: str,
                  bitmap: DirtyBitmap | None = None, bitmap_mode: str | None = None,
                  on_source_error: str = "report", on_target_error: str = "report",
-                 max_chunk: int = 0, max_workers: int = 64, **kwargs: Any) -> None:
+                 max_chunk: int = 0, max_workers: int = 64, compress: bool = False, **kwargs: Any) -> None:
         super().__init__(daemon, job_id, **kwargs)
         self.source = source
         self.target = target
@@ -60,13 +61,14 @@ class BackupJob(BlockJob):
         self.on_target_error = on_target_error
         self.max_chunk = max_chunk
         self.max_workers = max_workers
-        self.bcs = BlockCopy(source, target, cluster_size(target))
+        self.bcs = BlockCopy(source, target, cluster_size(target), compress=compress)
         self.filter: CopyBeforeWriteFilter | None = None
         self.view: PointInTimeView | None = None  # the target's backing node while fleecing
         self.main_edge: Edge | None = None
         self.target_edge: Edge | None = None
         self.successor: DirtyMap | None = None  # writes to the source during the job
         self._successor_records = False
+        self._older_bitmaps: set[int] = set()  # ids of the node's bitmaps when the job was made
 
     @property
     def cluster(self) -> int:
@@ -110,6 +112,8 @@ class BackupJob(BlockJob):
             self.bcs.dirty.mark(0, length)
         if self.bitmap is not None:
             self.bitmap.busy = True
+            # QEMU's successor is a bitmap made now: newer than these
+            self._older_bitmaps = {id(b) for b in self.bitmap.node.dirty_bitmaps}
             self.successor = DirtyMap(self.bitmap.bits.length, self.bitmap.granularity)
             self._successor_records = self.bitmap.enabled
         self.total_progress = self.bcs.dirty.dirty_bytes()
@@ -212,7 +216,10 @@ class BackupJob(BlockJob):
                         policy = self.on_source_error if e.is_read else self.on_target_error
                         # report fails the job; stop pauses, ignore goes on: either
                         # way the clusters stay dirty and are tried again (QEMU's backup_loop)
-                        await self.io_error(e.exc, is_read=e.is_read, policy=policy)
+                        exc = e.exc
+                        if exc.errno:  # QEMU's job error is strerror(), not a driver's own words
+                            exc = OSError(exc.errno, os.strerror(exc.errno))
+                        await self.io_error(exc, is_read=e.is_read, policy=policy)
                         cursor = offset
                         continue
                     await self.processed(copied)
@@ -252,10 +259,13 @@ class BackupJob(BlockJob):
         if self.bitmap_mode == "never" or not (success or self.bitmap_mode == "always"):
             return  # the bitmap as it was plus the successor: what it is now
         bm.bits.restore(successor)
-        # QEMU's successor, made at the job's start, takes the bitmap's place
-        # and name: it is the node's newest bitmap now
+        # QEMU's successor, made when the job was, takes the bitmap's place
+        # and name: in the node's list (newest first) it comes after the
+        # bitmaps added since and before the older ones
         bitmaps.detach(bm)
-        bitmaps.attach(bm)
+        listed = bm.node.dirty_bitmaps
+        at = next((i for i, b in enumerate(listed) if id(b) in self._older_bitmaps), len(listed))
+        listed.insert(at, bm)
         if not success:  # always, after a failure: also what was not copied
             bm.bits.merge(self.bcs.dirty)
 

@@ -34,6 +34,12 @@ MAX_IN_FLIGHT = 4  # a job's background copies at once (QEMU's x-perf max-worker
 DEFAULT_CLUSTER = 64 << 10  # BLOCK_COPY_CLUSTER_SIZE_DEFAULT
 
 
+def supports_compressed_writes(target: BlockNode) -> bool:
+    """QEMU's bdrv_supports_compressed_writes: the target's driver writes
+    compressed clusters (exportd: qcow2; no filter forwards them)."""
+    return callable(getattr(target, "write_compressed", None))
+
+
 def cluster_size(target: BlockNode) -> int:
     """QEMU's block_copy_calculate_cluster_size: the target's cluster size,
     64 KiB at least (also when the target has none)."""
@@ -53,10 +59,15 @@ class BlockCopy:
     """Which clusters of `source` still have to reach `target`, and who is
     copying which right now."""
 
-    def __init__(self, source: BlockNode, target: BlockNode, cluster: int) -> None:
+    def __init__(self, source: BlockNode, target: BlockNode, cluster: int, *, compress: bool = False) -> None:
         self.source = source
         self.target = target
         self.cluster = cluster
+        # data clusters go to the target compressed (QEMU's write flag
+        # BDRV_REQ_WRITE_COMPRESSED; zeroes stay zero writes): whole target
+        # clusters, so a step is never less than a copy cluster
+        self.compress = compress
+        self.step = max(MAX_CHUNK, cluster) if compress else MAX_CHUNK
         self.length = source.getlength()
         self.dirty = DirtyMap(self.length, cluster)  # clusters still to copy
         self.locks = RangeLocks()
@@ -82,7 +93,7 @@ class BlockCopy:
             for run, run_n, dirty in list(self.dirty.runs(start, n)):
                 pos, end = run, run + run_n
                 while dirty and pos < end:
-                    step = min(MAX_CHUNK, end - pos)
+                    step = min(self.step, end - pos)
                     await self._copy_step(pos, step)
                     self.dirty.clear(pos, step)
                     done += step
@@ -97,19 +108,42 @@ class BlockCopy:
         except OSError as e:
             raise CopyError(e, is_read=True) from e
         try:
-            if is_zero(data):
-                # never unmapped (as QEMU's block-copy): a cluster copied to an
-                # incremental or fleecing target must not read through to its
-                # backing image
-                await self.target.write_zeroes(offset, n)
-                if self.zeroes_allocated and not await self._allocated(offset, n):
-                    # a driver that leaves zeroes unallocated where nothing
-                    # lies below (exportd's qcow2 without a backing file)
-                    await self.target.write(offset, bytes(n))
+            if self.compress:
+                await self._write_compressed(offset, data)
+            elif is_zero(data):
+                await self._write_zeroes(offset, n)
             else:
                 await self.target.write(offset, data)
         except OSError as e:
             raise CopyError(e, is_read=False) from e
+
+    async def _write_zeroes(self, offset: int, n: int) -> None:
+        # never unmapped (as QEMU's block-copy): a cluster copied to an
+        # incremental or fleecing target must not read through to its
+        # backing image
+        await self.target.write_zeroes(offset, n)
+        if self.zeroes_allocated and not await self._allocated(offset, n):
+            # a driver that leaves zeroes unallocated where nothing
+            # lies below (exportd's qcow2 without a backing file)
+            await self.target.write(offset, bytes(n))
+
+    async def _write_compressed(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Runs of target clusters: zeroes as zero writes, data compressed
+        (the target's driver writes a cluster that does not shrink plain)."""
+        tcs = self.target.cluster_size()
+        mv = memoryview(data).cast("B")
+        pos, end = 0, len(mv)
+        while pos < end:
+            zero = is_zero(mv[pos : pos + tcs])
+            run_end = pos + tcs
+            while run_end < end and is_zero(mv[run_end : run_end + tcs]) == zero:
+                run_end += tcs
+            run_end = min(run_end, end)
+            if zero:
+                await self._write_zeroes(offset + pos, run_end - pos)
+            else:
+                await self.target.write_compressed(offset + pos, mv[pos:run_end])  # type: ignore[attr-defined]
+            pos = run_end
 
     async def _allocated(self, offset: int, n: int) -> bool:
         end = offset + n

@@ -9,11 +9,14 @@ qcow2-cluster.c), writeback.py (crash-safe write-back order), refcount.py
 qcow2-refcount.c) behind imagefile.py (the narrow image file interface),
 l2cache.py (decoded L2 tables, LRU; qcow2-cache.c), snapshots.py (the
 snapshot table; qcow2-snapshot.c), header.py (header, extensions, feature
-checks), compress.py (deflate, zstd), create.py (new images).
+checks), compress.py (deflate, zstd), compressed_write.py (compressed
+cluster writes, packed at byte granularity as QEMU does; qcow2-cluster.c's
+qcow2_alloc_compressed_cluster_offset), create.py (new images).
 
 Supported: versions 2 and 3; cluster sizes 512 B - 2 MiB; refcount widths
 1 - 64 bits; header extensions read and kept byte for byte; zero clusters;
-compressed clusters (zlib, zstd with the `zstandard` package); backing chains
+compressed clusters (zlib, zstd with the `zstandard` package), read and
+written (whole clusters not yet allocated: a backup's `compress`); backing chains
 (header default, node name, nested dict, null); internal snapshots kept intact
 (COPIED rule, L2 and data copy-on-write); write zeroes with the zero flag;
 discard (with pass-discard-request); grow (L1 and refcount table growth, with

@@ -1,4 +1,5 @@
-"""Decompression of qcow2 compressed clusters (zlib raw deflate, zstd)."""
+"""Compression and decompression of qcow2 compressed clusters (zlib raw
+deflate, zstd), with QEMU's parameters (block/qcow2-threads.c)."""
 
 from __future__ import annotations
 
@@ -40,3 +41,22 @@ def decompress(data: bytes, cluster_size: int, ctype: int) -> bytes:
     if len(out) < cluster_size:
         raise OSError(errno.EIO, "qcow2: compressed cluster decompresses to less than a cluster")
     return out[:cluster_size]
+
+
+def compress(data: bytes | bytearray | memoryview, cluster_size: int, ctype: int) -> bytes | None:
+    """One whole cluster compressed as QEMU does it, or None when the result
+    would not be smaller than the cluster (QEMU gives deflate an output
+    buffer of cluster_size - 1 bytes and writes such a cluster uncompressed).
+    Pure computation: zlib and zstd release the GIL, so a worker thread may
+    run it."""
+    if ctype == COMPRESSION_ZLIB:
+        # qcow2_zlib_compress: raw deflate, 4 KiB window, memLevel 9
+        c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9, zlib.Z_DEFAULT_STRATEGY)
+        out = c.compress(data) + c.flush(zlib.Z_FINISH)
+    elif ctype == COMPRESSION_ZSTD:
+        if zstandard is None:
+            raise OSError(errno.ENOTSUP, "qcow2: zstd compression but the zstandard package is not installed")
+        out = zstandard.ZstdCompressor(level=3).compress(bytes(data))  # ZSTD_CLEVEL_DEFAULT
+    else:
+        raise OSError(errno.ENOTSUP, f"qcow2: unknown compression type {ctype}")
+    return out if len(out) < cluster_size else None

@@ -19,6 +19,8 @@ that dropped it is durable.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from exportd.block.qcow2.cluster import OFFSET_MASK
 from exportd.block.qcow2.l2cache import encode_table
 from exportd.block.qcow2.state import Qcow2State
@@ -26,6 +28,9 @@ from exportd.block.qcow2.state import Qcow2State
 
 class Writeback(Qcow2State):
     """The write-back half of Qcow2Node (a mixin: the node's state)."""
+
+    if TYPE_CHECKING:  # compressed_write.py
+        def _forget_free_bytes(self, cluster_index: int) -> None: ...
 
     async def _writeback(self) -> None:
         """Write dirty metadata in crash-safe order (see module docstring). Lock held."""
@@ -57,6 +62,7 @@ class Writeback(Qcow2State):
             for off, n, want_punch in frees:
                 for ci in range(off >> cb, (off >> cb) + n):
                     if await self.rc.add(ci, -1) == 0:
+                        self._forget_free_bytes(ci)
                         self.l2cache.drop(ci << cb)
                         self.meta_clusters.discard(ci)
                         if self._last_comp[0] != -1:
