@@ -92,3 +92,23 @@ async def test_nbdcopy_out_and_in(nbd, workdir: Path) -> None:
     # holes stayed holes: nbdcopy zeroed rather than wrote the empty parts
     m = (await run("nbdinfo", "--map", nbd.uri("dst"))).stdout
     assert "hole" in m
+
+
+async def test_a_hole_made_elsewhere_shows_at_once(nbd, workdir: Path) -> None:
+    # export "a" remembers that the whole image is data; a trim through
+    # another export of the same node must not leave that answer stale
+    src = workdir / "d.raw"
+    qemu_img_create(src, "4M", fmt="raw")
+    qemu_io(src, "write -P 0x61 0 4M", fmt="raw")
+    await nbd.d.cmd("blockdev-add", {"driver": "raw", "node-name": "d", "discard": "unmap",
+                                     "file": {"driver": "file", "filename": str(src), "discard": "unmap"}})
+    await nbd.export("a", "d", name="a")
+    await nbd.export("b", "d", name="b", writable=True)
+
+    async def map_of_a() -> list[tuple[str, ...]]:
+        out = (await run("nbdinfo", "--map", nbd.uri("a"))).stdout
+        return [tuple(line.split()[:3]) for line in out.splitlines() if line.strip()]
+
+    assert await map_of_a() == [("0", "4194304", "0")]
+    await run("qemu-io", "-f", "raw", "-c", "discard 1M 1M", nbd.uri("b"))
+    assert await map_of_a() == [("0", "1048576", "0"), ("1048576", "1048576", "3"), ("2097152", "2097152", "0")]

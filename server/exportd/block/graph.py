@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from exportd.block import driver_class
-from exportd.block.node import BlockNode, Edge, Perm, combine
+from exportd.block.node import BlockNode, Edge, Holes, Perm, combine
 from exportd.block.options import check_members
 from exportd.errors import BlockError
 
@@ -289,6 +289,7 @@ class BlockGraph:
             raise
         new.users = [*new.users, *moving]
         new.permissions_changed()
+        Holes.made()  # a format node over a new child (or a new backing) may read zeroes where it read data
         for e in moving:
             e.node = new
         old.detach(*moving)
@@ -337,6 +338,7 @@ class BlockGraph:
         """Point `node`'s backing edge at `backing`, or drop it (QEMU's
         bdrv_set_backing_hd in the graph; the image header is the driver's).
         The old backing node goes when nobody else holds it."""
+        Holes.made()  # what showed through from the old backing may be zeroes now
         edge = node.child_edges.get("backing")
         if edge is None and backing is not None:
             node.child_edges["backing"] = backing.attach(node, Perm.CONSISTENT_READ, Perm.ALL, "backing")

@@ -405,6 +405,20 @@ def describe_owner(owner: object) -> str:
     return d() if callable(d) else "an unnamed block device"
 
 
+class Holes:
+    """A daemon-wide count of what may have turned data into holes or zeroes
+    anywhere in the graph (a write-zeroes, a discard, a truncate, a change of
+    backing or of a parent's node). A cache of "this range is data" (an NBD
+    export's) is good while the count has not moved: one integer compare per
+    request, where tracking which nodes lie below which would cost a walk."""
+
+    epoch = 0
+
+    @classmethod
+    def made(cls) -> None:
+        cls.epoch += 1
+
+
 # --- the wrappers BlockNode.__init_subclass__ puts around a driver's write
 # methods: the write threshold is checked before a write (as QEMU does when
 # it starts one), dirty bitmaps are marked after it, even when it failed
@@ -430,6 +444,7 @@ def _marks_range(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             await fn(self, offset, length, **kwargs)
         finally:
+            Holes.made()
             if self.dirty_bitmaps:
                 mark_written(self, offset, length)
     return write_range
@@ -441,6 +456,7 @@ def _marks_discard(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             await fn(self, offset, length)
         finally:
+            Holes.made()
             # QEMU drops a discard before it is tracked unless discard=unmap
             if self.dirty_bitmaps and self.options.get("discard") == "unmap":
                 mark_written(self, offset, length)
@@ -451,7 +467,10 @@ def _marks_resize(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     async def truncate(self: BlockNode, size: int, **kwargs: Any) -> None:
         old = self.getlength()
-        await fn(self, size, **kwargs)
+        try:
+            await fn(self, size, **kwargs)
+        finally:
+            Holes.made()
         if self.dirty_bitmaps:
             node_resized(self, old, self.getlength())
     return truncate

@@ -21,7 +21,7 @@ from exportd.block import bitmaps
 from exportd.block.bitmap_actions import bitmap_of
 from exportd.block.bitmaps import DirtyBitmap, Use
 from exportd.block.chain import filtered_or_backing
-from exportd.block.node import BlockNode, BlockStatus, Perm, Status
+from exportd.block.node import BlockNode, BlockStatus, Holes, Perm, Status
 from exportd.errors import QMPError
 from exportd.export import register_export_type
 from exportd.export.base import BlockExport
@@ -49,7 +49,7 @@ class NbdExport(BlockExport):
         self.clients: set[Connection] = set()
         self.bitmaps: dict[str, DirtyBitmap] = {}  # context name -> the dirty bitmap it shows
         self._server: Any = None
-        self._data_cache: tuple[BlockNode, int, int] | None = None
+        self._data_cache: tuple[BlockNode, int, int, int] | None = None  # node, start, end, Holes.epoch
         self._lookup = asyncio.Lock()  # block status lookups for the cache, one at a time
 
     async def start(self, options: dict[str, Any]) -> None:
@@ -121,12 +121,13 @@ class NbdExport(BlockExport):
     # base:allocation: asking again costs a SEEK_HOLE walk per request on a
     # big file. A stale entry is harmless: a range called data is sent as
     # data, and reported allocated, which is always correct (proto.md: a hole
-    # may be reported as data); holes are never cached. Trims and zeroing
-    # through NBD, and a resize, drop it.
+    # may be reported as data); holes are never cached. Anything that may
+    # make a hole anywhere (Holes: trims and zeroing through any export or
+    # job, a truncate, a graph change) and a resize drop it.
     def known_data(self, offset: int) -> int:
         """How many bytes from `offset` are known to be data (0: ask)."""
         c = self._data_cache
-        if c is None or c[0] is not self.node or not c[1] <= offset < c[2]:
+        if c is None or c[0] is not self.node or not c[1] <= offset < c[2] or c[3] != Holes.epoch:
             return 0
         return c[2] - offset
 
@@ -143,14 +144,15 @@ class NbdExport(BlockExport):
             known = self.known_data(offset)
             if known:
                 return known, None
+            epoch = Holes.epoch  # a hole made during the lookup makes its answer stale
             st = await self.node.block_status(offset, max(length, self.current_length() - offset))
             if st.status & Status.DATA and not st.status & Status.ZERO and st.length > 0:
-                self.remember_data(offset, st.length)
+                self.remember_data(offset, st.length, epoch)
                 return st.length, None
             return 0, st
 
-    def remember_data(self, offset: int, length: int) -> None:
-        self._data_cache = (self.node, offset, offset + length)
+    def remember_data(self, offset: int, length: int, epoch: int) -> None:
+        self._data_cache = (self.node, offset, offset + length, epoch)
 
     def forget_data(self) -> None:
         """A trim or zeroing through this export may make holes: ask again."""
