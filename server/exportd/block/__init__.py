@@ -77,6 +77,18 @@ def driver_class(name: str) -> type[BlockNode] | None:
     return DRIVERS.get(name)
 
 
+async def load_driver(name: str) -> type[BlockNode] | None:
+    """driver_class for the event loop: a first import (qcow2's package:
+    ~45 ms of module code) runs in a thread of its own, so the loop keeps
+    its turns (the interpreter switches threads every 5 ms)."""
+    cls = DRIVERS.get(name)
+    if cls is not None:
+        return cls
+    from exportd.aio.threads import in_own_thread
+
+    return await in_own_thread(driver_class, name)
+
+
 def _register_from_module(module: object, name: str) -> None:
     from exportd.block.node import BlockNode
 

@@ -25,7 +25,7 @@ Contract (used by commands/block.py, the exports and the format drivers):
 
 Drivers come from the registry in exportd.block (see its docstring): a driver
 module defines a BlockNode subclass decorated with `@register_driver`, and
-`exportd.block.driver_class(name)` imports it on first use.
+`exportd.block.load_driver(name)` imports it on first use (in a thread).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from exportd.block import driver_class
+from exportd.block import load_driver
 from exportd.block.node import BlockNode, Edge, Holes, Perm, combine
 from exportd.block.options import check_members
 from exportd.errors import BlockError
@@ -145,7 +145,7 @@ class BlockGraph:
             name = self._generate_name()
         else:
             self._check_new_name(name)
-        cls = driver_class(driver)
+        cls = await load_driver(driver)
         if cls is None:
             raise BlockError(f"Parameter 'driver' does not accept value '{driver}'")
         opts = normalize_common(options)

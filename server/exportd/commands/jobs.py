@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from exportd.block import driver_class
+from exportd.block import load_driver
 from exportd.commands import command
 from exportd.errors import BlockError
 from exportd.jobs import registry_of
@@ -23,7 +23,7 @@ from exportd.jobs import registry_of
 async def blockdev_create(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
     opts = args["options"]
     # the driver declares how it creates images (QEMU's BlockDriver.bdrv_co_create)
-    cls = driver_class(opts["driver"])
+    cls = await load_driver(opts["driver"])
     steps = cls.create_steps(daemon.graph, opts) if cls is not None else None
     if steps is None:
         raise BlockError(f"Driver '{opts['driver']}' does not support blockdev-create")
