@@ -81,6 +81,17 @@ def script(d: Path) -> list[tuple[str, dict[str, Any]]]:
                                               **{"detect-zeroes": "unmap", "cache": {"no-flush": True}})]}),
         ("blockdev-reopen", {"options": [dict(top, backing="base"), dict(top, backing="base")]}),
         ("blockdev-reopen", {"options": [{"driver": "raw", "node-name": "praw", "file": "pf"}]}),
+        # a new `file` (QEMU 6.1+): a throttle filter put in between and taken out, under the export
+        ("object-add", {"qom-type": "throttle-group", "id": "tg", "limits": {"iops-total": 1000}}),
+        ("blockdev-add", {"driver": "throttle", "node-name": "thr", "throttle-group": "tg", "file": "pf"}),
+        ("blockdev-reopen", {"options": [{"driver": "raw", "node-name": "praw", "file": "nope"}]}),
+        ("blockdev-reopen", {"options": [{"driver": "raw", "node-name": "praw", "file": "praw"}]}),
+        ("blockdev-reopen", {"options": [{"driver": "raw", "node-name": "praw", "file": "top-file"}]}),
+        ("blockdev-reopen", {"options": [{"driver": "raw", "node-name": "praw", "file": "thr"}]}),
+        nodes,
+        ("blockdev-del", {"node-name": "thr"}),  # refused: praw reads through it
+        ("blockdev-reopen", {"options": [{"driver": "raw", "node-name": "praw", "file": "pf"}]}),
+        ("blockdev-del", {"node-name": "thr"}),
         ("block-export-del", {"id": "e"}),
         # a node with children it opened itself
         ("blockdev-add", {"driver": "qcow2", "node-name": "t2",
@@ -112,6 +123,10 @@ async def test_blockdev_reopen_same_as_qemu(daemon, tmp_path: Path) -> None:
     steps = script(work)
     ours, theirs = await replies_of_both(tmp_path, lambda: images(work), steps, lambda: daemon().socket)
     for i, (step, a, b) in enumerate(zip(steps, ours, theirs, strict=True)):
+        if step[1].get("options", [{}])[0] == {"driver": "raw", "node-name": "praw", "file": "top-file"}:
+            # QEMU's writable export holds resize all the time, and raw passes
+            # it down; exportd's takes resize only for a truncate (README)
+            b = {"error": [b["error"][0], b["error"][1].replace("'write, resize'", "'write'")]}
         assert comparable(a) == comparable(b), (i, step)
 
 
@@ -162,4 +177,46 @@ async def test_export_stays_mounted_through_reopen(exportd: Exportd, workdir: Pa
     assert r.returncode == 0 and "No errors were found" in r.stdout, r.stdout + r.stderr
     r = subprocess.run(["qemu-io", "-r", "-f", "qcow2", "-c", "read -P 0x62 64k 64k", "-c", "read -P 0x61 0 64k",
                         "-c", "read -P 0x61 128k 896k", str(img)], capture_output=True, text=True)
+    assert r.returncode == 0 and "verification failed" not in r.stdout, r.stdout
+
+
+async def test_a_filter_put_under_an_exported_qcow2_and_taken_out(exportd: Exportd, workdir: Path) -> None:
+    """blockdev-reopen with a new `file` (QEMU 6.1+): a throttle node goes
+    between a written qcow2 node and its file, and out again, while a FUSE
+    export of the qcow2 node keeps a file open and writes through both."""
+    images(workdir)
+    img = workdir / "base.qcow2"
+    await exportd.cmd("blockdev-add", {"driver": "qcow2", "node-name": "q",
+                                       "file": {"driver": "file", "filename": str(img), "node-name": "qf"}})
+    await exportd.cmd("object-add", {"qom-type": "throttle-group", "id": "tg", "limits": {"iops-total": 100000}})
+    await exportd.cmd("blockdev-add", {"driver": "throttle", "node-name": "thr", "throttle-group": "tg",
+                                       "file": "qf"})
+    mnt = workdir / "mnt.raw"
+    await exportd.add_export("e", "q", mnt, writable=True)
+
+    async def file_edges() -> set[tuple[str, str]]:
+        g = await exportd.cmd("x-debug-query-block-graph")
+        names = {n["id"]: n["name"] for n in g["nodes"]}
+        return {(names[e["parent"]], names[e["child"]]) for e in g["edges"] if e["name"] == "file"}
+
+    fd = await athread(os.open, str(mnt), os.O_RDWR)
+    try:
+        q = {"driver": "qcow2", "node-name": "q"}
+        await exportd.cmd("blockdev-reopen", {"options": [dict(q, file="thr")]})
+        assert await file_edges() == {("q", "thr"), ("thr", "qf")}
+        assert await athread(os.pwrite, fd, b"t" * 65536, 65536) == 65536  # through the filter
+        await athread(os.fsync, fd)
+        await exportd.cmd("blockdev-reopen", {"options": [dict(q, file="qf")]})
+        assert await file_edges() == {("q", "qf"), ("thr", "qf")}
+        assert await athread(os.pwrite, fd, b"u" * 65536, 2 * 65536) == 65536
+        assert await athread(os.pread, fd, 3 * 65536, 0) == b"a" * 65536 + b"t" * 65536 + b"u" * 65536
+    finally:
+        await athread(os.close, fd)
+    await exportd.del_export("e")
+    await exportd.cmd("blockdev-del", {"node-name": "thr"})
+    await exportd.cmd("blockdev-del", {"node-name": "q"})
+    r = subprocess.run(["qemu-img", "check", str(img)], capture_output=True, text=True)
+    assert r.returncode == 0 and "No errors were found" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run(["qemu-io", "-r", "-f", "qcow2", "-c", "read -P 0x74 64k 64k", "-c", "read -P 0x75 128k 64k",
+                        str(img)], capture_output=True, text=True)
     assert r.returncode == 0 and "verification failed" not in r.stdout, r.stdout

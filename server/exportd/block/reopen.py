@@ -196,14 +196,27 @@ def _child_changes(graph: Any, node: BlockNode, opts: dict[str, Any]) -> dict[st
         target = graph.find(ref)
         if target is None:
             raise BlockError(f"Cannot find device='' nor node-name='{ref}'")
-        if target is current:
-            continue
-        if role == "file":
-            raise BlockError("Cannot change the option 'file'")
         if target is node or node in subtree(target):
             raise BlockError(f"Making '{target.node_name}' a {role} child of '{node.node_name}' would create a cycle")
-        changes[role] = target
+        if target is current:
+            continue
+        if current is not None:
+            # QEMU looks through filters the user did not name (a job's)
+            if _skip_implicit(current) is target:
+                continue
+            if getattr(current, "implicit", False):
+                raise BlockError(f"Cannot replace implicit {role} child of {node.node_name}")
+        changes[role] = target  # a new `file` too (QEMU 6.1+: inserting or removing a filter)
     return changes
+
+
+def _skip_implicit(node: BlockNode) -> BlockNode:
+    while getattr(node, "implicit", False):
+        below = node.filtered_node()
+        if below is None:
+            break
+        node = below
+    return node
 
 
 def _other_writers(node: BlockNode, parent: BlockNode) -> bool:
@@ -257,12 +270,23 @@ def _permissions(order: list[_Plan], undo: list[Callable[[], None]]) -> None:
             for e in p.node.users:
                 if e.perm & _WRITERS:
                     raise BlockError(f"Read-only block node '{p.node.node_name}' cannot support read-write users")
-    # new children (a new backing node), taken with what the driver asks at open
+    # new children (a new backing or file node): what the old child's edge
+    # had (a writable format node writes its new file), a new backing reads
     for p in order:
         for role, target in p.children.items():
             if target is None:
                 continue
-            perm, shared = Perm.CONSISTENT_READ, Perm.ALL
+            old_edge = p.node.child_edges.get(role)
+            if old_edge is not None:
+                perm, shared = _child_perm(p.node, role, old_edge, p.read_only)
+                # the old child is let go in the same step (QEMU swaps the
+                # edge in one transaction): a filter over the old child
+                # (file -> throttle -> file) must not conflict with it
+                kept = (old_edge.perm, old_edge.shared)
+                old_edge.node.update(old_edge, Perm(0), Perm.ALL)
+                undo.append(lambda e=old_edge, k=kept: e.node.update(e, *k))  # type: ignore[misc]
+            else:
+                perm, shared = Perm.CONSISTENT_READ, Perm.ALL
             edge = target.attach(p.node, perm, shared, role)
             undo.append(lambda t=target, e=edge: t.detach(e))  # type: ignore[misc]
             p.new_edges[role] = edge
@@ -274,6 +298,8 @@ def _permissions(order: list[_Plan], undo: list[Callable[[], None]]) -> None:
 
 def _update_child_edges(p: _Plan, undo: list[Callable[[], None]]) -> None:
     for role, edge in list(p.node.child_edges.items()):
+        if role in p.children:
+            continue  # replaced: its new edge already has what this node needs
         perm, shared = _child_perm(p.node, role, edge, p.read_only)
         if (perm, shared) == (edge.perm, edge.shared):
             continue
@@ -292,6 +318,9 @@ async def _commit(graph: Any, p: _Plan) -> None:
         await graph.detach_child(node, role)  # the old child (an implicit one goes with it)
         if target is not None:
             node.child_edges[role] = p.new_edges[role]
+            moved = getattr(node, "child_replaced", None)  # a driver that keeps the edge at hand
+            if moved is not None:
+                moved(role, p.new_edges[role])
     if p.hooks is not None:
         try:
             await p.hooks[0]()

@@ -97,6 +97,12 @@ class JobFilter(BlockNode):
     def filtered_node(self) -> BlockNode | None:
         return self.inner
 
+    @property
+    def implicit(self) -> bool:
+        """QEMU's implicit node: a filter the user did not name (no
+        filter-node-name); blockdev-reopen looks through it."""
+        return self.auto_named
+
     # --- permissions: the parents' needs pass to the child ----------------------------
     def apply_permissions(self, perm: Perm, shared: Perm) -> None:
         # what the job itself refuses (resize) it refuses with its own edge on the filter

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from exportd.block.node import Perm
+from exportd.block.node import Edge, Perm
 from exportd.block.qcow2 import header as hdr
 from exportd.errors import BlockError
 
@@ -36,6 +36,13 @@ class Qcow2Reopen:
         perm = Perm.CONSISTENT_READ if read_only else Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE
         shared = Perm.ALL if self.force_share else Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED  # type: ignore[attr-defined]
         return perm, shared
+
+    def child_replaced(self, role: str, edge: Edge) -> None:
+        """blockdev-reopen gave this node a new `file` (a filter inserted or
+        removed): the image is read through the new edge from now on."""
+        if role == "file":
+            self._file_edge = edge  # type: ignore[attr-defined]
+            self.io.edge = edge  # type: ignore[attr-defined]
 
     async def reopen_prepare(self, options: dict[str, Any], read_only: bool) -> Any:
         """Read-only -> read-write: the image must be writable as at open (no
