@@ -470,10 +470,11 @@ class JobTxn:
 
     async def abort(self, job: Job) -> None:
         """QEMU's job_completed_txn_abort: `job` failed or was cancelled;
-        every other job is force-cancelled, then each is finalized. The
-        others are let stop before the first is finalized: QEMU's
-        finalization drains the nodes, which lets them reach aborting
-        first, and its events come in that order."""
+        every other job is force-cancelled, then each is finalized in
+        turn, once it has stopped. A job that was running stops before the
+        first is finalized (QEMU's finalization drains the nodes, which
+        kicks it to its next pause point, and its aborting comes first); a
+        paused one is woken only at its turn (QEMU's job_finish_sync)."""
         if self.aborting:
             return  # cancelled by another job of the transaction, which does the rest
         self.aborting = True
@@ -481,18 +482,24 @@ class JobTxn:
         for other in list(self.jobs):
             if other is job:
                 continue
+            paused = other.status in (S.PAUSED, S.STANDBY)
             other._cancel_async(True)
             if other.is_completed():
                 continue
             if other.task is None:  # never started: completes at once (QEMU's job_cancel)
                 other._update_rc()
                 continue
-            other.enter()
-            running.append(other.task)
+            if not paused:
+                other.enter()
+                running.append(other.task)
         if running:
             await asyncio.wait(running)  # each stops at its next pause point, aborting
         while self.jobs:
-            await self.jobs[0]._finalize_single()
+            first = self.jobs[0]
+            if not first.is_completed() and first.task is not None:
+                first.enter()
+                await asyncio.wait([first.task])
+            await first._finalize_single()
 
 
 class JobRegistry:

@@ -219,7 +219,9 @@ async def test_grouped_refusals_same_as_qemu(tmp_path: Path) -> None:
 def cancel_flow(d: Path) -> list[Step]:
     """Both rate-limited: block-job-cancel of either one cancels both. The
     cancelled job announces aborting, then the other (once its copy
-    stopped), then both are finalized newest first."""
+    stopped), then both are finalized newest first. A user's pause of the
+    other one is lifted by the cancel (QEMU's job_cancel_async); one that
+    already waits is cancelled at its finalization."""
     return [
         add(d, "src"), add(d, "full"), add(d, "t"),
         grouped(backup("a", "src", "full", speed=1), backup("b", "src", "t", speed=1)),
@@ -230,6 +232,13 @@ def cancel_flow(d: Path) -> list[Step]:
         ("sleep", 0.5),
         cmd("block-job-cancel", device="e"),
         gone("c"),
+        # one paused by the user: the cancel of the other ends the pause
+        grouped(backup("p", "src", "full", speed=1), backup("q", "src", "t", speed=1)),
+        ("sleep", 0.5),
+        cmd("block-job-pause", device="p"),
+        wait("JOB_STATUS_CHANGE", id="p", status="paused"),
+        cmd("block-job-cancel", device="q"),
+        gone("p"),
         # one already waiting when the other is cancelled: it is cancelled too
         grouped(backup("f", "src", "full"), backup("g", "src", "t", speed=1)),
         wait("JOB_STATUS_CHANGE", id="f", status="waiting"),
