@@ -166,9 +166,10 @@ def finalize_flow(d: Path) -> list[Step]:
         cmd("query-jobs"),
         cmd("block-job-finalize", id="e"),
         gone("c"),
-        grouped(backup("f", "src", "full", **manual), backup("g", "src", "t", **manual)),
-        wait("BLOCK_JOB_PENDING", id="f"),
-        wait("BLOCK_JOB_PENDING", id="g"),
+        grouped(backup("f", "src", "full", **manual), backup("g", "src", "t", speed=1, **manual)),
+        wait("JOB_STATUS_CHANGE", id="f", status="waiting"),
+        cmd("block-job-set-speed", device="g", speed=0),
+        wait("BLOCK_JOB_PENDING", id="f"),  # the last one: 'g' is announced pending first
         cmd("job-cancel", id="g"),
         gone("f"),
         cmd("query-jobs"),
