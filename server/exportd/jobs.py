@@ -15,6 +15,17 @@ then `commit()` or `abort()`, then `clean()` change the graph, as QEMU's
 JobDriver callbacks do. Block jobs (exportd.block.jobs) add their events
 through the `event_*` hooks.
 
+Jobs complete in transactions (QEMU's JobTxn): a job alone is a
+transaction of one; the backup jobs of a `transaction` with completion-mode
+grouped share one. A job that succeeds waits (`waiting`) until every job of
+its transaction has completed; then all go to pending, and are finalized
+together (automatically unless one of them has auto-finalize=false, else
+by one job-finalize). When one fails or is cancelled, the others are
+force-cancelled; once all have stopped, each is finalized (abort, clean,
+BLOCK_JOB_COMPLETED with its error or BLOCK_JOB_CANCELLED). QEMU keeps a
+transaction's jobs newest first and walks them in that order; so does
+JobTxn.
+
 Cancel is QEMU's: force-cancel (job-cancel, block-job-cancel force=true)
 stops the work at its next pause point and the job aborts with
 "Operation canceled"; a soft cancel (block-job-cancel) of a READY mirror
@@ -69,6 +80,8 @@ VERB_STATES: dict[str, frozenset[JobStatus]] = {
     "dismiss": frozenset({S.CONCLUDED}),
 }
 
+_COMPLETED = frozenset({S.WAITING, S.PENDING, S.ABORTING, S.CONCLUDED, S.NULL})
+
 # QEMU's id_wellformed(): a letter, then letters, digits, '-', '.', '_'.
 _ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
 
@@ -103,6 +116,10 @@ class Job:
         self.finished = asyncio.Event()  # set when concluded
         self._wake = asyncio.Event()  # job_enter(): ends a sleep or pause early
         self._finalizing = False
+        self._abort_task: asyncio.Task[None] | None = None
+        self.started = False  # QEMU's job_started: a job never started announces no end
+        self.txn = JobTxn()  # alone until a grouped transaction takes it (JobTxn.add)
+        self.txn.jobs.append(self)
 
     # --- what a driver implements -------------------------------------------------
     async def run(self) -> None:
@@ -160,6 +177,10 @@ class Job:
     def is_ready(self) -> bool:
         return self.status in (S.READY, S.STANDBY)
 
+    def is_completed(self) -> bool:
+        """The work is over, successfully or not (QEMU's job_is_completed)."""
+        return self.status in _COMPLETED
+
     def should_stop(self) -> bool:
         """run() leaves its loop: forced cancel, or a soft cancel once READY."""
         return self.is_cancelled() or (self.cancelled and self.is_ready())
@@ -170,6 +191,8 @@ class Job:
 
     # --- the work's side ----------------------------------------------------------------
     def _transition(self, status: JobStatus) -> None:
+        if status == self.status:
+            return  # QEMU announces changes only
         self.status = status
         self.registry.emit("JOB_STATUS_CHANGE", {"id": self.id, "status": str(status)})
 
@@ -224,6 +247,7 @@ class Job:
     # --- life cycle ---------------------------------------------------------------------
     def start(self) -> None:
         """QEMU's job_start: running, with the work in a task of its own."""
+        self.started = True
         self._transition(S.RUNNING)
         self.busy = True
         self.task = asyncio.get_running_loop().create_task(self._main(), name=f"job {self.id}")
@@ -245,31 +269,44 @@ class Job:
         await self._completed()
 
     async def _completed(self) -> None:
-        """QEMU's job_completed: waiting and pending on success, aborting else."""
+        """QEMU's job_completed: waiting until the whole transaction is,
+        then pending; aborting else, which aborts the transaction."""
+        if self._update_rc():
+            await self.txn.abort(self)
+            return
+        self.current_progress = max(self.current_progress, 0)
+        self._transition(S.WAITING)
+        await self.txn.completed_successfully(self)
+
+    def _update_rc(self) -> bool:
+        """QEMU's job_update_rc: a forced cancel is a failure with
+        'Operation canceled'; a failed job is aborting. Whether it failed."""
         if self.error is None and self.is_cancelled():
             self.error = os.strerror(errno.ECANCELED)  # "Operation canceled", as QEMU
         if self.error is not None:
             self._transition(S.ABORTING)
-            await self._finalize_single()
-            return
-        self.current_progress = max(self.current_progress, 0)
-        self._transition(S.WAITING)
+        return self.error is not None
+
+    def _to_pending(self) -> None:
         self._transition(S.PENDING)
         if not self.auto_finalize:
-            self.event_pending()
-            return  # job-finalize continues
-        await self._do_finalize()
+            self.event_pending()  # job-finalize continues
 
-    async def _do_finalize(self) -> None:
+    async def _prepare(self) -> bool:
+        """QEMU's job_prepare: the driver's prepare of a job that has not
+        failed; whether the job has failed (now or before)."""
         self._finalizing = True
-        try:
-            await self.prepare()
-        except Exception as e:
-            self.fail(error_text(e))
-            self._transition(S.ABORTING)
-        await self._finalize_single()
+        if self.error is None:
+            try:
+                await self.prepare()
+            except Exception as e:
+                self.fail(error_text(e))
+        return self._update_rc()
 
     async def _finalize_single(self) -> None:
+        """QEMU's job_finalize_single: commit or abort, clean, the event,
+        out of the transaction, concluded (and dismissed)."""
+        self._update_rc()  # a job cancelled by its transaction after it succeeded aborts
         try:
             if self.error is None:
                 await self.commit()
@@ -282,15 +319,16 @@ class Job:
             await self.clean()
         except Exception:
             log.exception("job %s: clean-up failed", self.id)
-        self.event_finished()
+        if self.started:
+            self.event_finished()
+        self.txn.remove(self)
         self._transition(S.CONCLUDED)
         self.finished.set()
-        if self.auto_dismiss:
+        if self.auto_dismiss or not self.started:
             self.registry._forget(self)
 
-    # --- verbs (QMP) --------------------------------------------------------------------------
-    def user_cancel(self, force: bool) -> None:
-        self.check_verb("cancel")
+    def _cancel_async(self, force: bool) -> None:
+        """QEMU's job_cancel_async: the request, without waking the work."""
         force = self.do_cancel(force)
         if self.user_paused:  # a cancelled job must be able to run to its end
             self.user_paused = False
@@ -298,13 +336,20 @@ class Job:
         if force or not self.done_running:
             self.cancelled = True
             self.force_cancel |= force
-        if self.done_running:
-            if self.is_cancelled() and self.status == S.PENDING and not self._finalizing:
-                self.fail(os.strerror(errno.ECANCELED))
-                self._transition(S.ABORTING)
-                asyncio.get_running_loop().create_task(self._finalize_single())
-        else:
+
+    # --- verbs (QMP) --------------------------------------------------------------------------
+    def user_cancel(self, force: bool) -> None:
+        self.check_verb("cancel")
+        self._cancel_async(force)
+        if not self.done_running:
             self.enter()
+        elif (self.is_cancelled() and self.status in (S.WAITING, S.PENDING) and not self._finalizing
+              and not self.txn.aborting):
+            # done with its work, waiting for its transaction or for
+            # job-finalize: the transaction aborts (QEMU's job_cancel)
+            if len(self.txn.jobs) == 1:
+                self._update_rc()  # alone: aborting before the reply, as QEMU
+            self._abort_task = asyncio.get_running_loop().create_task(self.txn.abort(self))
 
     def user_pause(self) -> None:
         self.check_verb("pause")
@@ -331,8 +376,9 @@ class Job:
         self.enter()
 
     async def user_finalize(self) -> None:
+        """job-finalize of one job finalizes its whole transaction."""
         self.check_verb("finalize")
-        await self._do_finalize()
+        await self.txn.finalize(self)
 
     def user_dismiss(self) -> None:
         self.check_verb("dismiss")
@@ -357,6 +403,7 @@ class CreateJob(Job):
         self.current_progress = self.total_progress
 
     async def start_with_prepare(self) -> None:
+        self.started = True
         self._transition(S.RUNNING)
         self.total_progress = 1  # create jobs count one unit, as QEMU's
         try:
@@ -378,6 +425,81 @@ class CreateJob(Job):
 
     async def abort(self) -> None:
         self.current_progress = self.total_progress
+
+
+class JobTxn:
+    """QEMU's JobTxn: jobs that complete together, newest first (QEMU's
+    job_txn_add_job inserts at the head of its list, and every walk of the
+    transaction goes in that order)."""
+
+    def __init__(self) -> None:
+        self.jobs: list[Job] = []
+        self.aborting = False
+
+    def add(self, job: Job) -> None:
+        """Take `job` (not started yet) from its own transaction into this one."""
+        assert job.status in (S.UNDEFINED, S.CREATED) and job.txn.jobs == [job]
+        job.txn.jobs.clear()
+        job.txn = self
+        self.jobs.insert(0, job)
+
+    def remove(self, job: Job) -> None:
+        if job in self.jobs:
+            self.jobs.remove(job)
+
+    async def completed_successfully(self, job: Job) -> None:
+        """QEMU's job_completed_txn_success: `job` is waiting; when no job
+        of the transaction still runs, all go to pending, and are
+        finalized unless one of them waits for job-finalize."""
+        if any(not other.is_completed() for other in self.jobs):
+            return
+        for other in list(self.jobs):
+            other._to_pending()
+        if all(other.auto_finalize for other in self.jobs):
+            await self.finalize(job)
+
+    async def finalize(self, job: Job) -> None:
+        """QEMU's job_do_finalize: every job's prepare; if one fails, the
+        transaction aborts, else every job is finalized."""
+        for other in list(self.jobs):
+            if await other._prepare():
+                await self.abort(job)
+                return
+        for other in list(self.jobs):
+            await other._finalize_single()
+
+    async def abort(self, job: Job) -> None:
+        """QEMU's job_completed_txn_abort: `job` failed or was cancelled;
+        every other job is force-cancelled, then each is finalized in
+        turn, once it has stopped. A job that was running stops before the
+        first is finalized (QEMU's finalization drains the nodes, which
+        kicks it to its next pause point, and its aborting comes first); a
+        paused one is woken only at its turn (QEMU's job_finish_sync)."""
+        if self.aborting:
+            return  # cancelled by another job of the transaction, which does the rest
+        self.aborting = True
+        running = []
+        for other in list(self.jobs):
+            if other is job:
+                continue
+            paused = other.status in (S.PAUSED, S.STANDBY)
+            other._cancel_async(True)
+            if other.is_completed():
+                continue
+            if other.task is None:  # never started: completes at once (QEMU's job_cancel)
+                other._update_rc()
+                continue
+            if not paused:
+                other.enter()
+                running.append(other.task)
+        if running:
+            await asyncio.wait(running)  # each stops at its next pause point, aborting
+        while self.jobs:
+            first = self.jobs[0]
+            if not first.is_completed() and first.task is not None:
+                first.enter()
+                await asyncio.wait([first.task])
+            await first._finalize_single()
 
 
 class JobRegistry:

@@ -15,7 +15,10 @@ An Action is prepared, then committed or aborted, then cleaned:
 
 run() prepares every action in order; when one fails, every prepared action
 and the failing one are aborted newest first, and the failing action's error
-is raised. Then all are cleaned oldest first. A new kind of action (dirty
+is raised. Then all are cleaned oldest first. With completion-mode
+grouped, the actions that make jobs (the backups) put them into one JobTxn
+(exportd.jobs): they complete, finalize or are cancelled together; any
+other action refuses that mode with QEMU's text. A new kind of action (dirty
 bitmaps, backup jobs) is one more Action subclass and one entry in the
 command's table (exportd.commands.transaction.ACTIONS).
 """
@@ -26,6 +29,7 @@ import logging
 from typing import ClassVar
 
 from exportd.errors import QMPError
+from exportd.jobs import JobTxn
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,9 @@ class Action:
     # whether the action takes part in completion-mode "grouped" (QEMU: only
     # the backup jobs); the others refuse it at the start of prepare()
     supports_grouped: ClassVar[bool] = False
+    # with completion-mode grouped: the transaction the jobs this action
+    # makes join (QEMU's JobTxn, made by qmp_transaction), else None
+    job_txn: JobTxn | None = None
 
     async def prepare(self) -> None:
         raise NotImplementedError
@@ -60,8 +67,11 @@ class AbortAction(Action):
 
 
 async def run(actions: list[Action], *, completion_mode: str = "individual") -> None:
-    """Prepare all, then commit all; or abort what was prepared and raise."""
+    """Prepare all, then commit all; or abort what was prepared and raise.
+    With completion-mode grouped the jobs the actions make complete as one
+    (one JobTxn for the run)."""
     started: list[Action] = []
+    job_txn = JobTxn() if completion_mode == "grouped" else None
     try:
         try:
             for action in actions:
@@ -69,6 +79,7 @@ async def run(actions: list[Action], *, completion_mode: str = "individual") -> 
                 if completion_mode != "individual" and not action.supports_grouped:
                     raise QMPError(f"Action '{action.kind}' does not support Transaction property "
                                    f"completion-mode = {completion_mode}")
+                action.job_txn = job_txn
                 await action.prepare()
         except BaseException:
             for action in reversed(started):

@@ -120,7 +120,7 @@ async def make_backup_job(daemon: Any, args: dict[str, Any], source: BlockNode, 
 
 
 class _BackupAction(Action):
-    supports_grouped = False  # exportd has no job transactions (QEMU's JobTxn) yet
+    supports_grouped = True  # the job joins the transaction's JobTxn (QEMU's backup_job_create)
 
     def __init__(self, graph: Any, data: dict[str, Any]) -> None:
         self.graph = graph
@@ -132,9 +132,14 @@ class _BackupAction(Action):
         assert self.job is not None
         self.job.start()
 
+    def _join_txn(self) -> None:
+        if self.job_txn is not None and self.job is not None:
+            self.job_txn.add(self.job)
+
     async def abort(self) -> None:
         job, self.job = self.job, None
         if job is not None:
+            job.txn.remove(job)
             try:
                 await job.teardown()
             finally:
@@ -151,6 +156,7 @@ class BlockdevBackupAction(_BackupAction):
         source = _lookup(self.graph, self.data["device"])
         target = _lookup(self.graph, self.data["target"])
         self.job = await make_backup_job(self.daemon, self.data, source, target)
+        self._join_txn()
 
 
 class DriveBackupAction(_BackupAction):
@@ -196,6 +202,7 @@ class DriveBackupAction(_BackupAction):
             if "backing" in options:
                 await graph.set_backing(target, backing)
             self.job = await make_backup_job(self.daemon, d, source, target)
+            self._join_txn()
         except BaseException:
             if target.refcount == 0:
                 await graph._destroy(target)
