@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from typing import Any
 
 from exportd.block import bitmaps
@@ -216,10 +215,7 @@ class BackupJob(BlockJob):
                         policy = self.on_source_error if e.is_read else self.on_target_error
                         # report fails the job; stop pauses, ignore goes on: either
                         # way the clusters stay dirty and are tried again (QEMU's backup_loop)
-                        exc = e.exc
-                        if exc.errno:  # QEMU's job error is strerror(), not a driver's own words
-                            exc = OSError(exc.errno, os.strerror(exc.errno))
-                        await self.io_error(exc, is_read=e.is_read, policy=policy)
+                        await self.io_error(e.exc, is_read=e.is_read, policy=policy)
                         cursor = offset
                         continue
                     await self.processed(copied)

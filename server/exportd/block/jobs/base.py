@@ -5,6 +5,7 @@ rate limit, the I/O error policy, BlockJobInfo and the BLOCK_JOB_* events."""
 from __future__ import annotations
 
 import errno
+import os
 import time
 from typing import Any
 
@@ -159,6 +160,8 @@ class BlockJob(Job):
         self.emit("BLOCK_JOB_ERROR", {"device": self.id, "operation": "read" if is_read else "write",
                                       "action": action})
         if action == "report":
+            if exc.errno:  # QEMU's job error is strerror(), not a driver's own words
+                raise OSError(exc.errno, os.strerror(exc.errno)) from exc
             raise exc
         if action == "ignore":
             return False
