@@ -107,6 +107,10 @@ class AuthzSimple:
     async def is_allowed(self, identity: str) -> bool:
         return identity == self.identity
 
+    def qom_set(self, prop: str, value: Any) -> None:
+        """qom-set of a property (validated as object-add's): live, as QEMU's setter."""
+        self.identity = value
+
 
 @dataclass
 class AuthzList:
@@ -126,6 +130,13 @@ class AuthzList:
 
     async def is_allowed(self, identity: str) -> bool:
         return decide(self.rules, self.policy, identity)
+
+    def qom_set(self, prop: str, value: Any) -> None:
+        """qom-set of policy or rules (validated as object-add's): live, as QEMU's setters."""
+        if prop == "policy":
+            self.policy = value
+        else:
+            self.rules = [Rule(r["match"], r["policy"], r.get("format")) for r in value]
 
 
 @dataclass
@@ -166,6 +177,11 @@ class AuthzListFile:
             return False
         return decide(self.list.rules, self.list.policy, identity)
 
+    def qom_set(self, prop: str, value: Any) -> None:
+        """qom-set: QEMU's setters only store the value; the loaded list and
+        the watch stay as they are."""
+        setattr(self, prop, value)
+
     def close(self) -> None:
         if self._watch is not None:
             self._watch.close()
@@ -179,7 +195,7 @@ AUTHZ_TYPES: dict[str, Any] = {
 }
 
 # qom-list / qom-get rows (exportd.qom's PROPERTIES format: name -> (QOM type, getter)),
-# as qemu-storage-daemon 7.2 lists them
+# as qemu-storage-daemon 7.2 lists them; qom-set goes to each object's qom_set()
 QOM_PROPERTIES: dict[type, dict[str, tuple[str, Any]]] = {
     AuthzSimple: {"identity": ("string", lambda o: o.identity)},
     AuthzList: {"policy": ("QAuthZListPolicy", lambda o: o.policy),

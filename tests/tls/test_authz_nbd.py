@@ -10,6 +10,7 @@ transmission, and an authz-listfile follows its file."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import ssl
@@ -348,8 +349,7 @@ async def test_listfile_follows_its_file(workdir: Path, certs: dict[str, Path]) 
     acl.parent.mkdir()
 
     def allow(*names: str, policy: str = "deny") -> str:
-        return '{"policy": "%s", "rules": [%s]}' % (policy, ", ".join(
-            '{"match": "%s", "policy": "allow"}' % DN[n] for n in names))
+        return json.dumps({"policy": policy, "rules": [{"match": DN[n], "policy": "allow"} for n in names]})
 
     acl.write_text(allow("laptop"))
     frozen.write_text(allow("laptop"))

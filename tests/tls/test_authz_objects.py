@@ -13,8 +13,10 @@ from typing import Any
 import pytest
 
 from exportd.authz import (
+    QOM_PROPERTIES,
     AuthzError,
     AuthzList,
+    AuthzSimple,
     Rule,
     _glob,
     decide,
@@ -203,3 +205,20 @@ def test_read_list_file(tmp_path: Path) -> None:
         read_list_file(str(tmp_path))
     assert str(e.value) == (f"Unable to read '{tmp_path}': Error reading file \u201c{tmp_path}\u201d: "
                             "Is a directory")
+
+
+async def test_qom_rows_and_live_setters() -> None:
+    # what exportd.qom needs to show and change these objects as qemu-storage-daemon 7.2 does
+    # (qom-list /objects/l1: type, policy QAuthZListPolicy, rules QAuthZListRule)
+    acl = AuthzList.from_args({"id": "l1", "rules": [{"match": "a", "policy": "allow"}]})
+    rows = QOM_PROPERTIES[AuthzList]
+    assert [(n, t) for n, (t, _) in rows.items()] == [("policy", "QAuthZListPolicy"), ("rules", "QAuthZListRule")]
+    assert rows["rules"][1](acl) == [{"match": "a", "policy": "allow"}] and rows["policy"][1](acl) == "deny"
+    assert not await acl.is_allowed("b")
+    acl.qom_set("policy", "allow")
+    assert await acl.is_allowed("b")
+    acl.qom_set("rules", [{"match": "b*", "policy": "deny", "format": "glob"}])
+    assert not await acl.is_allowed("bee") and await acl.is_allowed("a")
+    simple = AuthzSimple("s", "CN=a")
+    simple.qom_set("identity", "CN=b")
+    assert await simple.is_allowed("CN=b") and QOM_PROPERTIES[AuthzSimple]["identity"][1](simple) == "CN=b"
