@@ -109,7 +109,7 @@ async def serving(who: str, work: Path, *args: str) -> AsyncIterator[QMP]:
             await d.stop()
 
 
-async def _exports_up(client: QMPClient, args: tuple[str, ...]) -> None:
+async def _exports_up(client: QMPClient, args: tuple[str, ...] | list[str]) -> None:
     """The command line's --export is served (the monitor may answer before)."""
     for _ in range(200):
         if args.count("--export") <= len(await client.execute("query-block-exports")):
@@ -318,6 +318,8 @@ async def test_refused_clients_leak_nothing(workdir: Path, certs: dict[str, Path
     d = Exportd(workdir)
     try:
         await d.start(*args)
+        assert d.client is not None
+        await _exports_up(d.client, tuple(args))
         inside = NbdTlsClient(sock, certs["laptop"])
         await inside.connect()
         assert await inside.names() == ["disk0"]
