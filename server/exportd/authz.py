@@ -26,6 +26,7 @@ too: `invalid object type`).
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import errno
 import logging
@@ -146,6 +147,8 @@ class AuthzListFile:
     refresh: bool = True
     list: AuthzList | None = field(default=None, repr=False)
     _watch: _Watch | None = field(default=None, repr=False)
+    # a check that comes while the file is read again waits for the new list
+    _reading: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     qom_type = "authz-listfile"
 
@@ -167,12 +170,13 @@ class AuthzListFile:
         self._watch = _Watch(directory, base)
 
     async def is_allowed(self, identity: str) -> bool:
-        if self._watch is not None and self._watch.changed():
-            try:
-                self.list = await in_own_thread(read_list_file, self.filename, timeout=RELOAD_TIMEOUT_S)
-            except (AuthzError, OSError) as e:
-                self.list = None  # as QEMU: denied until the file reads again
-                log.error("authz-listfile '%s': %s", self.id, e)
+        async with self._reading:
+            if self._watch is not None and self._watch.changed():
+                try:
+                    self.list = await in_own_thread(read_list_file, self.filename, timeout=RELOAD_TIMEOUT_S)
+                except (AuthzError, OSError) as e:
+                    self.list = None  # as QEMU: denied until the file reads again
+                    log.error("authz-listfile '%s': %s", self.id, e)
         if self.list is None:
             return False
         return decide(self.list.rules, self.list.policy, identity)
