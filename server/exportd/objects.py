@@ -1,7 +1,8 @@
 """User-created objects as QEMU's QOM has them for object-add / object-del
 and --object (qapi/qom.json): an id in one namespace per daemon, a type from
 the registry's `types`: tls-creds-x509 (exportd.tls), secret (exportd.secret),
-throttle-group (exportd.block.throttle) and iothread (a name only: exportd
+throttle-group (exportd.block.throttle), authz-simple, authz-list and
+authz-listfile (exportd.authz) and iothread (a name only: exportd
 serves everything from one loop, but exports that name an iothread need it
 to exist, as in QEMU).
 
@@ -10,7 +11,9 @@ use (daemon.py does not know about objects). Users of an object (the NBD
 server's tls-creds, the nbd driver's) look it up with `tls_creds()`, which
 gives QEMU's texts, and keep what they took from it: as in QEMU, object-del
 of credentials in use succeeds and the user goes on with its reference. A
-throttle group with throttle nodes cannot be deleted (`in_use()`).
+throttle group with throttle nodes cannot be deleted (`in_use()`). An
+object with a `close()` (an authz-listfile's inotify watch) is closed when
+deleted.
 
 object-add goes as QEMU's user_creatable_add_type(): the id's form, the
 properties (each type's from_args checks them as QEMU's setters do), the
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from exportd.aio.threads import in_own_thread
+from exportd.authz import AUTHZ_TYPES, AuthzError
 from exportd.block.throttle import ThrottleGroup
 from exportd.errors import QMPError
 from exportd.secret import Secret, SecretError
@@ -105,6 +109,7 @@ class ObjectRegistry:
             "secret": lambda args: Secret.from_args(args, self.secret_value),
             "throttle-group": ThrottleGroup.from_args,
             "tls-creds-x509": lambda args: TlsCredsX509.from_args(args, self.secret_text),
+            **AUTHZ_TYPES,
         }
 
     async def add(self, args: dict[str, Any]) -> UserObject:
@@ -122,7 +127,7 @@ class ObjectRegistry:
         self.objects[oid] = obj  # taken while loading: a second add of the id fails as duplicate
         try:
             await in_own_thread(obj.load, timeout=LOAD_TIMEOUT_S)
-        except (TlsError, SecretError, ObjectError) as e:
+        except (TlsError, SecretError, ObjectError, AuthzError) as e:
             del self.objects[oid]
             raise QMPError(str(e)) from None
         except OSError as e:  # the load's thread timed out (a hung mount)
@@ -142,6 +147,9 @@ class ObjectRegistry:
         if in_use is not None and in_use():
             raise QMPError(f"object '{oid}' is in use, can not be deleted")
         del self.objects[oid]
+        close = getattr(obj, "close", None)
+        if close is not None:
+            close()
 
     def get(self, oid: str) -> UserObject | None:
         return self.objects.get(oid)

@@ -270,3 +270,9 @@ def peer_certificate(writer: asyncio.StreamWriter) -> dict[str, Any] | None:
     """The verified peer's certificate after upgrade() (None without one)."""
     obj = writer.get_extra_info("ssl_object")
     return obj.getpeercert() if obj is not None else None
+
+
+def peer_certificate_der(writer: asyncio.StreamWriter) -> bytes | None:
+    """The peer's certificate (DER) after upgrade(), verified or not (None without one)."""
+    obj = writer.get_extra_info("ssl_object")
+    return obj.getpeercert(binary_form=True) if obj is not None else None

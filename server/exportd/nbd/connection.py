@@ -22,6 +22,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from exportd.aio.resume import Resume, start_eagerly
+from exportd.authz import AuthzError, is_allowed_by_id
 from exportd.block.node import Status
 from exportd.export.io import to_the_end
 from exportd.nbd import protocol as P
@@ -35,7 +36,8 @@ from exportd.nbd.transmit import (
     read_extents_now,
     take_socket,
 )
-from exportd.tls import TlsError, upgrade
+from exportd.tls import TlsError, peer_certificate_der, upgrade
+from exportd.x509dn import DNError, subject_dn
 
 if TYPE_CHECKING:
     from exportd.export.nbd import NbdExport
@@ -223,10 +225,33 @@ class Connection:
         await self._reply(opt, P.REP_ACK)
         try:
             await upgrade(self.writer, self.server.tls, server_side=True)
+            if self.server.tls_authz is not None:
+                await self._authorize(self.server.tls_authz)
         except TlsError as e:
             log.info("NBD client: %s", e)
             raise Disconnect from None
         self.tls_done = True
+
+    async def _authorize(self, authz_id: str) -> None:
+        """tls-authz: the client certificate's distinguished name must be
+        allowed by the authz object `authz_id` (QEMU's
+        qcrypto_tls_session_check_certificate, right after the handshake:
+        a refused client is dropped without a reply). TlsError if not."""
+        from exportd.objects import registry_of
+
+        der = peer_certificate_der(self.writer)
+        if der is None:
+            raise TlsError("No certificate peers")
+        try:
+            identity = subject_dn(der)
+        except DNError as e:
+            raise TlsError(f"Cannot get client distinguished name: {e}") from None
+        try:
+            allowed = await is_allowed_by_id(registry_of(self.server.daemon).objects, authz_id, identity)
+        except AuthzError as e:
+            raise TlsError(str(e)) from None
+        if not allowed:
+            raise TlsError(f"TLS x509 authz check for {identity} is denied")
 
     async def _export_name(self, data: bytes) -> bool:
         name = data.decode(errors="replace")

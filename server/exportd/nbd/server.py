@@ -35,11 +35,14 @@ DEFAULT_HANDSHAKE_MAX_SECONDS = 10  # QEMU 9.1's default (0: no limit)
 class NbdServer:
     """The daemon's one NBD server (QEMU has one per process too)."""
 
-    def __init__(self, daemon: Any, *, tls: ssl.SSLContext | None = None,
+    def __init__(self, daemon: Any, *, tls: ssl.SSLContext | None = None, tls_authz: str | None = None,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
                  handshake_max_seconds: int = DEFAULT_HANDSHAKE_MAX_SECONDS) -> None:
         self.daemon = daemon
         self.tls = tls
+        # the authz object asked about each TLS client's certificate (looked
+        # up by id at each check, as QEMU); None: no check
+        self.tls_authz = tls_authz
         self.max_connections = max_connections
         self.handshake_max_seconds = handshake_max_seconds
         self.exports: dict[str, NbdExport] = {}   # export name -> export
@@ -146,6 +149,7 @@ def server_of(daemon: Any) -> NbdServer | None:
 
 
 def tls_server_context(daemon: Any, creds_id: str) -> ssl.SSLContext:
+    # the context's verify_mode is the credentials' verify-peer
     """The ssl context of the tls-creds-x509 object `creds_id` (QEMU's texts
     for a missing object or one made for clients: exportd.objects)."""
     from exportd.objects import tls_creds
@@ -157,11 +161,17 @@ async def start_server(daemon: Any, args: dict[str, Any]) -> NbdServer:
     if server_of(daemon) is not None:
         raise QMPError("NBD server already running")
     tls = None
+    tls_authz = None
     if args.get("tls-creds"):
         tls = tls_server_context(daemon, args["tls-creds"])
+        # As QEMU, the id is not looked up here but at each client's handshake,
+        # and only credentials that verify the peer (verify-peer, the default)
+        # have a certificate to authorize: without it tls-authz is unused.
+        if args.get("tls-authz") is not None and tls.verify_mode == ssl.CERT_REQUIRED:
+            tls_authz = args["tls-authz"]
     # tls-authz without tls-creds is accepted and unused, as in qemu-storage-daemon 7.2
     server = NbdServer(
-        daemon, tls=tls,
+        daemon, tls=tls, tls_authz=tls_authz,
         max_connections=args.get("max-connections", DEFAULT_MAX_CONNECTIONS),
         handshake_max_seconds=args.get("handshake-max-seconds", DEFAULT_HANDSHAKE_MAX_SECONDS),
     )
