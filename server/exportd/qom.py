@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from exportd import authz
 from exportd.block.throttle import LIMIT_KEYS, ThrottleGroup
 from exportd.errors import DeviceNotFound, QMPError
 from exportd.objects import IOThread, ObjectRegistry, UserObject
@@ -46,6 +47,7 @@ PROPERTIES: dict[type, dict[str, tuple[str, Getter]]] = {
                    "sanity-check": ("bool", lambda o: o.sanity_check),
                    "passwordid": ("string", _str("passwordid")), "loaded": ("bool", lambda o: True)},
 }
+PROPERTIES.update(authz.QOM_PROPERTIES)
 READ_ONLY = frozenset({"type", "loaded"})
 # stored as given, without effect on a loaded object (QEMU's setters do the same)
 STORED = {"dir": "dir", "priority": "priority", "passwordid": "passwordid", "verify-peer": "verify_peer",
@@ -104,5 +106,7 @@ def qom_set(reg: ObjectRegistry, schema: Any, path: str, prop: str, value: Any) 
         node.set_limits(value)
     elif isinstance(node, IOThread):
         node.set(prop, value)
+    elif hasattr(node, "qom_set"):  # objects whose setters act live (authz)
+        node.qom_set(prop, value)
     else:
         setattr(node, STORED[prop], value)
