@@ -68,6 +68,16 @@ async def open_qcow2(graph: BlockGraph, path: Path, name: str = "q", **opts: Any
     return await graph.add(options)
 
 
+async def read_image(path: Path) -> bytes:
+    """The guest content of a qcow2 image as exportd's own reader sees it,
+    opened read-only on a graph of its own."""
+    g = BlockGraph(None)
+    try:
+        return await read_all(await open_qcow2(g, path, **{"read-only": True}))
+    finally:
+        await g.close_all()
+
+
 async def read_all(node: BlockNode, chunk: int = 3 * MiB + 4096) -> bytes:
     out = bytearray()
     size = node.getlength()
