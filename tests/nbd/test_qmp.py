@@ -115,6 +115,26 @@ async def test_safe_delete_while_connected_and_hard_delete(nbd, workdir: Path) -
     writer.close()
 
 
+async def test_safe_delete_right_after_a_client_hung_up(nbd, workdir: Path) -> None:
+    # a client that sent DISC and closed is no user, even if the loop has not
+    # yet processed its end when block-export-del arrives (which one comes
+    # first is up to the loop: hence several rounds)
+    img = workdir / "c.qcow2"
+    qemu_img_create(img, "1M")
+    await nbd.qcow2("c", img)
+    for _ in range(20):
+        await nbd.export("c", "c")
+        reader, writer = await asyncio.open_unix_connection(str(nbd.sock))
+        await reader.readexactly(18)
+        writer.write(struct.pack(">I", 3) + struct.pack(">QII", 0x49484156454F5054, 1, 1) + b"c")
+        await reader.readexactly(10)
+        writer.write(struct.pack(">IHHQQI", 0x25609513, 0, 2, 1, 0, 0))  # NBD_CMD_DISC
+        writer.close()
+        await writer.wait_closed()
+        await nbd.d.cmd("block-export-del", {"id": "c"})
+        assert await nbd.d.event("BLOCK_EXPORT_DELETED") == {"id": "c"}
+
+
 async def test_max_connections_and_handshake_timeout(exportd, workdir: Path) -> None:
     sock = workdir / "n.sock"
     await exportd.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(sock)}},

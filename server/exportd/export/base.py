@@ -93,6 +93,10 @@ class BlockExport(ABC):
             self.edge = None
             await self.table.daemon.graph.release(edge)
 
+    def drop_departed(self) -> None:  # noqa: B027 (optional hook)
+        """Let go of clients that have hung up but whose end the loop has not
+        processed yet (an NBD export's); before a safe delete counts users."""
+
     def refuse_move(self, edge: Edge, new: BlockNode) -> str | None:
         """Why this export cannot follow its node to `new` (None: it can)."""
         return None

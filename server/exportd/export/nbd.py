@@ -161,6 +161,13 @@ class NbdExport(BlockExport):
     def length_changed(self) -> None:
         self._data_cache = None
 
+    def drop_departed(self) -> None:
+        """Clients that have hung up stop holding the export (see
+        Connection.depart)."""
+        for conn in list(self.clients):
+            if conn.peer_gone():
+                conn.depart()
+
     # --- life cycle -------------------------------------------------------------------
     def _unregister(self) -> None:
         server = self._server

@@ -110,7 +110,9 @@ class ExportTable:
         if not exp.user_owned:
             raise QMPError(f"Export '{export_id}' is already shutting down")
         if mode == "safe" and exp.refcount > 1:
-            raise QMPError(f"export '{export_id}' still in use")
+            exp.drop_departed()  # a client that hung up a moment ago is not a user
+            if exp.refcount > 1:
+                raise QMPError(f"export '{export_id}' still in use")
         exp.request_shutdown(cancel_requests=(mode == "hard"))
         return exp
 

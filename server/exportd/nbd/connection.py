@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import select
 from typing import TYPE_CHECKING, Any
 
 from exportd.aio.resume import Resume, start_eagerly
@@ -105,6 +106,31 @@ class Connection:
             self.fast.close()
         if self._main is not None and not self._main.done():
             self._main.cancel()
+
+    def peer_gone(self) -> bool:
+        """Whether the client has hung up (its DISC, if any, may be unread):
+        poll's POLLRDHUP, without reading."""
+        if self.fast is not None:
+            fd = self.fast.sock.fileno()
+        else:
+            sock = self.writer.transport.get_extra_info("socket")
+            fd = sock.fileno() if sock is not None else -1
+        if fd < 0:
+            return True
+        p = select.poll()
+        p.register(fd, select.POLLRDHUP)
+        return any(ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _, ev in p.poll(0))
+
+    def depart(self) -> None:
+        """The client is gone: let go of the export now (a safe
+        block-export-del must not see a client that has hung up but whose
+        end the loop has not processed yet), then close."""
+        exp = self.export
+        self.export = None
+        if exp is not None:
+            exp.clients.discard(self)
+            exp.unref()
+        self.close()
 
     async def _finish(self) -> None:
         # the connection's reference goes first, before any await (a second
