@@ -67,24 +67,12 @@ async def test_twenty_sessions_on_one_loop(workdir):
     assert all(fs.ended == "closed" for fs in filesystems)
 
 
-INTERRUPTED_READ = """
-import signal
-signal.signal(signal.SIGUSR1, lambda *a: None)   # a handler without SA_RESTART
-fd = os.open(sys.argv[1], os.O_RDONLY)
-buf = ctypes.create_string_buffer(4096)
-libc.pread.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_long]
-libc.pread.restype = ctypes.c_ssize_t
-n = libc.pread(fd, buf, 4096, 0)
-out([n, ctypes.get_errno()])
-"""
-
-
 async def test_interrupt_cancels_a_handler_that_never_finishes(target):
     fs = MemoryFS(65536, direct_io=True)  # direct I/O: the read waits interruptibly
     fs.data[:] = pattern(65536)
     async with serving(fs, target) as session:
         fs.hang_reads = True
-        from tests.support.fuse import PRELUDE
+        from tests.support.fuse import INTERRUPTED_READ, PRELUDE
 
         proc = subprocess.Popen(
             [sys.executable, "-c", PRELUDE + INTERRUPTED_READ, target],

@@ -17,7 +17,7 @@ import pytest
 from exportd.fuse import abi, uring
 from exportd.fuse.session import FuseSession, IoUringUnavailable
 from tests.support.daemon import Exportd
-from tests.support.fuse import PRELUDE, child, pattern, serving
+from tests.support.fuse import INTERRUPTED_READ, PRELUDE, child, pattern, serving
 from tests.support.mounts import exportd_mounts_under
 from tests.support.toyfs import MemoryFS
 
@@ -104,18 +104,6 @@ async def test_kernel_not_offering_the_ring_fails_on_after_init(workdir, target,
             f.write("Y")
     assert "did not offer FUSE_OVER_IO_URING" in str(info.value)
     assert not exportd_mounts_under(str(workdir))
-
-
-INTERRUPTED_READ = """
-import signal
-signal.signal(signal.SIGUSR1, lambda *a: None)   # a handler without SA_RESTART
-fd = os.open(sys.argv[1], os.O_RDONLY)
-buf = ctypes.create_string_buffer(4096)
-libc.pread.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_long]
-libc.pread.restype = ctypes.c_ssize_t
-n = libc.pread(fd, buf, 4096, 0)
-out([n, ctypes.get_errno()])
-"""
 
 
 def _spawn(code: str, *args: str) -> subprocess.Popen[str]:

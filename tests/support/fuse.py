@@ -33,6 +33,18 @@ def out(obj):
     print(json.dumps(obj)); sys.stdout.flush()
 """
 
+# A child's read that a signal interrupts (run after PRELUDE; argv[1]: the file)
+INTERRUPTED_READ = """
+import signal
+signal.signal(signal.SIGUSR1, lambda *a: None)   # a handler without SA_RESTART
+fd = os.open(sys.argv[1], os.O_RDONLY)
+buf = ctypes.create_string_buffer(4096)
+libc.pread.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_long]
+libc.pread.restype = ctypes.c_ssize_t
+n = libc.pread(fd, buf, 4096, 0)
+out([n, ctypes.get_errno()])
+"""
+
 
 async def child(code: str, *args: Any, timeout: float = 60, check: bool = True, **kw: Any) -> Any:
     """Run a Python snippet in a fresh process (in a thread, so the loop keeps serving).
