@@ -23,7 +23,9 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import json
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -31,6 +33,7 @@ from typing import Any, TypeVar
 from exportd.block import register_driver
 from exportd.block.node import BlockNode, BlockStatus, Status
 from exportd.errors import BlockError
+from exportd.monitor.fdpass import socket_fd
 from exportd.nbd import protocol as p
 from exportd.nbd.client import Address, Connection, ConnectionLost, HandshakeError, connect
 
@@ -68,7 +71,12 @@ def parse_address(server: Any) -> Address:
         if not isinstance(port, str):
             raise BlockError("Parameter 'server.port' is missing")
         return Address("inet", host=host, port=port)
-    if kind in ("fd", "vsock"):
+    if kind == "fd":
+        name = server.get("str")
+        if not isinstance(name, str):
+            raise BlockError("Parameter 'server.str' is missing")
+        return Address("fd", fd_name=name, connected=socket.socket(fileno=socket_fd(name)))
+    if kind == "vsock":
         raise BlockError(f"exportd does not support NBD servers at a SocketAddress of type '{kind}'")
     raise BlockError("Parameter 'server.type' is missing" if kind is None
                      else f"Parameter 'server.type' does not accept value '{kind}'")
@@ -76,6 +84,9 @@ def parse_address(server: Any) -> Address:
 
 def nbd_filename(address: Address, export: str | None) -> str:
     """The node's file name as QEMU writes it (an NBD URI)."""
+    if address.kind == "fd":  # no URI names a descriptor: QEMU falls back to json:
+        server = {"type": "fd", "str": address.fd_name}
+        return "json:" + json.dumps({"driver": "nbd", "server": server} | ({"export": export} if export else {}))
     if address.kind == "unix":
         return f"nbd+unix:///{export}?socket={address.path}" if export else f"nbd+unix://?socket={address.path}"
     return f"nbd://{address.host}:{address.port}/{export}" if export else f"nbd://{address.host}:{address.port}"

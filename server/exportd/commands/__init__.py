@@ -27,7 +27,7 @@ class Command:
 COMMANDS: dict[str, Command] = {}
 
 FAMILIES = ("control", "block", "export", "jobs", "blockjobs", "reopen", "transaction", "objects", "nbd",
-            "bitmaps", "backup")
+            "bitmaps", "backup", "fds")
 
 
 def command(name: str, *, allowed_in_negotiation: bool = False) -> Callable[[Handler], Handler]:

@@ -14,6 +14,7 @@ import socket
 import stat
 from typing import TYPE_CHECKING, Any
 
+from exportd.monitor.fdpass import FdReceivingReader, MonitorFds, NamedFds
 from exportd.monitor.session import Session
 
 if TYPE_CHECKING:
@@ -111,6 +112,7 @@ class Monitor:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.AbstractServer | None = None
         self._inode: tuple[int, int] | None = None
+        self.named_fds = NamedFds()  # getfd names live as long as the monitor (as QEMU's)
 
     async def start(self, fd: int | None = None, mode: int = 0o600) -> None:
         """Listen on `path` (created with `mode`), or on the listening socket
@@ -124,7 +126,8 @@ class Monitor:
         self._server = await asyncio.start_unix_server(self._client, sock=sock, backlog=LISTEN_BACKLOG)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        session = Session(self.executor, reader, writer, pretty=self.pretty)
+        fds_reader = FdReceivingReader(reader, writer, MonitorFds(self.named_fds))
+        session = Session(self.executor, fds_reader, writer, pretty=self.pretty)
         self.sessions.add(session)
         task = asyncio.current_task()
         if task is not None:
@@ -156,6 +159,7 @@ class Monitor:
         for task in list(self._tasks):
             if task is not current:
                 task.cancel()
+        self.named_fds.close_all()
 
     def _remove_socket_file(self) -> None:
         # only our own socket: another daemon may have replaced it since

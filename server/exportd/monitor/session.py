@@ -22,12 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 from exportd.aio.budget import TimeSlice
 from exportd.errors import CommandNotFound, QMPError
+from exportd.monitor.fdpass import MonitorFds, NamedFds, current_monitor_fds
 from exportd.monitor.jsonstream import BIG_STRING, JsonStream, ParseError
 
 if TYPE_CHECKING:
     import asyncio
 
     from exportd.monitor.executor import CommandExecutor
+    from exportd.monitor.fdpass import FdReceivingReader
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +108,15 @@ class Session:
     def __init__(
         self,
         executor: CommandExecutor,
-        reader: asyncio.StreamReader,
+        reader: FdReceivingReader,
         writer: asyncio.StreamWriter,
         *,
         pretty: bool = False,
     ) -> None:
         self.executor = executor
         self.reader = reader
+        # descriptors sent with SCM_RIGHTS, for getfd (fdpass.py)
+        self.fds: MonitorFds = reader.fds if reader is not None else MonitorFds(NamedFds())
         self.writer = writer
         self.pretty = pretty
         self.negotiated = False
@@ -175,6 +179,7 @@ class Session:
         if not self.closed:
             self.closed = True
             self.writer.close()
+            self.reader.close()
 
     # --- input ------------------------------------------------------------------
     async def run(self) -> None:
@@ -200,6 +205,8 @@ class Session:
             log.exception("QMP session failed")
         finally:
             self.close()
+            self.reader.release()
+            self.fds.close()
 
     async def handle(self, item: Any) -> None:
         if isinstance(item, ParseError):
@@ -220,7 +227,11 @@ class Session:
             if self.negotiated and name == "qmp_capabilities":
                 self.executor.check_arguments(name, args)  # QEMU checks arguments first
                 raise CommandNotFound("Capabilities negotiation is already complete, command ignored")
-            result = await self.executor.execute(name, args)
+            fds_token = current_monitor_fds.set(self.fds)
+            try:
+                result = await self.executor.execute(name, args)
+            finally:
+                current_monitor_fds.reset(fds_token)
             if name == "qmp_capabilities":
                 self.negotiated = True
         except QMPError as e:

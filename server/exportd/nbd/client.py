@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 import ssl
@@ -37,20 +38,35 @@ class HandshakeError(Exception):
 class Address:
     """Where the server listens: QEMU's SocketAddress (unix or inet)."""
 
-    kind: str  # "unix" or "inet"
+    kind: str  # "unix", "inet" or "fd"
     path: str = ""
     host: str = ""
     port: str = ""
     tls: ssl.SSLContext | None = None  # NBD_OPT_STARTTLS first, with this context
     tls_hostname: str | None = None  # the name the server's certificate must carry
+    fd_name: str = ""  # kind "fd": the descriptor's name (getfd) or number
+    connected: socket.socket | None = None  # kind "fd": the socket, until the first connection takes it
 
     def describe(self) -> str:
+        if self.kind == "fd":
+            return f"fd {self.fd_name}"
         return self.path if self.kind == "unix" else f"{self.host}:{self.port}"
 
 
 async def open_stream(address: Address) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     limit = 1 << 20
-    if address.kind == "unix":
+    if address.kind == "fd":
+        # A connected socket handed over once: like QEMU, which took it out
+        # of the monitor, a later reconnect has nothing to connect with.
+        sock, address.connected = address.connected, None
+        if sock is None:
+            raise ConnectionRefusedError(errno.ECONNREFUSED, "the socket passed as a descriptor was used up")
+        sock.setblocking(False)
+        if sock.family == socket.AF_UNIX:
+            reader, writer = await asyncio.open_unix_connection(sock=sock, limit=limit)
+        else:
+            reader, writer = await asyncio.open_connection(sock=sock, limit=limit)
+    elif address.kind == "unix":
         reader, writer = await asyncio.open_unix_connection(address.path, limit=limit)
     else:
         reader, writer = await asyncio.open_connection(address.host, int(address.port), limit=limit)

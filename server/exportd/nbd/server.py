@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from exportd import fdreserve
 from exportd.errors import QMPError
+from exportd.monitor.fdpass import socket_fd
 from exportd.monitor.server import LISTEN_BACKLOG
 
 if TYPE_CHECKING:
@@ -67,12 +68,18 @@ class NbdServer:
                 srv = await asyncio.start_server(self._accept, host=host, port=int(data["port"]),
                                                  reuse_address=True, limit=1 << 20, backlog=LISTEN_BACKLOG)
             elif kind == "fd":
-                sock = socket.socket(fileno=_fd_number(data["str"]))
-                sock.setblocking(False)
-                if sock.family == socket.AF_UNIX:
-                    srv = await asyncio.start_unix_server(self._accept, sock=sock, limit=1 << 20, backlog=LISTEN_BACKLOG)
-                else:
-                    srv = await asyncio.start_server(self._accept, sock=sock, limit=1 << 20, backlog=LISTEN_BACKLOG)
+                sock = socket.socket(fileno=socket_fd(data["str"]))  # ours from here on
+                try:
+                    sock.setblocking(False)
+                    if sock.family == socket.AF_UNIX:
+                        srv = await asyncio.start_unix_server(self._accept, sock=sock, limit=1 << 20,
+                                                              backlog=LISTEN_BACKLOG)
+                    else:
+                        srv = await asyncio.start_server(self._accept, sock=sock, limit=1 << 20,
+                                                         backlog=LISTEN_BACKLOG)
+                except BaseException:
+                    sock.close()
+                    raise
             else:  # vsock: not on this host
                 raise QMPError(f"Socket address type '{kind}' is not supported")
         except OSError as e:
@@ -124,14 +131,6 @@ class NbdServer:
             with contextlib.suppress(OSError):
                 os.unlink(self._unix_path)
             self._unix_path = None
-
-
-def _fd_number(name: str) -> int:
-    """QEMU takes a monitor fd name or a number; exportd has no getfd yet."""
-    try:
-        return int(name)
-    except ValueError:
-        raise QMPError(f"File descriptor named '{name}' has not been found") from None
 
 
 def _listen_error(kind: str, data: dict[str, Any], e: OSError) -> str:
