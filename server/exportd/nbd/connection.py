@@ -63,6 +63,9 @@ class Connection:
         self.no_zeroes = False
         self.tls_done = False
         self.structured = False
+        # NBD_OPT_EXTENDED_HEADERS: 32-byte requests and replies, 64-bit
+        # effect lengths (implies everything structured replies allow)
+        self.extended = False
         self.export: NbdExport | None = None
         self.contexts = Contexts()
         self.tasks: set[asyncio.Task[None]] = set()
@@ -79,7 +82,8 @@ class Connection:
             limit = self.server.handshake_max_seconds
             async with asyncio.timeout(limit if limit else None):
                 await self.negotiate()
-            taken = None if self.tls_done else take_socket(self.reader, self.writer)
+            # the fast path speaks the compact headers only
+            taken = None if self.tls_done or self.extended else take_socket(self.reader, self.writer)
             if taken is None:
                 await self.transmit()
             else:
@@ -202,6 +206,8 @@ class Connection:
     async def _option(self, opt: int, data: bytes) -> bool:
         """Handle one option; True once transmission starts."""
         if opt == P.OPT_EXPORT_NAME:
+            if self.extended:  # proto.md: MUST NOT; it has no way to answer an error
+                raise P.ProtocolError("EXPORT_NAME after extended headers were negotiated")
             return await self._export_name(data)
         if opt == P.OPT_ABORT:
             with contextlib.suppress(ConnectionError):
@@ -224,6 +230,8 @@ class Connection:
         if opt == P.OPT_STRUCTURED_REPLY:
             if data:
                 await self._error(opt, P.REP_ERR_INVALID, "no payload expected in option 8")
+            elif self.extended:
+                await self._error(opt, P.REP_ERR_EXT_HEADER_REQD, "extended headers already negotiated")
             elif self.structured:
                 await self._error(opt, P.REP_ERR_INVALID, "structured reply already negotiated")
             else:
@@ -232,6 +240,15 @@ class Connection:
             return False
         if opt in (P.OPT_LIST_META_CONTEXT, P.OPT_SET_META_CONTEXT):
             await self._meta_context(opt, data)
+            return False
+        if opt == P.OPT_EXTENDED_HEADERS:
+            if data:
+                await self._error(opt, P.REP_ERR_INVALID, "no payload expected in option 11")
+            elif self.extended:
+                await self._error(opt, P.REP_ERR_INVALID, "extended headers already negotiated")
+            else:
+                self.extended = self.structured = True
+                await self._reply(opt, P.REP_ACK)
             return False
         await self._error(opt, P.REP_ERR_UNSUP, f"Unsupported option {opt:#x} ({P.OPT_NAMES.get(opt, '?')})")
         return False
@@ -257,6 +274,9 @@ class Connection:
             log.info("NBD client: %s", e)
             raise Disconnect from None
         self.tls_done = True
+        # proto.md: what was negotiated before STARTTLS must be asked again
+        self.structured = self.extended = False
+        self.contexts = Contexts()
 
     async def _authorize(self, authz_id: str) -> None:
         """tls-authz: the client certificate's distinguished name must be
@@ -360,15 +380,19 @@ class Connection:
     # --- transmission ------------------------------------------------------------------
     async def transmit(self) -> None:
         read = self.reader.readexactly
-        size = P.REQUEST.size
+        extended = self.extended
+        size = P.EXTENDED_REQUEST.size if extended else P.REQUEST.size
         exp = self.export
         assert exp is not None
         while True:
-            req = P.unpack_request(await read(size))
+            req = P.unpack_request(await read(size), extended)
             payload = b""
-            if req.type == P.CMD_WRITE:
+            # compact: only a WRITE carries a payload; extended: any request
+            # with PAYLOAD_LEN, whose length is then the payload's
+            carries = req.flags & P.CMD_FLAG_PAYLOAD_LEN if extended else req.type == P.CMD_WRITE
+            if carries:
                 if req.length > P.MAX_PAYLOAD:
-                    raise P.ProtocolError(f"write of {req.length} bytes")  # cannot skip it safely
+                    raise P.ProtocolError(f"payload of {req.length} bytes")  # cannot skip it safely
                 payload = await read(req.length)
             if req.type == P.CMD_DISC:
                 break
@@ -406,15 +430,27 @@ class Connection:
             with contextlib.suppress(Exception):
                 await self._send_error(req, P.EIO, "internal error")
 
+    def _chunk_header(self, req: P.Request, rtype: int, length: int, flags: int) -> bytes:
+        """A reply chunk's header: 20-byte structured, or 32-byte extended
+        (which repeats the request's offset)."""
+        if self.extended:
+            return P.pack_extended_chunk_header(req.cookie, rtype, length, flags, req.offset)
+        return P.pack_chunk_header(req.cookie, rtype, length, flags)
+
+    def _chunk(self, req: P.Request, rtype: int, payload: bytes = b"", flags: int = P.REPLY_FLAG_DONE) -> bytes:
+        return self._chunk_header(req, rtype, len(payload), flags) + payload
+
     async def _send_error(self, req: P.Request, err: int, message: str) -> None:
         if self.structured:
-            await self._send(P.pack_chunk(req.cookie, P.REPLY_TYPE_ERROR,
-                                          P.pack_error_payload(err, message), P.REPLY_FLAG_DONE))
+            await self._send(self._chunk(req, P.REPLY_TYPE_ERROR, P.pack_error_payload(err, message)))
         else:
             await self._send(P.pack_simple_reply(req.cookie, err))
 
     async def _ok(self, req: P.Request) -> None:
-        await self._send(P.pack_simple_reply(req.cookie))
+        if self.extended:  # no simple replies once extended headers are on
+            await self._send(self._chunk(req, P.REPLY_TYPE_NONE))
+        else:
+            await self._send(P.pack_simple_reply(req.cookie))
 
     def _check(self, exp: NbdExport, req: P.Request) -> None:
         """QEMU's request checks: flags valid for the command, range inside the export."""
@@ -441,6 +477,12 @@ class Connection:
         t = req.type
         if t not in P.CMD_NAMES or t == P.CMD_RESIZE:
             raise OSError(errno.EINVAL, f"unsupported command {t}")
+        if self.extended:
+            if (t == P.CMD_WRITE) != bool(req.flags & P.CMD_FLAG_PAYLOAD_LEN):
+                # a WRITE must say its payload's length; nothing else takes
+                # one here (no BLOCK_STATUS payload form: not advertised)
+                raise OSError(errno.EINVAL, f"{P.CMD_NAMES[t]} with{'out' if t == P.CMD_WRITE else ''} a payload")
+            req = req._replace(flags=req.flags & ~P.CMD_FLAG_PAYLOAD_LEN)
         self._check(exp, req)
         io = exp.io
         if t == P.CMD_READ:
@@ -496,12 +538,12 @@ class Connection:
             await self._send(P.pack_simple_reply(req.cookie), data)
             return
         if n == 0:  # no OFFSET_DATA may be empty
-            await self._send(P.pack_chunk(req.cookie, P.REPLY_TYPE_NONE, b"", P.REPLY_FLAG_DONE))
+            await self._send(self._chunk(req, P.REPLY_TYPE_NONE))
             return
         if req.flags & P.CMD_FLAG_DF or n < SPARSE_READ_MIN:
             data = await self._read_bytes(exp, off, n)
-            await self._send(P.pack_chunk_header(req.cookie, P.REPLY_TYPE_OFFSET_DATA, 8 + len(data),
-                                                 P.REPLY_FLAG_DONE), P.U64.pack(off), data)
+            await self._send(self._chunk_header(req, P.REPLY_TYPE_OFFSET_DATA, 8 + len(data), P.REPLY_FLAG_DONE),
+                             P.U64.pack(off), data)
             return
         # sparse: holes as OFFSET_HOLE chunks, data as OFFSET_DATA, all built first
         runs: list[list[int]] = []  # [is_hole, start, length]
@@ -527,10 +569,10 @@ class Connection:
         for i, (hole, start, ln) in enumerate(runs):
             flags = P.REPLY_FLAG_DONE if i == len(runs) - 1 else 0
             if hole:
-                parts.append(P.pack_chunk(req.cookie, P.REPLY_TYPE_OFFSET_HOLE, P.pack_offset_hole(start, ln), flags))
+                parts.append(self._chunk(req, P.REPLY_TYPE_OFFSET_HOLE, P.pack_offset_hole(start, ln), flags))
             else:
                 data = await self._read_bytes(exp, start, ln)
-                parts.append(P.pack_chunk_header(req.cookie, P.REPLY_TYPE_OFFSET_DATA, 8 + ln, flags))
+                parts.append(self._chunk_header(req, P.REPLY_TYPE_OFFSET_DATA, 8 + ln, flags))
                 parts.append(P.U64.pack(start))
                 parts.append(data)
         await self._send(*parts)
@@ -547,9 +589,9 @@ class Connection:
                 ext = await self._base_allocation(exp, req.offset, req.length, one)  # the export's cache first
             else:
                 ext = await context_extents(exp.node, exp.bitmaps, cname, req.offset, req.length, one)
-            chunks.append(P.pack_block_status(cid, ext))
-        parts = [P.pack_chunk(req.cookie, P.REPLY_TYPE_BLOCK_STATUS, c,
-                              P.REPLY_FLAG_DONE if i == len(chunks) - 1 else 0)
+            chunks.append(P.pack_block_status_ext(cid, ext) if self.extended else P.pack_block_status(cid, ext))
+        rtype = P.REPLY_TYPE_BLOCK_STATUS_EXT if self.extended else P.REPLY_TYPE_BLOCK_STATUS
+        parts = [self._chunk(req, rtype, c, P.REPLY_FLAG_DONE if i == len(chunks) - 1 else 0)
                  for i, c in enumerate(chunks)]
         await self._send(*parts)
 
