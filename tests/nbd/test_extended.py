@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 import struct
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 
 from tests.nbd.tools import run
+from tests.tls.certs import creds_dir, make_pki
 
 NBDMAGIC, IHAVEOPT = 0x4E42444D41474943, 0x49484156454F5054
 OPT_REPLY_MAGIC = 0x0003E889045565A9
@@ -29,7 +31,7 @@ EXT_REQUEST = struct.Struct(">IHHQQQ")  # magic, flags, type, cookie, offset, le
 EXT_REQUEST_MAGIC = 0x21E41C71
 EXT_REPLY = struct.Struct(">IHHQQQ")  # magic, flags, type, cookie, offset, length
 EXT_REPLY_MAGIC = 0x6E8A278C
-OPT_GO, OPT_STRUCTURED_REPLY, OPT_SET_META_CONTEXT, OPT_EXTENDED_HEADERS = 7, 8, 10, 11
+OPT_STARTTLS, OPT_GO, OPT_STRUCTURED_REPLY, OPT_SET_META_CONTEXT, OPT_EXTENDED_HEADERS = 5, 7, 8, 10, 11
 REP_ACK, REP_META_CONTEXT = 1, 4
 REP_ERR_INVALID, REP_ERR_EXT_HEADER_REQD = (1 << 31) | 3, (1 << 31) | 10
 CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_BLOCK_STATUS = 0, 1, 2, 3, 4, 7
@@ -45,12 +47,16 @@ class Client:
         self.cookie = 0
 
     @classmethod
-    async def connect(cls, sock: Path) -> Client:
+    async def connect(cls, sock: Path, tls: ssl.SSLContext | None = None) -> Client:
         r, w = await asyncio.open_unix_connection(str(sock))
         magic, opt, _ = struct.unpack(">QQH", await r.readexactly(18))
         assert (magic, opt) == (NBDMAGIC, IHAVEOPT)
         w.write(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
-        return cls(r, w)
+        c = cls(r, w)
+        if tls is not None:
+            assert (await c.option(OPT_STARTTLS))[-1][0] == REP_ACK
+            await w.start_tls(tls, server_hostname="localhost")
+        return c
 
     async def option(self, opt: int, data: bytes = b"") -> list[tuple[int, bytes]]:
         self.w.write(struct.pack(">QII", IHAVEOPT, opt, len(data)) + data)
@@ -104,8 +110,27 @@ async def big_export(nbd, workdir: Path) -> Any:
     return nbd
 
 
-async def test_extended_transmission(big_export, workdir: Path) -> None:
-    c = await Client.connect(big_export.sock)
+async def _with_tls(nbd: Any, workdir: Path) -> ssl.SSLContext:
+    """Restart the NBD server with TLS (TLS connections stay on the stream
+    path, the others take nbd/transmit.py's: both must speak the extension)."""
+    pki = make_pki(workdir / "pki")
+    server_dir = creds_dir(workdir / "server", pki, client=False)
+    client_dir = creds_dir(workdir / "client", pki, server=False)
+    await nbd.d.cmd("object-add", {"qom-type": "tls-creds-x509", "id": "tls0", "dir": str(server_dir),
+                                   "endpoint": "server"})
+    await nbd.d.cmd("nbd-server-stop")
+    await nbd.d.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(nbd.sock)}},
+                                         "tls-creds": "tls0"})
+    await nbd.export("big", "big", name="big", writable=True)
+    ctx = ssl.create_default_context(cafile=str(client_dir / "ca-cert.pem"))
+    ctx.load_cert_chain(str(client_dir / "client-cert.pem"), str(client_dir / "client-key.pem"))
+    return ctx
+
+
+@pytest.mark.parametrize("path", ["plain", "tls"])
+async def test_extended_transmission(big_export, workdir: Path, path: str) -> None:
+    tls = await _with_tls(big_export, workdir) if path == "tls" else None
+    c = await Client.connect(big_export.sock, tls)
     try:
         assert (await c.option(OPT_EXTENDED_HEADERS))[-1][0] == REP_ACK
         # extended headers take precedence over structured replies
@@ -154,8 +179,15 @@ async def test_extended_transmission(big_export, workdir: Path) -> None:
         assert (await c.reply(cookie))[0][1] == TYPE_ERROR
         cookie = c.send(CMD_WRITE, 0, 4096)  # a WRITE that does not say its payload
         assert (await c.reply(cookie))[0][1] == TYPE_ERROR
+        cookie = c.send(CMD_TRIM, 0, 3 << 20, FLAG_PAYLOAD_LEN, b"\x01" * (3 << 20))  # bigger than a buffer
+        assert (await c.reply(cookie))[0][1] == TYPE_ERROR
         cookie = c.send(CMD_READ, 8192, 4096)  # the stream is still in step
         assert (await c.reply(cookie))[0][3] == struct.pack(">Q", 8192) + b"\x11" * 4096
+        # a 1 MiB write, received in a buffer of its own on the fast path
+        cookie = c.send(CMD_WRITE, 1 << 20, 1 << 20, FLAG_PAYLOAD_LEN, b"\x33" * (1 << 20))
+        assert await c.reply(cookie) == [(DONE, TYPE_NONE, 1 << 20, b"")]
+        cookie = c.send(CMD_READ, (2 << 20) - 4, 8)
+        assert (await c.reply(cookie))[0][3] == struct.pack(">Q", (2 << 20) - 4) + b"\x33" * 4 + bytes(4)
     finally:
         await c.close()
 

@@ -82,8 +82,7 @@ class Connection:
             limit = self.server.handshake_max_seconds
             async with asyncio.timeout(limit if limit else None):
                 await self.negotiate()
-            # the fast path speaks the compact headers only
-            taken = None if self.tls_done or self.extended else take_socket(self.reader, self.writer)
+            taken = None if self.tls_done else take_socket(self.reader, self.writer)
             if taken is None:
                 await self.transmit()
             else:

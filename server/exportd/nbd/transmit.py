@@ -70,11 +70,12 @@ SENDFILE_MIN = 64 * 1024      # READs from this size on go by sendfile (when the
 MAX_IN_FLIGHT = 16            # requests waiting in tasks per client (QEMU: 16)
 SPARSE_READ_MIN = 64 * 1024   # smaller structured reads are sent as data (a block_status costs more)
 
-_REQUEST = P.REQUEST
-_REQUEST_SIZE = _REQUEST.size
 _SIMPLE = P.SIMPLE_REPLY
 # a structured OFFSET_DATA chunk's header and its offset, one pack
 _DATA_CHUNK = struct.Struct(">IHHQIQ")
+# the same with extended headers (magic, flags, type, cookie, offset, length, offset)
+_EXT_DATA_CHUNK = struct.Struct(">IHHQQQQ")
+_EXT_REPLY = P.EXTENDED_REPLY
 _ZEROES = bytes(1 << 20)
 
 
@@ -166,6 +167,14 @@ class Transmission:
         self.exp = exp
         self.io = exp.io
         self.structured = conn.structured
+        # NBD_OPT_EXTENDED_HEADERS: 32-byte requests, where PAYLOAD_LEN (not
+        # the command) says a payload follows, and 32-byte replies only
+        self.extended = conn.extended
+        self.request = P.EXTENDED_REQUEST if self.extended else P.REQUEST
+        self.request_size = self.request.size
+        self.request_magic = P.EXTENDED_REQUEST_MAGIC if self.extended else P.REQUEST_MAGIC
+        # the flags of a WRITE that may be served inline
+        self.plain_write = P.CMD_FLAG_PAYLOAD_LEN if self.extended else 0
         self.sock = sock
         self.fd = sock.fileno()
         self.loop = asyncio.get_running_loop()
@@ -177,6 +186,7 @@ class Transmission:
         # a WRITE whose payload is being received into a buffer of its own
         self.big: tuple[int, int, int, int] | None = None  # flags, cookie, offset, length
         self.big_buf: bytearray | None = None
+        self.big_type = P.CMD_WRITE
         self.big_filled = 0
         self.spare: bytearray | None = None  # the last own buffer, kept for the next
         # replies held while a burst of requests is served (_parse)
@@ -250,7 +260,7 @@ class Transmission:
     def _left_unserved(self) -> bool:
         """A whole request received but not served (its slice ran out); a
         partial one waits for the socket's readiness instead."""
-        return (self.big is None and self.reading and self.tail - self.head >= _REQUEST_SIZE
+        return (self.big is None and self.reading and self.tail - self.head >= self.request_size
                 and self.tail - self.head >= self._needed(self.head, self.tail))
 
     def _continue_if_left(self) -> None:
@@ -344,32 +354,36 @@ class Transmission:
         wake-up of the client)."""
         buf = self.buf
         head, tail = self.head, self.tail
+        request, size, want_magic, extended = self.request, self.request_size, self.request_magic, self.extended
         try:
             slice_end, first = self.slice_end, head
-            while tail - head >= _REQUEST_SIZE and self.reading:
+            while tail - head >= size and self.reading:
                 if head != first and time.monotonic() > slice_end:
                     # the rest when the loop has had a turn (_continue_if_left);
                     # one request at least per call, so each makes progress
                     break
-                magic, flags, typ, cookie, offset, length = _REQUEST.unpack_from(buf, head)
-                if magic != P.REQUEST_MAGIC:
+                magic, flags, typ, cookie, offset, length = request.unpack_from(buf, head)
+                if magic != want_magic:
                     raise P.ProtocolError(f"bad request magic {magic:#x}")
-                if typ == P.CMD_WRITE:
+                if (flags & P.CMD_FLAG_PAYLOAD_LEN) if extended else typ == P.CMD_WRITE:
                     if length > P.MAX_PAYLOAD:
-                        raise P.ProtocolError(f"write of {length} bytes")  # cannot skip it safely
-                    start = head + _REQUEST_SIZE
+                        raise P.ProtocolError(f"payload of {length} bytes")  # cannot skip it safely
+                    start = head + size
                     end = start + length
                     if end > tail:
                         if length >= OWN_BUFFER_MIN:
-                            self._big_start(flags, cookie, offset, length, start, tail)
+                            self._big_start(flags, typ, cookie, offset, length, start, tail)
                             head = tail
                         break
                     head = end
                     if head < tail and self.corked is None:
                         self.corked = []  # more requests follow: one sendmsg for all
-                    self._write(flags, cookie, offset, length, self.view[start:end])
+                    if typ == P.CMD_WRITE:
+                        self._write(flags, cookie, offset, length, self.view[start:end])
+                    else:  # read and refused (Connection._command): no payload expected
+                        self._slow(P.Request(flags, typ, cookie, offset, length), b"")
                     continue
-                head += _REQUEST_SIZE
+                head += size
                 if head < tail and self.corked is None:
                     self.corked = []
                 if typ == P.CMD_READ:
@@ -395,12 +409,14 @@ class Transmission:
 
     def _needed(self, head: int, tail: int) -> int:
         """Bytes the partial request at `head` takes in the buffer."""
-        if tail - head < _REQUEST_SIZE:
-            return _REQUEST_SIZE
-        _, _, typ, _, _, length = _REQUEST.unpack_from(self.buf, head)
-        return _REQUEST_SIZE + length if typ == P.CMD_WRITE else _REQUEST_SIZE
+        size = self.request_size
+        if tail - head < size:
+            return size
+        _, flags, typ, _, _, length = self.request.unpack_from(self.buf, head)
+        carries = flags & P.CMD_FLAG_PAYLOAD_LEN if self.extended else typ == P.CMD_WRITE
+        return size + length if carries else size
 
-    def _big_start(self, flags: int, cookie: int, offset: int, length: int,
+    def _big_start(self, flags: int, typ: int, cookie: int, offset: int, length: int,
                    start: int, tail: int) -> None:
         spare = self.spare
         if spare is not None and len(spare) == length:
@@ -411,6 +427,7 @@ class Transmission:
         have = tail - start
         big[:have] = self.view[start:tail]
         self.big = (flags, cookie, offset, length)
+        self.big_type = typ
         self.big_buf = big
         self.big_filled = have
 
@@ -420,7 +437,10 @@ class Transmission:
         self.big = None
         self.big_buf = None
         flags, cookie, offset, length = big
-        if self._write(flags, cookie, offset, length, memoryview(payload), owned=True):
+        if self.big_type != P.CMD_WRITE:  # a payload nothing expects (extended headers): refused
+            self._slow(P.Request(flags, self.big_type, cookie, offset, length), b"")
+            self.spare = payload
+        elif self._write(flags, cookie, offset, length, memoryview(payload), owned=True):
             self.spare = payload  # written inline: nobody keeps it
 
     # --- requests ------------------------------------------------------------------
@@ -440,7 +460,7 @@ class Transmission:
                 else:
                     data = read_extents_now(got, length)
             except OSError as e:
-                self._error(cookie, e)
+                self._error(cookie, e, offset)
                 return
             if data is not None:
                 head = self._data_head(cookie, offset, length)
@@ -450,6 +470,9 @@ class Transmission:
 
     def _data_head(self, cookie: int, offset: int, length: int) -> bytes:
         """What precedes a READ's data: a simple reply, or an OFFSET_DATA chunk's header."""
+        if self.extended:
+            return _EXT_DATA_CHUNK.pack(P.EXTENDED_REPLY_MAGIC, P.REPLY_FLAG_DONE, P.REPLY_TYPE_OFFSET_DATA,
+                                        cookie, offset, 8 + length, offset)
         if self.structured:
             return _DATA_CHUNK.pack(P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE,
                                     P.REPLY_TYPE_OFFSET_DATA, cookie, 8 + length, offset)
@@ -516,22 +539,30 @@ class Transmission:
         again). A payload in the receive buffer is copied for a request that
         waits; an `owned` one is handed over."""
         exp = self.exp
-        if flags == 0 and length and exp.writable and offset + length <= exp.current_length():
+        if flags == self.plain_write and length and exp.writable and offset + length <= exp.current_length():
             try:
                 done = self.io.write_now(offset, payload)
             except OSError as e:
-                self._error(cookie, e)
+                self._error(cookie, e, offset)
                 return True
             if done is not None:
-                self.send((_SIMPLE.pack(P.SIMPLE_REPLY_MAGIC, 0, cookie),), _SIMPLE.size)
+                if self.extended:  # no simple replies: a NONE chunk
+                    self.send((_EXT_REPLY.pack(P.EXTENDED_REPLY_MAGIC, P.REPLY_FLAG_DONE, P.REPLY_TYPE_NONE,
+                                               cookie, offset, 0),), _EXT_REPLY.size)
+                else:
+                    self.send((_SIMPLE.pack(P.SIMPLE_REPLY_MAGIC, 0, cookie),), _SIMPLE.size)
                 return True
         self._slow(P.Request(flags, P.CMD_WRITE, cookie, offset, length),
                    payload if owned else bytes(payload))
         return False
 
-    def _error(self, cookie: int, e: OSError) -> None:
+    def _error(self, cookie: int, e: OSError, offset: int) -> None:
         err = P.errno_to_nbd(e.errno or errno.EIO)
-        if self.structured:
+        if self.extended:
+            msg = P.pack_error_payload(err, e.strerror or str(e))
+            reply = P.pack_extended_chunk_header(cookie, P.REPLY_TYPE_ERROR, len(msg), P.REPLY_FLAG_DONE,
+                                                 offset) + msg
+        elif self.structured:
             msg = P.pack_error_payload(err, e.strerror or str(e))
             reply = P.pack_chunk(cookie, P.REPLY_TYPE_ERROR, msg, P.REPLY_FLAG_DONE)
         else:
