@@ -179,7 +179,8 @@ class Session:
         if not self.closed:
             self.closed = True
             self.writer.close()
-            self.reader.close()
+            if self.reader is not None:  # None only in unit tests of the output side
+                self.reader.close()
 
     # --- input ------------------------------------------------------------------
     async def run(self) -> None:
