@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -175,7 +176,7 @@ async def test_nbd_driver_on_a_passed_connected_socket(exportd, workdir: Path) -
             await exportd.cmd("getfd", {"fdname": "kit"})
         finally:
             conn.close()
-        await exportd.cmd("blockdev-add", {"driver": "nbd", "node-name": "n",
+        await exportd.cmd("blockdev-add", {"driver": "nbd", "node-name": "n", "reconnect-delay": 30,
                                            "server": {"type": "fd", "str": "kit"}})
         nodes = {n["node-name"]: n for n in await exportd.cmd("query-named-block-nodes")}
         assert nodes["n"]["file"] == 'json:{"driver": "nbd", "server": {"type": "fd", "str": "kit"}}'
@@ -185,6 +186,18 @@ async def test_nbd_driver_on_a_passed_connected_socket(exportd, workdir: Path) -
         out = workdir / "copy.raw"
         await run("nbdcopy", f"nbd+unix:///disk?socket={nbd_path}", str(out))
         assert out.read_bytes() == data
+        # the passed socket was the only one: when the server goes, reads
+        # fail at once, whatever reconnect-delay says (nothing to reconnect with)
+        server.kill()
+        start = time.monotonic()
+        errnum = await nbdsh("""
+            try:
+                h.pread(4096, 1 << 19)
+                result = 0
+            except nbd.Error as e:
+                result = e.errnum
+        """, f"nbd+unix:///disk?socket={nbd_path}")
+        assert errnum == 5 and time.monotonic() - start < 20  # EIO, not a 30 s wait
         await exportd.cmd("block-export-del", {"id": "e"})
         await exportd.cmd("blockdev-del", {"node-name": "n"})
         await exportd.cmd("nbd-server-stop")

@@ -191,13 +191,14 @@ class NbdNode(BlockNode):
         task = asyncio.get_running_loop().create_task(conn.close())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
-        if self.reconnect_delay and not self._closed:
+        # a socket passed as a descriptor was the only one: nothing to reconnect with
+        if self.reconnect_delay and not self._closed and self.address.kind != "fd":
             self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
 
     async def _wait_connected(self) -> Connection:
         if self._closed:
             raise OSError(errno.EIO, "nbd node is closed")
-        if self.conn is None and not self.reconnect_delay:
+        if self.conn is None and (not self.reconnect_delay or self.address.kind == "fd"):
             raise OSError(errno.EIO, f"NBD server {self.address.describe()} is gone")
         left = self._lost_at + self.reconnect_delay - time.monotonic()
         if self.conn is None and left > 0:
