@@ -398,6 +398,7 @@ async def _first_connection(address: Address, export: str, timeout: int) -> Conn
     """connect(), retried until `timeout` seconds have passed (0: one try)."""
     deadline = time.monotonic() + timeout
     pause = RETRY_MIN_S
+    refused: OSError | ConnectionLost | None = None  # the last attempt that failed by itself
     while True:
         left = deadline - time.monotonic()
         try:
@@ -406,6 +407,12 @@ async def _first_connection(address: Address, export: str, timeout: int) -> Conn
         except HandshakeError as e:
             raise BlockError(str(e)) from None
         except (OSError, ConnectionLost, TimeoutError) as e:
+            if isinstance(e, TimeoutError) and timeout and refused is not None and limit < RETRY_MAX_S:
+                # an attempt started just before the deadline and cut short by
+                # it says nothing about the server: report why the ones before failed
+                e = refused
+            elif not isinstance(e, TimeoutError):
+                refused = e
             left = deadline - time.monotonic()
             if left <= 0 or (isinstance(e, TimeoutError) and not timeout):
                 if isinstance(e, TimeoutError):
