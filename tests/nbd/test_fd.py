@@ -8,6 +8,7 @@ driver's connected socket."""
 
 from __future__ import annotations
 
+import array
 import asyncio
 import os
 import socket
@@ -20,6 +21,7 @@ import pytest
 
 from tests.nbd.tools import nbdinfo_json, nbdsh, run
 from tests.support.nbdpeer import nbdkit
+from tests.support.qmp import RawQMP
 from tests.support.qsd import QSD, replies_of, running_qsd
 
 
@@ -131,7 +133,43 @@ async def test_getfd_errors_and_no_leak(exportd, workdir: Path) -> None:
     await client.disconnect()
     await client.connect(str(exportd.sock))
     await exportd.cmd("query-version")
+    for _ in range(100):  # the old session's end may still be on its way
+        if _open_fds(exportd.pid) == before:
+            break
+        await asyncio.sleep(0.05)
     assert _open_fds(exportd.pid) == before
+
+
+async def test_pipelined_descriptors_pair_with_their_getfd(exportd, workdir: Path) -> None:
+    """fd, getfd, fd, getfd sent without waiting (the kernel hands the second
+    descriptor over with the first getfd's bytes): each getfd names the
+    descriptor sent before it, as in QEMU, which reads a byte at a time."""
+    r, w = os.pipe()
+    path = workdir / "second.sock"
+    lsock = _listening_socket(path)
+    qmp = RawQMP(str(exportd.sock))
+    try:
+        qmp.negotiate()
+
+        def with_fd(data: bytes, fd: int) -> None:
+            qmp.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+
+        with_fd(b" ", r)
+        qmp.send('{"execute": "getfd", "arguments": {"fdname": "first"}}')
+        with_fd(b" ", lsock.fileno())
+        qmp.send('{"execute": "getfd", "arguments": {"fdname": "second"}}')
+        assert [qmp.recv_msg(), qmp.recv_msg()] == [{"return": {}}, {"return": {}}]
+        # "second" is the listening socket, "first" the pipe
+        assert qmp.cmd("nbd-server-start", {"addr": {"type": "fd", "data": {"str": "second"}}}) == {"return": {}}
+        reply = qmp.cmd("nbd-server-start", {"addr": {"type": "fd", "data": {"str": "first"}}})
+        assert reply["error"]["desc"] == "NBD server already running"
+        assert qmp.cmd("closefd", {"fdname": "first"}) == {"return": {}}
+        assert qmp.cmd("nbd-server-stop") == {"return": {}}
+    finally:
+        qmp.close()
+        lsock.close()
+        os.close(r)
+        os.close(w)
 
 
 async def test_getfd_listening_socket_for_nbd_server_start(exportd, workdir: Path) -> None:

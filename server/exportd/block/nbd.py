@@ -75,7 +75,11 @@ def parse_address(server: Any) -> Address:
         name = server.get("str")
         if not isinstance(name, str):
             raise BlockError("Parameter 'server.str' is missing")
-        return Address("fd", fd_name=name, connected=socket.socket(fileno=socket_fd(name)))
+        sock = socket.socket(fileno=socket_fd(name))
+        if sock.type != socket.SOCK_STREAM:
+            sock.close()
+            raise BlockError(f"File descriptor '{name}' is not a stream socket")
+        return Address("fd", fd_name=name, connected=sock)
     if kind == "vsock":
         raise BlockError(f"exportd does not support NBD servers at a SocketAddress of type '{kind}'")
     raise BlockError("Parameter 'server.type' is missing" if kind is None
@@ -123,18 +127,24 @@ class NbdNode(BlockNode):
     @classmethod
     async def open(cls, graph: Any, node_name: str, options: dict[str, Any]) -> NbdNode:
         address = parse_address(options.get("server"))
-        export = options.get("export")
-        if export is not None and not isinstance(export, str):
-            raise BlockError("Invalid parameter type for 'export', expected: string")
-        if len((export or "").encode()) > p.MAX_STRING:
-            raise BlockError("export name too long to send to a server")
-        if options.get("tls-creds") is not None:
-            address = _with_tls(graph, address, options["tls-creds"], options.get("tls-hostname"))
-        if options.get("x-dirty-bitmap") is not None:
-            raise BlockError("exportd's nbd driver does not support x-dirty-bitmap")
-        delay = _uint32(options, "reconnect-delay")
-        timeout = _uint32(options, "open-timeout")
-        conn = await _first_connection(address, export or "", timeout)
+        try:
+            export = options.get("export")
+            if export is not None and not isinstance(export, str):
+                raise BlockError("Invalid parameter type for 'export', expected: string")
+            if len((export or "").encode()) > p.MAX_STRING:
+                raise BlockError("export name too long to send to a server")
+            if options.get("tls-creds") is not None:
+                address = _with_tls(graph, address, options["tls-creds"], options.get("tls-hostname"))
+            if options.get("x-dirty-bitmap") is not None:
+                raise BlockError("exportd's nbd driver does not support x-dirty-bitmap")
+            delay = _uint32(options, "reconnect-delay")
+            # a socket passed as a descriptor gets one try: there is no other
+            timeout = _uint32(options, "open-timeout") if address.kind != "fd" else 0
+            conn = await _first_connection(address, export or "", timeout)
+        finally:
+            if address.connected is not None:  # not taken by a connection: ours to close
+                address.connected.close()
+                address.connected = None
         read_only = options["read-only"]
         if conn.read_only and not read_only:
             if not options.get("auto-read-only", False):

@@ -10,7 +10,7 @@ is a number the daemon inherited.
 Names belong to the monitor socket, not to one connection (QEMU keeps them
 on the Monitor), so a client may name a descriptor and disconnect and the
 next client can use it. Descriptors that came with a message but were
-never taken are closed when newer ones arrive or the connection ends.
+never taken are closed when the connection ends.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import contextlib
 import os
 import socket
 import stat
+from collections import deque
 from contextvars import ContextVar
 from typing import Any
 
@@ -28,6 +29,9 @@ from exportd.errors import QMPError
 
 # QEMU's char-socket takes at most this many descriptors per message
 MAX_FDS_PER_MESSAGE = 16
+# messages with descriptors waiting for a getfd, per connection; older ones
+# are closed past this
+MAX_WAITING_MESSAGES = 16
 _ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
 
 
@@ -71,29 +75,36 @@ class NamedFds:
 
 class MonitorFds:
     """What one QMP connection's commands see: the descriptors that came with
-    its latest message, and its monitor's names."""
+    its messages and no getfd took yet, oldest first, and its monitor's names.
+
+    QEMU reads its monitor a byte at a time, so each getfd takes the
+    descriptors sent with the bytes before it. A recvmsg here returns the
+    bytes of several sends at once (the kernel ends a read after the part
+    that carries descriptors), so a client that sends fd, getfd, fd, getfd
+    without waiting would see its second descriptor arrive with its first
+    getfd: a queue keeps them in order."""
 
     def __init__(self, named: NamedFds) -> None:
         self.named = named
-        self.received: list[int] = []
+        self.received: deque[list[int]] = deque()
 
     def arrived(self, fds: list[int]) -> None:
-        # as QEMU's char-socket: a message with descriptors replaces unused ones
-        old, self.received = self.received, fds
-        _close_all(old)
+        self.received.append(fds)
+        while len(self.received) > MAX_WAITING_MESSAGES:
+            _close_all(self.received.popleft())
 
     def take_received(self) -> int | None:
-        """The first descriptor of the latest message (the others are closed)."""
+        """The first descriptor of the oldest waiting message (the others
+        that came with it are closed, as QEMU does)."""
         if not self.received:
             return None
-        first, rest = self.received[0], self.received[1:]
-        self.received = []
-        _close_all(rest)
-        return first
+        fds = self.received.popleft()
+        _close_all(fds[1:])
+        return fds[0]
 
     def close(self) -> None:
-        received, self.received = self.received, []
-        _close_all(received)
+        while self.received:
+            _close_all(self.received.popleft())
 
 
 # The descriptors of the monitor connection whose command runs in this task
@@ -137,19 +148,24 @@ class FdReceivingReader:
         self._leftover = bytes(reader._buffer)  # type: ignore[attr-defined]
         reader._buffer.clear()  # type: ignore[attr-defined]
         self._eof = reader.at_eof()
-        fileno = transport.get_extra_info("socket").fileno()
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed = False
+        self._sock: socket.socket | None = None
+        sock = transport.get_extra_info("socket")
+        fileno = sock.fileno() if sock is not None else -1
+        if transport.is_closing() or fileno < 0:
+            self._eof = True  # the client went before its session started
+            return
         # a duplicate: closing it never closes the transport's socket
         self._sock = socket.socket(fileno=os.dup(fileno))
         self._sock.setblocking(False)
-        self._waiter: asyncio.Future[None] | None = None
-        self._closed = False
 
     async def read(self, n: int) -> bytes:
         if self._leftover:
             data, self._leftover = self._leftover[:n], self._leftover[n:]
             return data
         loop = asyncio.get_running_loop()
-        while not (self._closed or self._eof):
+        while not (self._closed or self._eof) and self._sock is not None:
             try:
                 data, ancillary, flags, _ = self._sock.recvmsg(n, _ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC)
             except (BlockingIOError, InterruptedError):
@@ -162,6 +178,7 @@ class FdReceivingReader:
         return b""
 
     async def _readable(self, loop: asyncio.AbstractEventLoop) -> None:
+        assert self._sock is not None
         waiter = self._waiter = loop.create_future()
         fileno = self._sock.fileno()
         loop.add_reader(fileno, _wake, waiter)
@@ -192,8 +209,9 @@ class FdReceivingReader:
     def release(self) -> None:
         """Close the duplicate socket once no read waits on it."""
         self._closed = True
-        with contextlib.suppress(OSError):
-            self._sock.close()
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()
 
 
 def _wake(waiter: asyncio.Future[Any]) -> None:

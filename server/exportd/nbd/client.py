@@ -61,11 +61,15 @@ async def open_stream(address: Address) -> tuple[asyncio.StreamReader, asyncio.S
         sock, address.connected = address.connected, None
         if sock is None:
             raise ConnectionRefusedError(errno.ECONNREFUSED, "the socket passed as a descriptor was used up")
-        sock.setblocking(False)
-        if sock.family == socket.AF_UNIX:
-            reader, writer = await asyncio.open_unix_connection(sock=sock, limit=limit)
-        else:
-            reader, writer = await asyncio.open_connection(sock=sock, limit=limit)
+        try:
+            sock.setblocking(False)
+            if sock.family == socket.AF_UNIX:
+                reader, writer = await asyncio.open_unix_connection(sock=sock, limit=limit)
+            else:
+                reader, writer = await asyncio.open_connection(sock=sock, limit=limit)
+        except BaseException:
+            sock.close()
+            raise
     elif address.kind == "unix":
         reader, writer = await asyncio.open_unix_connection(address.path, limit=limit)
     else:
@@ -76,7 +80,7 @@ async def open_stream(address: Address) -> tuple[asyncio.StreamReader, asyncio.S
             # a 1 MiB WRITE leaves in one send, not in ~200 KiB pieces each
             # waiting for the server to drain the socket (capped at wmem_max)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-        if address.kind == "inet":  # small requests must not wait for Nagle
+        if sock.family in (socket.AF_INET, socket.AF_INET6):  # small requests must not wait for Nagle
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return reader, writer

@@ -588,6 +588,8 @@ class Connection:
                 ext = await self._base_allocation(exp, req.offset, req.length, one)  # the export's cache first
             else:
                 ext = await context_extents(exp.node, exp.bitmaps, cname, req.offset, req.length, one)
+            if one:  # exactly one descriptor (a run past 4 GiB comes split in two)
+                ext = ext[:1]
             chunks.append(P.pack_block_status_ext(cid, ext) if self.extended else P.pack_block_status(cid, ext))
         rtype = P.REPLY_TYPE_BLOCK_STATUS_EXT if self.extended else P.REPLY_TYPE_BLOCK_STATUS
         parts = [self._chunk(req, rtype, c, P.REPLY_FLAG_DONE if i == len(chunks) - 1 else 0)

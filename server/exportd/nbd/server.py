@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -70,6 +71,8 @@ class NbdServer:
             elif kind == "fd":
                 sock = socket.socket(fileno=socket_fd(data["str"]))  # ours from here on
                 try:
+                    if sock.type != socket.SOCK_STREAM:
+                        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
                     sock.setblocking(False)
                     if sock.family == socket.AF_UNIX:
                         srv = await asyncio.start_unix_server(self._accept, sock=sock, limit=1 << 20,

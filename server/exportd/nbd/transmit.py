@@ -380,6 +380,10 @@ class Transmission:
                         self.corked = []  # more requests follow: one sendmsg for all
                     if typ == P.CMD_WRITE:
                         self._write(flags, cookie, offset, length, self.view[start:end])
+                    elif typ == P.CMD_DISC:  # as the stream path: DISC ends it, payload or not
+                        self._disconnect()
+                        head = tail
+                        break
                     else:  # read and refused (Connection._command): no payload expected
                         self._slow(P.Request(flags, typ, cookie, offset, length), b"")
                     continue
@@ -437,7 +441,9 @@ class Transmission:
         self.big = None
         self.big_buf = None
         flags, cookie, offset, length = big
-        if self.big_type != P.CMD_WRITE:  # a payload nothing expects (extended headers): refused
+        if self.big_type == P.CMD_DISC:
+            self._disconnect()
+        elif self.big_type != P.CMD_WRITE:  # a payload nothing expects (extended headers): refused
             self._slow(P.Request(flags, self.big_type, cookie, offset, length), b"")
             self.spare = payload
         elif self._write(flags, cookie, offset, length, memoryview(payload), owned=True):
