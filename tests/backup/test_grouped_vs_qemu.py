@@ -24,7 +24,7 @@ import pytest
 
 from tests.backup.differential import add, both
 from tests.backup.test_vs_qemu import images
-from tests.blockjobs.test_vs_qemu import add_top, full_disk
+from tests.blockjobs.test_vs_qemu import add_top, full_disk, unmount_small_fs
 from tests.support.jobflow import Step, cmd, wait
 from tests.support.qsd import QSD
 
@@ -136,8 +136,7 @@ async def test_grouped_failure_cancels_the_others_same_as_qemu(tmp_path: Path) -
         # before ENOSPC is the file system's business
         await both(tmp_path, full_disk, failure_flow, numbers=False, after=partial_copy_aside)
     finally:
-        for small in tmp_path.glob("*/small-fs"):
-            subprocess.run(["umount", "-l", str(small)], check=False)
+        unmount_small_fs(tmp_path)
 
 
 # --- (3) auto-finalize=false: one job-finalize for the group -------------------------------------------

@@ -16,7 +16,14 @@ from typing import Any
 import pytest
 
 from tests.backup.differential import add, both, guest_write, nbd_export, qcow2, save_export
-from tests.blockjobs.test_vs_qemu import _tmpfs, add_top, full_disk, graph_shape, io_status_only
+from tests.blockjobs.test_vs_qemu import (
+    _tmpfs,
+    add_top,
+    full_disk,
+    graph_shape,
+    io_status_only,
+    unmount_small_fs,
+)
 from tests.support.jobflow import Step, cmd, wait
 from tests.support.nbdpeer import nbdkit
 from tests.support.qsd import QSD
@@ -372,8 +379,7 @@ async def test_enospc_stop_and_resume_same_as_qemu(tmp_path: Path) -> None:
     try:
         await both(tmp_path, full_disk, enospc_flow, numbers=False, normalize=io_status_only)
     finally:
-        for small in tmp_path.glob("*/small-fs"):
-            subprocess.run(["umount", "-l", str(small)], check=False)
+        unmount_small_fs(tmp_path)
 
 
 # --- compress ---------------------------------------------------------------------------------
@@ -503,8 +509,7 @@ async def test_on_target_error_same_as_qemu(tmp_path: Path, policy: str) -> None
         await both(tmp_path, full_disk, enospc_policy_flow(policy), numbers=False, normalize=running_or_stopped,
                    after=(lambda d: None) if policy == "report" else target_holds_source)
     finally:
-        for small in tmp_path.glob("*/small-fs"):
-            subprocess.run(["umount", "-l", str(small)], check=False)
+        unmount_small_fs(tmp_path)
 
 
 def failing_source(tmp_path: Path) -> Path:

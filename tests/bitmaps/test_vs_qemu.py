@@ -106,14 +106,22 @@ def script(d: Path, nbd: Path) -> list[Any]:
     ]
 
 
-async def test_bitmap_commands_as_qemu(daemon, tmp_path: Path) -> None:  # noqa: ANN001
-    both = await play_on_both(tmp_path, daemon, images, lambda d, out: script(d, d / "nbd.sock"))
+async def replies_as_qemu(daemon, tmp_path: Path, prepare: Any, make_script: Any) -> tuple[list, list]:  # noqa: ANN001
+    """Play `make_script(dir, nbd_socket)` on both daemons (each directory
+    made by `prepare`) and require the same replies, bitmaps compared by
+    bitmaps_of(); returns exportd's replies and the script's commands."""
+    both = await play_on_both(tmp_path, daemon, prepare, lambda d, out: make_script(d, d / "nbd.sock"))
     theirs, ours = both["qsd"][0], both["exportd"][0]
-    cmds = [s for s in script(tmp_path, tmp_path) if s[0] == "cmd"]
+    cmds = [s for s in make_script(tmp_path, tmp_path) if s[0] == "cmd"]
     for step, a, b in zip(cmds, ours, theirs, strict=True):
         if step[1] == "query-named-block-nodes":
             a, b = bitmaps_of(a), bitmaps_of(b)
         assert a == b, (step, a, b)
+    return ours, cmds
+
+
+async def test_bitmap_commands_as_qemu(daemon, tmp_path: Path) -> None:  # noqa: ANN001
+    await replies_as_qemu(daemon, tmp_path, images, script)
 
 
 def test_merge_of_no_bitmaps(daemon, raw_qmp, tmp_path: Path) -> None:  # noqa: ANN001
@@ -180,13 +188,7 @@ def cross_node_script(d: Path, nbd: Path) -> list[Any]:
 
 
 async def test_cross_node_merge_as_qemu(daemon, tmp_path: Path) -> None:  # noqa: ANN001
-    both = await play_on_both(tmp_path, daemon, cross_node_images, lambda d, out: cross_node_script(d, d / "nbd.sock"))
-    theirs, ours = both["qsd"][0], both["exportd"][0]
-    cmds = [s for s in cross_node_script(tmp_path, tmp_path) if s[0] == "cmd"]
-    for step, a, b in zip(cmds, ours, theirs, strict=True):
-        if step[1] == "query-named-block-nodes":
-            a, b = bitmaps_of(a), bitmaps_of(b)
-        assert a == b, (step, a, b)
+    ours, cmds = await replies_as_qemu(daemon, tmp_path, cross_node_images, cross_node_script)
     # the merges did something
     shas = [r["return"]["sha256"] for s, r in zip(cmds, ours, strict=True)
             if s[1] == "x-debug-block-dirty-bitmap-sha256"]

@@ -549,6 +549,12 @@ def full_disk(d: Path) -> None:
     subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(small / "t.raw"), "4M"], check=True)
 
 
+def unmount_small_fs(tmp_path: Path) -> None:
+    """Lazily unmount every daemon directory's small-fs (full_disk's tmpfs)."""
+    for small in tmp_path.glob("*/small-fs"):
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
 def enospc_flow(d: Path) -> list[Step]:
     """A full target: on-target-error=stop pauses the job with io-status
     nospace and BLOCK_JOB_ERROR; once there is room, resume finishes it."""
@@ -582,9 +588,7 @@ async def test_enospc_stop_and_resume_same_as_qemu(tmp_path: Path) -> None:
     try:
         await both(tmp_path, full_disk, enospc_flow, numbers=False, normalize=io_status_only)
     finally:
-        small = tmp_path / "img" / "small-fs"
-        if small.exists():
-            subprocess.run(["umount", "-l", str(small)], check=False)
+        unmount_small_fs(tmp_path)
 
 
 def drive_mirror_flow(d: Path) -> list[Step]:
@@ -754,9 +758,7 @@ async def test_stream_commit_on_error_same_as_qemu(tmp_path: Path, make: Callabl
     try:
         await both(tmp_path, make, flow, numbers=False, normalize=io_status_only)
     finally:
-        small = tmp_path / "img" / "small-fs"
-        if small.exists():
-            subprocess.run(["umount", "-l", str(small)], check=False)
+        unmount_small_fs(tmp_path)
 
 
 async def test_mirror_replaces_lost_same_as_qemu(tmp_path: Path) -> None:

@@ -12,20 +12,13 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import Exportd
+from tests.support.programs import qemu_img_info_tls
 from tests.tls.certs import creds_dir, make_pki
 
 SIZE = 1 << 20
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("nbdinfo") is None,
                                 reason="openssl and nbdinfo are needed")
-
-
-def qemu_img_info(sock: Path, client_dir: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["qemu-img", "info", "--output=json",
-         "--object", f"tls-creds-x509,id=tls0,dir={client_dir},endpoint=client",
-         "--image-opts", f"driver=nbd,server.type=unix,server.path={sock},export=disk0,tls-creds=tls0,"
-         "tls-hostname=localhost"], capture_output=True, text=True, timeout=60)
 
 
 def nbdinfo(uri: str) -> subprocess.CompletedProcess[str]:
@@ -47,7 +40,7 @@ async def test_nbd_over_tls(exportd: Exportd, workdir: Path) -> None:
                                            "tls-creds": "tls0"})
     await exportd.cmd("block-export-add", {"type": "nbd", "id": "e0", "node-name": "n0", "name": "disk0"})
 
-    ok = await asyncio.to_thread(qemu_img_info, sock, client_dir)
+    ok = await asyncio.to_thread(qemu_img_info_tls, sock, client_dir)
     assert ok.returncode == 0, ok.stderr
     assert f'"virtual-size": {SIZE}' in ok.stdout
     out = await asyncio.to_thread(nbdinfo, f"nbds+unix:///disk0?socket={sock}&tls-certificates={client_dir}")
@@ -55,10 +48,10 @@ async def test_nbd_over_tls(exportd: Exportd, workdir: Path) -> None:
     # no TLS: refused before any export is named; a foreign CA: the handshake fails
     plain = await asyncio.to_thread(nbdinfo, f"nbd+unix:///disk0?socket={sock}")
     assert plain.returncode != 0
-    refused = await asyncio.to_thread(qemu_img_info, sock, stranger)
+    refused = await asyncio.to_thread(qemu_img_info_tls, sock, stranger)
     assert refused.returncode != 0
     # and the server still serves, data too (TLS stays on the stream path)
-    again = await asyncio.to_thread(qemu_img_info, sock, client_dir)
+    again = await asyncio.to_thread(qemu_img_info_tls, sock, client_dir)
     assert again.returncode == 0, again.stderr
     await exportd.cmd("block-export-del", {"id": "e0"})
     await exportd.event("BLOCK_EXPORT_DELETED")

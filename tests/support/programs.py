@@ -28,3 +28,14 @@ async def command(*argv: str, timeout: float = 60) -> subprocess.CompletedProces
     proc = await asyncio.to_thread(run, list(argv), timeout=timeout)
     assert proc.returncode == 0, f"{argv} failed: {proc.stderr}"
     return proc
+
+
+def qemu_img_info_tls(sock: object, client_dir: object) -> subprocess.CompletedProcess[str]:
+    """`qemu-img info` of export disk0 on the NBD server at UNIX socket
+    `sock`, over TLS with the client credentials in `client_dir`
+    (certificate name localhost)."""
+    return subprocess.run(
+        ["qemu-img", "info", "--output=json",
+         "--object", f"tls-creds-x509,id=tls0,dir={client_dir},endpoint=client",
+         "--image-opts", f"driver=nbd,server.type=unix,server.path={sock},export=disk0,tls-creds=tls0,"
+         "tls-hostname=localhost"], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)

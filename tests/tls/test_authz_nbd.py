@@ -27,6 +27,7 @@ from qemu.qmp import ExecuteError, QMPClient
 from exportd.tls import TlsCredsX509, upgrade
 from exportd.x509dn import subject_dn
 from tests.support.daemon import Exportd
+from tests.support.programs import qemu_img_info_tls
 from tests.support.qsd import QSD, running_qsd
 from tests.tls.certs import Pki, creds_dir, issue_client, make_pki
 
@@ -131,20 +132,12 @@ def server_args(certs: dict[str, Path], work: Path, nbd: str | None, *extra: str
     return args
 
 
-def qemu_img(sock: Path, client_dir: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["qemu-img", "info", "--output=json",
-         "--object", f"tls-creds-x509,id=tls0,dir={client_dir},endpoint=client",
-         "--image-opts", f"driver=nbd,server.type=unix,server.path={sock},export=disk0,tls-creds=tls0,"
-         "tls-hostname=localhost"], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
-
-
 def nbdinfo(sock: Path, client_dir: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["nbdinfo", "--size", f"nbds+unix:///disk0?socket={sock}&tls-certificates={client_dir}"],
                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
 
 
-async def gets_in(sock: Path, client_dir: Path, tool: Callable[..., subprocess.CompletedProcess[str]] = qemu_img
+async def gets_in(sock: Path, client_dir: Path, tool: Callable[..., subprocess.CompletedProcess[str]] = qemu_img_info_tls
                   ) -> bool:
     out = await asyncio.to_thread(tool, sock, client_dir)
     if out.returncode == 0:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from exportd.tls import TlsCredsX509, TlsError, upgrade
+from tests.support.programs import qemu_img_info_tls
 from tests.support.qsd import QSD, running_qsd
 from tests.tls.certs import Pki, creds_dir
 
@@ -44,22 +45,13 @@ async def qsd_tls(tmp_path: Path, creds: dict[str, Path]) -> AsyncIterator[str]:
         yield sock
 
 
-def qemu_img_info(sock: str, client_dir: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["qemu-img", "info", "--output=json",
-         "--object", f"tls-creds-x509,id=tls0,dir={client_dir},endpoint=client",
-         "--image-opts", f"driver=nbd,server.type=unix,server.path={sock},export=disk0,tls-creds=tls0,"
-         "tls-hostname=localhost"],
-        capture_output=True, text=True, timeout=60)
-
-
 async def test_qemu_img_with_our_layout(qsd_tls: str, creds: dict[str, Path], tmp_path: Path,
                                         pki: Pki, other_pki: Pki) -> None:
-    ok = await asyncio.to_thread(qemu_img_info, qsd_tls, creds["client"])
+    ok = await asyncio.to_thread(qemu_img_info_tls, qsd_tls, creds["client"])
     assert ok.returncode == 0, ok.stderr
     assert f'"virtual-size": {SIZE}' in ok.stdout
     stranger = creds_dir(tmp_path / "stranger", other_pki, server=False)
-    refused = await asyncio.to_thread(qemu_img_info, qsd_tls, stranger)
+    refused = await asyncio.to_thread(qemu_img_info_tls, qsd_tls, stranger)
     assert refused.returncode != 0
 
 
