@@ -191,8 +191,13 @@ class FileNode(BlockNode):
             return
         if self._lock is not None:
             self._lock.release()
-        os.close(self.fd)
-        self.fd = -1
+        fd, self.fd = self.fd, -1
+        if self._local_fs:
+            os.close(fd)
+        else:
+            # closing sends FLUSH to a FUSE server, which may be this loop
+            # (an image on one of our own exports)
+            await in_own_thread(os.close, fd)
 
     # --- blockdev-reopen ----------------------------------------------------------
     async def reopen_prepare(self, options: dict[str, Any], read_only: bool) -> Any:

@@ -20,6 +20,7 @@ import time
 from typing import TYPE_CHECKING
 
 from exportd.block.node import Perm, Prealloc, Status
+from exportd.export.hostio import HostFileIO
 from exportd.extents import Extent
 from exportd.fuse.filesystem import (
     FALLOC_FL_KEEP_SIZE,
@@ -171,6 +172,9 @@ class ExportedFile(SingleFileFS):
 
     def write_now(self, fh: int, offset: int, data: memoryview) -> int | None:
         return self.export.io.write_now(offset, data)
+
+    def ring_io(self) -> HostFileIO:
+        return HostFileIO(self.export)
 
     async def write(self, fh: int, offset: int, data: memoryview) -> int:
         exp = self.export

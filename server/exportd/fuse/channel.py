@@ -157,10 +157,13 @@ class Channel:
         self.ring = ring
         self.splice = None  # ring replies are copied into the entry's payload
         if self.reading:
-            self._loop.add_reader(ring.fd, self._on_ring_readable)
             if self._poller is not None:
                 # /dev/fuse now only brings INTERRUPT and FORGET: not worth spinning on
                 self._poller.unregister(self.fd)
+            if ring.ring is None:
+                return  # ring threads (ringthread.py) hand requests over themselves
+            self._loop.add_reader(ring.fd, self._on_ring_readable)
+            if self._poller is not None:
                 self._poller.register(ring.fd, self._drain_ring, ring.ring.has_completions)
 
     def close(self) -> None:

@@ -81,6 +81,7 @@ import stat
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Protocol
 
 from exportd.extents import Extent
 
@@ -178,6 +179,28 @@ def without_setid(mode: int) -> int:
     return mode
 
 
+class RingIO(Protocol):
+    """The data path a ring thread runs off the loop (ringthread.py). Both
+    data calls run on a ring thread, concurrently with the loop and with
+    each other; each either does the whole request or nothing (None: the
+    request goes to the loop instead). The others run on the loop."""
+
+    def read_into(self, view: memoryview, offset: int) -> int | None:
+        """Fill view (the READ's size) from `offset`: the bytes read (short
+        only at the end of the file), or None."""
+
+    def write_from(self, data: memoryview, offset: int) -> int | None:
+        """Write `data` at `offset`: its length, or None (nothing written,
+        or nothing that the loop's write would not write again)."""
+
+    def refresh(self) -> None:
+        """A declined request reached the loop: look again at what the
+        threads may do."""
+
+    def close(self) -> None:
+        """The ring is gone: no thread calls anymore."""
+
+
 class SingleFileFS(ABC):
     """The handler of one single-file FUSE mount. See the module docstring."""
 
@@ -206,6 +229,12 @@ class SingleFileFS(ABC):
     def write_now(self, fh: int, offset: int, data: memoryview) -> int | None:
         """write() without waiting: the count written, or None (nothing
         done): await write()."""
+        return None
+
+    def ring_io(self) -> RingIO | None:
+        """READ and WRITE that FUSE ring threads may answer themselves, off
+        the loop (ringthread.py), or None (the default): every request is
+        handed to the loop. Asked once, when the ring starts."""
         return None
 
     async def flush(self, fh: int) -> None:

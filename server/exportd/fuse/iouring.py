@@ -4,7 +4,8 @@ Only what FUSE over io_uring needs: io_uring_setup with 128-byte SQEs
 (IORING_SETUP_SQE128: a URING_CMD's command lives in the SQE's second
 half), the SQ and CQ rings and the SQE array mapped into our memory, SQEs
 written in place with struct.pack_into, io_uring_enter to submit, and the
-CQ read from memory. The ring is used by one thread (the loop's); x86-64
+CQ read from memory. Each ring is used by one thread (the loop's, or a
+ring thread's: ringthread.py); x86-64
 and arm64 order plain loads and stores as the ring protocol needs here (the
 tail is stored after the SQE, read before the CQEs), and Python performs
 each as one store or load in program order.
@@ -38,6 +39,7 @@ OFF_SQ_RING = 0
 OFF_CQ_RING = 0x8000000
 OFF_SQES = 0x10000000
 
+OP_READ = 22
 OP_URING_CMD = 46
 SQE_SIZE = 128  # with SETUP_SQE128
 CQE = struct.Struct("<QiI")  # user_data, res, flags
@@ -165,22 +167,30 @@ class IoUring:
             raise OSError(errno.EBUSY, "io_uring submission queue full")
         return (self.tail & self.sq_mask) * SQE_SIZE
 
+    def prep_read(self, fd: int, addr: int, length: int, user_data: int) -> None:
+        """Queue a read(2) of `length` bytes at `addr` (an eventfd's counter)."""
+        off = self.next_sqe()
+        self.sqes[off : off + 64] = bytes(64)
+        struct.pack_into("<BBHiQQIIQ", self.sqes, off, OP_READ, 0, 0, fd, (1 << 64) - 1, addr, length, 0, user_data)
+        self.queued()
+
     def queued(self) -> None:
         """Publish the SQE filled at next_sqe()."""
         self.tail = (self.tail + 1) & 0xFFFFFFFF
         struct.pack_into("<I", self.sq, self._sq_tail, self.tail)
         self.unsubmitted += 1
 
-    def submit(self, wait: int = 0) -> int:
+    def submit(self, wait: int = 0, *, getevents: bool = False) -> int:
         """Submit what is queued; with `wait`, also wait for that many
-        completions (the GIL is then released)."""
+        completions (the GIL is then released). `getevents` without `wait`
+        runs the ring's pending task work (completions that need us)."""
         done = 0
         for _ in range(8):  # a few tries: EINTR, or a partial submission
             n = self.unsubmitted
             if wait:
                 ret = _syscall(self._enter_nr, self.fd, n, wait, ENTER_GETEVENTS, 0, 0, 0)
             else:
-                ret = _syscall_gil(self._enter_nr, self.fd, n, 0, 0, 0, 0, 0)
+                ret = _syscall_gil(self._enter_nr, self.fd, n, 0, ENTER_GETEVENTS if getevents else 0, 0, 0, 0)
             if ret < 0:
                 err = ctypes.get_errno()
                 if err == errno.EINTR:

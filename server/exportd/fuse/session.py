@@ -39,7 +39,7 @@ from .mount import (
 )
 from .passthrough import BackingFiles, PassthroughUnavailable
 from .splice import SPLICE_MAX_READ, pipe_for
-from .uring import FuseRing, depth_from_env, possible_cpus, unavailable_reason
+from .uring import FuseRing, depth_from_env, possible_cpus, threads_from_env, unavailable_reason
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +263,7 @@ class FuseSession:
                 queues=possible_cpus(),
                 depth=depth_from_env(),
                 payload=max(abi.MIN_READ_BUFFER, self.max_write),
+                threaded=threads_from_env(),
             )
             ring.register()
         except OSError as e:

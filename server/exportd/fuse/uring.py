@@ -42,10 +42,12 @@ import struct
 from typing import TYPE_CHECKING, Any
 
 from . import abi
+from .filesystem import RingIO
 from .iouring import OP_URING_CMD, SETUP_COOP_TASKRUN, IoUring
 
 if TYPE_CHECKING:
     from .channel import Channel
+    from .ringthread import QueueThread
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +65,13 @@ BURST = 32
 
 IN_HEAD = struct.Struct("<IIQ")  # fuse_in_header: len, opcode, unique
 PAYLOAD_SZ = struct.Struct("<I")  # ring_ent_in_out.payload_sz, at ENT_IN_OUT + 16
-_PAYLOAD_SZ_AT = ENT_IN_OUT + 16
+PAYLOAD_SZ_AT = ENT_IN_OUT + 16
 # The first 72 bytes of a URING_CMD SQE: opcode, flags, ioprio, fd, cmd_op,
 # pad, addr (iovec array), len (2), uring_cmd_flags, user_data, buf_index,
 # personality, file_index, then struct fuse_uring_cmd_req: flags,
 # commit_id, qid, padding.
 SQE_HEAD = struct.Struct("<BBHiIIQIIQHHiQQH6x")
-_COMMIT_ID_AT = 56
+COMMIT_ID_AT = 56
 _IOVEC = ctypes.c_uint64 * 4  # two struct iovec (base, len)
 
 
@@ -119,7 +121,7 @@ def depth_from_env() -> int:
 class Entry:
     """One registered ring entry (header and payload buffers)."""
 
-    __slots__ = ("index", "qid", "buf", "iov", "sqe")
+    __slots__ = ("index", "qid", "buf", "iov", "sqe", "register_sqe")
 
     def __init__(self, index: int, qid: int, buf: memoryview, addr: int, payload: int) -> None:
         self.index = index
@@ -127,18 +129,32 @@ class Entry:
         self.buf = buf
         self.iov = _IOVEC(addr, HEADER_SIZE, addr + PAGE, payload)  # kept alive for the kernel
         self.sqe = b""  # this entry's COMMIT_AND_FETCH SQE head, commit_id 0 (set by FuseRing)
+        self.register_sqe = b""  # and its REGISTER
+
+
+def threads_from_env() -> bool:
+    """Whether queues get a thread each (ringthread.py): EXPORTD_FUSE_URING_THREADS,
+    0 (the default: the ring drives the loop), 1, or `one` (one thread for
+    every queue; measured in bench/README.md, Levers)."""
+    return os.environ.get("EXPORTD_FUSE_URING_THREADS", "0") != "0"
 
 
 class FuseRing:
-    """The ring of one session; see the module docstring."""
+    """The ring of one session; see the module docstring. With `threaded`,
+    each queue has an io_uring and a thread of its own (ringthread.py) and
+    the loop sees only what those threads hand over; without, one io_uring
+    holds every queue and the loop drains it."""
 
-    def __init__(self, channel: Channel, *, queues: int, depth: int, payload: int) -> None:
+    def __init__(
+        self, channel: Channel, *, queues: int, depth: int, payload: int, threaded: bool = False,
+    ) -> None:
         self.channel = channel
         self.queues = queues
         self.depth = depth
+        self.threaded = threaded
         n = queues * depth
-        self.ring = IoUring(n, flags=SETUP_COOP_TASKRUN)
-        self.fd = self.ring.fd
+        self.ring: IoUring | None = None if threaded else IoUring(n, flags=SETUP_COOP_TASKRUN)
+        self.fd = -1 if self.ring is None else self.ring.fd
         self.stride = PAGE + payload
         # one anonymous mapping for every entry; pages are only backed once
         # touched, and the memory is never unmapped by hand (a worker thread
@@ -154,11 +170,18 @@ class FuseRing:
         ]
         for e in self.entries:
             e.sqe = self._sqe_head(e, CMD_COMMIT_AND_FETCH, 0)
-        self.by_unique: dict[int, Entry] = {}  # requests in our hands
+            e.register_sqe = self._sqe_head(e, CMD_REGISTER, 0)
+        self.by_unique: dict[int, Entry] = {}  # requests in the loop's hands
         self.live = 0  # entries the kernel holds (registered or fetching)
         self.failed = ""  # why registration failed
-        self.served = 0  # requests that came through the ring (tests, benchmarks)
         self.lost = 0  # entries the kernel gave back with an error while connected
+        self._served = 0  # requests the loop handled (tests, benchmarks)
+        # threaded: the threads, and what they may answer themselves
+        self.threads: list[QueueThread] = []
+        self.rio: RingIO | None = None
+        self.spin_s = float(os.environ.get("EXPORTD_FUSE_URING_SPIN_US", "0") or 0) / 1e6
+        self._loop = asyncio.get_running_loop()
+        self._closed = False
         self._draining = False
         self._retry: asyncio.TimerHandle | None = None
 
@@ -168,15 +191,24 @@ class FuseRing:
             e.index, 0, 0, 0, 0, commit_id, e.qid,
         )
 
+    @property
+    def served(self) -> int:
+        """Requests that came through the ring (tests, benchmarks)."""
+        return self._served + sum(t.reads + t.writes for t in self.threads)
+
     # --- set-up -------------------------------------------------------------------
 
     def register(self) -> None:
         """Hand every entry to the kernel. Raises OSError when the kernel
         refuses (its errno), after which the session stays on /dev/fuse."""
+        if self.threaded:
+            self._start_threads()
+            return
         ring = self.ring
+        assert ring is not None
         for e in self.entries:
             off = ring.next_sqe()
-            ring.sqes[off : off + SQE_HEAD.size] = self._sqe_head(e, CMD_REGISTER, 0)
+            ring.sqes[off : off + SQE_HEAD.size] = e.register_sqe
             ring.queued()
         while ring.unsubmitted:
             if not ring.submit():
@@ -190,15 +222,63 @@ class FuseRing:
             self.failed = os.strerror(err)
             raise OSError(err, f"the kernel refused the ring entries: {self.failed}")
 
+    def _start_threads(self) -> None:
+        from .ringthread import QueueThread  # it needs this module's layout
+
+        pin = os.environ.get("EXPORTD_FUSE_URING_PIN", "1") != "0"
+        self.rio = self.channel.fs.ring_io()
+        groups = [self.entries[q * self.depth : (q + 1) * self.depth] for q in range(self.queues)]
+        if os.environ.get("EXPORTD_FUSE_URING_THREADS") == "one":
+            groups = [self.entries]
+            pin = False
+        for qid, entries in enumerate(groups):
+            t = QueueThread(self, qid, entries, pin)
+            self.threads.append(t)
+            try:
+                t.start()
+            except OSError as e:
+                self.failed = e.strerror or str(e)
+                raise
+            self.live += t.live
+
     def close(self) -> None:
         """Close the ring: the kernel cancels the entries it still holds."""
+        self._closed = True
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
         self.live = 0
         self.by_unique.clear()
         self.fd = -1
-        self.ring.close()
+        for t in self.threads:
+            t.stop()
+        if self.threads:
+            log.info(
+                "%s: FUSE ring threads answered %d READ and %d WRITE themselves, handed %d requests to the loop",
+                self.channel.owner.mountpoint, sum(t.reads for t in self.threads),
+                sum(t.writes for t in self.threads), sum(t.handed for t in self.threads),
+            )
+        if self.ring is not None:
+            self.ring.close()
+        if self.rio is not None:
+            self.rio.close()
+
+    # --- from the ring threads ----------------------------------------------------
+
+    def hand_over(self, e: Entry, unique: int) -> None:
+        """A ring thread's request for the loop (called on that thread)."""
+        self.by_unique[unique] = e
+        self._loop.call_soon_threadsafe(self._handed, e)
+
+    def _handed(self, e: Entry) -> None:
+        if self._closed or not self.channel.reading:
+            return
+        if self.rio is not None:
+            self.rio.refresh()  # the thread may have declined a stale view
+        self._request(self.channel, e)
+
+    def thread_failed(self, reason: str) -> None:
+        self._loop.call_soon_threadsafe(self.channel.owner.halt, reason)
 
     # --- requests -----------------------------------------------------------------
 
@@ -207,6 +287,7 @@ class FuseRing:
         submit the commits made meanwhile. True when nothing of the
         session is in flight afterwards (busypoll.py)."""
         ring = self.ring
+        assert ring is not None
         ch = self.channel
         handled = 0
         self._draining = True
@@ -234,7 +315,7 @@ class FuseRing:
         (EAGAIN, EBUSY) are tried again a millisecond later: a request whose
         answer stays in the SQ would wait forever."""
         ring = self.ring
-        if ring.fd < 0 or not ring.unsubmitted:
+        if ring is None or ring.fd < 0 or not ring.unsubmitted:
             return
         ring.submit()
         if ring.unsubmitted and self._retry is None:
@@ -247,7 +328,7 @@ class FuseRing:
     def _request(self, ch: Channel, e: Entry) -> None:
         buf = e.buf
         length, opcode, unique = IN_HEAD.unpack_from(buf, 0)
-        payload = PAYLOAD_SZ.unpack_from(buf, _PAYLOAD_SZ_AT)[0]
+        payload = PAYLOAD_SZ.unpack_from(buf, PAYLOAD_SZ_AT)[0]
         op_size = length - 40 - payload
         if not 0 <= op_size <= OP_IN_MAX:
             ch.owner.halt(f"ring request of {length} bytes with {payload} of payload (opcode {opcode})")
@@ -255,7 +336,7 @@ class FuseRing:
         start = PAGE - op_size
         buf[start:PAGE] = buf[OP_IN : OP_IN + op_size]
         self.by_unique[unique] = e
-        self.served += 1
+        self._served += 1
         ch.dispatch(opcode, unique, buf, start, PAGE + payload)
 
     def _lost(self, e: Entry, res: int) -> None:
@@ -279,20 +360,23 @@ class FuseRing:
         if e is None:
             return False
         buf = e.buf
-        ring = self.ring
-        if ring.fd < 0:
-            return True  # closed: nobody to answer
+        if self._closed:
+            return True  # nobody to answer
         buf[0:16] = parts[0]
         at = PAGE
         for part in parts[1:]:
             n = len(part)
             buf[at : at + n] = part
             at += n
-        PAYLOAD_SZ.pack_into(buf, _PAYLOAD_SZ_AT, at - PAGE)
+        PAYLOAD_SZ.pack_into(buf, PAYLOAD_SZ_AT, at - PAGE)
+        ring = self.ring
+        if ring is None:
+            self.threads[e.qid if len(self.threads) > 1 else 0].hand_back(e, unique)
+            return True
         off = ring.next_sqe()
         sqes = ring.sqes
         sqes[off : off + SQE_HEAD.size] = e.sqe
-        struct.pack_into("<Q", sqes, off + _COMMIT_ID_AT, unique)
+        struct.pack_into("<Q", sqes, off + COMMIT_ID_AT, unique)
         ring.queued()
         if not self._draining:
             self.flush()

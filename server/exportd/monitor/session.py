@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from exportd.aio.budget import TimeSlice
 from exportd.errors import CommandNotFound, QMPError
+from exportd.export.hostio import quiesce_all
 from exportd.monitor.fdpass import MonitorFds, NamedFds, current_monitor_fds
 from exportd.monitor.jsonstream import BIG_STRING, JsonStream, ParseError
 
@@ -48,6 +49,9 @@ def encode(message: dict[str, Any], pretty: bool = False) -> bytes:
 
 # stands for a big string in the skeleton of a message; a string of the
 # message that equals it by chance would need this process's random part
+# commands that change no node, edge, bitmap or threshold: no quiesce
+_CHANGES_NOTHING = frozenset({"qmp_capabilities", "qom-get", "qom-list", "qom-list-types",
+                              "qom-list-properties", "device-list-properties"})
 _PLACEHOLDER = f"\0exportd-big-string-{uuid.uuid4().hex}-"
 
 
@@ -228,6 +232,8 @@ class Session:
             if self.negotiated and name == "qmp_capabilities":
                 self.executor.check_arguments(name, args)  # QEMU checks arguments first
                 raise CommandNotFound("Capabilities negotiation is already complete, command ignored")
+            if name not in _CHANGES_NOTHING and not name.startswith("query-"):
+                await quiesce_all()  # no ring thread write may slip past it
             fds_token = current_monitor_fds.set(self.fds)
             try:
                 result = await self.executor.execute(name, args)
