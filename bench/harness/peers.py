@@ -293,9 +293,10 @@ class ExportdPeer(DaemonPeer):
     private_image = True  # exportd locks images its own way: never share with another daemon
 
     def __init__(self, *args, passthrough: str | None = None, growable: bool = False,
-                 io_uring: str | None = None, **kwargs) -> None:
+                 io_uring: str | None = None, environ: dict[str, str] | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.passthrough = passthrough
+        self.environ = environ or {}  # a design switch of this peer's own
         if growable:
             self.extra_export_options += ",growable=on"
         if passthrough is not None:
@@ -311,7 +312,19 @@ class ExportdPeer(DaemonPeer):
         return list(env.exportd_cmd)
 
     def environment(self, env: PeerEnv) -> dict[str, str]:
-        return dict(env.exportd_env)
+        return dict(env.exportd_env) | self.environ
+
+    def start(self, env: PeerEnv) -> None:
+        super().start(env)
+        if self.environ.get("EXPORTD_FUSE_URING_THREADS", "0") == "0":
+            return
+        # an exportd without ring threads would be the loop-driven ring: never
+        # report it under this peer's name
+        threads = thread_names(self.proc.pid)
+        self.info["threads"] = threads
+        if not any(name.startswith(RING_THREAD_PREFIX) for name in threads):
+            self.stop()
+            raise PeerStartError(f"no {RING_THREAD_PREFIX}N thread: no ring threads (threads: {threads})")
 
 
 URING_PARAMETER = Path("/sys/module/fuse/parameters/enable_uring")
@@ -428,6 +441,8 @@ def fio_peers() -> list[Peer]:
         ExportdPeer("exportd-raw", "exportd, raw, passthrough=off", "raw", passthrough="off"),
         ExportdPeer("exportd-raw-uring", "exportd, raw, passthrough=off, io-uring=on", "raw",
                     passthrough="off", io_uring="on"),
+        ExportdPeer("exportd-raw-uring-threads", "exportd, raw, passthrough=off, io-uring=on, ring threads",
+                    "raw", passthrough="off", io_uring="on", environ={"EXPORTD_FUSE_URING_THREADS": "1"}),
         QsdPeer("qsd-qcow2", "qemu-storage-daemon, qcow2", "qcow2"),
         QsdPeer("qsd-qcow2-iothread", "qemu-storage-daemon, qcow2, iothread", "qcow2", iothread=True),
         QsdPeer("qsd-qcow2-aio-uring", "qemu-storage-daemon, qcow2, aio=io_uring", "qcow2",
