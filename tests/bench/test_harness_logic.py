@@ -262,7 +262,7 @@ def test_exportd_io_uring_command_line(tmp_path: Path, scratch_env) -> None:
     env = scratch_env
     env.exportd_env = {"X": "1"}
     assert peers["exportd-raw-uring-threads"].environment(env) == {"X": "1", "EXPORTD_FUSE_URING_THREADS": "1"}
-    assert peers["exportd-raw-uring"].environment(env) == {"X": "1"}
+    assert peers["exportd-raw-uring"].environment(env) == {"X": "1", "EXPORTD_FUSE_URING_THREADS": "0"}
     cmd = peers["exportd-raw"].command(["exportd"], tmp_path / "i", tmp_path, 2**20)
     assert not any("io-uring" in a for a in cmd)
 

@@ -71,7 +71,12 @@ async def start(workdir: Path) -> Exportd:
     return d
 
 
-async def test_reads_and_writes_of_a_raw_file_are_answered_by_the_threads(workdir, threads_on):
+@pytest.mark.parametrize("design", ["per-queue", "one-spinning"])
+async def test_reads_and_writes_of_a_raw_file_are_answered_by_the_threads(workdir, threads_on, monkeypatch,
+                                                                          design):
+    if design == "one-spinning":  # one thread for every queue, looking for work between requests
+        monkeypatch.setenv("EXPORTD_FUSE_URING_THREADS", "one")
+        monkeypatch.setenv("EXPORTD_FUSE_URING_SPIN_US", "50")
     img = workdir / "d.img"
     img.write_bytes(pattern(1 << 20))
     mnt = workdir / "m.raw"
@@ -201,3 +206,27 @@ def test_the_threads_are_named_and_one_per_queue(workdir, threads_on):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+async def test_a_qcow2_export_keeps_the_loop_driven_ring(workdir, threads_on):
+    """Threads would hand every qcow2 request to the loop (one hop more than
+    the loop-driven ring): such an export gets no ring threads, and works."""
+    img = workdir / "d.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "1M"], check=True)
+    mnt = workdir / "m.raw"
+    mnt.touch()
+    d = await start(workdir)
+    try:
+        await d.blockdev_file("f", img)
+        await d.cmd("blockdev-add", {"driver": "qcow2", "node-name": "q", "file": "f"})
+        await d.add_export("e", "q", mnt, writable=True, io_uring="on")
+        assert {e["id"]: e["io-uring"] for e in await d.exports()} == {"e": True}
+        names = [Path(t, "comm").read_text().strip() for t in Path(f"/proc/{d.pid}/task").iterdir()]
+        assert not [n for n in names if n.startswith("fuse-ring")], names
+        sums = await athread(direct_io, mnt, "w:8192:3", "r:8192")
+        assert sums == [hashlib.sha256(block(3)).hexdigest()]
+        await d.del_export("e")
+        await d.quit()
+    finally:
+        await d.stop()
+    assert answered(d.log.read_text()) == (0, 0)  # no thread ever served it

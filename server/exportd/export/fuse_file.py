@@ -20,7 +20,7 @@ import time
 from typing import TYPE_CHECKING
 
 from exportd.block.node import Perm, Prealloc, Status
-from exportd.export.hostio import HostFileIO
+from exportd.export.hostio import HostFileIO, host_file
 from exportd.extents import Extent
 from exportd.fuse.filesystem import (
     FALLOC_FL_KEEP_SIZE,
@@ -173,7 +173,12 @@ class ExportedFile(SingleFileFS):
     def write_now(self, fh: int, offset: int, data: memoryview) -> int | None:
         return self.export.io.write_now(offset, data)
 
-    def ring_io(self) -> HostFileIO:
+    def ring_io(self) -> HostFileIO | None:
+        """Ring threads for an export of a host file; any other node (qcow2)
+        would hand every request to the loop: one hop more than the
+        loop-driven ring."""
+        if host_file(self.export.node) is None:
+            return None
         return HostFileIO(self.export)
 
     async def write(self, fh: int, offset: int, data: memoryview) -> int:

@@ -18,12 +18,12 @@ changed:
   (refresh), and is valid while the export's node is the node it was made
   for: a job's filter or pivot changes the node, and the threads then
   decline until the loop looks again.
-- Every QMP command other than a query first quiesces every export's view
-  (quiesce_all): the view is dropped, and the command waits until the
-  writes already inside it have landed. A command can therefore add a
-  bitmap, set a threshold, insert a filter or reopen the node without a
-  thread write slipping past it, which would otherwise land unmarked or on
-  the old node.
+- Every QMP command other than a query runs quiesced(): every export's
+  view is dropped, the command waits until the writes already inside it
+  have landed, and no view is made until it has returned. A command can
+  therefore add a bitmap, set a threshold, insert a filter or reopen the
+  node without a thread write slipping past it, which would otherwise land
+  unmarked or on the old node.
 - The threads read and write through a duplicate of the file's descriptor,
   closed when the view is dropped and its last request has left, so a node
   closed (or a descriptor number reused) meanwhile is never touched.
@@ -32,9 +32,11 @@ changed:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import weakref
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from exportd.block.file import FileNode
@@ -182,6 +184,8 @@ class HostFileIO:
             return
         if v is None and self._looked_at is node:
             return  # unfit, and nothing changed since
+        if _commands_running:
+            return  # the loop answers until the command is done
         self._drop()
         self._looked_at = node
         found = host_file(node) if exp.user_owned else None
@@ -210,11 +214,6 @@ class HostFileIO:
             _close(v.fd)
         return v.drained
 
-    async def quiesce(self) -> None:
-        drained = self._drop()
-        if drained is not None:
-            await drained
-
     def close(self) -> None:
         self._drop()
         _views.discard(self)
@@ -232,10 +231,21 @@ def _set_done(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-async def quiesce_all() -> None:
-    """Before a command that may change what a write must do (see the
-    module docstring): no thread write is in flight afterwards, and none
-    starts until a request reaches the loop again."""
-    waits = [w for w in (h._drop() for h in list(_views)) if w is not None]
-    for w in waits:
-        await w
+_commands_running = 0  # commands inside quiesced(): no view is made meanwhile
+
+
+@contextlib.asynccontextmanager
+async def quiesced() -> AsyncIterator[None]:
+    """Around a command that may change what a write must do (see the
+    module docstring): no thread write is in flight once it starts, and
+    none starts before it has returned (the command may wait, and requests
+    reaching the loop meanwhile must not make a view of the old graph)."""
+    global _commands_running
+    _commands_running += 1
+    try:
+        waits = [w for w in (h._drop() for h in list(_views)) if w is not None]
+        for w in waits:
+            await w
+        yield
+    finally:
+        _commands_running -= 1

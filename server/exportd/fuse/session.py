@@ -263,7 +263,7 @@ class FuseSession:
                 queues=possible_cpus(),
                 depth=depth_from_env(),
                 payload=max(abi.MIN_READ_BUFFER, self.max_write),
-                threaded=threads_from_env(),
+                rio=self.fs.ring_io() if threads_from_env() else None,
             )
             ring.register()
         except OSError as e:

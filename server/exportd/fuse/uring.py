@@ -133,25 +133,28 @@ class Entry:
 
 
 def threads_from_env() -> bool:
-    """Whether queues get a thread each (ringthread.py): EXPORTD_FUSE_URING_THREADS,
-    0 (the default: the ring drives the loop), 1, or `one` (one thread for
-    every queue; measured in bench/README.md, Levers)."""
-    return os.environ.get("EXPORTD_FUSE_URING_THREADS", "0") != "0"
+    """Whether queues may get a thread each (ringthread.py), where the file
+    system offers something for them to answer (SingleFileFS.ring_io):
+    EXPORTD_FUSE_URING_THREADS, 1 (the default), 0 (the ring always drives
+    the loop) or `one` (one thread for every queue; bench/README.md, Levers)."""
+    return os.environ.get("EXPORTD_FUSE_URING_THREADS", "1") != "0"
 
 
 class FuseRing:
-    """The ring of one session; see the module docstring. With `threaded`,
-    each queue has an io_uring and a thread of its own (ringthread.py) and
-    the loop sees only what those threads hand over; without, one io_uring
-    holds every queue and the loop drains it."""
+    """The ring of one session; see the module docstring. With `rio` (what
+    threads may answer themselves), each queue has an io_uring and a thread
+    of its own (ringthread.py) and the loop sees only what those threads
+    hand over; without, one io_uring holds every queue and the loop drains
+    it."""
 
     def __init__(
-        self, channel: Channel, *, queues: int, depth: int, payload: int, threaded: bool = False,
+        self, channel: Channel, *, queues: int, depth: int, payload: int, rio: RingIO | None = None,
     ) -> None:
         self.channel = channel
         self.queues = queues
         self.depth = depth
-        self.threaded = threaded
+        self.rio = rio
+        self.threaded = threaded = rio is not None
         n = queues * depth
         self.ring: IoUring | None = None if threaded else IoUring(n, flags=SETUP_COOP_TASKRUN)
         self.fd = -1 if self.ring is None else self.ring.fd
@@ -178,7 +181,6 @@ class FuseRing:
         self._served = 0  # requests the loop handled (tests, benchmarks)
         # threaded: the threads, and what they may answer themselves
         self.threads: list[QueueThread] = []
-        self.rio: RingIO | None = None
         self.spin_s = float(os.environ.get("EXPORTD_FUSE_URING_SPIN_US", "0") or 0) / 1e6
         self._loop = asyncio.get_running_loop()
         self._closed = False
@@ -226,7 +228,6 @@ class FuseRing:
         from .ringthread import QueueThread  # it needs this module's layout
 
         pin = os.environ.get("EXPORTD_FUSE_URING_PIN", "1") != "0"
-        self.rio = self.channel.fs.ring_io()
         groups = [self.entries[q * self.depth : (q + 1) * self.depth] for q in range(self.queues)]
         if os.environ.get("EXPORTD_FUSE_URING_THREADS") == "one":
             groups = [self.entries]

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from exportd.aio.budget import TimeSlice
 from exportd.errors import CommandNotFound, QMPError
-from exportd.export.hostio import quiesce_all
+from exportd.export.hostio import quiesced
 from exportd.monitor.fdpass import MonitorFds, NamedFds, current_monitor_fds
 from exportd.monitor.jsonstream import BIG_STRING, JsonStream, ParseError
 
@@ -232,11 +232,13 @@ class Session:
             if self.negotiated and name == "qmp_capabilities":
                 self.executor.check_arguments(name, args)  # QEMU checks arguments first
                 raise CommandNotFound("Capabilities negotiation is already complete, command ignored")
-            if name not in _CHANGES_NOTHING and not name.startswith("query-"):
-                await quiesce_all()  # no ring thread write may slip past it
             fds_token = current_monitor_fds.set(self.fds)
             try:
-                result = await self.executor.execute(name, args)
+                if name in _CHANGES_NOTHING or name.startswith("query-"):
+                    result = await self.executor.execute(name, args)
+                else:
+                    async with quiesced():  # no ring thread write may slip past it
+                        result = await self.executor.execute(name, args)
             finally:
                 current_monitor_fds.reset(fds_token)
             if name == "qmp_capabilities":
