@@ -18,9 +18,11 @@ changed:
   (refresh), and is valid while the export's node is the node it was made
   for: a job's filter or pivot changes the node, and the threads then
   decline until the loop looks again.
-- Every QMP command other than a query runs quiesced(): every export's
-  view is dropped, the command waits until the writes already inside it
-  have landed, and no view is made until it has returned. A command can
+- Every QMP command other than a query (and the few that change nothing
+  a write must see: monitor/session.py) runs quiesced(): every export's
+  view is dropped, the command waits until the requests already inside
+  every dropped view have left (a second command too, not only the one
+  that dropped it), and no view is made until it has returned. A command can
   therefore add a bitmap, set a threshold, insert a filter or reopen the
   node without a thread write slipping past it, which would otherwise land
   unmarked or on the old node.
@@ -53,7 +55,7 @@ _ZEROES = bytes(1 << 20)
 class View:
     """What the threads may do for one node of the export (see above)."""
 
-    __slots__ = ("node", "file", "fd", "base", "writable", "users", "writers", "dropped", "drained")
+    __slots__ = ("node", "file", "fd", "base", "writable", "read_flags", "users", "dropped", "drained")
 
     def __init__(self, node: BlockNode, file: FileNode, fd: int, base: int, writable: bool) -> None:
         self.node = node
@@ -61,10 +63,11 @@ class View:
         self.fd = fd
         self.base = base  # where the node's byte 0 lies in the file
         self.writable = writable
+        # tmpfs never waits; a disk-backed file's page may (EAGAIN: the loop's pool reads it)
+        self.read_flags = 0 if file.data_never_blocks() else os.RWF_NOWAIT
         self.users = 0  # thread requests inside (under HostFileIO.lock)
-        self.writers = 0
         self.dropped = False
-        self.drained: asyncio.Future[None] | None = None  # quiesce waits for the writers
+        self.drained: asyncio.Future[None] | None = None  # done when the last request left
 
 
 def host_file(node: BlockNode) -> tuple[FileNode, int] | None:
@@ -112,21 +115,16 @@ class HostFileIO:
             if v.dropped:
                 return None
             v.users += 1
-            if write:
-                v.writers += 1
         return v
 
-    def _leave(self, v: View, write: bool) -> None:
+    def _leave(self, v: View) -> None:
         with self.lock:
             v.users -= 1
-            if write:
-                v.writers -= 1
             last = v.dropped and not v.users
-            drained = v.drained if v.dropped and write and not v.writers else None
         if last:
             _close(v.fd)
-        if drained is not None:
-            self._loop.call_soon_threadsafe(_set_done, drained)
+            if v.drained is not None:
+                self._loop.call_soon_threadsafe(_set_done, v.drained)
 
     def read_into(self, view: memoryview, offset: int) -> int | None:
         v = self._enter(False)
@@ -142,17 +140,21 @@ class HostFileIO:
             got = 0
             at = v.base + offset
             while got < size:
-                n = os.preadv(v.fd, [view[got:size]], at + got)
+                # a page the disk must bring: the loop's pool waits, not this queue
+                n = os.preadv(v.fd, [view[got:size]], at + got, v.read_flags)
                 if n == 0:
                     # past the host file's end: zeroes, as the file node reads
-                    view[got:size] = _ZEROES[: size - got]
+                    while got < size:
+                        n = min(size - got, len(_ZEROES))
+                        view[got : got + n] = _ZEROES[:n]
+                        got += n
                     break
                 got += n
             return size
         except OSError:
             return None  # the loop answers, with its errno and event
         finally:
-            self._leave(v, False)
+            self._leave(v)
 
     def write_from(self, data: memoryview, offset: int) -> int | None:
         v = self._enter(True)
@@ -172,7 +174,7 @@ class HostFileIO:
         except OSError:
             return None  # written again by the loop, which reports the error
         finally:
-            self._leave(v, True)
+            self._leave(v)
 
     # --- the loop -----------------------------------------------------------------
 
@@ -198,21 +200,23 @@ class HostFileIO:
         )
         self.view = View(node, file, os.dup(file.fd), base, writable)
 
-    def _drop(self) -> asyncio.Future[None] | None:
-        """Drop the view; a future that is done once its writers have left
-        (None: no writer inside)."""
+    def _drop(self) -> None:
+        """Drop the view. Until its last request has left, a future of
+        _draining says so (every quiesce waits for all of them: a second
+        command must not slip past the first one's wait)."""
         v, self.view = self.view, None
         self._looked_at = None
         if v is None:
-            return None
+            return
         with self.lock:
             v.dropped = True
             last = not v.users
-            if v.writers:
+            if not last:
                 v.drained = self._loop.create_future()
+                _draining.add(v.drained)
+                v.drained.add_done_callback(_draining.discard)
         if last:
             _close(v.fd)
-        return v.drained
 
     def close(self) -> None:
         self._drop()
@@ -232,6 +236,7 @@ def _set_done(fut: asyncio.Future[None]) -> None:
 
 
 _commands_running = 0  # commands inside quiesced(): no view is made meanwhile
+_draining: set[asyncio.Future[None]] = set()  # dropped views with requests inside
 
 
 @contextlib.asynccontextmanager
@@ -243,9 +248,12 @@ async def quiesced() -> AsyncIterator[None]:
     global _commands_running
     _commands_running += 1
     try:
-        waits = [w for w in (h._drop() for h in list(_views)) if w is not None]
-        for w in waits:
-            await w
+        for h in list(_views):
+            h._drop()
+        while _draining:
+            drained = next(iter(_draining))
+            await drained
+            _draining.discard(drained)
         yield
     finally:
         _commands_running -= 1

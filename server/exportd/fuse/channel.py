@@ -165,6 +165,7 @@ class Channel:
             self._loop.add_reader(ring.fd, self._on_ring_readable)
             if self._poller is not None:
                 self._poller.register(ring.fd, self._drain_ring, ring.ring.has_completions)
+            self._loop.call_soon(self._drain_ring)  # what came while registering
 
     def close(self) -> None:
         """Stop reading, cancel what is in flight, close the ring and the fd."""

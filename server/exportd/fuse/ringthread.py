@@ -32,7 +32,7 @@ import time
 from typing import TYPE_CHECKING
 
 from . import abi
-from .filesystem import RingIO
+from .filesystem import RingIO, without_setid
 from .iouring import SETUP_COOP_TASKRUN, IoUring
 from .uring import COMMIT_ID_AT, IN_HEAD, OP_IN, PAGE, PAYLOAD_SZ, PAYLOAD_SZ_AT
 
@@ -91,40 +91,46 @@ class QueueThread:
         except OSError:
             pass  # stopped: nobody to answer
 
-    def stop(self) -> None:
-        """End the thread, then close its ring (the kernel cancels the
-        entries it still holds) and eventfd."""
+    def signal_stop(self) -> None:
+        """Ask the thread to end once its current request is answered."""
         self.stopping = True
+        try:
+            os.eventfd_write(self.wake_fd, 1)
+        except OSError:
+            pass
+
+    def stop(self, timeout: float) -> bool:
+        """Wait for the thread (signal_stop first), then close its ring (the
+        kernel cancels the entries it still holds) and eventfd. False when
+        it did not end: its ring then stays open, never closed under it."""
+        self.thread.join(timeout)
         if self.thread.is_alive():
-            try:
-                os.eventfd_write(self.wake_fd, 1)
-            except OSError:
-                pass
-            self.thread.join(5.0)
-        if self.thread.is_alive():
-            # never close a ring a thread still waits on: leak it instead
             log.error("FUSE ring thread %d did not stop; its ring stays open", self.qid)
-            return
+            return False
         self.io.close()
         os.close(self.wake_fd)
+        return True
 
     # --- the thread ---------------------------------------------------------------
 
     def _run(self) -> None:
         try:
-            self._register()
-        except OSError as e:
-            self.error = e
-            self._registered.set()
+            early = self._register()
+        except Exception as e:
+            self.error = e if isinstance(e, OSError) else OSError(errno.EIO, f"ring thread: {e!r}")
             return
-        self._registered.set()
+        finally:
+            self._registered.set()
         try:
-            self._serve()
+            self._serve(early)
         except Exception:
             log.exception("FUSE ring thread %d failed", self.qid)
             self.ring.thread_failed(f"ring thread {self.qid} failed")
 
-    def _register(self) -> None:
+    def _register(self) -> list[tuple[int, int, int]]:
+        """REGISTER every entry (refusals raise); the completions of
+        requests the kernel already put in an entry are returned: once the
+        last queue has entries, a request can come before we look."""
         # the kernel's name for the thread, as libfuse's: tools (and the
         # benchmark's check) find the ring threads by it
         _prctl(_PR_SET_NAME, f"fuse-ring-{self.qid}".encode(), 0, 0, 0)
@@ -143,23 +149,24 @@ class QueueThread:
             if not io.submit():
                 raise OSError(errno.EAGAIN, "io_uring_enter consumed no REGISTER")
         self.live = len(self.entries)
-        refusals = [res for user_data, res, _ in io.completions() if user_data != WAKE and res < 0]
+        done = io.completions()
+        refusals = [res for user_data, res, _ in done if user_data != WAKE and res < 0]
         if refusals:
             self.live -= len(refusals)
             err = -refusals[0]
             raise OSError(err, f"the kernel refused the ring entries: {os.strerror(err)}")
+        return done
 
     def _arm_wake(self) -> None:
         self.io.prep_read(self.wake_fd, ctypes.addressof(self._wake_word), 8, WAKE)
 
-    def _serve(self) -> None:
+    def _serve(self, early: list[tuple[int, int, int]]) -> None:
         io = self.io
         by_index = {e.index: e for e in self.entries}
         window = self.ring.spin_s
+        done = early
         while not self.stopping:
-            if not (window and self._spin(window)):
-                io.submit(wait=1)  # the commits queued so far, then sleep (no GIL)
-            for user_data, res, _ in io.completions():
+            for user_data, res, _ in done:
                 if user_data == WAKE:
                     if self.stopping:
                         return
@@ -174,6 +181,9 @@ class QueueThread:
             while replies:
                 e, unique = replies.popleft()
                 self._commit(e, unique)
+            if not (window and self._spin(window)):
+                io.submit(wait=1)  # the commits queued so far, then sleep (no GIL)
+            done = io.completions()
 
     def _spin(self, window: float) -> bool:
         """After a request, the next one often follows within microseconds:
@@ -214,7 +224,9 @@ class QueueThread:
                     return
             elif opcode == abi.WRITE:
                 _, offset, size, write_flags = WRITE_HEAD.unpack_from(buf, OP_IN)
-                if not write_flags & _WRITE_KILL_SUIDGID:
+                # the kernel asks on every direct write of an unprivileged
+                # caller; only a set-id bit to clear needs the loop
+                if not write_flags & _WRITE_KILL_SUIDGID or not self._setid_to_clear():
                     n = rio.write_from(buf[page : page + size], offset)
                     if n is not None:
                         OUT.pack_into(buf, 0, 16 + WRITE_OUT.size, 0, unique)
@@ -225,6 +237,10 @@ class QueueThread:
                         return
         self.handed += 1
         ring.hand_over(e, unique)
+
+    def _setid_to_clear(self) -> bool:
+        mode = getattr(self.ring.channel.fs, "mode", None)
+        return isinstance(mode, int) and without_setid(mode) != mode
 
     def _lost(self, e: Entry, res: int) -> None:
         self.live -= 1

@@ -39,6 +39,7 @@ import logging
 import mmap
 import os
 import struct
+import time
 from typing import TYPE_CHECKING, Any
 
 from . import abi
@@ -62,6 +63,8 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 DEFAULT_DEPTH = 8  # entries per queue, as libfuse
 # Requests handled per readiness callback before yielding to other sessions.
 BURST = 32
+# How long closing waits for the ring threads to answer what they hold.
+THREAD_STOP_S = 5.0
 
 IN_HEAD = struct.Struct("<IIQ")  # fuse_in_header: len, opcode, unique
 PAYLOAD_SZ = struct.Struct("<I")  # ring_ent_in_out.payload_sz, at ENT_IN_OUT + 16
@@ -185,6 +188,7 @@ class FuseRing:
         self._loop = asyncio.get_running_loop()
         self._closed = False
         self._draining = False
+        self._early: list[tuple[int, int, int]] = []  # requests seen while registering
         self._retry: asyncio.TimerHandle | None = None
 
     def _sqe_head(self, e: Entry, cmd: int, commit_id: int) -> bytes:
@@ -216,8 +220,12 @@ class FuseRing:
             if not ring.submit():
                 raise OSError(errno.EAGAIN, "io_uring_enter consumed no REGISTER")
         self.live = len(self.entries)
-        # REGISTER runs at submission: a refusal is already in the CQ.
-        refusals = [res for _, res, _ in ring.completions() if res < 0]
+        # REGISTER runs at submission: a refusal is already in the CQ. So may
+        # be a request: once the last queue has entries, one can come before
+        # we look; the first drain() serves it.
+        done = ring.completions()
+        self._early = [c for c in done if c[1] >= 0]
+        refusals = [res for _, res, _ in done if res < 0]
         self.live -= len(refusals)
         if refusals:
             err = -refusals[0]
@@ -251,8 +259,11 @@ class FuseRing:
         self.live = 0
         self.by_unique.clear()
         self.fd = -1
+        # every thread finishes the request it holds (a local file's I/O) at once
         for t in self.threads:
-            t.stop()
+            t.signal_stop()
+        deadline = time.monotonic() + THREAD_STOP_S
+        stopped = all([t.stop(max(0.0, deadline - time.monotonic())) for t in self.threads])
         if self.threads:
             log.info(
                 "%s: FUSE ring threads answered %d READ and %d WRITE themselves, handed %d requests to the loop",
@@ -261,7 +272,9 @@ class FuseRing:
             )
         if self.ring is not None:
             self.ring.close()
-        if self.rio is not None:
+        if self.rio is not None and stopped:
+            # (a thread still inside keeps the views registered: later
+            # quiesces still wait for its write)
             self.rio.close()
 
     # --- from the ring threads ----------------------------------------------------
@@ -275,7 +288,10 @@ class FuseRing:
         if self._closed or not self.channel.reading:
             return
         if self.rio is not None:
-            self.rio.refresh()  # the thread may have declined a stale view
+            try:
+                self.rio.refresh()  # the thread may have declined a stale view
+            except OSError as exc:  # no descriptor for a view (EMFILE): the loop serves
+                log.warning("%s: no view for ring threads: %s", self.channel.owner.mountpoint, exc)
         self._request(self.channel, e)
 
     def thread_failed(self, reason: str) -> None:
@@ -294,7 +310,7 @@ class FuseRing:
         self._draining = True
         try:
             while handled < BURST:
-                done = ring.completions()
+                done, self._early = self._early or ring.completions(), []
                 if not done:
                     break
                 for index, res, _ in done:

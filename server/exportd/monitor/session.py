@@ -49,10 +49,16 @@ def encode(message: dict[str, Any], pretty: bool = False) -> bytes:
 
 # stands for a big string in the skeleton of a message; a string of the
 # message that equals it by chance would need this process's random part
-# commands that change no node, edge, bitmap or threshold: no quiesce
-_CHANGES_NOTHING = frozenset({"qmp_capabilities", "qom-get", "qom-list", "qom-list-types",
-                              "qom-list-properties", "device-list-properties"})
 _PLACEHOLDER = f"\0exportd-big-string-{uuid.uuid4().hex}-"
+# Commands that add no bitmap or threshold and change no node, edge or
+# window before they return (a cancelled job's graph changes come later,
+# from its task, and move the export's node), and those that must not wait
+# for a ring thread's write (quit, a delete): they run without quiesced().
+_CHANGES_NOTHING = frozenset({
+    "qmp_capabilities", "qom-get", "qom-list", "qom-list-types", "qom-list-properties",
+    "device-list-properties", "quit", "block-export-del", "job-cancel", "block-job-cancel",
+    "job-pause", "job-resume", "block-job-pause", "block-job-resume", "block-job-set-speed",
+})
 
 
 def encode_pieces(message: dict[str, Any], pretty: bool = False) -> Iterator[bytes]:
