@@ -65,6 +65,15 @@ def threads_on(monkeypatch, need_ring):
     monkeypatch.setenv("EXPORTD_FUSE_URING_THREADS", "1")
 
 
+def image_and_mount(workdir: Path, content: bytes) -> tuple[Path, Path]:
+    """An image file with `content`, and an empty file to mount an export on."""
+    img = workdir / "d.img"
+    img.write_bytes(content)
+    mnt = workdir / "m.raw"
+    mnt.touch()
+    return img, mnt
+
+
 async def start(workdir: Path) -> Exportd:
     d = Exportd(workdir)
     await d.start("--log-level", "info")
@@ -77,10 +86,7 @@ async def test_reads_and_writes_of_a_raw_file_are_answered_by_the_threads(workdi
     if design == "one-spinning":  # one thread for every queue, looking for work between requests
         monkeypatch.setenv("EXPORTD_FUSE_URING_THREADS", "one")
         monkeypatch.setenv("EXPORTD_FUSE_URING_SPIN_US", "50")
-    img = workdir / "d.img"
-    img.write_bytes(pattern(1 << 20))
-    mnt = workdir / "m.raw"
-    mnt.touch()
+    img, mnt = image_and_mount(workdir, pattern(1 << 20))
     d = await start(workdir)
     try:
         # raw with a window over the file: the threads add its offset
@@ -112,10 +118,7 @@ async def test_reads_and_writes_of_a_raw_file_are_answered_by_the_threads(workdi
 async def test_a_bitmap_added_while_writing_counts_every_later_write(workdir, threads_on):
     """Without the quiesce before each command, the threads would go on
     writing past the new bitmap (the export's node did not change)."""
-    img = workdir / "d.img"
-    img.write_bytes(bytes(1 << 20))
-    mnt = workdir / "m.raw"
-    mnt.touch()
+    img, mnt = image_and_mount(workdir, bytes(1 << 20))
     d = await start(workdir)
     try:
         await d.blockdev_file("f", img)
@@ -183,10 +186,7 @@ def test_the_threads_are_named_and_one_per_queue(workdir, threads_on):
     """The kernel's queues each get a thread named fuse-ring-N (as libfuse's)."""
     from exportd.fuse import uring
 
-    img = workdir / "d.img"
-    img.write_bytes(bytes(1 << 16))
-    mnt = workdir / "m.raw"
-    mnt.touch()
+    img, mnt = image_and_mount(workdir, bytes(1 << 16))
     env = dict(os.environ, EXPORTD_FUSE_URING_THREADS="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "exportd", "--socket", str(workdir / "q.sock"),

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from . import abi
 from .filesystem import RingIO, without_setid
 from .iouring import SETUP_COOP_TASKRUN, IoUring
-from .uring import COMMIT_ID_AT, IN_HEAD, OP_IN, PAGE, PAYLOAD_SZ, PAYLOAD_SZ_AT
+from .uring import COMMIT_ID_AT, IN_HEAD, OP_IN, PAGE, PAYLOAD_SZ, PAYLOAD_SZ_AT, register_entries
 
 if TYPE_CHECKING:
     from .uring import Entry, FuseRing
@@ -139,22 +139,9 @@ class QueueThread:
                 os.sched_setaffinity(0, {self.qid})
             except OSError:
                 pass  # that CPU is not ours to run on: serve from anywhere
-        io = self.io
-        for e in self.entries:
-            off = io.next_sqe()
-            io.sqes[off : off + len(e.register_sqe)] = e.register_sqe
-            io.queued()
         self._arm_wake()
-        while io.unsubmitted:
-            if not io.submit():
-                raise OSError(errno.EAGAIN, "io_uring_enter consumed no REGISTER")
+        done = register_entries(self.io, self.entries)
         self.live = len(self.entries)
-        done = io.completions()
-        refusals = [res for user_data, res, _ in done if user_data != WAKE and res < 0]
-        if refusals:
-            self.live -= len(refusals)
-            err = -refusals[0]
-            raise OSError(err, f"the kernel refused the ring entries: {os.strerror(err)}")
         return done
 
     def _arm_wake(self) -> None:

@@ -135,6 +135,26 @@ class Entry:
         self.register_sqe = b""  # and its REGISTER
 
 
+def register_entries(io: IoUring, entries: list[Entry]) -> list[tuple[int, int, int]]:
+    """REGISTER `entries` on `io`. REGISTER runs at submission, so a refusal
+    is already in the CQ: raised, with its errno. So may be a request: once
+    the last queue has entries, one can come before we look. The other
+    completions are returned for the caller to serve."""
+    for e in entries:
+        off = io.next_sqe()
+        io.sqes[off : off + SQE_HEAD.size] = e.register_sqe
+        io.queued()
+    while io.unsubmitted:
+        if not io.submit():
+            raise OSError(errno.EAGAIN, "io_uring_enter consumed no REGISTER")
+    done = io.completions()
+    ours = {e.index for e in entries}
+    for user_data, res, _ in done:
+        if user_data in ours and res < 0:
+            raise OSError(-res, f"the kernel refused the ring entries: {os.strerror(-res)}")
+    return done
+
+
 def threads_from_env() -> bool:
     """Whether queues may get a thread each (ringthread.py), where the file
     system offers something for them to answer (SingleFileFS.ring_io):
@@ -210,27 +230,13 @@ class FuseRing:
         if self.threaded:
             self._start_threads()
             return
-        ring = self.ring
-        assert ring is not None
-        for e in self.entries:
-            off = ring.next_sqe()
-            ring.sqes[off : off + SQE_HEAD.size] = e.register_sqe
-            ring.queued()
-        while ring.unsubmitted:
-            if not ring.submit():
-                raise OSError(errno.EAGAIN, "io_uring_enter consumed no REGISTER")
+        assert self.ring is not None
+        try:
+            self._early = register_entries(self.ring, self.entries)  # the first drain() serves them
+        except OSError as e:
+            self.failed = e.strerror or str(e)
+            raise
         self.live = len(self.entries)
-        # REGISTER runs at submission: a refusal is already in the CQ. So may
-        # be a request: once the last queue has entries, one can come before
-        # we look; the first drain() serves it.
-        done = ring.completions()
-        self._early = [c for c in done if c[1] >= 0]
-        refusals = [res for _, res, _ in done if res < 0]
-        self.live -= len(refusals)
-        if refusals:
-            err = -refusals[0]
-            self.failed = os.strerror(err)
-            raise OSError(err, f"the kernel refused the ring entries: {self.failed}")
 
     def _start_threads(self) -> None:
         from .ringthread import QueueThread  # it needs this module's layout
