@@ -6,10 +6,11 @@ nothing else to do: no metadata to look up or change. Ring threads
 (fuse/ringthread.py) then do it themselves, between the ring entry and the
 file, and the loop never sees the request. Only files on a local file
 system qualify: one on FUSE (our own export, say) could need the loop to
-answer the thread's read. Everything else goes to the loop
-as before: other nodes (qcow2 maps clusters the loop may free and reuse),
-writes that must be seen (dirty bitmaps, a write threshold, detect-zeroes,
-writethrough), writes past the end.
+answer the thread's read. Everything else goes to the loop as before:
+other nodes (qcow2 maps clusters the loop may free and reuse), reads of a
+page a disk must bring (RWF_NOWAIT), writes that must be seen (dirty
+bitmaps, a write threshold, detect-zeroes, writethrough), writes past the
+end.
 
 What the threads may do is a `View`, made on the loop and replaced, never
 changed:
