@@ -44,7 +44,8 @@ setup-venv: $(VENV)/.stamp
 	@$(VPY) -m compileall -q server clients bench
 
 # The export tiers' data-path tests run a second time with every FUSE export
-# on io_uring (skipped, with the reason, where the kernel does not allow it;
+# on io_uring (raw exports on ring threads, qcow2 ones on the loop-driven
+# ring; skipped, with the reason, where the kernel does not allow it;
 # URING_PASS=0 skips it). The control-path tests (QMP replies compared with
 # qemu-storage-daemon, allow-other, passthrough, reopen...) send the same
 # requests and stay out, and so do qcow2_export's read, write, fallocate and
