@@ -311,7 +311,12 @@ class FuseSession:
     def counters(self) -> dict[str, int]:
         """Requests seen per opcode name (only nonzero ones)."""
         ch = self.channel
-        out = {abi.opcode_name(op): n for op, n in enumerate(ch.counts) if n}
+        counts = list(ch.counts)
+        if ch.ring is not None:  # what ring threads answered never reached the channel
+            for t in ch.ring.threads:
+                counts[abi.READ] += t.reads
+                counts[abi.WRITE] += t.writes
+        out = {abi.opcode_name(op): n for op, n in enumerate(counts) if n}
         out.update({abi.opcode_name(op): n for op, n in ch.other_counts.items()})
         return out
 
