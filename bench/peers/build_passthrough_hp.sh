@@ -45,16 +45,8 @@ if [ -z "$URI" ]; then
 fi
 
 # Build dependencies, from the machine's own suite (never a newer fuse3).
-missing=""
-for p in meson ninja-build pkg-config g++ liburing-dev libnuma-dev dpkg-dev; do
-	dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
-done
-if [ -n "$missing" ]; then
-	say "installing build dependencies:$missing"
-	SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
-	$SUDO apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing </dev/null
-fi
+. "$(dirname "$0")/apt_missing.sh"
+apt_missing meson ninja-build pkg-config g++ liburing-dev libnuma-dev dpkg-dev
 
 # A private apt configuration with one deb-src entry for the newest suite: the
 # system's sources and package lists are not touched.

@@ -27,16 +27,8 @@ if [ -f "$DEST/built" ] && [ -x "$DEST/bin/nbdinfo" ]; then
 	exit 0
 fi
 
-missing=""
-for p in gcc make pkg-config libgnutls28-dev libxml2-dev python3-dev curl; do
-	dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
-done
-if [ -n "$missing" ]; then
-	say "installing build dependencies:$missing"
-	SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
-	$SUDO apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing </dev/null
-fi
+. "$(dirname "$0")/../../bench/peers/apt_missing.sh"
+apt_missing gcc make pkg-config libgnutls28-dev libxml2-dev python3-dev curl
 
 WORK=$CACHE/libnbd-src
 rm -rf "$WORK" "$DEST"
