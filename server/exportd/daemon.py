@@ -32,6 +32,7 @@ from exportd.aio.settle import settled
 from exportd.block.graph import BlockGraph
 from exportd.commands.control import OFFERED_CAPABILITIES
 from exportd.errors import CommandNotFound, QMPError
+from exportd.export.hostio import quiesced
 from exportd.export.table import ExportTable
 from exportd.monitor.server import Monitor
 from exportd.monitor.session import event_message
@@ -45,6 +46,16 @@ QEMU_VERSION = {"major": 9, "minor": 2, "micro": 0}
 
 # At shutdown, a command still running on another monitor gets this long.
 SHUTDOWN_COMMAND_WAIT_S = 10.0
+# Commands that add no bitmap or threshold and change no node, edge or
+# window before they return (a cancelled job's graph changes come later,
+# from its task, and move the export's node), and those that must not wait
+# for a FUSE ring thread's write (quit, a delete): they run without
+# export.hostio.quiesced(), as queries do.
+_CHANGES_NOTHING = frozenset({
+    "qmp_capabilities", "qom-get", "qom-list", "qom-list-types", "qom-list-properties",
+    "device-list-properties", "quit", "block-export-del", "job-cancel", "block-job-cancel",
+    "job-pause", "job-resume", "block-job-pause", "block-job-resume", "block-job-set-speed",
+})
 
 
 class Daemon:
@@ -87,7 +98,11 @@ class Daemon:
         if name in fdreserve.OPENING_COMMANDS:
             fdreserve.check_room(name)
         async with self.command_lock:
-            result = await cmd.handler(self, args)
+            if name in _CHANGES_NOTHING or name.startswith("query-"):
+                result = await cmd.handler(self, args)
+            else:
+                async with quiesced():  # no FUSE ring thread write may slip past it
+                    result = await cmd.handler(self, args)
             await settled()  # e.g. the kernel dropped an export's cached size
             return result
 

@@ -20,7 +20,7 @@ changed:
   for: a job's filter or pivot changes the node, and the threads then
   decline until the loop looks again.
 - Every QMP command other than a query (and the few that change nothing
-  a write must see: monitor/session.py) runs quiesced(): every export's
+  a write must see: daemon.py) runs quiesced(): every export's
   view is dropped, the command waits until the requests already inside
   every dropped view have left (a second command too, not only the one
   that dropped it), and no view is made until it has returned. A command can

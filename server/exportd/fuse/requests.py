@@ -123,6 +123,7 @@ def nothing(buf: memoryview, off: int, end: int) -> None:
 
 
 READ_HEAD = struct.Struct("<QQI")  # fh, offset, size: the start of fuse_read_in
+WRITE_HEAD = struct.Struct("<QQII")  # fh, offset, size, write_flags: the start of fuse_write_in
 
 
 def read_in(buf: memoryview, off: int, end: int) -> tuple[int, int, int]:

@@ -26,7 +26,6 @@ import ctypes
 import errno
 import logging
 import os
-import struct
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -34,7 +33,8 @@ from typing import TYPE_CHECKING
 from . import abi
 from .filesystem import RingIO, without_setid
 from .iouring import SETUP_COOP_TASKRUN, IoUring
-from .uring import COMMIT_ID_AT, IN_HEAD, OP_IN, PAGE, PAYLOAD_SZ, PAYLOAD_SZ_AT, register_entries
+from .requests import READ_HEAD, WRITE_HEAD
+from .uring import IN_HEAD, OP_IN, PAGE, PAYLOAD_SZ, PAYLOAD_SZ_AT, queue_commit, register_entries
 
 if TYPE_CHECKING:
     from .uring import Entry, FuseRing
@@ -42,8 +42,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WAKE = 1 << 32  # user_data of the eventfd read (entries use their index)
-READ_HEAD = struct.Struct("<QQI")  # fuse_read_in: fh, offset, size
-WRITE_HEAD = struct.Struct("<QQII")  # fuse_write_in: fh, offset, size, write_flags
 OUT = abi.OUT_HEADER
 WRITE_OUT = abi.WRITE_OUT
 _WRITE_KILL_SUIDGID = abi.WRITE_KILL_SUIDGID
@@ -167,7 +165,7 @@ class QueueThread:
             replies = self.replies
             while replies:
                 e, unique = replies.popleft()
-                self._commit(e, unique)
+                queue_commit(self.io, e, unique)
             if not (window and self._spin(window)):
                 io.submit(wait=1)  # the commits queued so far, then sleep (no GIL)
             done = io.completions()
@@ -185,14 +183,6 @@ class QueueThread:
             if time.monotonic() > deadline:
                 return False
 
-    def _commit(self, e: Entry, unique: int) -> None:
-        io = self.io
-        off = io.next_sqe()
-        sqes = io.sqes
-        sqes[off : off + len(e.sqe)] = e.sqe
-        struct.pack_into("<Q", sqes, off + COMMIT_ID_AT, unique)
-        io.queued()
-
     def _request(self, e: Entry) -> None:
         buf = e.buf
         ring = self.ring
@@ -207,7 +197,7 @@ class QueueThread:
                     OUT.pack_into(buf, 0, 16 + n, 0, unique)
                     PAYLOAD_SZ.pack_into(buf, PAYLOAD_SZ_AT, n)
                     self.reads += 1
-                    self._commit(e, unique)
+                    queue_commit(self.io, e, unique)
                     return
             elif opcode == abi.WRITE:
                 _, offset, size, write_flags = WRITE_HEAD.unpack_from(buf, OP_IN)
@@ -220,7 +210,7 @@ class QueueThread:
                         WRITE_OUT.pack_into(buf, page, n, 0)
                         PAYLOAD_SZ.pack_into(buf, PAYLOAD_SZ_AT, WRITE_OUT.size)
                         self.writes += 1
-                        self._commit(e, unique)
+                        queue_commit(self.io, e, unique)
                         return
         self.handed += 1
         ring.hand_over(e, unique)

@@ -155,6 +155,15 @@ def register_entries(io: IoUring, entries: list[Entry]) -> list[tuple[int, int, 
     return done
 
 
+def queue_commit(io: IoUring, e: Entry, unique: int) -> None:
+    """Queue `e`'s COMMIT_AND_FETCH answering `unique` (its reply is in its buffer)."""
+    off = io.next_sqe()
+    sqes = io.sqes
+    sqes[off : off + SQE_HEAD.size] = e.sqe
+    struct.pack_into("<Q", sqes, off + COMMIT_ID_AT, unique)
+    io.queued()
+
+
 def threads_from_env() -> bool:
     """Whether queues may get a thread each (ringthread.py), where the file
     system offers something for them to answer (SingleFileFS.ring_io):
@@ -396,11 +405,7 @@ class FuseRing:
         if ring is None:
             self.threads[e.qid if len(self.threads) > 1 else 0].hand_back(e, unique)
             return True
-        off = ring.next_sqe()
-        sqes = ring.sqes
-        sqes[off : off + SQE_HEAD.size] = e.sqe
-        struct.pack_into("<Q", sqes, off + COMMIT_ID_AT, unique)
-        ring.queued()
+        queue_commit(ring, e, unique)
         if not self._draining:
             self.flush()
         return True

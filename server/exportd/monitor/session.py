@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 from exportd.aio.budget import TimeSlice
 from exportd.errors import CommandNotFound, QMPError
-from exportd.export.hostio import quiesced
 from exportd.monitor.fdpass import MonitorFds, NamedFds, current_monitor_fds
 from exportd.monitor.jsonstream import BIG_STRING, JsonStream, ParseError
 
@@ -50,15 +49,6 @@ def encode(message: dict[str, Any], pretty: bool = False) -> bytes:
 # stands for a big string in the skeleton of a message; a string of the
 # message that equals it by chance would need this process's random part
 _PLACEHOLDER = f"\0exportd-big-string-{uuid.uuid4().hex}-"
-# Commands that add no bitmap or threshold and change no node, edge or
-# window before they return (a cancelled job's graph changes come later,
-# from its task, and move the export's node), and those that must not wait
-# for a ring thread's write (quit, a delete): they run without quiesced().
-_CHANGES_NOTHING = frozenset({
-    "qmp_capabilities", "qom-get", "qom-list", "qom-list-types", "qom-list-properties",
-    "device-list-properties", "quit", "block-export-del", "job-cancel", "block-job-cancel",
-    "job-pause", "job-resume", "block-job-pause", "block-job-resume", "block-job-set-speed",
-})
 
 
 def encode_pieces(message: dict[str, Any], pretty: bool = False) -> Iterator[bytes]:
@@ -240,11 +230,7 @@ class Session:
                 raise CommandNotFound("Capabilities negotiation is already complete, command ignored")
             fds_token = current_monitor_fds.set(self.fds)
             try:
-                if name in _CHANGES_NOTHING or name.startswith("query-"):
-                    result = await self.executor.execute(name, args)
-                else:
-                    async with quiesced():  # no ring thread write may slip past it
-                        result = await self.executor.execute(name, args)
+                result = await self.executor.execute(name, args)
             finally:
                 current_monitor_fds.reset(fds_token)
             if name == "qmp_capabilities":
